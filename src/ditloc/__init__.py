@@ -1,0 +1,21 @@
+"""ditloc: find where a diffusion transformer keeps a concept, prove it, edit only there."""
+
+__version__ = "0.1.0"
+
+from .errors import DitlocError  # noqa: E402
+from .adapters import get_adapter, supported_families  # noqa: E402
+from .localize import Localization, localize  # noqa: E402
+from .intervene import derive_clean_prompt, generate  # noqa: E402
+from .tokens import ConceptSpan  # noqa: E402
+
+__all__ = [
+    "ConceptSpan",
+    "DitlocError",
+    "Localization",
+    "derive_clean_prompt",
+    "generate",
+    "get_adapter",
+    "localize",
+    "supported_families",
+    "__version__",
+]

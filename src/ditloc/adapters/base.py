@@ -1,0 +1,90 @@
+"""The one place that knows a model family.
+
+An adapter maps a diffusers pipeline to what ditloc needs: stable block names,
+the attention module where image tokens read text in each block, where the
+conditional half of a classifier-free-guidance batch sits, how a prompt becomes
+the text sequence the transformer sees (for concept positions and for clean
+prompts), and the processor that measures / intervenes in that attention.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import DitlocError
+from ..tokens import ConceptSpan
+
+
+class Adapter(ABC):
+    family: ClassVar[str]
+    #: class names of the transformer this adapter serves
+    transformer_classes: ClassVar[tuple[str, ...]]
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.transformer = pipe.transformer
+
+    # ---- structure -------------------------------------------------------------------
+    @abstractmethod
+    def block_names(self) -> list[str]:
+        """Stable block names, in model order (e.g. ``block.0`` ... ``block.27``)."""
+
+    @abstractmethod
+    def text_attention(self, block: str) -> torch.nn.Module:
+        """The attention module in `block` through which image tokens read text."""
+
+    def resolve_blocks(self, blocks) -> list[str]:
+        """Validate user block names ("all" allowed); returns them in model order."""
+        names = self.block_names()
+        if blocks is None:
+            return []
+        if isinstance(blocks, str):
+            blocks = names if blocks == "all" else [b for b in blocks.split(",") if b.strip()]
+        blocks = [b.strip() if isinstance(b, str) else b for b in blocks]
+        unknown = [b for b in blocks if b not in names]
+        if unknown:
+            raise DitlocError(
+                f"unknown block {unknown[0]!r}; valid names are {names[0]} ... {names[-1]} ({', '.join(names)})"
+            )
+        chosen = set(blocks)
+        return [b for b in names if b in chosen]
+
+    # ---- pipeline call ---------------------------------------------------------------
+    def call_default(self, name: str) -> Any:
+        """The pipeline's own default for a `__call__` argument."""
+        param = inspect.signature(self.pipe.__call__).parameters.get(name)
+        if param is None or param.default is inspect.Parameter.empty:
+            return None
+        return param.default
+
+    def default_call_kwargs(self) -> dict:
+        """Call arguments a user would need to run this checkpoint at all (e.g. no
+        resolution binning for non-standard sample sizes)."""
+        return {}
+
+    @abstractmethod
+    def cond_rows(self, batch: int, n_images: int) -> slice:
+        """Rows of the transformer batch that hold the conditional (prompted) inputs."""
+
+    # ---- text ------------------------------------------------------------------------
+    @abstractmethod
+    def concept_span(self, prompt: str, concept: str, call_kwargs: dict) -> ConceptSpan:
+        """Positions of `concept` in the text sequence the transformer receives."""
+
+    @abstractmethod
+    def encode_text(self, prompts: list[str], call_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conditional text conditioning exactly as the pipeline computes it: (embeds, mask)."""
+
+    # ---- instrumentation -------------------------------------------------------------
+    @abstractmethod
+    def make_processor(self, block: str, index: int, attn: torch.nn.Module, state) -> Any:
+        """An attention processor for `attn` that measures / intervenes as `state` says."""
+
+    @abstractmethod
+    def prepare_swap(self, state, args: tuple, kwargs: dict) -> None:
+        """Called before every transformer forward: build the substitute text
+        conditioning for withheld blocks from `state.swap`."""

@@ -1,0 +1,219 @@
+"""`ditloc` command line: parses, calls the public API, prints. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _fail(message: str) -> "NoReturn":  # noqa: F821
+    print(f"ditloc: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def load_pipeline(model: str, *, device: str | None = None, dtype: str | None = None):
+    """A diffusers pipeline from `toy`, a local directory or a hub id (offline works from the cache)."""
+    import torch
+
+    from .errors import DitlocError
+
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    if model == "toy":
+        from .toy import load_pipeline as load_toy
+
+        pipe = load_toy(torch_dtype=torch_dtype)
+    else:
+        from diffusers import DiffusionPipeline
+
+        path = Path(model).expanduser()
+        looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1
+        if looks_local and not path.is_dir():
+            raise DitlocError(f"model directory {model!r} does not exist; give a diffusers pipeline directory, a hub id or 'toy'")
+        try:
+            kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+            pipe = DiffusionPipeline.from_pretrained(str(path) if looks_local else model, **kwargs)
+        except (OSError, ValueError, EnvironmentError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            hint = " (offline: download it first or point to a local directory)" if os.environ.get("HF_HUB_OFFLINE") else ""
+            raise DitlocError(f"cannot load pipeline {model!r}: {first}{hint}") from None
+    if device:
+        try:
+            pipe = pipe.to(device)
+        except (RuntimeError, AssertionError) as e:
+            raise DitlocError(f"cannot move the pipeline to device {device!r}: {str(e).splitlines()[0]}") from None
+    return pipe
+
+
+def _read_prompts(args) -> list[str]:
+    from .errors import DitlocError
+
+    prompts = list(args.prompt or [])
+    if getattr(args, "prompts_file", None):
+        path = Path(args.prompts_file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DitlocError(f"cannot read prompts file {str(path)!r}: {e.strerror if isinstance(e, OSError) else e}") from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise DitlocError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE (one prompt per line)")
+    return prompts
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="diffusers pipeline directory, hub id, or 'toy'")
+    p.add_argument("--concept", required=True, help="the concept's words as they appear in the prompt")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-sequence-length", type=int, default=None)
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1, mps (default: where the pipeline loads)")
+    p.add_argument("--dtype", choices=DTYPES, default=None)
+    p.add_argument("--out", required=True, help="output directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ditloc", description="Localize, verify and edit knowledge in diffusion transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("localize", help="rank blocks by the concept's attention contribution")
+    _add_common(p)
+    p.add_argument("--prompt", action="append", help="a prompt containing the concept (repeatable)")
+    p.add_argument("--prompts-file", help="text file, one prompt per line")
+    p.add_argument("--variant", choices=("attn", "attn_value", "attn_value_out"), default="attn_value_out")
+    p.add_argument("--out-bias", action="store_true", help="add W_o's bias (parity with the authors' code)")
+    p.add_argument("--top-k", type=int, default=None, help="also report the top K blocks")
+    p.add_argument("--batch-size", type=int, default=8)
+
+    p = sub.add_parser("intervene", help="generate with the concept withheld from / injected into blocks")
+    _add_common(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--clean-prompt", default=None, help="default: the prompt with the concept removed")
+    p.add_argument("--blocks", default=None, help="comma-separated block names, e.g. block.3,block.7")
+    p.add_argument("--top-k", type=int, default=None, help="with --localization: use its top K blocks")
+    p.add_argument("--localization", default=None, help="a localization.json from `ditloc localize`")
+    p.add_argument("--mode", choices=("withhold", "inject"), default="withhold")
+    return parser
+
+
+def cmd_localize(args) -> None:
+    from .localize import localize
+
+    prompts = _read_prompts(args)
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    n_blocks = None
+    if args.top_k is not None:
+        from .adapters import get_adapter
+
+        n_blocks = len(get_adapter(pipe).block_names())
+        if not 1 <= args.top_k <= n_blocks:
+            _fail(f"--top-k must be between 1 and {n_blocks} (the number of blocks), got {args.top_k}")
+    loc = localize(
+        pipe,
+        prompts,
+        args.concept,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        max_sequence_length=args.max_sequence_length,
+        variant=args.variant,
+        out_bias=args.out_bias,
+        batch_size=args.batch_size,
+        progress=lambda done, total: print(f"localize: {done}/{total} prompts", file=sys.stderr, flush=True),
+    )
+    if args.top_k is not None:
+        loc.settings["top_k"] = args.top_k
+    out = Path(args.out)
+    path = loc.save(out / "localization.json")
+    scores = dict(zip(loc.blocks, loc.scores.tolist()))
+    shown = loc.ranking if args.top_k is None else loc.top(args.top_k)
+    print(f"concept {args.concept!r}: {len(prompts)} prompt(s), {args.steps} steps, variant {args.variant}")
+    print(f"{'rank':>4}  {'block':<12} {'score':>10}")
+    for r, b in enumerate(shown, 1):
+        print(f"{r:>4}  {b:<12} {scores[b]:>10.4f}")
+    print(f"wrote {path}")
+
+
+def cmd_intervene(args) -> None:
+    from .adapters import get_adapter
+    from .errors import DitlocError
+    from .intervene import derive_clean_prompt, generate
+    from .localize import Localization
+
+    if (args.blocks is None) == (args.top_k is None):
+        _fail("give either --blocks NAMES or --top-k K with --localization FILE")
+    if args.top_k is not None and not args.localization:
+        _fail("--top-k needs --localization FILE (from `ditloc localize`)")
+    loc = Localization.load(args.localization) if args.localization else None
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    adapter = get_adapter(pipe)
+    if loc is not None:
+        if list(loc.blocks) != adapter.block_names():
+            raise DitlocError(f"{args.localization} was measured on a model with other blocks; localize this model first")
+    blocks = adapter.resolve_blocks(args.blocks) if args.blocks is not None else loc.top(args.top_k)
+    if args.blocks is not None and not blocks:
+        _fail("--blocks is empty; name at least one block, e.g. --blocks block.3")
+    clean = args.clean_prompt or derive_clean_prompt(args.prompt, args.concept)
+    common = dict(
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        max_sequence_length=args.max_sequence_length,
+    )
+    original = generate(pipe, args.prompt, **common)[0]
+    key = "withhold" if args.mode == "withhold" else "inject"
+    intervened = generate(pipe, args.prompt, concept=args.concept, clean_prompts=[clean], **{key: blocks}, **common)[0]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    original.save(out / "original.png")
+    intervened.save(out / "intervened.png")
+    record = {
+        "prompt": args.prompt,
+        "concept": args.concept,
+        "clean_prompt": clean,
+        "mode": args.mode,
+        "blocks": blocks,
+        "localization": args.localization,
+        "top_k": args.top_k,
+        "model": args.model,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "seed": args.seed,
+        "max_sequence_length": args.max_sequence_length,
+        "device": args.device,
+        "dtype": args.dtype,
+    }
+    (out / "intervention.json").write_text(json.dumps(record, indent=1))
+    print(f"{args.mode} {args.concept!r} in {', '.join(blocks)}; clean prompt {clean!r}")
+    print(f"wrote {out / 'original.png'}, {out / 'intervened.png'}, {out / 'intervention.json'}")
+
+
+COMMANDS = {"localize": cmd_localize, "intervene": cmd_intervene}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .errors import DitlocError
+
+    try:
+        import torch
+
+        try:
+            COMMANDS[args.command](args)
+        except torch.OutOfMemoryError:
+            _fail("out of memory; lower --batch-size, use --dtype float16/bfloat16, or a smaller resolution")
+    except DitlocError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        print("ditloc: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

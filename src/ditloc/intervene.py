@@ -1,0 +1,127 @@
+"""Intervene: generate with a concept withheld from, or injected into, a set of
+blocks (method.md §2). Cross-attention models swap the text conditioning that
+`attn2` reads in the chosen blocks; everything else runs as usual."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+
+from ._run import as_prompt_list, as_seed_list, call_kwargs, chunks, generators
+from .adapters import get_adapter
+from .errors import DitlocError
+from .hooks import instrument
+from .processors import RunState, Swap
+from .tokens import find_occurrences
+
+
+def derive_clean_prompt(prompt: str, concept: str) -> str:
+    """The prompt with every occurrence of the concept removed, spacing tidied.
+    ("a photo of Snoopy, smiling" -> "a photo of, smiling"). Category-specific
+    rules that replace instead of remove belong to the probe set."""
+    spans = find_occurrences(prompt, concept)
+    if not spans:
+        raise DitlocError(
+            f"concept {concept!r} is not in prompt {prompt!r}; give a clean prompt explicitly or fix the concept"
+        )
+    out, last = [], 0
+    for a, b in spans:
+        out.append(prompt[last:a])
+        last = b
+    out.append(prompt[last:])
+    text = "".join(out)
+    text = re.sub(r"\s+([,.;:!?])", r"\1", text)
+    text = re.sub(r"([,;:])(\s*[,;:])+", r"\1", text)
+    text = re.sub(r"\s{2,}", " ", text).strip()
+    return text.strip(" ,;:")
+
+
+def _stack(outputs: list, output_type: str):
+    if output_type == "pil":
+        return [img for out in outputs for img in out]
+    if isinstance(outputs[0], np.ndarray):
+        return np.concatenate(outputs)
+    return torch.cat(outputs)
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    prompts,
+    *,
+    withhold=None,
+    inject=None,
+    concept: str | None = None,
+    clean_prompts=None,
+    num_inference_steps: int = 20,
+    guidance_scale: float | None = None,
+    seed=0,
+    max_sequence_length: int | None = None,
+    output_type: str = "pil",
+    batch_size: int | None = None,
+    generator_device="cpu",
+    **pipeline_kwargs,
+):
+    """Images for every (prompt, seed), prompt-major, optionally with the concept
+    withheld from (or injected into only) a set of blocks.
+
+    `withhold`/`inject`: block names (or "all"); the blocks in the set see the
+    clean prompt (withhold) or the full prompt while all others see the clean one
+    (inject). `clean_prompts` (one per prompt) default to the prompt with the
+    concept removed. With neither set this is a plain generation.
+    """
+    prompts = as_prompt_list(prompts)
+    seeds = as_seed_list(seed)
+    adapter = get_adapter(pipe)
+    if withhold is not None and inject is not None:
+        raise DitlocError("choose either withhold or inject, not both")
+    kw = call_kwargs(
+        adapter,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        max_sequence_length=max_sequence_length,
+        extra=pipeline_kwargs,
+    )
+    intervene = withhold is not None or inject is not None
+    swap_blocks: frozenset[str] = frozenset()
+    clean: list[str] = []
+    if intervene:
+        chosen = adapter.resolve_blocks(withhold if withhold is not None else inject)
+        names = adapter.block_names()
+        swap_blocks = frozenset(chosen) if withhold is not None else frozenset(b for b in names if b not in chosen)
+        if clean_prompts is not None:
+            clean = [clean_prompts] if isinstance(clean_prompts, str) else list(clean_prompts)
+            if len(clean) != len(prompts):
+                raise DitlocError(f"got {len(clean)} clean prompts for {len(prompts)} prompts; give one per prompt")
+        elif concept is None:
+            raise DitlocError("an intervention needs the concept or the clean prompts")
+        else:
+            clean = [derive_clean_prompt(p, concept) for p in prompts]
+        if concept is not None:
+            for p in prompts:  # the concept must be readable by the model, as in localize
+                adapter.concept_span(p, concept, kw)
+
+    samples = [(i, s) for i in range(len(prompts)) for s in seeds]
+    outputs = []
+    state = RunState(adapter=adapter)
+
+    def run(chunk):
+        return pipe(
+            prompt=[prompts[i] for i, _ in chunk],
+            generator=generators([s for _, s in chunk], generator_device),
+            output_type=output_type,
+            **kw,
+        ).images
+
+    if not intervene:
+        return _stack([run(c) for c in chunks(samples, batch_size)], output_type)
+    with instrument(adapter, state):
+        for chunk in chunks(samples, batch_size):
+            state.begin_call(len(chunk))
+            if swap_blocks:
+                embeds, mask = adapter.encode_text([clean[i] for i, _ in chunk], kw)
+                state.swap = Swap(blocks=swap_blocks, clean_embeds=embeds, clean_mask=mask)
+            outputs.append(run(chunk))
+    return _stack(outputs, output_type)

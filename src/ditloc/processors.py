@@ -1,0 +1,233 @@
+"""Measuring and intervening attention processors.
+
+State lives on the objects (a `RunState` shared by the processors of one
+instrumented transformer), never in call kwargs: diffusers drops keyword
+arguments a processor does not declare, and PixArt's pipeline forwards none.
+
+The contribution of a concept's text tokens S to image token i (method.md §1):
+
+    o_i = W_o · concat_heads( Σ_{j∈S} A_ij v_j )          C = mean_i ‖o_i‖₂
+
+is computed while the attention runs, without materializing attention maps:
+A_iS needs only the logits of the |S| concept columns and each row's softmax
+normalizer (logsumexp over all keys), evaluated in query chunks of bounded size.
+The block's own output still comes from the fused kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+VARIANTS = ("attn", "attn_value", "attn_value_out")
+
+#: upper bound on the elements of one transient chunk tensor in the measurement
+CHUNK_ELEMENTS = 1 << 22
+
+
+def concept_contribution(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    out_weight: torch.Tensor | None = None,
+    out_bias: torch.Tensor | None = None,
+    variant: str = "attn_value_out",
+    scale: float | None = None,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over image queries of the concept's contribution, total and per head.
+
+    query [n, H, N, d]; key, value [n, H, L, d]; positions/valid [n, S] (concept
+    key indices per sample, padded); mask: additive bias broadcastable to
+    [n, H, N, L] or None; out_weight [D, H*d], out_bias [D] (attn_value_out only).
+    Returns total [n] and per_head [n, H] (float32). Per-head values of
+    `attn_value_out` are ‖W_o[:, head] y_head‖ and never include the bias.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    n, H, N, d = query.shape
+    L = key.shape[2]
+    S = positions.shape[1]
+    scale = d**-0.5 if scale is None else scale
+    f32 = torch.float32
+    key = key.to(f32)
+    pos = positions.to(query.device)  # [n, S]
+    keep = valid.to(device=query.device, dtype=f32)[:, None, None, :]  # [n, 1, 1, S]
+    idx = pos[:, None, :, None].expand(n, H, S, d)
+    v_s = value.to(f32).gather(2, idx)  # [n, H, S, d]
+    if mask is not None:
+        mask = mask.to(f32).expand(n, H, mask.shape[-2], L)  # [n, H, 1|N, L]
+    if variant == "attn_value_out":
+        w = out_weight.to(f32)  # [D, H*d]
+        w_heads = w.view(w.shape[0], H, d).transpose(0, 1)  # [H, D, d]
+        gram = w_heads.transpose(1, 2) @ w_heads  # [H, d, d]: ‖W_h y‖² = yᵀ G_h y
+        b = out_bias.to(f32) if out_bias is not None else None
+
+    total = query.new_zeros(n, dtype=f32)
+    per_head = query.new_zeros(n, H, dtype=f32)
+    width = max(L, d, out_weight.shape[0] if out_weight is not None else 0)
+    chunk = max(1, chunk_elements // max(1, n * H * width))
+    for start in range(0, N, chunk):
+        q = query[:, :, start : start + chunk].to(f32)  # [n, H, c, d]
+        logits = (q @ key.transpose(-1, -2)) * scale  # [n, H, c, L] (transient)
+        if mask is not None:
+            logits = logits + (mask if mask.shape[-2] == 1 else mask[:, :, start : start + chunk])
+        lse = logits.logsumexp(-1, keepdim=True)  # [n, H, c, 1]
+        c = q.shape[2]
+        a = (logits.gather(-1, pos[:, None, None, :].expand(n, H, c, S)) - lse).exp() * keep  # [n, H, c, S]
+        del logits
+        if variant == "attn":
+            head_sq = (a * a).sum(-1)  # [n, H, c]
+            tot = head_sq.sum(1).sqrt()  # [n, c]
+        else:
+            y = a @ v_s  # [n, H, c, d]
+            if variant == "attn_value":
+                head_sq = (y * y).sum(-1)  # [n, H, c]
+                tot = head_sq.sum(1).sqrt()  # [n, c]
+            else:
+                head_sq = torch.einsum("nhcd,hde,nhce->nhc", y, gram, y).clamp_min(0)  # [n, H, c]
+                z = y.transpose(1, 2).reshape(n, c, H * d) @ w.T  # [n, c, D]
+                if b is not None:
+                    z = z + b
+                tot = z.norm(dim=-1)  # [n, c]
+        total += tot.sum(-1)
+        per_head += head_sq.sqrt().sum(-1)
+    return total / N, per_head / N
+
+
+@dataclass
+class Probe:
+    """What to measure and where the measurements go during one pipeline call."""
+
+    variant: str
+    out_bias: bool
+    positions: torch.Tensor  # [n, S] concept key positions, padded
+    valid: torch.Tensor  # [n, S]
+    # records[(block_index, step)] = (total [n], per_head [n, H]); kept on device
+    records: dict = field(default_factory=dict)
+
+
+@dataclass
+class Swap:
+    """Blocks that read substitute text conditioning, and that conditioning."""
+
+    blocks: frozenset[str]
+    clean_embeds: torch.Tensor  # [n, L, C] raw text-encoder output of the clean prompts
+    clean_mask: torch.Tensor  # [n, L]
+    states: torch.Tensor | None = None  # per forward: [B, L, D] as the blocks receive it
+    mask: torch.Tensor | None = None  # per forward: additive bias [B, 1, L]
+
+
+@dataclass
+class RunState:
+    """Shared by every processor installed on one transformer for one run."""
+
+    adapter: object
+    n_images: int = 0  # images in the current pipeline call
+    step: int = -1  # transformer forward index within the current call
+    probe: Probe | None = None
+    swap: Swap | None = None
+
+    def begin_call(self, n_images: int) -> None:
+        self.n_images = n_images
+        self.step = -1
+        if self.probe is not None:
+            self.probe.records = {}
+
+
+class CrossAttentionProcessor:
+    """Processor for a cross-attention module (`attn2`) of PixArt/SANA.
+
+    Withheld blocks read `state.swap`'s text conditioning. Without a probe the
+    call is handed, otherwise unchanged, to the processor that was installed
+    before (so outputs are bit-identical to a plain run). With a probe it runs
+    the same computation as diffusers' `AttnProcessor2_0`/`SanaAttnProcessor2_0`
+    and measures the concept's contribution on the conditional rows.
+    """
+
+    def __init__(self, inner, block: str, index: int, state: RunState, qk_norm_before_split: bool):
+        self.inner = inner
+        self.block = block
+        self.index = index
+        self.state = state
+        self.qk_norm_before_split = qk_norm_before_split
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        swap = self.state.swap
+        if swap is not None and self.block in swap.blocks:
+            encoder_hidden_states, attention_mask = swap.states, swap.mask
+        if self.state.probe is None:
+            if temb is not None:
+                kwargs["temb"] = temb
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        return self._measured(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    def _measured(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch, text_len, _ = encoder_hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, text_len, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])  # [B, H, 1, L]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)  # [B, N, H*d]
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)  # [B, L, H*d]
+        value = attn.to_v(encoder_hidden_states)
+        if self.qk_norm_before_split:
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # [B, H, N, d]
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # [B, H, L, d]
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if not self.qk_norm_before_split:
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        self._record(attn, query, key, value, attention_mask)
+
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)  # [B, N, H*d]
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    @torch.no_grad()
+    def _record(self, attn, query, key, value, mask) -> None:
+        probe, state = self.state.probe, self.state
+        rows = state.adapter.cond_rows(query.shape[0], state.n_images)
+        proj = attn.to_out[0]
+        total, per_head = concept_contribution(
+            query[rows],
+            key[rows],
+            value[rows],
+            probe.positions,
+            probe.valid,
+            mask=None if mask is None else mask[rows],
+            out_weight=proj.weight,
+            out_bias=proj.bias if probe.out_bias else None,
+            variant=probe.variant,
+        )
+        probe.records[(self.index, state.step)] = (total, per_head)

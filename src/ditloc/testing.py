@@ -1,0 +1,163 @@
+"""Tiny, randomly initialised pipelines built from configs (nothing downloaded).
+
+For tests, benchmarks and users who want to check a workflow without weights.
+Every component is a real diffusers/transformers class, so the code paths are
+the ones a real checkpoint takes.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+WORDS = (
+    "a an the of in on at with and photo painting picture style van gogh monet eiffel tower night "
+    "red blue green dog cat snoopy beach forest city river bridge sky sunset portrait man woman "
+    "castle cake apple house car boat tree flower field mountain lake snow rain"
+).split()
+
+
+def word_tokenizer(words=WORDS, *, bos: bool = False, eos: bool = True, model_max_length: int = 512):
+    """A word-level fast tokenizer (the `tokenizers` library) with character offsets.
+    T5-like by default (`</s>` appended); `bos=True, eos=False` is Gemma-like."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>", "<bos>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for w in words:
+        for piece in re.findall(r"\w+|[^\w\s]", w.lower()):
+            vocab.setdefault(piece, len(vocab))
+    for p in ",.;:!?'\"()-":
+        vocab.setdefault(p, len(vocab))
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    single = " ".join((["<bos>"] if bos else []) + ["$A"] + (["</s>"] if eos else []))
+    tok.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[("<bos>", vocab["<bos>"]), ("</s>", vocab["</s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        bos_token="<bos>",
+        model_max_length=model_max_length,
+    )
+
+
+def tiny_pixart_pipeline(*, num_layers: int = 4, seed: int = 0, words=WORDS):
+    """PixArtAlphaPipeline: T5 text encoder, small VAE, PixArt transformer (32x32 images)."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    with torch.random.fork_rng():
+        torch.random.manual_seed(seed)  # isolated by fork_rng: the caller's RNG state is restored
+        tokenizer = word_tokenizer(words)
+        text_encoder = T5EncoderModel(
+            T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4)
+        ).eval()
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(8, 16),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=32,
+        ).eval()
+        transformer = PixArtTransformer2DModel(
+            sample_size=16,
+            num_layers=num_layers,
+            patch_size=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            caption_channels=32,
+            in_channels=4,
+            out_channels=8,
+            cross_attention_dim=32,
+            norm_type="ada_norm_single",
+            use_additional_conditions=False,
+        ).eval()
+        _randomize_zero_init(transformer, seed)
+    scheduler = DPMSolverMultistepScheduler()
+    return PixArtAlphaPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+
+
+def tiny_sana_pipeline(*, num_layers: int = 3, seed: int = 0, words=WORDS, qk_norm: str | None = None):
+    """SanaPipeline: Gemma-2 text encoder, small AutoencoderDC, SANA transformer."""
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    with torch.random.fork_rng():
+        torch.random.manual_seed(seed)  # isolated by fork_rng: the caller's RNG state is restored
+        tokenizer = word_tokenizer(words, bos=True, eos=False)
+        text_encoder = Gemma2Model(
+            Gemma2Config(
+                vocab_size=len(tokenizer),
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                head_dim=8,
+                max_position_embeddings=1024,
+                pad_token_id=0,
+                bos_token_id=3,
+                eos_token_id=1,
+            )
+        ).eval()
+        vae = AutoencoderDC(
+            in_channels=3,
+            latent_channels=4,
+            attention_head_dim=2,
+            encoder_block_types=("ResBlock", "EfficientViTBlock"),
+            decoder_block_types=("ResBlock", "EfficientViTBlock"),
+            encoder_block_out_channels=(8, 8),
+            decoder_block_out_channels=(8, 8),
+            encoder_qkv_multiscales=((), (5,)),
+            decoder_qkv_multiscales=((), (5,)),
+            encoder_layers_per_block=(1, 1),
+            decoder_layers_per_block=[1, 1],
+            downsample_block_type="conv",
+            upsample_block_type="interpolate",
+            decoder_norm_types="rms_norm",
+            decoder_act_fns="silu",
+            scaling_factor=0.41407,
+        ).eval()
+        transformer = SanaTransformer2DModel(
+            patch_size=1,
+            in_channels=4,
+            out_channels=4,
+            num_layers=num_layers,
+            num_attention_heads=2,
+            attention_head_dim=4,
+            num_cross_attention_heads=2,
+            cross_attention_head_dim=4,
+            cross_attention_dim=8,
+            caption_channels=16,
+            sample_size=16,
+            qk_norm=qk_norm,
+        ).eval()
+        _randomize_zero_init(transformer, seed)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    return SanaPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+
+
+def _randomize_zero_init(module: torch.nn.Module, seed: int) -> None:
+    """DiTs zero-initialise their output layers and some biases, which makes a fresh
+    model ignore its text. Give every zero tensor small random values so random
+    models have text-dependent outputs (for invariants that must be tested)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.numel() and torch.count_nonzero(p) == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)

@@ -1,0 +1,133 @@
+"""Concept -> text-token positions, in the text the tokenizer actually sees.
+
+The pipelines rewrite the prompt before tokenizing it (PixArt and SANA lowercase
+it, optionally clean it, SANA prepends an instruction). The adapter returns that
+exact text; here we find the concept in it and map character spans to token
+positions through the tokenizer's offsets.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+
+from .errors import DitlocError
+
+
+@dataclass(frozen=True)
+class ConceptSpan:
+    """Where a concept sits in one prompt, as the model reads it.
+
+    `positions` index the text sequence the transformer receives (after any
+    re-indexing the pipeline applies, e.g. SANA's instruction crop); `tokens`
+    are the token strings at those positions, for a human to check.
+    """
+
+    prompt: str
+    concept: str
+    text: str  # the text the tokenizer saw (after the pipeline's preprocessing)
+    char_spans: tuple[tuple[int, int], ...]  # every occurrence in `text`
+    positions: tuple[int, ...]
+    tokens: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt": self.prompt,
+            "concept": self.concept,
+            "text": self.text,
+            "char_spans": [list(s) for s in self.char_spans],
+            "positions": list(self.positions),
+            "tokens": list(self.tokens),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ConceptSpan":
+        return cls(
+            prompt=d["prompt"],
+            concept=d["concept"],
+            text=d["text"],
+            char_spans=tuple(tuple(s) for s in d["char_spans"]),
+            positions=tuple(d["positions"]),
+            tokens=tuple(d.get("tokens", ())),
+        )
+
+
+def find_occurrences(text: str, needle: str) -> list[tuple[int, int]]:
+    """Character spans of every occurrence of `needle` in `text` (case-insensitive,
+    whitespace-tolerant, not inside a longer word)."""
+    needle = needle.strip()
+    if not needle:
+        return []
+    parts = [re.escape(p) for p in needle.split()]
+    pattern = r"\s+".join(parts)
+    # Word boundaries only where the needle itself starts/ends with a word character.
+    if re.match(r"\w", needle[0]):
+        pattern = r"(?<!\w)" + pattern
+    if re.match(r"\w", needle[-1]):
+        pattern = pattern + r"(?!\w)"
+    return [(m.start(), m.end()) for m in re.finditer(pattern, text, flags=re.IGNORECASE)]
+
+
+def token_positions(
+    tokenizer,
+    text: str,
+    char_spans: list[tuple[int, int]],
+    *,
+    max_length: int,
+    prompt: str,
+    concept: str,
+) -> tuple[list[list[int]], list[str]]:
+    """Token indices (in the truncated tokenization of `text`) covering each span.
+
+    Returns one list of indices per surviving occurrence and the token strings.
+    Occurrences cut off by truncation are dropped with a warning; if none
+    survives, this is an error.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise DitlocError(
+            "concept positions need a fast tokenizer with character offsets; "
+            "load the pipeline with its *TokenizerFast (the default for T5/Gemma/CLIP)"
+        )
+    def overlapping(enc, start, end):
+        special = set(tokenizer.all_special_ids)
+        return [
+            t
+            for t, ((a, b), i) in enumerate(zip(enc["offset_mapping"], enc["input_ids"]))
+            if i not in special and b > a and a < end and b > start
+        ]
+
+    full = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True, truncation=False)
+    # Exactly what the pipeline keeps (truncation leaves room for an end token, if any).
+    seen = tokenizer(
+        text, add_special_tokens=True, return_offsets_mapping=True, truncation=True, max_length=max_length
+    )
+    kept: list[list[int]] = []
+    cut = 0
+    for start, end in char_spans:
+        want = overlapping(full, start, end)
+        got = overlapping(seen, start, end)
+        if not want:
+            continue
+        if len(got) < len(want):
+            cut += 1
+            continue
+        kept.append(got)
+    if not kept:
+        if cut:
+            raise DitlocError(
+                f"concept {concept!r} is cut off by max_sequence_length={max_length} in prompt "
+                f"{prompt!r}; shorten the prompt or raise --max-sequence-length"
+            )
+        raise DitlocError(
+            f"concept {concept!r} maps to no text token in prompt {prompt!r}; check the spelling"
+        )
+    if cut:
+        warnings.warn(
+            f"{cut} occurrence(s) of {concept!r} in {prompt!r} are cut off by "
+            f"max_sequence_length={max_length}; using the {len(kept)} that survive",
+            stacklevel=3,
+        )
+    ids = seen["input_ids"]
+    tokens = tokenizer.convert_ids_to_tokens([ids[t] for occ in kept for t in occ])
+    return kept, list(tokens)
