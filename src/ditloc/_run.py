@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,7 +34,17 @@ def call_kwargs(adapter, *, num_inference_steps, guidance_scale, max_sequence_le
     """Arguments for `pipe(...)`: the pipeline's defaults where ours are None."""
     if int(num_inference_steps) <= 0:
         raise DitlocError(f"num_inference_steps must be positive, got {num_inference_steps}")
-    kw = dict(adapter.default_call_kwargs())
+    accepted = inspect.signature(adapter.pipe.__call__).parameters
+    ours = {"prompt", "generator", "output_type", "num_inference_steps", "guidance_scale", "max_sequence_length"}
+    for name in extra:
+        if name in ours:
+            raise DitlocError(f"pass {name} as ditloc's own argument, not as a pipeline keyword")
+        if name not in accepted or accepted[name].kind is inspect.Parameter.VAR_KEYWORD:
+            raise DitlocError(
+                f"{type(adapter.pipe).__name__} takes no argument {name!r}; valid ones: "
+                + ", ".join(n for n, v in accepted.items() if v.kind is not inspect.Parameter.VAR_KEYWORD and n not in ours)
+            )
+    kw = {k: v for k, v in adapter.default_call_kwargs().items() if k in accepted}
     kw.update(extra)
     kw["num_inference_steps"] = int(num_inference_steps)
     if guidance_scale is not None:

@@ -1,0 +1,159 @@
+"""Streaming contributions equal a naive computation from materialized attention maps."""
+
+import pytest
+import torch
+
+import ditloc
+from ditloc.adapters import get_adapter
+from ditloc.processors import concept_contribution
+
+from conftest import RUN
+
+
+def naive(q, k, v, pos, mask, w, b, variant):
+    """Materialize softmax(q kᵀ/√d + mask) and apply method.md §1 literally, per sample."""
+    n, H, N, d = q.shape
+    tot, heads = [], []
+    for s in range(n):
+        logits = q[s].double() @ k[s].double().transpose(-1, -2) / d**0.5  # [H, N, L]
+        if mask is not None:
+            logits = logits + mask[s].double()
+        A = logits.softmax(-1)  # [H, N, L] -- the full map
+        A_S = A[:, :, pos[s]]  # [H, N, S]
+        if variant == "attn":
+            per_head = A_S.norm(dim=-1)  # [H, N]
+            total = A_S.permute(1, 0, 2).reshape(N, -1).norm(dim=-1)
+        else:
+            y = A_S @ v[s].double()[:, pos[s]]  # [H, N, d]
+            if variant == "attn_value":
+                per_head = y.norm(dim=-1)
+                total = y.permute(1, 0, 2).reshape(N, -1).norm(dim=-1)
+            else:
+                wd = w.double()
+                per_head = torch.stack([(y[h] @ wd[:, h * d : (h + 1) * d].T).norm(dim=-1) for h in range(H)])
+                z = y.permute(1, 0, 2).reshape(N, -1) @ wd.T
+                if b is not None:
+                    z = z + b.double()
+                total = z.norm(dim=-1)
+        tot.append(total.mean())
+        heads.append(per_head.mean(-1))
+    return torch.stack(tot), torch.stack(heads)
+
+
+@pytest.mark.parametrize("variant", ["attn", "attn_value", "attn_value_out"])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("chunk_elements", [1 << 22, 97])  # one chunk; many ragged chunks
+def test_kernel_matches_naive(variant, with_bias, chunk_elements):
+    g = torch.Generator().manual_seed(0)
+    n, H, N, L, d, D = 3, 4, 37, 11, 8, 24
+    q = torch.randn(n, H, N, d, generator=g)
+    k = torch.randn(n, H, L, d, generator=g)
+    v = torch.randn(n, H, L, d, generator=g)
+    w, b = torch.randn(D, H * d, generator=g), torch.randn(D, generator=g)
+    lens = [11, 6, 8]  # padded text
+    mask = torch.zeros(n, H, 1, L)
+    for s, m in enumerate(lens):
+        mask[s, :, :, m:] = -10000.0
+    pos_lists = [[2, 3], [0], [5, 6, 7]]
+    pos = torch.zeros(n, 3, dtype=torch.long)
+    valid = torch.zeros(n, 3, dtype=torch.bool)
+    for s, p in enumerate(pos_lists):
+        pos[s, : len(p)] = torch.tensor(p)
+        valid[s, : len(p)] = True
+    got_t, got_h = concept_contribution(
+        q, k, v, pos, valid, mask=mask, out_weight=w, out_bias=b if with_bias else None,
+        variant=variant, chunk_elements=chunk_elements,
+    )
+    want_t, want_h = naive(q, k, v, pos_lists, mask, w, b if with_bias else None, variant)
+    torch.testing.assert_close(got_t.double(), want_t, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got_h.double(), want_h, rtol=1e-5, atol=0)
+
+
+def _capture_attn2_inputs(pipe):
+    """Forward pre-hooks recording what every attn2 receives, in call order."""
+    adapter = get_adapter(pipe)
+    calls, handles = [], []
+    for i, name in enumerate(adapter.block_names()):
+        attn = adapter.text_attention(name)
+
+        def hook(module, args, kwargs, i=i):
+            hs = args[0] if args else kwargs["hidden_states"]
+            calls.append((i, hs.detach().clone(), kwargs["encoder_hidden_states"].detach().clone(),
+                          kwargs.get("attention_mask")))
+        handles.append(attn.register_forward_pre_hook(hook, with_kwargs=True))
+    return adapter, calls, handles
+
+
+def _naive_from_inputs(adapter, calls, positions, n, qk_before, variant, out_bias):
+    """C(b, t, p) recomputed from the captured module inputs with full maps."""
+    n_blocks = len(adapter.block_names())
+    out = {}
+    for call_index, (i, hs, ehs, mask) in enumerate(calls):
+        step = call_index // n_blocks
+        attn = adapter.text_attention(adapter.block_names()[i])
+        B = hs.shape[0]
+        rows = adapter.cond_rows(B, n)
+        q, k, v = attn.to_q(hs), attn.to_k(ehs), attn.to_v(ehs)
+        if qk_before and attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        H = attn.heads
+        d = k.shape[-1] // H
+        split = lambda x: x.view(B, -1, H, d).transpose(1, 2)  # noqa: E731
+        q, k, v = split(q), split(k), split(v)
+        if not qk_before and attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        bias = None if mask is None else mask[:, None]  # [B, 1, 1, L]
+        proj = attn.to_out[0]
+        t, h = naive(q[rows], k[rows], v[rows], positions, None if bias is None else bias[rows],
+                     proj.weight, proj.bias if out_bias else None, variant)
+        out[(i, step)] = (t, h)
+    return out
+
+
+@pytest.mark.parametrize("variant", ["attn", "attn_value", "attn_value_out"])
+@pytest.mark.parametrize("out_bias", [False, True])
+def test_localize_matches_naive_maps(any_pipe, variant, out_bias):
+    pipe = any_pipe
+    prompts = ["a photo of van gogh", "van gogh painting of a dog in the city at night", "the van gogh, the van gogh"]
+    adapter, calls, handles = _capture_attn2_inputs(pipe)
+    try:
+        loc = ditloc.localize(pipe, prompts, "Van Gogh", variant=variant, out_bias=out_bias, guidance_scale=4.5, **RUN)
+    finally:
+        for h in handles:
+            h.remove()
+    positions = [list(s.positions) for s in loc.spans]
+    assert [len(p) for p in positions] == [2, 2, 4]
+    want = _naive_from_inputs(adapter, calls, positions, len(prompts), adapter.qk_norm_before_split, variant, out_bias)
+    n_blocks, n_steps = len(loc.blocks), RUN["num_inference_steps"]
+    assert loc.per_sample_step.shape == (n_blocks, n_steps, len(prompts))
+    for (b, t), (tot, heads) in want.items():
+        torch.testing.assert_close(loc.per_sample_step[b, t].double(), tot, rtol=1e-5, atol=0)
+        torch.testing.assert_close(loc.per_head_step[b, t].double(), heads, rtol=1e-5, atol=0)
+
+
+def test_padding_mask_is_respected(pixart):
+    """Without the mask the softmax would spread over padding; with it, results match the masked naive map."""
+    adapter, calls, handles = _capture_attn2_inputs(pixart)
+    try:
+        ditloc.localize(pixart, ["a photo of van gogh"], "van gogh", **RUN)
+    finally:
+        for h in handles:
+            h.remove()
+    mask = calls[0][3]
+    assert mask is not None and (mask < -1000).any(), "padding must be masked in attn2"
+
+
+def test_unconditional_half_not_measured(pixart):
+    """CFG batch [uncond, cond]: scores come from the conditional half only, so they do not
+    depend on the negative prompt's contents."""
+    a = ditloc.localize(pixart, ["a photo of van gogh"], "van gogh", **RUN)
+    b = ditloc.localize(pixart, ["a photo of van gogh"], "van gogh", negative_prompt="a dog", **RUN)
+    # The trajectories differ (CFG mixes both halves), so scores differ from step 1 on,
+    # but at step 0 the conditional half's inputs are identical.
+    torch.testing.assert_close(a.per_sample_step[:, 0], b.per_sample_step[:, 0], rtol=1e-6, atol=0)
+    assert not torch.allclose(a.per_sample_step[:, 1:], b.per_sample_step[:, 1:])
+
+
+def test_no_guidance_batch(pixart):
+    loc = ditloc.localize(pixart, ["a photo of van gogh"], "van gogh", guidance_scale=1.0, **RUN)
+    assert loc.per_sample_step.shape[2] == 1 and torch.isfinite(loc.scores).all()

@@ -1,0 +1,92 @@
+"""Exact invariants of intervention (method.md §2), for any weights."""
+
+import numpy as np
+import pytest
+import torch
+
+import ditloc
+from ditloc import DitlocError, derive_clean_prompt
+
+from conftest import RUN, plain
+
+PROMPTS = ["a photo of van gogh in the city", "van gogh painting of a dog"]
+CLEAN = ["a photo of in the city", "painting of a dog"]
+
+
+def gen(pipe, prompts=PROMPTS, **kw):
+    return ditloc.generate(pipe, prompts, output_type="np", **{**RUN, **kw})
+
+
+def plain_batch(pipe, prompts, seeds):
+    """diffusers alone, same batch: one generator per image."""
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    return pipe(prompts, generator=gens, output_type="np", **RUN).images
+
+
+def test_withhold_nothing_is_bit_identical(any_pipe):
+    out = gen(any_pipe, withhold=[], concept="van gogh", seed=[0, 1])
+    want = plain_batch(any_pipe, [p for p in PROMPTS for _ in (0, 1)], [0, 1, 0, 1])
+    assert np.array_equal(out, want)
+    one = gen(any_pipe, prompts=PROMPTS[:1], withhold=[], concept="van gogh", seed=1)
+    assert np.array_equal(one[0], plain(any_pipe, PROMPTS[0], seed=1)[0])
+
+
+def test_withhold_everywhere_equals_clean_prompt(any_pipe):
+    out = gen(any_pipe, withhold="all", concept="van gogh")
+    assert [derive_clean_prompt(p, "van gogh") for p in PROMPTS] == CLEAN
+    assert np.array_equal(out, plain_batch(any_pipe, CLEAN, [0, 0]))
+
+
+def test_inject_everywhere_is_plain(any_pipe):
+    out = gen(any_pipe, inject="all", concept="van gogh")
+    assert np.array_equal(out, plain_batch(any_pipe, PROMPTS, [0, 0]))
+
+
+def test_inject_nowhere_equals_clean_prompt(pixart):
+    out = gen(pixart, inject=[], clean_prompts=CLEAN, concept="van gogh")
+    assert np.array_equal(out, plain_batch(pixart, CLEAN, [0, 0]))
+
+
+def test_partial_withhold_changes_the_image_and_is_complementary(pixart):
+    base = gen(pixart)
+    some = gen(pixart, withhold=["block.1", "block.2"], concept="van gogh")
+    rest = gen(pixart, inject=["block.0", "block.3"], concept="van gogh")
+    assert not np.array_equal(some, base)
+    assert np.array_equal(some, rest)  # withholding B == injecting into the complement of B
+
+
+def test_batching_does_not_change_single_image_trajectories(pixart):
+    batched = gen(pixart, withhold=["block.1"], concept="van gogh", seed=[3, 4])
+    single = gen(pixart, prompts=PROMPTS[1:], withhold=["block.1"], concept="van gogh", seed=4)
+    np.testing.assert_allclose(batched[3], single[0], atol=1e-5)
+
+
+def test_explicit_clean_prompt_and_guidance_off(pixart):
+    out = gen(pixart, prompts=PROMPTS[:1], withhold="all", clean_prompts=["a photo of a dog"], guidance_scale=1.0)
+    assert np.array_equal(out[0], plain(pixart, "a photo of a dog", guidance_scale=1.0)[0])
+
+
+def test_pil_output(pixart):
+    imgs = ditloc.generate(pixart, PROMPTS, withhold=["block.0"], concept="van gogh", **RUN)
+    assert len(imgs) == 2 and imgs[0].size == (32, 32)
+
+
+def test_bad_input(pixart):
+    with pytest.raises(DitlocError, match="either withhold or inject"):
+        gen(pixart, withhold=[], inject=[], concept="van gogh")
+    with pytest.raises(DitlocError, match=r"unknown block 'block\.9'.*block\.0 \.\.\. block\.3"):
+        gen(pixart, withhold=["block.9"], concept="van gogh")
+    with pytest.raises(DitlocError, match="needs the concept or the clean prompts"):
+        gen(pixart, withhold=["block.0"])
+    with pytest.raises(DitlocError, match="2 prompts"):
+        gen(pixart, withhold=["block.0"], clean_prompts=["x"])
+    with pytest.raises(DitlocError, match="not in prompt"):
+        gen(pixart, withhold=["block.0"], concept="snoopy")
+
+
+def test_derive_clean_prompt():
+    assert derive_clean_prompt("a photo of Snoopy, smiling", "snoopy") == "a photo of, smiling"
+    assert derive_clean_prompt("Snoopy and snoopy", "Snoopy") == "and"
+    assert derive_clean_prompt("a tower in the style of Van  Gogh.", "van gogh") == "a tower in the style of."
+    with pytest.raises(DitlocError):
+        derive_clean_prompt("a dog", "cat")
