@@ -1,0 +1,209 @@
+"""Train the toy PixArt DiT + T5 text encoder on cached VAE latents.
+
+Fresh start (builds the scene pool and latent cache on first use):
+
+    nohup nice -n 5 python scripts/toy/train_dit.py --steps 30000 \
+        > toy_training/runs/dit/log.txt 2>&1 &
+
+Resume after interruption (same arguments + --resume; deterministic):
+
+    nohup nice -n 5 python scripts/toy/train_dit.py --steps 30000 --resume \
+        >> toy_training/runs/dit/log.txt 2>&1 &
+
+Checkpoints (atomic) go to ``<out>/ckpt.pt`` every ``--ckpt-every`` steps, plus
+a permanent copy ``<out>/ckpt_<step>.pt`` every ``--keep-every`` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common
+from ditloc.toy import world
+
+
+def build_pool(args, out: Path, vae):
+    """Seeded scene pool + VAE latents (posterior mean * scaling_factor)."""
+    cache = out / f"pool_{args.pool}_seed{args.seed}.pt"
+    if cache.exists():
+        d = torch.load(cache, weights_only=False)
+        return d["scenes"], d["latents"]
+    rng = np.random.default_rng([args.seed, 1])
+    scenes = [world.sample_scene(rng) for _ in range(args.pool)]
+    lat = []
+    t0 = time.time()
+    with torch.no_grad():
+        for i in range(0, args.pool, 512):
+            x = common.images_to_tensor(world.render_batch(scenes[i : i + 512]))
+            lat.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
+            if (i // 512) % 20 == 0:
+                print(f"encoded {i + len(x)}/{args.pool} ({time.time() - t0:.0f}s)", flush=True)
+    latents = torch.cat(lat).contiguous()
+    common.atomic_torch_save({"scenes": scenes, "latents": latents}, cache)
+    print(f"latents {tuple(latents.shape)} mean {latents.mean():.3f} std {latents.std():.3f}", flush=True)
+    return scenes, latents
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=30000)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--warmup", type=int, default=500)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--p-empty", type=float, default=0.1)
+    ap.add_argument("--drop-prob", type=float, default=0.15)
+    ap.add_argument("--pool", type=int, default=100_000)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--patch", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--vae", default=str(common.RUNS / "vae" / "model"))
+    ap.add_argument("--out", default=str(common.RUNS / "dit"))
+    ap.add_argument("--ckpt-every", type=int, default=500)
+    ap.add_argument("--keep-every", type=int, default=5000)
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--bench", type=int, default=0, help="only time N steps and exit")
+    args = ap.parse_args()
+
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    vae = AutoencoderKL.from_pretrained(args.vae).eval()
+    scenes, latents = build_pool(args, out, vae)
+    del vae
+
+    torch.manual_seed(args.seed)
+    tokenizer = common.build_tokenizer()
+    text_encoder = common.make_text_encoder(len(tokenizer))
+    transformer = common.make_transformer(num_layers=args.layers, patch_size=args.patch)
+    params = list(transformer.parameters()) + list(text_encoder.parameters())
+    n_tr = sum(p.numel() for p in transformer.parameters())
+    n_te = sum(p.numel() for p in text_encoder.parameters())
+    print(f"transformer {n_tr/1e6:.2f}M params, text encoder {n_te/1e6:.2f}M", flush=True)
+    ema_tr = copy.deepcopy(transformer).requires_grad_(False)
+    ema_te = copy.deepcopy(text_encoder).requires_grad_(False)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.999))
+    noise_sched = DDPMScheduler(**common.scheduler_config())
+    alphas_cumprod = noise_sched.alphas_cumprod
+
+    data_rng = np.random.default_rng([args.seed, 2])
+    gen = torch.Generator().manual_seed(args.seed + 3)
+    step = 0
+    ckpt_path = out / "ckpt.pt"
+    if args.resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=False)
+        transformer.load_state_dict(ck["transformer"])
+        text_encoder.load_state_dict(ck["text_encoder"])
+        ema_tr.load_state_dict(ck["ema_transformer"])
+        ema_te.load_state_dict(ck["ema_text_encoder"])
+        opt.load_state_dict(ck["opt"])
+        data_rng.bit_generator.state = ck["data_rng"]
+        gen.set_state(ck["gen"])
+        common.set_rng_state(ck["rng"])
+        step = ck["step"]
+        print(f"resumed from step {step}", flush=True)
+    elif args.resume:
+        print("no checkpoint found; starting fresh", flush=True)
+
+    def lr_at(s):
+        return args.lr * min(1.0, (s + 1) / args.warmup)
+
+    def save(step):
+        ck = {
+            "step": step,
+            "args": vars(args),
+            "transformer": transformer.state_dict(),
+            "text_encoder": text_encoder.state_dict(),
+            "ema_transformer": ema_tr.state_dict(),
+            "ema_text_encoder": ema_te.state_dict(),
+            "opt": opt.state_dict(),
+            "data_rng": data_rng.bit_generator.state,
+            "gen": gen.get_state(),
+            "rng": common.rng_state(),
+            "transformer_config": dict(transformer.config),
+            "text_encoder_config": text_encoder.config.to_dict(),
+            "wall_time": time.time(),
+        }
+        common.atomic_torch_save(ck, ckpt_path)
+        if step % args.keep_every == 0:
+            common.atomic_torch_save(
+                {k: ck[k] for k in ("step", "args", "ema_transformer", "ema_text_encoder",
+                                    "transformer_config", "text_encoder_config")},
+                out / f"ema_{step}.pt",
+            )
+
+    transformer.train()
+    text_encoder.train()
+    ema_params = list(ema_tr.parameters()) + list(ema_te.parameters())
+    t0 = time.time()
+    s0 = step
+    loss_acc, n_acc = 0.0, 0
+    n_pool = len(scenes)
+    while step < (args.bench or args.steps):
+        idx = data_rng.integers(n_pool, size=args.batch)
+        prompts = [world.make_prompt(scenes[i], data_rng, "train", args.drop_prob) for i in idx]
+        empty = data_rng.random(args.batch) < args.p_empty
+        prompts = ["" if e else p for p, e in zip(prompts, empty)]
+        tok = tokenizer(prompts, padding="longest", max_length=common.MAX_LEN, truncation=True,
+                        return_tensors="pt")
+        x0 = latents[torch.from_numpy(idx)]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, 1000, (args.batch,), generator=gen)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        emb = text_encoder(tok.input_ids, attention_mask=tok.attention_mask)[0]
+        pred = transformer(
+            xt,
+            encoder_hidden_states=emb,
+            encoder_attention_mask=tok.attention_mask,
+            timestep=t,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        ).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        d = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - d)
+
+        loss_acc += loss.item()
+        n_acc += 1
+        if step % args.log_every == 0 or step == s0 + 1:
+            el = time.time() - t0
+            print(
+                f"step {step} loss {loss_acc / n_acc:.4f} lr {lr_at(step - 1):.2e} "
+                f"{(step - s0) / el:.2f} steps/s elapsed {el:.0f}s",
+                flush=True,
+            )
+            loss_acc, n_acc = 0.0, 0
+        if not args.bench and (step % args.ckpt_every == 0 or step == args.steps):
+            save(step)
+    if args.bench:
+        el = time.time() - t0
+        print(f"BENCH {args.bench} steps {args.bench / el:.2f} steps/s", flush=True)
+    else:
+        json.dump({"step": step, "done": step >= args.steps}, open(out / "status.json", "w"))
+        print("done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
