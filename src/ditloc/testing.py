@@ -161,3 +161,24 @@ def _randomize_zero_init(module: torch.nn.Module, seed: int) -> None:
         for p in module.parameters():
             if p.numel() and torch.count_nonzero(p) == 0:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def main(argv=None) -> int:
+    """`python -m ditloc.testing save DIR [--family pixart|sana]`: write a tiny random pipeline."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m ditloc.testing")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("save", help="save a tiny random pipeline directory")
+    s.add_argument("dir")
+    s.add_argument("--family", choices=("pixart", "sana"), default="pixart")
+    s.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    pipe = (tiny_pixart_pipeline if args.family == "pixart" else tiny_sana_pipeline)(seed=args.seed)
+    pipe.save_pretrained(args.dir)
+    print(f"wrote a tiny random {args.family} pipeline to {args.dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
