@@ -43,14 +43,15 @@ def naive(q, k, v, pos, mask, w, b, variant):
 @pytest.mark.parametrize("variant", ["attn", "attn_value", "attn_value_out"])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("chunk_elements", [1 << 22, 97])  # one chunk; many ragged chunks
-def test_kernel_matches_naive(variant, with_bias, chunk_elements):
+@pytest.mark.parametrize("key_limit", [None, 11])  # keys 11..14 are padding in every row
+def test_kernel_matches_naive(variant, with_bias, chunk_elements, key_limit):
     g = torch.Generator().manual_seed(0)
-    n, H, N, L, d, D = 3, 4, 37, 11, 8, 24
+    n, H, N, L, d, D = 3, 4, 37, 15, 8, 24
     q = torch.randn(n, H, N, d, generator=g)
     k = torch.randn(n, H, L, d, generator=g)
     v = torch.randn(n, H, L, d, generator=g)
     w, b = torch.randn(D, H * d, generator=g), torch.randn(D, generator=g)
-    lens = [11, 6, 8]  # padded text
+    lens = [11, 6, 8]  # padded text: at most 11 real keys
     mask = torch.zeros(n, H, 1, L)
     for s, m in enumerate(lens):
         mask[s, :, :, m:] = -10000.0
@@ -62,7 +63,7 @@ def test_kernel_matches_naive(variant, with_bias, chunk_elements):
         valid[s, : len(p)] = True
     got_t, got_h = concept_contribution(
         q, k, v, pos, valid, mask=mask, out_weight=w, out_bias=b if with_bias else None,
-        variant=variant, chunk_elements=chunk_elements,
+        variant=variant, chunk_elements=chunk_elements, key_limit=key_limit,
     )
     want_t, want_h = naive(q, k, v, pos_lists, mask, w, b if with_bias else None, variant)
     torch.testing.assert_close(got_t.double(), want_t, rtol=1e-5, atol=0)

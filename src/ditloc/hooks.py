@@ -31,8 +31,7 @@ def instrument(adapter, state: RunState):
 
     def pre_hook(module, args, kwargs):
         state.step += 1
-        if state.swap is not None and state.swap.blocks:
-            adapter.prepare_swap(state, args, kwargs)
+        adapter.on_forward(state, args, kwargs)
         return None
 
     handle = None

@@ -38,6 +38,7 @@ def concept_contribution(
     out_bias: torch.Tensor | None = None,
     variant: str = "attn_value_out",
     scale: float | None = None,
+    key_limit: int | None = None,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean over image queries of the concept's contribution, total and per head.
@@ -45,56 +46,71 @@ def concept_contribution(
     query [n, H, N, d]; key, value [n, H, L, d]; positions/valid [n, S] (concept
     key indices per sample, padded); mask: additive bias broadcastable to
     [n, H, N, L] or None; out_weight [D, H*d], out_bias [D] (attn_value_out only).
+    `key_limit`: keys at and after it are masked in every row (text padding), so
+    they add exactly 0 to the softmax normalizer and are skipped.
     Returns total [n] and per_head [n, H] (float32). Per-head values of
     `attn_value_out` are ‖W_o[:, head] y_head‖ and never include the bias.
+
+    Cost: the normalizer needs q·k over the L_eff unpadded keys; everything else
+    involves only the |S| concept keys. The output projection is applied to the
+    concept's values once (u_j = W_h v_j, [n, H, S, D]) instead of to every query's
+    output, so o_i = Σ_hj A_ij u_j costs N·H·S·D rather than N·(H·d)·D.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     n, H, N, d = query.shape
-    L = key.shape[2]
+    L = key.shape[2] if key_limit is None else max(1, min(int(key_limit), key.shape[2]))
     S = positions.shape[1]
     scale = d**-0.5 if scale is None else scale
     f32 = torch.float32
-    key = key.to(f32)
     pos = positions.to(query.device)  # [n, S]
     keep = valid.to(device=query.device, dtype=f32)[:, None, None, :]  # [n, 1, 1, S]
     idx = pos[:, None, :, None].expand(n, H, S, d)
-    v_s = value.to(f32).gather(2, idx)  # [n, H, S, d]
+    k_all = key[:, :, :L].to(f32)  # [n, H, L_eff, d]
+    k_s = key.gather(2, idx).to(f32)  # [n, H, S, d]
+    v_s = value.gather(2, idx).to(f32)  # [n, H, S, d]
     if mask is not None:
-        mask = mask.to(f32).expand(n, H, mask.shape[-2], L)  # [n, H, 1|N, L]
+        mask = mask.to(f32)
+        mask_s = mask.expand(n, H, mask.shape[-2], mask.shape[-1]).gather(
+            -1, pos[:, None, None, :].expand(n, H, mask.shape[-2], S)
+        )  # [n, H, 1|N, S]
+        mask = mask[..., :L]  # [n, H|1, 1|N, L_eff]
     if variant == "attn_value_out":
-        w = out_weight.to(f32)  # [D, H*d]
-        w_heads = w.view(w.shape[0], H, d).transpose(0, 1)  # [H, D, d]
-        gram = w_heads.transpose(1, 2) @ w_heads  # [H, d, d]: ‖W_h y‖² = yᵀ G_h y
+        w_heads = out_weight.to(f32).view(out_weight.shape[0], H, d)  # [D, H, d]
+        u = torch.einsum("nhsd,Dhd->nhsD", v_s, w_heads)  # [n, H, S, D]: W_h v_j
+        gram = u @ u.transpose(-1, -2)  # [n, H, S, S]: ‖Σ_j a_j u_j‖² = aᵀ G a
+        u_cat = u.reshape(n, H * S, -1)  # [n, H*S, D]
         b = out_bias.to(f32) if out_bias is not None else None
 
     total = query.new_zeros(n, dtype=f32)
     per_head = query.new_zeros(n, H, dtype=f32)
-    width = max(L, d, out_weight.shape[0] if out_weight is not None else 0)
+    width = max(L, S, d)
     chunk = max(1, chunk_elements // max(1, n * H * width))
     for start in range(0, N, chunk):
         q = query[:, :, start : start + chunk].to(f32)  # [n, H, c, d]
-        logits = (q @ key.transpose(-1, -2)) * scale  # [n, H, c, L] (transient)
-        if mask is not None:
-            logits = logits + (mask if mask.shape[-2] == 1 else mask[:, :, start : start + chunk])
-        lse = logits.logsumexp(-1, keepdim=True)  # [n, H, c, 1]
         c = q.shape[2]
-        a = (logits.gather(-1, pos[:, None, None, :].expand(n, H, c, S)) - lse).exp() * keep  # [n, H, c, S]
+        logits = (q @ k_all.transpose(-1, -2)) * scale  # [n, H, c, L_eff] (transient)
+        logit_s = (q @ k_s.transpose(-1, -2)) * scale  # [n, H, c, S]
+        if mask is not None:
+            rows = slice(start, start + chunk) if mask.shape[-2] > 1 else slice(None)
+            logits = logits + mask[:, :, rows]
+            logit_s = logit_s + mask_s[:, :, rows]
+        lse = logits.logsumexp(-1, keepdim=True)  # [n, H, c, 1]: the row's softmax normalizer
         del logits
+        a = (logit_s - lse).exp() * keep  # [n, H, c, S]: A_iS
         if variant == "attn":
             head_sq = (a * a).sum(-1)  # [n, H, c]
             tot = head_sq.sum(1).sqrt()  # [n, c]
-        else:
+        elif variant == "attn_value":
             y = a @ v_s  # [n, H, c, d]
-            if variant == "attn_value":
-                head_sq = (y * y).sum(-1)  # [n, H, c]
-                tot = head_sq.sum(1).sqrt()  # [n, c]
-            else:
-                head_sq = torch.einsum("nhcd,hde,nhce->nhc", y, gram, y).clamp_min(0)  # [n, H, c]
-                z = y.transpose(1, 2).reshape(n, c, H * d) @ w.T  # [n, c, D]
-                if b is not None:
-                    z = z + b
-                tot = z.norm(dim=-1)  # [n, c]
+            head_sq = (y * y).sum(-1)  # [n, H, c]
+            tot = head_sq.sum(1).sqrt()  # [n, c]
+        else:
+            head_sq = torch.einsum("nhcs,nhst,nhct->nhc", a, gram, a).clamp_min(0)  # [n, H, c]
+            z = a.transpose(1, 2).reshape(n, c, H * S) @ u_cat  # [n, c, D]: W_o concat_h(y_h)
+            if b is not None:
+                z = z + b
+            tot = z.norm(dim=-1)  # [n, c]
         total += tot.sum(-1)
         per_head += head_sq.sqrt().sum(-1)
     return total / N, per_head / N
@@ -132,6 +148,7 @@ class RunState:
     step: int = -1  # transformer forward index within the current call
     probe: Probe | None = None
     swap: Swap | None = None
+    key_limit: int | None = None  # per forward: text keys beyond this are padding in every row
 
     def begin_call(self, n_images: int) -> None:
         self.n_images = n_images
@@ -229,5 +246,6 @@ class CrossAttentionProcessor:
             out_weight=proj.weight,
             out_bias=proj.bias if probe.out_bias else None,
             variant=probe.variant,
+            key_limit=state.key_limit,
         )
         probe.records[(self.index, state.step)] = (total, per_head)

@@ -85,6 +85,7 @@ class Adapter(ABC):
         """An attention processor for `attn` that measures / intervenes as `state` says."""
 
     @abstractmethod
-    def prepare_swap(self, state, args: tuple, kwargs: dict) -> None:
-        """Called before every transformer forward: build the substitute text
-        conditioning for withheld blocks from `state.swap`."""
+    def on_forward(self, state, args: tuple, kwargs: dict) -> None:
+        """Called before every transformer forward: per-call facts the processors
+        need (e.g. the text padding limit) and, when `state.swap` is set, the
+        substitute text conditioning of withheld blocks."""

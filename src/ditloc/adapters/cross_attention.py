@@ -117,7 +117,19 @@ class CrossAttentionAdapter(Adapter):
         """The transformer's conversion of a [B, L] keep-mask to an additive [B, 1, L] bias."""
         return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
 
-    def prepare_swap(self, state, args: tuple, kwargs: dict) -> None:
+    def on_forward(self, state, args: tuple, kwargs: dict) -> None:
+        swapping = state.swap is not None and bool(state.swap.blocks)
+        if swapping:
+            self._prepare_swap(state, args, kwargs)
+        state.key_limit = None
+        mask = kwargs.get("encoder_attention_mask")  # [B, L] keep-mask (right-padded text)
+        if state.probe is not None and mask is not None and mask.ndim == 2:
+            used = mask.to(torch.bool).any(0)  # [L]: key read by some row
+            if swapping:
+                used = used | state.swap.clean_mask.to(device=used.device, dtype=torch.bool).any(0)
+            state.key_limit = int(used.nonzero().max()) + 1 if bool(used.any()) else None
+
+    def _prepare_swap(self, state, args: tuple, kwargs: dict) -> None:
         swap = state.swap
         hidden_states = args[0] if args else kwargs["hidden_states"]
         embeds = kwargs["encoder_hidden_states"]  # [B, L, C], raw text-encoder output
