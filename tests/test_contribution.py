@@ -158,3 +158,20 @@ def test_unconditional_half_not_measured(pixart):
 def test_no_guidance_batch(pixart):
     loc = ditloc.localize(pixart, ["a photo of van gogh"], "van gogh", guidance_scale=1.0, **RUN)
     assert loc.per_sample_step.shape[2] == 1 and torch.isfinite(loc.scores).all()
+
+
+def test_kernel_concept_beyond_key_limit():
+    """A concept position past the key limit (a caller's inconsistent limit) takes the slow
+    path and still matches the naive map (such a key is masked: it contributes ~0)."""
+    g = torch.Generator().manual_seed(1)
+    n, H, N, L, d, D = 2, 2, 9, 10, 4, 6
+    q, k, v = (torch.randn(n, H, x, d, generator=g) for x in (N, L, L))
+    w = torch.randn(D, H * d, generator=g)
+    mask = torch.zeros(n, H, 1, L)
+    mask[..., 6:] = -10000.0
+    pos = torch.tensor([[2, 7], [5, 8]])
+    valid = torch.ones(2, 2, dtype=torch.bool)
+    got_t, got_h = concept_contribution(q, k, v, pos, valid, mask=mask, out_weight=w, key_limit=6)
+    want_t, want_h = naive(q, k, v, pos.tolist(), mask, w, None, "attn_value_out")
+    torch.testing.assert_close(got_t.double(), want_t, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(got_h.double(), want_h, rtol=1e-5, atol=1e-9)

@@ -67,13 +67,18 @@ def concept_contribution(
     keep = valid.to(device=query.device, dtype=f32)[:, None, None, :]  # [n, 1, 1, S]
     idx = pos[:, None, :, None].expand(n, H, S, d)
     k_all = key[:, :, :L].to(f32)  # [n, H, L_eff, d]
-    k_s = key.gather(2, idx).to(f32)  # [n, H, S, d]
     v_s = value.gather(2, idx).to(f32)  # [n, H, S, d]
+    # Concept keys are never padding, so their logits are columns of the unpadded
+    # logits: gather them (one matmul per chunk) unless a caller's limit cut them off.
+    inside = int(positions.max()) < L
+    if not inside:
+        k_s = key.gather(2, idx).to(f32)  # [n, H, S, d]
     if mask is not None:
         mask = mask.to(f32)
-        mask_s = mask.expand(n, H, mask.shape[-2], mask.shape[-1]).gather(
-            -1, pos[:, None, None, :].expand(n, H, mask.shape[-2], S)
-        )  # [n, H, 1|N, S]
+        if not inside:
+            mask_s = mask.expand(n, H, mask.shape[-2], mask.shape[-1]).gather(
+                -1, pos[:, None, None, :].expand(n, H, mask.shape[-2], S)
+            )  # [n, H, 1|N, S]
         mask = mask[..., :L]  # [n, H|1, 1|N, L_eff]
     if variant == "attn_value_out":
         w_heads = out_weight.to(f32).view(out_weight.shape[0], H, d)  # [D, H, d]
@@ -90,11 +95,15 @@ def concept_contribution(
         q = query[:, :, start : start + chunk].to(f32)  # [n, H, c, d]
         c = q.shape[2]
         logits = (q @ k_all.transpose(-1, -2)) * scale  # [n, H, c, L_eff] (transient)
-        logit_s = (q @ k_s.transpose(-1, -2)) * scale  # [n, H, c, S]
+        rows = slice(start, start + chunk) if mask is not None and mask.shape[-2] > 1 else slice(None)
         if mask is not None:
-            rows = slice(start, start + chunk) if mask.shape[-2] > 1 else slice(None)
             logits = logits + mask[:, :, rows]
-            logit_s = logit_s + mask_s[:, :, rows]
+        if inside:
+            logit_s = logits.gather(-1, pos[:, None, None, :].expand(n, H, c, S))  # [n, H, c, S]
+        else:
+            logit_s = (q @ k_s.transpose(-1, -2)) * scale
+            if mask is not None:
+                logit_s = logit_s + mask_s[:, :, rows]
         lse = logits.logsumexp(-1, keepdim=True)  # [n, H, c, 1]: the row's softmax normalizer
         del logits
         a = (logit_s - lse).exp() * keep  # [n, H, c, S]: A_iS

@@ -1,0 +1,147 @@
+"""Wall time and peak memory of `ditloc.localize` against plain generation.
+
+Same prompts, steps, CFG and seeds; both skip the VAE decode (output_type="latent")
+so only the denoising loop is compared. Runs alternate (plain, localize, plain,
+...) in one process; medians are reported with their ratio.
+
+    python benchmarks/localize_overhead.py                  # CPU, PixArt-shaped, 12 blocks, 256 tokens
+    python benchmarks/localize_overhead.py --size xl --device cuda   # PixArt-XL: 28 blocks, 1152 wide, 4096 tokens
+
+Peak memory: on CUDA the allocator's peak; on CPU the process's peak resident set
+(VmHWM, reset between runs through /proc/self/clear_refs), reported above the
+resident size just before each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel  # noqa: E402
+from diffusers.utils import logging as dlog  # noqa: E402
+from transformers import T5Config, T5EncoderModel  # noqa: E402
+
+import ditloc  # noqa: E402
+from ditloc.testing import word_tokenizer  # noqa: E402
+
+SIZES = {
+    # name: (blocks, heads, head_dim, latent side, patch) -> tokens = (side/patch)^2
+    "small": (12, 6, 64, 32, 2),  # 384 wide, 256 image tokens
+    "xl": (28, 16, 72, 128, 2),  # PixArt-XL-2-1024: 1152 wide, 4096 image tokens
+}
+
+
+def build(size: str, device, dtype):
+    blocks, heads, head_dim, side, patch = SIZES[size]
+    g = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng():
+        torch.random.manual_seed(0)  # isolated: module init draws from the global RNG
+        tok = word_tokenizer()
+        te = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=64, d_ff=128, d_kv=16, num_layers=1, num_heads=4))
+        vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4)
+        tr = PixArtTransformer2DModel(
+            sample_size=side, num_layers=blocks, patch_size=patch, attention_head_dim=head_dim,
+            num_attention_heads=heads, caption_channels=64, in_channels=4, out_channels=8,
+            cross_attention_dim=heads * head_dim, norm_type="ada_norm_single", use_additional_conditions=False,
+        )
+        for p in tr.parameters():  # DiTs zero-init some layers; random weights everywhere
+            if torch.count_nonzero(p) == 0:
+                p.data = torch.randn(p.shape, generator=g) * 0.02
+    pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=te, vae=vae, transformer=tr,
+                               scheduler=DPMSolverMultistepScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype), (side // patch) ** 2
+
+
+class Peak:
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def _rss(self, field):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError(field)
+
+    def reset(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base = self._rss("VmRSS")
+
+    def read(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated(), torch.cuda.max_memory_allocated() - self.base
+        peak = self._rss("VmHWM")
+        return peak, peak - self.base
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", choices=SIZES, default="small")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    dlog.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe, tokens = build(args.size, args.device, getattr(torch, args.dtype))
+    prompts = [f"a photo of van gogh {w}" for w in ("at night", "in the city", "with a dog", "by the river")]
+    prompts = (prompts * args.prompts)[: args.prompts]
+    call = dict(num_inference_steps=args.steps, guidance_scale=4.5, use_resolution_binning=False,
+                output_type="latent", max_sequence_length=120)
+    peak = Peak(args.device)
+    n_params = sum(p.numel() for p in pipe.transformer.parameters())
+    print(f"{args.size}: {len(pipe.transformer.transformer_blocks)} blocks, width "
+          f"{pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim}, "
+          f"{tokens} image tokens, {n_params / 1e6:.1f}M params; {args.prompts} prompts x {args.steps} steps, "
+          f"CFG, {args.device} {args.dtype}, torch threads {torch.get_num_threads()}")
+
+    def plain():
+        gens = [torch.Generator().manual_seed(0) for _ in prompts]
+        pipe(prompts, generator=gens, **call)
+
+    def measured():
+        ditloc.localize(pipe, prompts, "van gogh", seed=0, batch_size=len(prompts), **{
+            k: v for k, v in call.items() if k != "output_type"})
+
+    for fn in (plain, measured):  # warm-up (allocator, kernels)
+        fn()
+    results = {"plain": [], "localize": []}
+    for _ in range(args.repeats):
+        for name, fn in (("plain", plain), ("localize", measured)):
+            peak.reset()
+            t = time.perf_counter()
+            fn()
+            if peak.cuda:
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t
+            results[name].append((dt, *peak.read()))
+    med = {k: [statistics.median(x[i] for x in v) for i in range(3)] for k, v in results.items()}
+    mib = 2**20
+    print(f"{'':10} {'time s':>9} {'peak MiB':>10} {'working MiB':>12}")
+    for k, (t, p, w) in med.items():
+        print(f"{k:10} {t:9.3f} {p / mib:10.1f} {w / mib:12.1f}")
+    (tp, pp, wp), (tl, pl, wl) = med["plain"], med["localize"]
+    print(f"ratio time localize/plain: {tl / tp:.3f}x (goal <= 1.10x)")
+    print(f"ratio peak memory localize/plain: {pl / pp:.3f}x (goal <= 1.05x); "
+          f"extra: {(pl - pp) / mib:+.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
