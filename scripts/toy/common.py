@@ -73,7 +73,7 @@ def make_text_encoder(vocab_size: int):
     return T5EncoderModel(text_encoder_config(vocab_size))
 
 
-def make_vae():
+def make_vae(latent_channels: int = 8):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -83,21 +83,21 @@ def make_vae():
         up_block_types=("UpDecoderBlock2D",) * 3,
         block_out_channels=(32, 32, 64),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=16,
         sample_size=32,
         mid_block_add_attention=False,
     )
 
 
-def make_transformer(num_layers=12, patch_size=2, heads=4, head_dim=32):
+def make_transformer(num_layers=12, patch_size=2, heads=4, head_dim=32, channels=4):
     from diffusers import PixArtTransformer2DModel
 
     return PixArtTransformer2DModel(
         num_attention_heads=heads,
         attention_head_dim=head_dim,
-        in_channels=4,
-        out_channels=4,
+        in_channels=channels,
+        out_channels=channels,
         num_layers=num_layers,
         dropout=0.0,
         norm_num_groups=32,

@@ -32,7 +32,8 @@ from ditloc.toy import world
 
 def build_pool(args, out: Path, vae):
     """Seeded scene pool + VAE latents (posterior mean * scaling_factor)."""
-    cache = out / f"pool_{args.pool}_seed{args.seed}.pt"
+    tag = f"c{vae.config.latent_channels}_sf{vae.config.scaling_factor:.5f}"
+    cache = out / f"pool_{args.pool}_seed{args.seed}_{tag}.pt"
     if cache.exists():
         d = torch.load(cache, weights_only=False)
         return d["scenes"], d["latents"]
@@ -83,12 +84,13 @@ def main():
 
     vae = AutoencoderKL.from_pretrained(args.vae).eval()
     scenes, latents = build_pool(args, out, vae)
+    channels = vae.config.latent_channels
     del vae
 
     torch.manual_seed(args.seed)
     tokenizer = common.build_tokenizer()
     text_encoder = common.make_text_encoder(len(tokenizer))
-    transformer = common.make_transformer(num_layers=args.layers, patch_size=args.patch)
+    transformer = common.make_transformer(num_layers=args.layers, patch_size=args.patch, channels=channels)
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     n_tr = sum(p.numel() for p in transformer.parameters())
     n_te = sum(p.numel() for p in text_encoder.parameters())

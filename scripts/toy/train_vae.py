@@ -31,6 +31,10 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(common.RUNS / "vae"))
+    ap.add_argument("--latent-channels", type=int, default=8)
+    ap.add_argument("--decoder-only", action="store_true",
+                    help="freeze encoder (latents unchanged) and fine-tune the decoder on posterior means")
+    ap.add_argument("--init", default=None, help="continue from a saved VAE directory")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -40,18 +44,35 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     fh = open(out / "log.txt", "a")
 
-    vae = common.make_vae()
+    if args.init:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.init)
+        orig_sf = vae.config.scaling_factor
+    else:
+        vae = common.make_vae(args.latent_channels)
     n_params = sum(p.numel() for p in vae.parameters())
     common.log(fh, f"vae params {n_params/1e6:.2f}M")
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+    if args.decoder_only:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+        vae.encoder.eval()
+    train_params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(train_params, lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 200) * (0.5 * (1 + np.cos(np.pi * min(s, args.steps) / args.steps)) * 0.9 + 0.1)
     )
     t0 = time.time()
     for step in range(1, args.steps + 1):
         x = batch(rng, args.batch)
-        post = vae.encode(x).latent_dist
-        z = post.sample()
+        if args.decoder_only:
+            with torch.no_grad():
+                post = vae.encode(x).latent_dist
+                # robustness to imperfect generated latents: small noise on the mean
+                z = post.mean + 0.1 * post.mean.std() * torch.rand(()) * torch.randn_like(post.mean)
+        else:
+            post = vae.encode(x).latent_dist
+            z = post.sample()
         rec = vae.decode(z).sample
         l1 = (rec - x).abs().mean()
         mse = ((rec - x) ** 2).mean()
@@ -59,7 +80,7 @@ def main():
         loss = l1 + 0.5 * mse + args.kl * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(train_params, 1.0)
         opt.step()
         sched.step()
         if step % 50 == 0 or step == 1:
@@ -79,6 +100,9 @@ def main():
         zs = torch.cat(zs)
         std = zs.std().item()
         mean = zs.mean().item()
+        if args.decoder_only:
+            assert abs(orig_sf - 1.0 / std) < 1e-4 * orig_sf, (orig_sf, 1.0 / std)
+            std = 1.0 / orig_sf  # keep the exact value the DiT latents were built with
         vae.register_to_config(scaling_factor=1.0 / std)
         x = batch(np.random.default_rng(777), 32)
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample
