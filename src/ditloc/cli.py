@@ -196,9 +196,22 @@ def cmd_intervene(args) -> None:
 COMMANDS = {"localize": cmd_localize, "intervene": cmd_intervene}
 
 
+def _quiet_libraries() -> None:
+    """ditloc prints its own progress; the libraries' bars and advice would bury it."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .errors import DitlocError
+
+    _quiet_libraries()
 
     try:
         import torch

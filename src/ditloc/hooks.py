@@ -30,9 +30,9 @@ def instrument(adapter, state: RunState):
     originals = [a.processor for a in attns]
 
     def pre_hook(module, args, kwargs):
-        state.step += 1
-        adapter.on_forward(state, args, kwargs)
-        return None
+        if state.capturing:  # the adapter's own clean-prompt pass
+            return None
+        return adapter.on_forward(state, args, kwargs)
 
     handle = None
     try:
@@ -47,3 +47,5 @@ def instrument(adapter, state: RunState):
             attn.set_processor(proc)
         if state.swap is not None:
             state.swap.states = state.swap.mask = None
+            state.swap.text_kv = {}
+        state.capturing = False

@@ -62,6 +62,7 @@ def generate(
     output_type: str = "pil",
     batch_size: int | None = None,
     generator_device="cpu",
+    pooled: str | None = None,
     **pipeline_kwargs,
 ):
     """Images for every (prompt, seed), prompt-major, optionally with the concept
@@ -71,6 +72,12 @@ def generate(
     clean prompt (withhold) or the full prompt while all others see the clean one
     (inject). `clean_prompts` (one per prompt) default to the prompt with the
     concept removed. With neither set this is a plain generation.
+
+    `pooled` (FLUX, SD3: models with a pooled text embedding that modulates every
+    block): "clean" or "full" prompt for that embedding. Default: it goes with the
+    intervened blocks, i.e. "clean" when withholding and "full" when injecting, so
+    that withholding everywhere equals generating from the clean prompt and
+    injecting everywhere equals the plain output.
     """
     prompts = as_prompt_list(prompts)
     seeds = as_seed_list(seed)
@@ -85,6 +92,9 @@ def generate(
         extra=pipeline_kwargs,
     )
     intervene = withhold is not None or inject is not None
+    if pooled not in (None, "clean", "full"):
+        raise DitlocError(f"pooled must be 'clean' or 'full', got {pooled!r}")
+    pooled_clean = (withhold is not None) if pooled is None else pooled == "clean"
     swap_blocks: frozenset[str] = frozenset()
     clean: list[str] = []
     if intervene:
@@ -120,8 +130,8 @@ def generate(
     with instrument(adapter, state):
         for chunk in chunks(samples, batch_size):
             state.begin_call(len(chunk))
-            if swap_blocks:
-                embeds, mask = adapter.encode_text([clean[i] for i, _ in chunk], kw)
-                state.swap = Swap(blocks=swap_blocks, clean_embeds=embeds, clean_mask=mask)
+            if swap_blocks or (pooled_clean and adapter.has_pooled_text):
+                cond = adapter.encode_text([clean[i] for i, _ in chunk], kw)
+                state.swap = Swap(blocks=swap_blocks, clean=cond, pooled_clean=pooled_clean)
             outputs.append(run(chunk))
     return _stack(outputs, output_type)

@@ -139,13 +139,20 @@ class Probe:
 
 @dataclass
 class Swap:
-    """Blocks that read substitute text conditioning, and that conditioning."""
+    """Blocks that read substitute text conditioning, and that conditioning.
+
+    `clean` is the clean prompts' conditioning as the adapter's `encode_text`
+    returns it (e.g. {"embeds", "mask"} or {"embeds", "pooled"}); `pooled_clean`
+    says whether a pooled text embedding (FLUX, SD3) is taken from the clean
+    prompts too. The adapter fills the per-forward fields.
+    """
 
     blocks: frozenset[str]
-    clean_embeds: torch.Tensor  # [n, L, C] raw text-encoder output of the clean prompts
-    clean_mask: torch.Tensor  # [n, L]
-    states: torch.Tensor | None = None  # per forward: [B, L, D] as the blocks receive it
-    mask: torch.Tensor | None = None  # per forward: additive bias [B, 1, L]
+    clean: dict
+    pooled_clean: bool = True
+    states: torch.Tensor | None = None  # per forward (cross-attention): [B, L, D] as the blocks receive it
+    mask: torch.Tensor | None = None  # per forward (cross-attention): additive bias [B, 1, L]
+    text_kv: dict = field(default_factory=dict)  # per forward (joint attention): block -> (k, v) of the clean text
 
 
 @dataclass
@@ -157,11 +164,16 @@ class RunState:
     step: int = -1  # transformer forward index within the current call
     probe: Probe | None = None
     swap: Swap | None = None
+    cond_key: object = None  # identifies the conditional text input of the current pipeline call
     key_limit: int | None = None  # per forward: text keys beyond this are padding in every row
+    n_text: int = 0  # per forward (joint attention): text tokens in the joint sequence
+    active: bool = True  # per forward: False for calls that carry no conditional rows (FLUX true-CFG negatives)
+    capturing: bool = False  # inside the clean-prompt pass of a joint-attention intervention
 
     def begin_call(self, n_images: int) -> None:
         self.n_images = n_images
         self.step = -1
+        self.cond_key = None
         if self.probe is not None:
             self.probe.records = {}
 

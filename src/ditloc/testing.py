@@ -152,6 +152,90 @@ def tiny_sana_pipeline(*, num_layers: int = 3, seed: int = 0, words=WORDS, qk_no
     )
 
 
+def _clip_text_encoder(tokenizer, with_projection: bool, hidden: int = 32):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, projection_dim=hidden, max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
+
+
+def clip_like_tokenizer(words=WORDS):
+    """CLIP-like: <bos> ... </s>, 77 tokens, a vocabulary in another order than the
+    T5-like tokenizer's (so CLIP and T5 token ids and positions differ)."""
+    tok = word_tokenizer(tuple(reversed(words)), bos=True, eos=True, model_max_length=77)
+    return tok
+
+
+def tiny_flux_pipeline(*, num_layers: int = 2, num_single_layers: int = 2, seed: int = 0, words=WORDS,
+                       guidance_embeds: bool = True):
+    """FluxPipeline: CLIP (pooled) + T5 (text stream), FLUX transformer with double and single blocks."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    with torch.random.fork_rng():
+        torch.random.manual_seed(seed)  # isolated by fork_rng: the caller's RNG state is restored
+        tokenizer = clip_like_tokenizer(words)
+        text_encoder = _clip_text_encoder(tokenizer, with_projection=False)
+        tokenizer_2 = word_tokenizer(words)
+        text_encoder_2 = T5EncoderModel(
+            T5Config(vocab_size=len(tokenizer_2), d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4)
+        ).eval()
+        vae = AutoencoderKL(
+            sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+            latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+            shift_factor=0.0, scaling_factor=1.5035,
+        ).eval()
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=4, num_layers=num_layers, num_single_layers=num_single_layers,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+            axes_dims_rope=[4, 4, 8], guidance_embeds=guidance_embeds,
+        ).eval()
+        _randomize_zero_init(transformer, seed)
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+    )
+
+
+def tiny_sd3_pipeline(*, num_layers: int = 3, seed: int = 0, words=WORDS, dual_attention_layers=(0,),
+                      qk_norm: str | None = "rms_norm", with_t5: bool = True):
+    """StableDiffusion3Pipeline: CLIP-L, CLIP-G, T5; SD3.5-style dual attention and qk norm."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import T5Config, T5EncoderModel
+
+    with torch.random.fork_rng():
+        torch.random.manual_seed(seed)  # isolated by fork_rng: the caller's RNG state is restored
+        tokenizer = clip_like_tokenizer(words)
+        tokenizer_2 = clip_like_tokenizer(words)
+        text_encoder = _clip_text_encoder(tokenizer, with_projection=True)
+        text_encoder_2 = _clip_text_encoder(tokenizer_2, with_projection=True)
+        tokenizer_3 = word_tokenizer(words) if with_t5 else None
+        text_encoder_3 = (
+            T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=64, d_ff=64, d_kv=8, num_layers=2, num_heads=4)).eval()
+            if with_t5 else None
+        )
+        vae = AutoencoderKL(
+            sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+            latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+            shift_factor=0.0609, scaling_factor=1.5035,
+        ).eval()
+        transformer = SD3Transformer2DModel(
+            sample_size=8, patch_size=1, in_channels=4, num_layers=num_layers, attention_head_dim=8,
+            num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64,
+            out_channels=4, dual_attention_layers=tuple(dual_attention_layers), qk_norm=qk_norm,
+        ).eval()
+        _randomize_zero_init(transformer, seed)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+    )
+
+
 def _randomize_zero_init(module: torch.nn.Module, seed: int) -> None:
     """DiTs zero-initialise their output layers and some biases, which makes a fresh
     model ignore its text. Give every zero tensor small random values so random
@@ -171,10 +255,12 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("save", help="save a tiny random pipeline directory")
     s.add_argument("dir")
-    s.add_argument("--family", choices=("pixart", "sana"), default="pixart")
+    s.add_argument("--family", choices=("pixart", "sana", "flux", "sd3"), default="pixart")
     s.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    pipe = (tiny_pixart_pipeline if args.family == "pixart" else tiny_sana_pipeline)(seed=args.seed)
+    builders = {"pixart": tiny_pixart_pipeline, "sana": tiny_sana_pipeline, "flux": tiny_flux_pipeline,
+                "sd3": tiny_sd3_pipeline}
+    pipe = builders[args.family](seed=args.seed)
     pipe.save_pretrained(args.dir)
     print(f"wrote a tiny random {args.family} pipeline to {args.dir}")
     return 0

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from ..errors import DitlocError
 from .base import Adapter
+from .flux import FluxAdapter
 from .pixart import PixArtAdapter
 from .sana import SanaAdapter
+from .sd3 import SD3Adapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (PixArtAdapter, SanaAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (PixArtAdapter, SanaAdapter, FluxAdapter, SD3Adapter)
 
 
 def supported_families() -> list[str]:
@@ -26,4 +28,13 @@ def get_adapter(pipe) -> Adapter:
     )
 
 
-__all__ = ["Adapter", "ADAPTERS", "PixArtAdapter", "SanaAdapter", "get_adapter", "supported_families"]
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "FluxAdapter",
+    "PixArtAdapter",
+    "SD3Adapter",
+    "SanaAdapter",
+    "get_adapter",
+    "supported_families",
+]

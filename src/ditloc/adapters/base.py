@@ -23,6 +23,8 @@ class Adapter(ABC):
     family: ClassVar[str]
     #: class names of the transformer this adapter serves
     transformer_classes: ClassVar[tuple[str, ...]]
+    #: the family has a pooled text embedding that modulates every block (FLUX, SD3)
+    has_pooled_text: ClassVar[bool] = False
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -76,8 +78,8 @@ class Adapter(ABC):
         """Positions of `concept` in the text sequence the transformer receives."""
 
     @abstractmethod
-    def encode_text(self, prompts: list[str], call_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Conditional text conditioning exactly as the pipeline computes it: (embeds, mask)."""
+    def encode_text(self, prompts: list[str], call_kwargs: dict) -> dict:
+        """Conditional text conditioning exactly as the pipeline computes it, by name."""
 
     # ---- instrumentation -------------------------------------------------------------
     @abstractmethod
@@ -85,7 +87,8 @@ class Adapter(ABC):
         """An attention processor for `attn` that measures / intervenes as `state` says."""
 
     @abstractmethod
-    def on_forward(self, state, args: tuple, kwargs: dict) -> None:
-        """Called before every transformer forward: per-call facts the processors
-        need (e.g. the text padding limit) and, when `state.swap` is set, the
-        substitute text conditioning of withheld blocks."""
+    def on_forward(self, state, args: tuple, kwargs: dict):
+        """Called before every transformer forward: counts denoising steps, sets
+        per-call facts the processors need (e.g. the text padding limit) and, when
+        `state.swap` is set, prepares the substitute text conditioning. May return
+        new (args, kwargs) for the forward."""

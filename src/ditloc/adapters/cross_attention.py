@@ -88,7 +88,7 @@ class CrossAttentionAdapter(Adapter):
             "max_sequence_length": int(self._setting(call_kwargs, "max_sequence_length")),
         }
 
-    def encode_text(self, prompts: list[str], call_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_text(self, prompts: list[str], call_kwargs: dict) -> dict:
         embeds, mask, _, _ = self.pipe.encode_prompt(
             prompts,
             do_classifier_free_guidance=False,
@@ -96,7 +96,7 @@ class CrossAttentionAdapter(Adapter):
             device=self.pipe._execution_device,
             **self._encode_kwargs(call_kwargs),
         )
-        return embeds, mask
+        return {"embeds": embeds, "mask": mask}
 
     # ---- instrumentation -------------------------------------------------------------
     def make_processor(self, block: str, index: int, attn, state) -> CrossAttentionProcessor:
@@ -118,6 +118,7 @@ class CrossAttentionAdapter(Adapter):
         return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
 
     def on_forward(self, state, args: tuple, kwargs: dict) -> None:
+        state.step += 1
         swapping = state.swap is not None and bool(state.swap.blocks)
         if swapping:
             self._prepare_swap(state, args, kwargs)
@@ -126,7 +127,7 @@ class CrossAttentionAdapter(Adapter):
         if state.probe is not None and mask is not None and mask.ndim == 2:
             used = mask.to(torch.bool).any(0)  # [L]: key read by some row
             if swapping:
-                used = used | state.swap.clean_mask.to(device=used.device, dtype=torch.bool).any(0)
+                used = used | state.swap.clean["mask"].to(device=used.device, dtype=torch.bool).any(0)
             state.key_limit = int(used.nonzero().max()) + 1 if bool(used.any()) else None
 
     def _prepare_swap(self, state, args: tuple, kwargs: dict) -> None:
@@ -135,7 +136,7 @@ class CrossAttentionAdapter(Adapter):
         embeds = kwargs["encoder_hidden_states"]  # [B, L, C], raw text-encoder output
         mask = kwargs.get("encoder_attention_mask")  # [B, L] keep-mask
         rows = self.cond_rows(embeds.shape[0], state.n_images)
-        clean = swap.clean_embeds.to(device=embeds.device, dtype=embeds.dtype)  # [n, L, C]
+        clean = swap.clean["embeds"].to(device=embeds.device, dtype=embeds.dtype)  # [n, L, C]
         if clean.shape[1:] != embeds.shape[1:]:
             raise DitlocError(
                 f"clean-prompt text conditioning has shape {tuple(clean.shape[1:])} but the prompt's has "
@@ -148,5 +149,5 @@ class CrossAttentionAdapter(Adapter):
             swap.mask = None
         else:
             m = mask.clone()
-            m[rows] = swap.clean_mask.to(device=mask.device, dtype=mask.dtype)
+            m[rows] = swap.clean["mask"].to(device=mask.device, dtype=mask.dtype)
             swap.mask = self.mask_to_bias(m, hidden_states.dtype)  # [B, 1, L]

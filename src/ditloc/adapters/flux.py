@@ -1,0 +1,52 @@
+"""FLUX.1 (`FluxTransformer2DModel`): T5 text stream + CLIP pooled embedding.
+
+Blocks: the double-stream `transformer_blocks` (`double.0` ...) then the
+single-stream `single_transformer_blocks` (`single.0` ...), ranked together.
+Joint sequence order: text first. Concept positions come from `tokenizer_2` (T5)
+on `prompt_2` (which defaults to the prompt): that is the text stream the
+transformer reads; the CLIP tokens only feed the pooled embedding.
+
+Single-stream blocks have no attention output projection of their own: the
+block computes `proj_out(concat(attn_out, mlp_out))`, so the attention output's
+projection is the slice `proj_out.weight[:, :dim]` (its bias is the block's
+output bias, added only with `out_bias=True`). The block's gate is not included.
+"""
+
+from __future__ import annotations
+
+from ..processors_joint import FluxJointProcessor
+from .joint_attention import JointAttentionAdapter
+
+
+class FluxAdapter(JointAttentionAdapter):
+    family = "flux"
+    transformer_classes = ("FluxTransformer2DModel",)
+
+    def blocks(self):
+        t = self.transformer
+        double = [(f"double.{i}", b, b.attn) for i, b in enumerate(t.transformer_blocks)]
+        single = [(f"single.{i}", b, b.attn) for i, b in enumerate(t.single_transformer_blocks)]
+        return double + single
+
+    def out_projection(self, block: str):
+        if block.startswith("single."):
+            b = self.transformer.single_transformer_blocks[int(block.split(".")[1])]
+            dim = b.proj_out.in_features - b.mlp_hidden_dim
+            return lambda: (b.proj_out.weight[:, :dim], b.proj_out.bias)
+        return super().out_projection(block)
+
+    def text_streams(self, prompt: str, call_kwargs: dict):
+        text = call_kwargs.get("prompt_2") or prompt
+        length = int(call_kwargs.get("max_sequence_length") or self.call_default("max_sequence_length") or 512)
+        return [(self.pipe.tokenizer_2, text, length, 0)]
+
+    def encode_text(self, prompts: list[str], call_kwargs: dict) -> dict:
+        length = int(call_kwargs.get("max_sequence_length") or self.call_default("max_sequence_length") or 512)
+        embeds, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, device=self.pipe._execution_device, num_images_per_prompt=1,
+            max_sequence_length=length,
+        )
+        return {"embeds": embeds, "pooled": pooled}
+
+    def make_processor(self, block: str, index: int, attn, state):
+        return FluxJointProcessor(attn.processor, block, index, state, self.out_projection(block))
