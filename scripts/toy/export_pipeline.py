@@ -40,6 +40,79 @@ def build_pipeline(ckpt_path, vae_dir):
     return pipe, ck
 
 
+def _train_log_stats(log_path, step):
+    """(last logged loss <= step, summed training wall seconds over run segments)."""
+    import re
+
+    loss, wall, seg_max = None, 0.0, 0.0
+    try:
+        lines = Path(log_path).read_text().splitlines()
+    except OSError:
+        return None, None
+    for ln in lines:
+        if ln.startswith("resumed from step") or ln.startswith("transformer "):
+            wall += seg_max
+            seg_max = 0.0
+        m = re.match(r"step (\d+) loss ([0-9.]+) .* elapsed (\d+)s", ln)
+        if m and int(m.group(1)) <= step:
+            loss = float(m.group(2))
+            seg_max = float(m.group(3))
+    return loss, wall + seg_max
+
+
+def provenance(ck, total_bytes, args) -> str:
+    import platform
+    import subprocess
+
+    a = ck["args"]
+    loss, wall = _train_log_stats(args.log, ck["step"])
+    try:
+        cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
+    except Exception:
+        cpu = platform.processor()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=common.REPO).stdout.strip()
+    except Exception:
+        commit = "?"
+    vae_sum = Path(args.vae).parent / "summary.json"
+    vae_info = json.loads(vae_sum.read_text()) if vae_sum.exists() else {}
+    return f"""# Provenance of the toy PixArt-alpha pipeline
+
+Trained from scratch by the ditloc project on procedurally rendered images of the
+toy world (`ditloc.toy.world`); no external data or weights.
+
+| item | value |
+|---|---|
+| transformer | PixArtTransformer2DModel, {ck['transformer_config']['num_layers']} blocks, width {ck['transformer_config']['num_attention_heads'] * ck['transformer_config']['attention_head_dim']}, patch {ck['transformer_config']['patch_size']}, latent 8x8x{ck['transformer_config']['in_channels']} |
+| text encoder | T5EncoderModel (2 layers, d_model 128), word-level tokenizer over the toy vocabulary |
+| VAE | AutoencoderKL 32x32x3 <-> 8x8x{ck['transformer_config']['in_channels']}, trained on renders ({vae_info.get('steps', '?')} steps, eval L1 {vae_info.get('eval_l1', float('nan')):.4f}) |
+| DiT training steps | {ck['step']} (batch {a['batch']}, lr {a['lr']}, EMA {a['ema']}, {a['p_empty']:.0%} empty captions) |
+| seed | {a['seed']} (scene pool {a['pool']} scenes) |
+| last logged training loss | {loss} |
+| DiT training wall time | {wall / 3600 if wall else float('nan'):.2f} h |
+| hardware | {cpu}, {a['threads']} CPU threads, no GPU |
+| weights exported | EMA transformer + EMA text encoder |
+| safetensors total | {total_bytes / 1e6:.2f} MB |
+| code commit at export | {commit} |
+| exported | {time.strftime('%Y-%m-%d %H:%M:%S')} |
+
+Reproduce:
+
+```
+python scripts/toy/train_vae.py --steps 1800 --batch 32 --lr 1e-3 --threads 1 --out toy_training/runs/vae
+python scripts/toy/train_dit.py --steps {a['steps']} --threads {a['threads']}     # add --resume to continue
+python scripts/toy/export_pipeline.py --ckpt toy_training/runs/dit/ckpt.pt
+```
+
+Inference: `PixArtAlphaPipeline.from_pretrained(dir)(prompt, height=32, width=32,
+num_inference_steps=20, use_resolution_binning=False, clean_caption=False)`.
+Padding tokens are masked, so any `max_sequence_length` >= the prompt length
+gives identical results (32 is enough and faster than the default 120).
+{('Note: ' + args.note) if args.note else ''}
+"""
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", default=str(common.RUNS / "dit" / "ckpt.pt"))
@@ -47,6 +120,8 @@ def main():
     ap.add_argument("--out", default=str(common.MODEL_DIR))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--note", default="")
+    ap.add_argument("--keep-provenance", action="store_true", help="do not regenerate PROVENANCE.md")
+    ap.add_argument("--log", default=str(common.RUNS / "dit" / "log.txt"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -69,8 +144,10 @@ def main():
         "note": args.note,
     }
     (out / "training_info.json").write_text(json.dumps(info, indent=1))
-    if keep is not None:
+    if keep is not None and args.keep_provenance:
         prov.write_text(keep)
+    else:
+        prov.write_text(provenance(ck, total, args))
     print(f"exported step {ck['step']} -> {out} ({total/1e6:.2f} MB safetensors)")
 
     # offline load + generation check
@@ -86,7 +163,8 @@ def main():
               generator=torch.Generator().manual_seed(0), output_type="np").images
     print(f"generated {imgs.shape} in {time.time()-t0:.1f}s")
     assert imgs.shape == (4, 32, 32, 3)
-    common.save_grid((imgs * 255).round().astype(np.uint8), out.parent / "_export_check.png", ncol=4)
+    common.RUNS.mkdir(parents=True, exist_ok=True)
+    common.save_grid((imgs * 255).round().astype(np.uint8), common.RUNS / "export_check.png", ncol=4)
 
 
 if __name__ == "__main__":
