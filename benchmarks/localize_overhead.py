@@ -6,6 +6,8 @@ so only the denoising loop is compared. Runs alternate (plain, localize, plain,
 
     python benchmarks/localize_overhead.py                  # CPU, PixArt-shaped, 12 blocks, 256 tokens
     python benchmarks/localize_overhead.py --size xl --device cuda   # PixArt-XL: 28 blocks, 1152 wide, 4096 tokens
+    python benchmarks/localize_overhead.py --family flux    # CPU, FLUX-shaped: 4 double + 8 single blocks, 256 tokens
+    python benchmarks/localize_overhead.py --family flux --size xl --device cuda   # FLUX.1-dev shape
 
 Peak memory: on CUDA the allocator's peak; on CPU the process's peak resident set
 (VmHWM, reset between runs through /proc/self/clear_refs), reported above the
@@ -34,6 +36,40 @@ SIZES = {
     "small": (12, 6, 64, 32, 2),  # 384 wide, 256 image tokens
     "xl": (28, 16, 72, 128, 2),  # PixArt-XL-2-1024: 1152 wide, 4096 image tokens
 }
+
+
+FLUX_SIZES = {
+    # name: (double blocks, single blocks, heads, head_dim, packed latent side) -> tokens = side^2
+    "small": (4, 8, 6, 64, 16),  # 384 wide, 256 image tokens
+    "xl": (19, 38, 24, 128, 64),  # FLUX.1-dev: 3072 wide, 4096 image tokens (1024 px)
+}
+
+
+def build_flux(size: str, device, dtype):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    double, single, heads, head_dim, side = FLUX_SIZES[size]
+    g = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng():
+        torch.random.manual_seed(0)  # isolated: module init draws from the global RNG
+        tok = word_tokenizer()
+        clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                            num_hidden_layers=1, projection_dim=32, eos_token_id=1, pad_token_id=0, bos_token_id=3))
+        te = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=64, d_ff=128, d_kv=16, num_layers=1, num_heads=4))
+        vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=16, shift_factor=0.0)
+        tr = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=double, num_single_layers=single, attention_head_dim=head_dim,
+            num_attention_heads=heads, joint_attention_dim=64, pooled_projection_dim=32,
+            axes_dims_rope=[head_dim // 4, head_dim // 8 * 3, head_dim // 8 * 3], guidance_embeds=True,
+        )
+        for p in tr.parameters():
+            if torch.count_nonzero(p) == 0:
+                p.data = torch.randn(p.shape, generator=g) * 0.02
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=word_tokenizer(bos=True, model_max_length=77),
+                        text_encoder_2=te, tokenizer_2=tok, transformer=tr)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype), side * side, side * 2  # vae_scale_factor 1: image px = 2 * side
 
 
 def build(size: str, device, dtype):
@@ -89,6 +125,7 @@ class Peak:
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--family", choices=("pixart", "flux"), default="pixart")
     ap.add_argument("--size", choices=SIZES, default="small")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
@@ -100,17 +137,28 @@ def main():
     dlog.set_verbosity_error()
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe, tokens = build(args.size, args.device, getattr(torch, args.dtype))
+    dtype = getattr(torch, args.dtype)
+    if args.family == "flux":
+        pipe, tokens, px = build_flux(args.size, args.device, dtype)
+        call = dict(num_inference_steps=args.steps, guidance_scale=3.5, height=px, width=px,
+                    output_type="latent", max_sequence_length=128)
+        c = pipe.transformer.config
+        shape = (f"FLUX {args.size}: {c.num_layers} double + {c.num_single_layers} single blocks, "
+                 f"width {c.num_attention_heads * c.attention_head_dim}, {tokens} image + 128 text tokens, "
+                 "guidance-distilled (no CFG batch)")
+    else:
+        pipe, tokens = build(args.size, args.device, dtype)
+        call = dict(num_inference_steps=args.steps, guidance_scale=4.5, use_resolution_binning=False,
+                    output_type="latent", max_sequence_length=120)
+        shape = (f"PixArt {args.size}: {len(pipe.transformer.transformer_blocks)} blocks, width "
+                 f"{pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim}, "
+                 f"{tokens} image tokens, CFG")
     prompts = [f"a photo of van gogh {w}" for w in ("at night", "in the city", "with a dog", "by the river")]
     prompts = (prompts * args.prompts)[: args.prompts]
-    call = dict(num_inference_steps=args.steps, guidance_scale=4.5, use_resolution_binning=False,
-                output_type="latent", max_sequence_length=120)
     peak = Peak(args.device)
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
-    print(f"{args.size}: {len(pipe.transformer.transformer_blocks)} blocks, width "
-          f"{pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim}, "
-          f"{tokens} image tokens, {n_params / 1e6:.1f}M params; {args.prompts} prompts x {args.steps} steps, "
-          f"CFG, {args.device} {args.dtype}, torch threads {torch.get_num_threads()}")
+    print(f"{shape}, {n_params / 1e6:.1f}M params; {args.prompts} prompts x {args.steps} steps, "
+          f"{args.device} {args.dtype}, torch threads {torch.get_num_threads()}")
 
     def plain():
         gens = [torch.Generator().manual_seed(0) for _ in prompts]

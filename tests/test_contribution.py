@@ -175,3 +175,24 @@ def test_kernel_concept_beyond_key_limit():
     want_t, want_h = naive(q, k, v, pos.tolist(), mask, w, None, "attn_value_out")
     torch.testing.assert_close(got_t.double(), want_t, rtol=1e-5, atol=1e-9)
     torch.testing.assert_close(got_h.double(), want_h, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("variant", ["attn", "attn_value", "attn_value_out"])
+def test_kernel_with_precomputed_normalizer(variant):
+    """With the softmax normalizer from the attention kernel (sdpa_with_lse), only the concept keys are touched."""
+    from ditloc.processors import sdpa_with_lse
+
+    g = torch.Generator().manual_seed(2)
+    n, H, N, L, d, D = 2, 3, 21, 13, 8, 12
+    q, k, v = (torch.randn(n, H, x, d, generator=g) for x in (N, L, L))
+    w = torch.randn(D, H * d, generator=g)
+    pos = torch.tensor([[1, 4], [7, 7]])
+    valid = torch.tensor([[True, True], [True, False]])
+    with torch.no_grad():
+        out, lse = sdpa_with_lse(q, k, v)
+    assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    assert lse is not None and lse.shape == (n, H, N)  # CPU: the flash kernel's own normalizer
+    got_t, got_h = concept_contribution(q, k, v, pos, valid, out_weight=w, variant=variant, lse=lse)
+    want_t, want_h = naive(q, k, v, [[1, 4], [7]], None, w, None, variant)
+    torch.testing.assert_close(got_t.double(), want_t, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got_h.double(), want_h, rtol=1e-5, atol=0)

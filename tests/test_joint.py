@@ -225,3 +225,39 @@ def test_sd3_positions_index_clip_and_t5_parts(sd3):
 def test_flux_truncated_concept(flux):
     with pytest.raises(ditloc.DitlocError, match="cut off"):
         get_adapter(flux).concept_span("a photo of a dog by van gogh", "van gogh", {"max_sequence_length": 6})
+
+
+def test_sd3_text_stream_option(sd3):
+    both = ditloc.localize(sd3, ["a photo of van gogh"], "van gogh", **SD3_RUN)
+    t5 = ditloc.localize(sd3, ["a photo of van gogh"], "van gogh", adapter_options={"text_stream": "t5"}, **SD3_RUN)
+    clip = ditloc.localize(sd3, ["a photo of van gogh"], "van gogh", adapter_options={"text_stream": "clip"}, **SD3_RUN)
+    clip_len = sd3.tokenizer_max_length
+    assert set(both.spans[0].positions) == set(t5.spans[0].positions) | set(clip.spans[0].positions)
+    assert all(p >= clip_len for p in t5.spans[0].positions) and all(p < clip_len for p in clip.spans[0].positions)
+    assert t5.settings["adapter_options"] == {"text_stream": "t5"}
+    with pytest.raises(ditloc.DitlocError, match="text_stream must be one of"):
+        ditloc.localize(sd3, ["a photo of van gogh"], "van gogh", adapter_options={"text_stream": "x"}, **SD3_RUN)
+    with pytest.raises(ditloc.DitlocError, match="sd3 has no option 'bogus'"):
+        get_adapter(sd3, bogus=1)
+    no_t5 = _quiet(tiny_sd3_pipeline(with_t5=False))
+    assert all(p < clip_len for p in get_adapter(no_t5).concept_span("a photo of van gogh", "van gogh", {}).positions)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_cli_on_saved_joint_pipelines(family, tmp_path, capsys):
+    from ditloc.cli import main
+    from ditloc.testing import main as save
+
+    model = str(tmp_path / family)
+    assert save(["save", model, "--family", family]) == 0
+    size = ["--steps", "2", "--max-sequence-length", "32"]
+    assert main(["localize", model, "--concept", "van gogh", "--prompt", "a photo of van gogh",
+                 "--out", str(tmp_path / "loc"), *size]) == 0
+    import json
+
+    d = json.loads((tmp_path / "loc" / "localization.json").read_text())
+    assert d["settings"]["family"] == family and len(d["blocks"]) == (4 if family == "flux" else 3)
+    code = main(["intervene", model, "--concept", "van gogh", "--prompt", "a photo of van gogh", "--top-k", "1",
+                 "--localization", str(tmp_path / "loc" / "localization.json"), "--out", str(tmp_path / "iv"), *size])
+    assert code == 0 and (tmp_path / "iv" / "intervened.png").is_file()
+    capsys.readouterr()

@@ -74,6 +74,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sequence-length", type=int, default=None)
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1, mps (default: where the pipeline loads)")
     p.add_argument("--dtype", choices=DTYPES, default=None)
+    p.add_argument("--text-stream", choices=("both", "clip", "t5"), default=None,
+                   help="SD3 only: which part of the text sequence carries the concept (default: both)")
     p.add_argument("--out", required=True, help="output directory")
 
 
@@ -101,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _adapter_options(args) -> dict:
+    return {"text_stream": args.text_stream} if args.text_stream else {}
+
+
 def cmd_localize(args) -> None:
     from .localize import localize
 
@@ -110,7 +116,7 @@ def cmd_localize(args) -> None:
     if args.top_k is not None:
         from .adapters import get_adapter
 
-        n_blocks = len(get_adapter(pipe).block_names())
+        n_blocks = len(get_adapter(pipe, **_adapter_options(args)).block_names())
         if not 1 <= args.top_k <= n_blocks:
             _fail(f"--top-k must be between 1 and {n_blocks} (the number of blocks), got {args.top_k}")
     loc = localize(
@@ -124,6 +130,7 @@ def cmd_localize(args) -> None:
         variant=args.variant,
         out_bias=args.out_bias,
         batch_size=args.batch_size,
+        adapter_options=_adapter_options(args),
         progress=lambda done, total: print(f"localize: {done}/{total} prompts", file=sys.stderr, flush=True),
     )
     if args.top_k is not None:
@@ -151,7 +158,7 @@ def cmd_intervene(args) -> None:
         _fail("--top-k needs --localization FILE (from `ditloc localize`)")
     loc = Localization.load(args.localization) if args.localization else None
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
-    adapter = get_adapter(pipe)
+    adapter = get_adapter(pipe, **_adapter_options(args))
     if loc is not None:
         if list(loc.blocks) != adapter.block_names():
             raise DitlocError(f"{args.localization} was measured on a model with other blocks; localize this model first")
@@ -165,6 +172,7 @@ def cmd_intervene(args) -> None:
         seed=args.seed,
         max_sequence_length=args.max_sequence_length,
     )
+    common["adapter_options"] = _adapter_options(args)
     original = generate(pipe, args.prompt, **common)[0]
     key = "withhold" if args.mode == "withhold" else "inject"
     intervened = generate(pipe, args.prompt, concept=args.concept, clean_prompts=[clean], **{key: blocks}, **common)[0]

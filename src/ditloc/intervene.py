@@ -62,6 +62,7 @@ def generate(
     output_type: str = "pil",
     batch_size: int | None = None,
     generator_device="cpu",
+    adapter_options: dict | None = None,
     pooled: str | None = None,
     **pipeline_kwargs,
 ):
@@ -81,7 +82,7 @@ def generate(
     """
     prompts = as_prompt_list(prompts)
     seeds = as_seed_list(seed)
-    adapter = get_adapter(pipe)
+    adapter = get_adapter(pipe, **(adapter_options or {}))
     if withhold is not None and inject is not None:
         raise DitlocError("choose either withhold or inject, not both")
     kw = call_kwargs(

@@ -140,6 +140,7 @@ def localize(
     out_bias: bool = False,
     batch_size: int | None = 8,
     generator_device="cpu",
+    adapter_options: dict | None = None,
     progress=None,
     **pipeline_kwargs,
 ) -> Localization:
@@ -155,7 +156,7 @@ def localize(
         raise DitlocError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     prompts = as_prompt_list(prompts)
     seeds = as_seed_list(seed)
-    adapter = get_adapter(pipe)
+    adapter = get_adapter(pipe, **(adapter_options or {}))
     kw = call_kwargs(
         adapter,
         num_inference_steps=num_inference_steps,
@@ -197,6 +198,7 @@ def localize(
     settings = {
         "model": model_record(pipe),
         "family": adapter.family,
+        "adapter_options": dict(adapter_options or {}),
         "prompts": prompts,
         "seeds": seeds,
         "num_inference_steps": int(num_inference_steps),

@@ -27,6 +27,27 @@ VARIANTS = ("attn", "attn_value", "attn_value_out")
 CHUNK_ELEMENTS = 1 << 22
 
 
+def sdpa_with_lse(query, key, value):
+    """F.scaled_dot_product_attention(query, key, value) ([B, H, S, d], no mask) and,
+    where the kernel PyTorch would pick exposes it, each row's logsumexp [B, H, Sq].
+
+    On CPU PyTorch runs its flash kernel, which computes the softmax normalizer
+    anyway: calling that kernel directly gives the same output bits plus the
+    normalizer for free. Elsewhere (CUDA, MATH fallback) the normalizer is None
+    and the measurement computes it from q·k (not yet measured on a GPU).
+    """
+    if query.device.type == "cpu" and not torch.is_grad_enabled():
+        try:
+            from torch.nn.attention import SDPBackend
+
+            if torch._fused_sdp_choice(query, key, value, None, 0.0, False) == SDPBackend.FLASH_ATTENTION.value:
+                out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False)
+                return out, lse
+        except (AttributeError, RuntimeError, TypeError):  # private API moved: use the public path
+            pass
+    return F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False), None
+
+
 def concept_contribution(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -39,6 +60,7 @@ def concept_contribution(
     variant: str = "attn_value_out",
     scale: float | None = None,
     key_limit: int | None = None,
+    lse: torch.Tensor | None = None,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean over image queries of the concept's contribution, total and per head.
@@ -47,7 +69,9 @@ def concept_contribution(
     key indices per sample, padded); mask: additive bias broadcastable to
     [n, H, N, L] or None; out_weight [D, H*d], out_bias [D] (attn_value_out only).
     `key_limit`: keys at and after it are masked in every row (text padding), so
-    they add exactly 0 to the softmax normalizer and are skipped.
+    they add exactly 0 to the softmax normalizer and are skipped. `lse` [n, H, N]:
+    each row's softmax normalizer when the attention kernel already computed it;
+    then only the |S| concept keys are touched.
     Returns total [n] and per_head [n, H] (float32). Per-head values of
     `attn_value_out` are ‖W_o[:, head] y_head‖ and never include the bias.
 
@@ -70,7 +94,7 @@ def concept_contribution(
     v_s = value.gather(2, idx).to(f32)  # [n, H, S, d]
     # Concept keys are never padding, so their logits are columns of the unpadded
     # logits: gather them (one matmul per chunk) unless a caller's limit cut them off.
-    inside = int(positions.max()) < L
+    inside = int(positions.max()) < L and lse is None
     if not inside:
         k_s = key.gather(2, idx).to(f32)  # [n, H, S, d]
     if mask is not None:
@@ -89,24 +113,31 @@ def concept_contribution(
 
     total = query.new_zeros(n, dtype=f32)
     per_head = query.new_zeros(n, H, dtype=f32)
-    width = max(L, S, d)
+    width = max(S, d) if lse is not None else max(L, S, d)
     chunk = max(1, chunk_elements // max(1, n * H * width))
     for start in range(0, N, chunk):
         q = query[:, :, start : start + chunk].to(f32)  # [n, H, c, d]
         c = q.shape[2]
-        logits = (q @ k_all.transpose(-1, -2)) * scale  # [n, H, c, L_eff] (transient)
         rows = slice(start, start + chunk) if mask is not None and mask.shape[-2] > 1 else slice(None)
-        if mask is not None:
-            logits = logits + mask[:, :, rows]
         if inside:
+            logits = (q @ k_all.transpose(-1, -2)) * scale  # [n, H, c, L_eff] (transient)
+            if mask is not None:
+                logits = logits + mask[:, :, rows]
             logit_s = logits.gather(-1, pos[:, None, None, :].expand(n, H, c, S))  # [n, H, c, S]
         else:
-            logit_s = (q @ k_s.transpose(-1, -2)) * scale
+            logit_s = (q @ k_s.transpose(-1, -2)) * scale  # [n, H, c, S]
             if mask is not None:
                 logit_s = logit_s + mask_s[:, :, rows]
-        lse = logits.logsumexp(-1, keepdim=True)  # [n, H, c, 1]: the row's softmax normalizer
-        del logits
-        a = (logit_s - lse).exp() * keep  # [n, H, c, S]: A_iS
+        if lse is not None:
+            norm = lse[:, :, start : start + chunk, None].to(f32)  # [n, H, c, 1] from the kernel
+        else:
+            if not inside:
+                logits = (q @ k_all.transpose(-1, -2)) * scale
+                if mask is not None:
+                    logits = logits + mask[:, :, rows]
+            norm = logits.logsumexp(-1, keepdim=True)  # [n, H, c, 1]: the row's softmax normalizer
+            del logits
+        a = (logit_s - norm).exp() * keep  # [n, H, c, S]: A_iS
         if variant == "attn":
             head_sq = (a * a).sum(-1)  # [n, H, c]
             tot = head_sq.sum(1).sqrt()  # [n, c]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .processors import RunState, concept_contribution
+from .processors import RunState, concept_contribution, sdpa_with_lse
 
 
 class _JointInstrumentation:
@@ -42,9 +42,10 @@ class _JointInstrumentation:
             return slice(0, n_text), slice(n_text, total)
         return slice(total - n_text, total), slice(0, total - n_text)
 
-    def _instrument(self, q, k, v, n_text: int, attend):
-        """q, k, v: [B, H, S, d] joint (post-norm, post-rope). Returns (rows, image_out
-        [n, H, N, d]) when the image outputs of the conditional rows must be replaced."""
+    def _instrument(self, q, k, v, n_text: int, attend, lse=None):
+        """q, k, v: [B, H, S, d] joint (post-norm, post-rope); lse [B, H, S] from the
+        kernel or None. Returns (rows, image_out [n, H, N, d]) when the image outputs
+        of the conditional rows must be replaced."""
         st = self.state
         txt, img = self._segments(k.shape[2], n_text)
         if st.capturing:
@@ -64,6 +65,7 @@ class _JointInstrumentation:
                     out_weight=weight,
                     out_bias=bias if probe.out_bias else None,
                     variant=probe.variant,
+                    lse=None if lse is None else lse[rows][:, :, img],
                 )
             probe.records[(self.index, st.step)] = (total, per_head)
         if st.swap is not None and self.block in st.swap.blocks:
@@ -112,7 +114,14 @@ class FluxJointProcessor(_JointInstrumentation):
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=backend, parallel_config=parallel)
+        lse = None
+        if backend is None and parallel is None and attention_mask is None and self.state.probe is not None:
+            # the native backend permutes to [B, H, S, d] and calls F.scaled_dot_product_attention
+            out, lse = sdpa_with_lse(query.permute(0, 2, 1, 3), key.permute(0, 2, 1, 3), value.permute(0, 2, 1, 3))
+            out = out.permute(0, 2, 1, 3)  # [B, S, H, d]
+        else:
+            out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=backend,
+                                        parallel_config=parallel)
         n_text = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else self.state.n_text
 
         def attend(q, k, v):  # canonical [n, H, S, d] in and out, same kernel
@@ -120,7 +129,8 @@ class FluxJointProcessor(_JointInstrumentation):
                                       backend=backend, parallel_config=parallel)
             return o.transpose(1, 2)
 
-        override = self._instrument(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), n_text, attend)
+        override = self._instrument(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), n_text, attend,
+                                    lse)
         if override is not None:
             rows, image_out = override
             out = out.clone()
@@ -167,13 +177,13 @@ class SD3JointProcessor(_JointInstrumentation):
         key = torch.cat([key, ek], dim=2)
         value = torch.cat([value, ev], dim=2)
 
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)  # [B, H, N+L, d]
+        out, lse = sdpa_with_lse(query, key, value)  # [B, H, N+L, d], [B, H, N+L] or None
 
         def attend(q, k, v):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
 
         n_text = encoder_hidden_states.shape[1]
-        override = self._instrument(query, key, value, n_text, attend)
+        override = self._instrument(query, key, value, n_text, attend, lse)
         n_image = residual.shape[1]
         if override is not None:
             rows, image_out = override

@@ -16,12 +16,18 @@ def supported_families() -> list[str]:
     return [f"{a.family} ({', '.join(a.transformer_classes)})" for a in ADAPTERS]
 
 
-def get_adapter(pipe) -> Adapter:
+def get_adapter(pipe, **options) -> Adapter:
+    """The adapter for `pipe`'s transformer class. `options` are family settings
+    (e.g. SD3's `text_stream`); an option the family does not have is an error."""
     transformer = getattr(pipe, "transformer", None)
     name = type(transformer).__name__ if transformer is not None else type(pipe).__name__
     for adapter in ADAPTERS:
         if name in adapter.transformer_classes:
-            return adapter(pipe)
+            unknown = [k for k in options if k not in adapter.options]
+            if unknown:
+                valid = ", ".join(adapter.options) or "none"
+                raise DitlocError(f"{adapter.family} has no option {unknown[0]!r} (its options: {valid})")
+            return adapter(pipe, **options)
     raise DitlocError(
         f"unsupported model {type(pipe).__name__} with {name}; supported families: "
         + "; ".join(supported_families())

@@ -26,9 +26,14 @@ class Adapter(ABC):
     #: the family has a pooled text embedding that modulates every block (FLUX, SD3)
     has_pooled_text: ClassVar[bool] = False
 
-    def __init__(self, pipe):
+    #: family settings a user may pass as adapter options, with their defaults
+    options: ClassVar[dict] = {}
+
+    def __init__(self, pipe, **options):
         self.pipe = pipe
         self.transformer = pipe.transformer
+        for name, default in self.options.items():
+            setattr(self, name, options.get(name, default))
 
     # ---- structure -------------------------------------------------------------------
     @abstractmethod

@@ -22,7 +22,7 @@ STREAMS = ("both", "clip", "t5")
 class SD3Adapter(JointAttentionAdapter):
     family = "sd3"
     transformer_classes = ("SD3Transformer2DModel",)
-    text_stream: str | None = None
+    options = {"text_stream": None}  # "both" | "clip" | "t5"; None: "both" with T5 loaded, else "clip"
 
     def blocks(self):
         return [(f"block.{i}", b, b.attn) for i, b in enumerate(self.transformer.transformer_blocks)]
