@@ -1,0 +1,136 @@
+"""The `ditloc` command line: files, messages and exit codes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from ditloc.cli import main
+from ditloc.testing import tiny_pixart_pipeline
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "pixart"
+    tiny_pixart_pipeline().save_pretrained(path)
+    return str(path)
+
+
+def run(argv, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+COMMON = ["--steps", "2"]
+
+
+def test_localize_writes_json_and_table(model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment\nvan gogh at night\n\n")
+    out = tmp_path / "loc"
+    code, stdout, err = run(["localize", model_dir, "--concept", "Van Gogh", "--prompt", "a photo of van gogh",
+                             "--prompts-file", str(prompts), "--top-k", "2", "--out", str(out), *COMMON], capsys)
+    assert code == 0, err
+    d = json.loads((out / "localization.json").read_text())
+    assert d["blocks"] == ["block.0", "block.1", "block.2", "block.3"]
+    assert len(d["scores"]) == 4 and len(d["per_step"]) == 4 and len(d["per_step"][0]) == 2
+    assert sorted(d["ranking"]) == d["blocks"]
+    assert d["settings"]["prompts"] == ["a photo of van gogh", "van gogh at night"]
+    assert d["settings"]["top_k"] == 2 and d["settings"]["num_inference_steps"] == 2
+    lines = [line for line in stdout.splitlines() if line.strip().startswith(("1 ", "2 ", "3 "))]
+    assert [line.split()[1] for line in lines] == d["ranking"][:2]
+    assert "localize: 2/2 prompts" in err
+
+
+def test_intervene_from_localization(model_dir, tmp_path, capsys):
+    out = tmp_path / "loc"
+    assert run(["localize", model_dir, "--concept", "van gogh", "--prompt", "a photo of van gogh",
+                "--out", str(out), *COMMON], capsys)[0] == 0
+    iv = tmp_path / "iv"
+    code, stdout, err = run(["intervene", model_dir, "--concept", "van gogh", "--prompt", "a photo of van gogh",
+                             "--top-k", "2", "--localization", str(out / "localization.json"),
+                             "--out", str(iv), *COMMON], capsys)
+    assert code == 0, err
+    assert Image.open(iv / "original.png").size == (32, 32)
+    assert Image.open(iv / "intervened.png").size == (32, 32)
+    rec = json.loads((iv / "intervention.json").read_text())
+    top2 = json.loads((out / "localization.json").read_text())["ranking"][:2]
+    assert rec["blocks"] == top2  # best first, as ranked
+    assert rec["clean_prompt"] == "a photo of" and rec["mode"] == "withhold"
+
+
+def test_intervene_explicit_blocks_inject(model_dir, tmp_path, capsys):
+    code, _, err = run(["intervene", model_dir, "--concept", "van gogh", "--prompt", "a photo of van gogh",
+                        "--blocks", "block.3,block.1", "--mode", "inject", "--clean-prompt", "a photo of a dog",
+                        "--out", str(tmp_path / "iv"), *COMMON], capsys)
+    assert code == 0, err
+    rec = json.loads((tmp_path / "iv" / "intervention.json").read_text())
+    assert rec["blocks"] == ["block.1", "block.3"] and rec["mode"] == "inject"
+
+
+BAD = [
+    (["--concept", "snoopy", "--prompt", "a photo of van gogh"], "not in prompt"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--max-sequence-length", "4"], "cut off"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--top-k", "0"], "between 1 and 4"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--top-k", "9"], "between 1 and 4"),
+    (["--concept", "van gogh"], "no prompts"),
+    (["--concept", "van gogh", "--prompts-file", "/nonexistent/prompts.txt"], "cannot read prompts file"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD)
+def test_localize_bad_input(model_dir, tmp_path, capsys, args, message):
+    code, _, err = run(["localize", model_dir, *args, "--out", str(tmp_path / "o"), *COMMON], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ditloc: error:") and message in lines[0], err
+    assert "Traceback" not in err
+
+
+BAD_INTERVENE = [
+    (["--blocks", "block.7"], "unknown block 'block.7'"),
+    (["--blocks", ","], "--blocks is empty"),
+    (["--top-k", "2"], "--top-k needs --localization"),
+    ([], "either --blocks"),
+    (["--top-k", "2", "--localization", "/nonexistent.json"], "does not exist"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INTERVENE)
+def test_intervene_bad_input(model_dir, tmp_path, capsys, args, message):
+    code, _, err = run(["intervene", model_dir, "--concept", "van gogh", "--prompt", "a photo of van gogh",
+                        *args, "--out", str(tmp_path / "o"), *COMMON], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+
+
+def test_unsupported_pipeline_and_missing_path(tmp_path, capsys):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 8),
+                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
+    code, _, err = run(["localize", str(tmp_path / "ddpm"), "--concept", "x", "--prompt", "x",
+                        "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "unsupported model DDPMPipeline" in err and "pixart" in err and "sana" in err
+    code, _, err = run(["localize", str(tmp_path / "missing"), "--concept", "x", "--prompt", "x",
+                        "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_entry_point_subprocess(model_dir, tmp_path):
+    """The installed console script: exit status 2 and one line, no traceback."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "ditloc.cli", "localize", model_dir, "--concept", "snoopy",
+                        "--prompt", "a photo of van gogh", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("ditloc: error: concept 'snoopy' is not in prompt")
