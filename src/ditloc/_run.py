@@ -30,6 +30,24 @@ def as_seed_list(seed) -> list[int]:
     return [int(s) for s in seeds]
 
 
+def prepare(pipe, prompts, seed, *, adapter_options, num_inference_steps, guidance_scale, max_sequence_length,
+            pipeline_kwargs):
+    """Validated (adapter, prompts, seeds, pipeline call kwargs) for one run."""
+    from .adapters import get_adapter
+
+    prompts = as_prompt_list(prompts)
+    seeds = as_seed_list(seed)
+    adapter = get_adapter(pipe, **(adapter_options or {}))
+    kw = call_kwargs(
+        adapter,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        max_sequence_length=max_sequence_length,
+        extra=pipeline_kwargs,
+    )
+    return adapter, prompts, seeds, kw
+
+
 def call_kwargs(adapter, *, num_inference_steps, guidance_scale, max_sequence_length, extra) -> dict:
     """Arguments for `pipe(...)`: the pipeline's defaults where ours are None."""
     if int(num_inference_steps) <= 0:

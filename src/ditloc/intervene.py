@@ -9,8 +9,7 @@ import re
 import numpy as np
 import torch
 
-from ._run import as_prompt_list, as_seed_list, call_kwargs, chunks, generators
-from .adapters import get_adapter
+from ._run import chunks, generators, prepare
 from .errors import DitlocError
 from .hooks import instrument
 from .processors import RunState, Swap
@@ -80,17 +79,11 @@ def generate(
     that withholding everywhere equals generating from the clean prompt and
     injecting everywhere equals the plain output.
     """
-    prompts = as_prompt_list(prompts)
-    seeds = as_seed_list(seed)
-    adapter = get_adapter(pipe, **(adapter_options or {}))
     if withhold is not None and inject is not None:
         raise DitlocError("choose either withhold or inject, not both")
-    kw = call_kwargs(
-        adapter,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        max_sequence_length=max_sequence_length,
-        extra=pipeline_kwargs,
+    adapter, prompts, seeds, kw = prepare(
+        pipe, prompts, seed, adapter_options=adapter_options, num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale, max_sequence_length=max_sequence_length, pipeline_kwargs=pipeline_kwargs,
     )
     intervene = withhold is not None or inject is not None
     if pooled not in (None, "clean", "full"):

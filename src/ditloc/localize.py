@@ -10,8 +10,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from ._run import as_prompt_list, as_seed_list, call_kwargs, chunks, effective, generators, model_record
-from .adapters import get_adapter
+from ._run import chunks, effective, generators, model_record, prepare
 from .errors import DitlocError
 from .hooks import instrument
 from .processors import VARIANTS, Probe, RunState
@@ -154,15 +153,9 @@ def localize(
     """
     if variant not in VARIANTS:
         raise DitlocError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    prompts = as_prompt_list(prompts)
-    seeds = as_seed_list(seed)
-    adapter = get_adapter(pipe, **(adapter_options or {}))
-    kw = call_kwargs(
-        adapter,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        max_sequence_length=max_sequence_length,
-        extra=pipeline_kwargs,
+    adapter, prompts, seeds, kw = prepare(
+        pipe, prompts, seed, adapter_options=adapter_options, num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale, max_sequence_length=max_sequence_length, pipeline_kwargs=pipeline_kwargs,
     )
     spans = [adapter.concept_span(p, concept, kw) for p in prompts]  # validates before any compute
     samples = [(i, s) for i in range(len(prompts)) for s in seeds]

@@ -163,6 +163,17 @@ def _clip_text_encoder(tokenizer, with_projection: bool, hidden: int = 32):
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
 
 
+def _flat_vae(latent_channels: int, shift_factor: float):
+    """A one-level AutoencoderKL (vae_scale_factor 1), as the FLUX/SD3 families expect it."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=shift_factor, scaling_factor=1.5035,
+    ).eval()
+
+
 def clip_like_tokenizer(words=WORDS):
     """CLIP-like: <bos> ... </s>, 77 tokens, a vocabulary in another order than the
     T5-like tokenizer's (so CLIP and T5 token ids and positions differ)."""
@@ -173,7 +184,7 @@ def clip_like_tokenizer(words=WORDS):
 def tiny_flux_pipeline(*, num_layers: int = 2, num_single_layers: int = 2, seed: int = 0, words=WORDS,
                        guidance_embeds: bool = True):
     """FluxPipeline: CLIP (pooled) + T5 (text stream), FLUX transformer with double and single blocks."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
     with torch.random.fork_rng():
@@ -184,11 +195,7 @@ def tiny_flux_pipeline(*, num_layers: int = 2, num_single_layers: int = 2, seed:
         text_encoder_2 = T5EncoderModel(
             T5Config(vocab_size=len(tokenizer_2), d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4)
         ).eval()
-        vae = AutoencoderKL(
-            sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-            latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-            shift_factor=0.0, scaling_factor=1.5035,
-        ).eval()
+        vae = _flat_vae(latent_channels=1, shift_factor=0.0)  # FLUX needs shift_factor=0.0
         transformer = FluxTransformer2DModel(
             patch_size=1, in_channels=4, num_layers=num_layers, num_single_layers=num_single_layers,
             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
@@ -204,7 +211,7 @@ def tiny_flux_pipeline(*, num_layers: int = 2, num_single_layers: int = 2, seed:
 def tiny_sd3_pipeline(*, num_layers: int = 3, seed: int = 0, words=WORDS, dual_attention_layers=(0,),
                       qk_norm: str | None = "rms_norm", with_t5: bool = True):
     """StableDiffusion3Pipeline: CLIP-L, CLIP-G, T5; SD3.5-style dual attention and qk norm."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import T5Config, T5EncoderModel
 
     with torch.random.fork_rng():
@@ -218,11 +225,7 @@ def tiny_sd3_pipeline(*, num_layers: int = 3, seed: int = 0, words=WORDS, dual_a
             T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=64, d_ff=64, d_kv=8, num_layers=2, num_heads=4)).eval()
             if with_t5 else None
         )
-        vae = AutoencoderKL(
-            sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-            latent_channels=4, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-            shift_factor=0.0609, scaling_factor=1.5035,
-        ).eval()
+        vae = _flat_vae(latent_channels=4, shift_factor=0.0609)
         transformer = SD3Transformer2DModel(
             sample_size=8, patch_size=1, in_channels=4, num_layers=num_layers, attention_head_dim=8,
             num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64,
