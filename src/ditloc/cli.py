@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="with --localization: use its top K blocks")
     p.add_argument("--localization", default=None, help="a localization.json from `ditloc localize`")
     p.add_argument("--mode", choices=("withhold", "inject"), default="withhold")
+
+    p = sub.add_parser("demo", help="the whole loop on the embedded toy model (a few minutes on a CPU)")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--k", type=int, default=3, help="blocks to withhold (default 3)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--fast", action="store_true", help="a smaller run (as in CI)")
     return parser
 
 
@@ -201,7 +207,23 @@ def cmd_intervene(args) -> None:
     print(f"wrote {out / 'original.png'}, {out / 'intervened.png'}, {out / 'intervention.json'}")
 
 
-COMMANDS = {"localize": cmd_localize, "intervene": cmd_intervene}
+def cmd_demo(args) -> None:
+    import dataclasses
+
+    from .toy.demo import DemoConfig, format_table, run_demo
+
+    cfg = DemoConfig.fast() if args.fast else DemoConfig()
+    if not 1 <= args.k <= 12:
+        _fail(f"--k must be between 1 and 12 (the toy model's blocks), got {args.k}")
+    cfg = dataclasses.replace(cfg, k=args.k, steps=args.steps if not args.fast else cfg.steps)
+    result = run_demo(args.out, cfg, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    print("presence of each concept (oracle), before and after withholding it from K blocks:")
+    print(format_table(result))
+    print(f"wrote {args.out}/summary.json, heatmap.png and per-category localization.json + grid.png "
+          f"({result['settings']['seconds']}s)")
+
+
+COMMANDS = {"localize": cmd_localize, "intervene": cmd_intervene, "demo": cmd_demo}
 
 
 def _quiet_libraries() -> None:
