@@ -96,7 +96,7 @@ def build(size: str, device, dtype):
 
 class Peak:
     def __init__(self, device):
-        self.cuda = torch.device(device).type == "cuda"
+        self.cuda = torch.device(device).type != "cpu" and torch.cuda.is_available()
 
     def _rss(self, field):
         with open("/proc/self/status") as f:
