@@ -75,7 +75,8 @@ def concept_contribution(
     Returns total [n] and per_head [n, H] (float32). Per-head values of
     `attn_value_out` are ‖W_o[:, head] y_head‖ and never include the bias.
 
-    Cost: the normalizer needs q·k over the L_eff unpadded keys; everything else
+    Cost: the normalizer needs q·k over the L_eff unpadded keys (nothing when `lse`
+    is given); everything else
     involves only the |S| concept keys. The output projection is applied to the
     concept's values once (u_j = W_h v_j, [n, H, S, D]) instead of to every query's
     output, so o_i = Σ_hj A_ij u_j costs N·H·S·D rather than N·(H·d)·D.
@@ -92,14 +93,15 @@ def concept_contribution(
     idx = pos[:, None, :, None].expand(n, H, S, d)
     k_all = key[:, :, :L].to(f32)  # [n, H, L_eff, d]
     v_s = value.gather(2, idx).to(f32)  # [n, H, S, d]
-    # Concept keys are never padding, so their logits are columns of the unpadded
-    # logits: gather them (one matmul per chunk) unless a caller's limit cut them off.
-    inside = int(positions.max()) < L and lse is None
-    if not inside:
+    # Without a kernel normalizer we need the logits over the unpadded keys anyway, and
+    # concept keys are never padding: gather their columns from those logits (one
+    # matmul per chunk) unless a caller's limit cut them off.
+    from_logits = int(positions.max()) < L and lse is None
+    if not from_logits:
         k_s = key.gather(2, idx).to(f32)  # [n, H, S, d]
     if mask is not None:
         mask = mask.to(f32)
-        if not inside:
+        if not from_logits:
             mask_s = mask.expand(n, H, mask.shape[-2], mask.shape[-1]).gather(
                 -1, pos[:, None, None, :].expand(n, H, mask.shape[-2], S)
             )  # [n, H, 1|N, S]
@@ -119,7 +121,7 @@ def concept_contribution(
         q = query[:, :, start : start + chunk].to(f32)  # [n, H, c, d]
         c = q.shape[2]
         rows = slice(start, start + chunk) if mask is not None and mask.shape[-2] > 1 else slice(None)
-        if inside:
+        if from_logits:
             logits = (q @ k_all.transpose(-1, -2)) * scale  # [n, H, c, L_eff] (transient)
             if mask is not None:
                 logits = logits + mask[:, :, rows]
@@ -131,7 +133,7 @@ def concept_contribution(
         if lse is not None:
             norm = lse[:, :, start : start + chunk, None].to(f32)  # [n, H, c, 1] from the kernel
         else:
-            if not inside:
+            if not from_logits:
                 logits = (q @ k_all.transpose(-1, -2)) * scale
                 if mask is not None:
                     logits = logits + mask[:, :, rows]
@@ -199,7 +201,7 @@ class RunState:
     key_limit: int | None = None  # per forward: text keys beyond this are padding in every row
     n_text: int = 0  # per forward (joint attention): text tokens in the joint sequence
     active: bool = True  # per forward: False for calls that carry no conditional rows (FLUX true-CFG negatives)
-    capturing: bool = False  # inside the clean-prompt pass of a joint-attention intervention
+    capturing: bool = False  # from_logits the clean-prompt pass of a joint-attention intervention
 
     def begin_call(self, n_images: int) -> None:
         self.n_images = n_images
