@@ -201,7 +201,7 @@ class RunState:
     key_limit: int | None = None  # per forward: text keys beyond this are padding in every row
     n_text: int = 0  # per forward (joint attention): text tokens in the joint sequence
     active: bool = True  # per forward: False for calls that carry no conditional rows (FLUX true-CFG negatives)
-    capturing: bool = False  # from_logits the clean-prompt pass of a joint-attention intervention
+    capturing: bool = False  # inside the clean-prompt pass of a joint-attention intervention
 
     def begin_call(self, n_images: int) -> None:
         self.n_images = n_images
