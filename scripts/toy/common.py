@@ -3,6 +3,7 @@ data pool, checkpoint I/O)."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sys
@@ -149,11 +150,109 @@ def save_grid(imgs: np.ndarray, path, ncol: int = 8, scale: int = 3):
     Image.fromarray(g).resize((ncol * 32 * scale, nrow * 32 * scale), Image.NEAREST).save(path)
 
 
-def atomic_torch_save(obj, path: Path):
+# --------------------------------------------------------------------------
+# Checkpoint / cache I/O: tensors in .safetensors, everything else in a .json
+# sidecar.  Nothing is pickled or unpickled.
+# --------------------------------------------------------------------------
+
+FORMAT = "ditloc-toy-state-v1"
+
+
+def _replace_atomic(write, path: Path):
+    """``write(tmp_path)`` then ``os.replace(tmp_path, path)``."""
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files
     os.replace(tmp, path)
+
+
+def save_state(stem, tensors: dict, meta: dict):
+    """Write ``<stem>.safetensors`` (tensors) and ``<stem>.json`` (meta).
+
+    Both files are written to temporaries first and moved into place with
+    ``os.replace``.  A random token stored in both ties the pair together, so
+    :func:`load_state` detects a torn pair (crash between the two renames).
+    """
+    import uuid
+
+    from safetensors.torch import save_file
+
+    stem = Path(stem)
+    token = uuid.uuid4().hex
+    # clone: safetensors refuses shared storage (e.g. T5's tied embeddings)
+    flat = {k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}
+    meta = dict(meta, format=FORMAT, token=token)
+    text = json.dumps(meta, indent=1, allow_nan=False)  # fails before touching files
+    _replace_atomic(lambda t: save_file(flat, str(t), metadata={"format": FORMAT, "token": token}),
+                    stem.with_name(stem.name + ".safetensors"))
+    _replace_atomic(lambda t: t.write_text(text), stem.with_name(stem.name + ".json"))
+
+
+def state_exists(stem) -> bool:
+    stem = Path(stem)
+    return stem.with_name(stem.name + ".safetensors").exists() and stem.with_name(stem.name + ".json").exists()
+
+
+def load_state(stem, prefixes=None):
+    """Inverse of :func:`save_state` -> ``(tensors, meta)``.  ``prefixes``: only
+    load tensors whose names start with one of these."""
+    from safetensors import safe_open
+
+    stem = Path(stem)
+    meta = json.loads(stem.with_name(stem.name + ".json").read_text())
+    tensors = {}
+    with safe_open(str(stem.with_name(stem.name + ".safetensors")), framework="pt", device="cpu") as f:
+        hdr = f.metadata() or {}
+        if hdr.get("format") != FORMAT or meta.get("format") != FORMAT:
+            raise ValueError(f"{stem}: not a {FORMAT} checkpoint")
+        if hdr.get("token") != meta.get("token"):
+            raise ValueError(f"{stem}: .safetensors and .json are from different saves (torn write)")
+        for k in f.keys():
+            if prefixes is None or k.startswith(tuple(prefixes)):
+                tensors[k] = f.get_tensor(k)
+    return tensors, meta
+
+
+def stem_of(path) -> Path:
+    """``x.safetensors`` / ``x.json`` / ``x`` -> ``x``."""
+    path = Path(path)
+    return path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+
+
+def _sub(tensors: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def flatten_optimizer(sd: dict):
+    """Optimizer ``state_dict`` -> (``opt.<param_index>.<name>`` tensors, JSON meta)."""
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for name, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{idx}.{name}"] = v
+            else:
+                scalars[f"{idx}.{name}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict, meta: dict, opt) -> dict:
+    state: dict = {}
+    for k, v in _sub(tensors, "opt.").items():
+        idx, name = k.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    for k, v in meta["scalars"].items():
+        idx, name = k.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    groups = []
+    for g, cur in zip(meta["param_groups"], opt.param_groups):
+        # JSON turned tuples (e.g. betas) into lists; restore the live types
+        groups.append({k: tuple(v) if isinstance(cur.get(k), tuple) else v for k, v in g.items()})
+    if len(groups) != len(opt.param_groups):
+        raise ValueError("optimizer param_groups mismatch")
+    return {"state": state, "param_groups": groups}
 
 
 def rng_state():
@@ -168,6 +267,66 @@ def set_rng_state(st):
     torch.set_rng_state(st["torch"])
     np.random.set_state(st["numpy"])
     random.setstate(st["python"])
+
+
+def _rng_to_json(st):
+    name, key, pos, has_gauss, gauss = st["numpy"]
+    version, internal, gauss_next = st["python"]
+    return {
+        "numpy": [name, [int(x) for x in key], int(pos), int(has_gauss), float(gauss)],
+        "python": [version, list(internal), gauss_next],
+    }
+
+
+def _rng_from_json(d, torch_state):
+    name, key, pos, has_gauss, gauss = d["numpy"]
+    version, internal, gauss_next = d["python"]
+    return {
+        "torch": torch_state,
+        "numpy": (name, np.array(key, dtype=np.uint32), pos, has_gauss, gauss),
+        "python": (version, tuple(internal), gauss_next),
+    }
+
+
+_MODELS = ("transformer", "text_encoder", "ema_transformer", "ema_text_encoder")
+
+
+def save_dit_ckpt(ck: dict, stem):
+    """Save a DiT training checkpoint dict (keys as built by train_dit.py) as
+    ``<stem>.safetensors`` + ``<stem>.json``.  Model / optimizer / RNG entries
+    are optional (the permanent ``ema_<step>`` copies hold only the EMA)."""
+    tensors, meta = {}, {}
+    for k, v in ck.items():
+        if k in _MODELS:
+            tensors.update({f"{k}.{n}": t for n, t in v.items()})
+        elif k == "opt":
+            t, meta["opt"] = flatten_optimizer(v)
+            tensors.update(t)
+        elif k == "gen":
+            tensors["rng.gen"] = v
+        elif k == "rng":
+            tensors["rng.torch"] = v["torch"]
+            meta["rng"] = _rng_to_json(v)
+        else:  # step, args, data_rng (numpy bit_generator.state), configs, ...
+            meta[k] = v
+    save_state(stem, tensors, meta)
+
+
+def load_dit_ckpt(stem, opt=None, models=_MODELS) -> dict:
+    """Inverse of :func:`save_dit_ckpt` (same keys as the saved dict).  The
+    optimizer state is only rebuilt when ``opt`` (the live optimizer) is given."""
+    prefixes = [m + "." for m in models] + (["opt.", "rng."] if opt is not None else [])
+    tensors, meta = load_state(stem_of(stem), prefixes)
+    ck = {k: v for k, v in meta.items() if k not in ("opt", "rng", "format", "token")}
+    for m in models:
+        sd = _sub(tensors, m + ".")
+        if sd:
+            ck[m] = sd
+    if opt is not None:
+        ck["opt"] = unflatten_optimizer(tensors, meta["opt"], opt)
+        ck["gen"] = tensors["rng.gen"]
+        ck["rng"] = _rng_from_json(meta["rng"], tensors["rng.torch"])
+    return ck
 
 
 def log(fh, msg: str):

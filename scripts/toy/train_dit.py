@@ -1,17 +1,37 @@
 """Train the toy PixArt DiT + T5 text encoder on cached VAE latents.
 
-Fresh start (builds the scene pool and latent cache on first use):
+``--steps`` is always the TOTAL step count (including steps done earlier).
+
+1. Fresh training (builds the scene pool and latent cache on first use):
 
     nohup nice -n 5 python scripts/toy/train_dit.py --steps 30000 \
         > toy_training/runs/dit/log.txt 2>&1 &
 
-Resume after interruption (same arguments + --resume; deterministic):
+2. Resume after interruption on the same machine (same arguments + --resume;
+   deterministic, bit-exact continuation from ``<out>/ckpt.{safetensors,json}``):
 
     nohup nice -n 5 python scripts/toy/train_dit.py --steps 30000 --resume \
         >> toy_training/runs/dit/log.txt 2>&1 &
 
-Checkpoints (atomic) go to ``<out>/ckpt.pt`` every ``--ckpt-every`` steps, plus
-a permanent copy ``<out>/ckpt_<step>.pt`` every ``--keep-every`` steps.
+3. Continue in a fresh checkout (``toy_training/runs/`` is git-ignored, so no
+   checkpoint exists): warm-start from the exported pipeline.  Transformer and
+   text encoder (live weights and EMA) start from the exported EMA weights, the
+   VAE defaults to ``<DIR>/vae``, the step counter continues from
+   ``<DIR>/training_info.json``, the optimizer is fresh (with ``--warmup``):
+
+    mkdir -p toy_training/runs/dit
+    nohup nice -n 5 python scripts/toy/train_dit.py --steps 30000 \
+        --init-from src/ditloc/toy/model >> toy_training/runs/dit/log.txt 2>&1 &
+
+   If that run is interrupted, repeat the same command with --resume added
+   (an existing checkpoint takes precedence over --init-from).
+
+Checkpoints (atomic) go to ``<out>/ckpt.safetensors`` (model, EMA, optimizer
+moments, torch RNG states) + ``<out>/ckpt.json`` (step, args, numpy/python RNG
+states, optimizer param_groups, configs) every ``--ckpt-every`` steps, plus a
+permanent EMA-only copy ``<out>/ema_<step>.{safetensors,json}`` every
+``--keep-every`` steps.  Nothing is pickled.  (Old ``ckpt.pt`` files: convert
+once with ``scripts/toy/convert_legacy_ckpt.py``.)
 """
 
 from __future__ import annotations
@@ -19,7 +39,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import pickle
+import random
 import time
 from pathlib import Path
 
@@ -31,12 +51,14 @@ from ditloc.toy import world
 
 
 def build_pool(args, out: Path, vae):
-    """Seeded scene pool + VAE latents (posterior mean * scaling_factor)."""
+    """Seeded scene pool + VAE latents (posterior mean * scaling_factor).
+
+    Cached as ``pool_<...>.safetensors`` (latents) + ``.json`` (scenes as dicts)."""
     tag = f"c{vae.config.latent_channels}_sf{vae.config.scaling_factor:.5f}"
-    cache = out / f"pool_{args.pool}_seed{args.seed}_{tag}.pt"
-    if cache.exists():
-        d = torch.load(cache, weights_only=False)
-        return d["scenes"], d["latents"]
+    cache = out / f"pool_{args.pool}_seed{args.seed}_{tag}"
+    if common.state_exists(cache):
+        t, meta = common.load_state(cache)
+        return [world.Scene(**d) for d in meta["scenes"]], t["latents"]
     rng = np.random.default_rng([args.seed, 1])
     scenes = [world.sample_scene(rng) for _ in range(args.pool)]
     lat = []
@@ -48,9 +70,30 @@ def build_pool(args, out: Path, vae):
             if (i // 512) % 20 == 0:
                 print(f"encoded {i + len(x)}/{args.pool} ({time.time() - t0:.0f}s)", flush=True)
     latents = torch.cat(lat).contiguous()
-    common.atomic_torch_save({"scenes": scenes, "latents": latents}, cache)
+    common.save_state(cache, {"latents": latents}, {"scenes": [sc.to_dict() for sc in scenes]})
     print(f"latents {tuple(latents.shape)} mean {latents.mean():.3f} std {latents.std():.3f}", flush=True)
-    return scenes, latents
+    # return exactly what a later run reads back from the cache
+    return [world.Scene(**sc.to_dict()) for sc in scenes], latents
+
+
+def init_from_pipeline(pipe_dir: Path, transformer, text_encoder, tokenizer) -> int:
+    """Load the exported (EMA) weights of a PixArtAlphaPipeline directory into
+    the freshly built models (strict: the architecture must match).  Returns
+    the step recorded in ``training_info.json`` (0 if absent)."""
+    from diffusers import PixArtTransformer2DModel
+    from transformers import T5EncoderModel
+
+    tr = PixArtTransformer2DModel.from_pretrained(pipe_dir / "transformer")
+    te = T5EncoderModel.from_pretrained(pipe_dir / "text_encoder")
+    transformer.load_state_dict(tr.state_dict(), strict=True)
+    text_encoder.load_state_dict(te.state_dict(), strict=True)
+    vocab_file = pipe_dir / "tokenizer" / "tokenizer.json"
+    if vocab_file.exists():
+        saved = json.loads(vocab_file.read_text())["model"]["vocab"]
+        if saved != tokenizer.get_vocab():
+            raise ValueError(f"{vocab_file}: tokenizer vocabulary differs from common.build_tokenizer()")
+    info = pipe_dir / "training_info.json"
+    return int(json.loads(info.read_text()).get("step", 0)) if info.exists() else 0
 
 
 def main():
@@ -67,14 +110,20 @@ def main():
     ap.add_argument("--patch", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--vae", default=str(common.RUNS / "vae" / "model"))
+    ap.add_argument("--vae", default=None,
+                    help="VAE directory (default: <init-from>/vae with --init-from, else toy_training/runs/vae/model)")
     ap.add_argument("--out", default=str(common.RUNS / "dit"))
     ap.add_argument("--ckpt-every", type=int, default=500)
     ap.add_argument("--keep-every", type=int, default=5000)
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init-from", default=None, metavar="DIR",
+                    help="warm-start transformer + text encoder (and EMA) from an exported PixArtAlphaPipeline "
+                         "directory, e.g. src/ditloc/toy/model; fresh optimizer; step from DIR/training_info.json")
     ap.add_argument("--bench", type=int, default=0, help="only time N steps and exit")
     args = ap.parse_args()
+    if args.vae is None:
+        args.vae = str(Path(args.init_from) / "vae") if args.init_from else str(common.RUNS / "vae" / "model")
 
     from diffusers import AutoencoderKL, DDPMScheduler
 
@@ -88,6 +137,8 @@ def main():
     del vae
 
     torch.manual_seed(args.seed)
+    np.random.seed(args.seed)  # unused by training, seeded so checkpoints are fully reproducible
+    random.seed(args.seed)
     tokenizer = common.build_tokenizer()
     text_encoder = common.make_text_encoder(len(tokenizer))
     transformer = common.make_transformer(num_layers=args.layers, patch_size=args.patch, channels=channels)
@@ -95,18 +146,26 @@ def main():
     n_tr = sum(p.numel() for p in transformer.parameters())
     n_te = sum(p.numel() for p in text_encoder.parameters())
     print(f"transformer {n_tr/1e6:.2f}M params, text encoder {n_te/1e6:.2f}M", flush=True)
+    ckpt_stem = out / "ckpt"
+    resuming = args.resume and common.state_exists(ckpt_stem)
+    init_step = 0
+    if args.init_from and not resuming:
+        init_step = init_from_pipeline(Path(args.init_from), transformer, text_encoder, tokenizer)
+        print(f"initialised from {args.init_from} (exported at step {init_step})", flush=True)
     ema_tr = copy.deepcopy(transformer).requires_grad_(False)
     ema_te = copy.deepcopy(text_encoder).requires_grad_(False)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.999))
     noise_sched = DDPMScheduler(**common.scheduler_config())
     alphas_cumprod = noise_sched.alphas_cumprod
 
-    data_rng = np.random.default_rng([args.seed, 2])
-    gen = torch.Generator().manual_seed(args.seed + 3)
-    step = 0
-    ckpt_path = out / "ckpt.pt"
-    if args.resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
+    # a warm start draws fresh data / noise streams (not a replay of steps 0..)
+    data_rng = np.random.default_rng([args.seed, 2] + ([init_step] if init_step else []))
+    gen = torch.Generator().manual_seed(args.seed + 3 + 1_000_003 * init_step)
+    step = init_step
+    opt_start = init_step  # step at which the current optimizer (and its warmup) began
+    init_from = {"dir": str(args.init_from), "step": init_step} if args.init_from else None
+    if resuming:
+        ck = common.load_dit_ckpt(ckpt_stem, opt=opt)
         transformer.load_state_dict(ck["transformer"])
         text_encoder.load_state_dict(ck["text_encoder"])
         ema_tr.load_state_dict(ck["ema_transformer"])
@@ -116,16 +175,20 @@ def main():
         gen.set_state(ck["gen"])
         common.set_rng_state(ck["rng"])
         step = ck["step"]
+        opt_start = ck.get("opt_start_step", 0)
+        init_from = ck.get("init_from")
         print(f"resumed from step {step}", flush=True)
     elif args.resume:
-        print("no checkpoint found; starting fresh", flush=True)
+        print("no checkpoint found; starting " + ("from --init-from" if args.init_from else "fresh"), flush=True)
 
     def lr_at(s):
-        return args.lr * min(1.0, (s + 1) / args.warmup)
+        return args.lr * min(1.0, (s - opt_start + 1) / args.warmup)
 
     def save(step):
         ck = {
             "step": step,
+            "opt_start_step": opt_start,
+            "init_from": init_from,
             "args": vars(args),
             "transformer": transformer.state_dict(),
             "text_encoder": text_encoder.state_dict(),
@@ -139,12 +202,12 @@ def main():
             "text_encoder_config": text_encoder.config.to_dict(),
             "wall_time": time.time(),
         }
-        common.atomic_torch_save(ck, ckpt_path)
+        common.save_dit_ckpt(ck, ckpt_stem)
         if step % args.keep_every == 0:
-            common.atomic_torch_save(
-                {k: ck[k] for k in ("step", "args", "ema_transformer", "ema_text_encoder",
-                                    "transformer_config", "text_encoder_config")},
-                out / f"ema_{step}.pt",
+            common.save_dit_ckpt(
+                {k: ck[k] for k in ("step", "opt_start_step", "init_from", "args", "ema_transformer",
+                                    "ema_text_encoder", "transformer_config", "text_encoder_config")},
+                out / f"ema_{step}",
             )
 
     transformer.train()
