@@ -30,8 +30,8 @@ Checkpoints (atomic) go to ``<out>/ckpt.safetensors`` (model, EMA, optimizer
 moments, torch RNG states) + ``<out>/ckpt.json`` (step, args, numpy/python RNG
 states, optimizer param_groups, configs) every ``--ckpt-every`` steps, plus a
 permanent EMA-only copy ``<out>/ema_<step>.{safetensors,json}`` every
-``--keep-every`` steps.  Nothing is pickled.  (Old ``ckpt.pt`` files: convert
-once with ``scripts/toy/convert_legacy_ckpt.py``.)
+``--keep-every`` steps.  Nothing is pickled.  (The pickled ``ckpt.pt`` format of
+the first runs was converted once by a one-off script, removed in commit history.)
 """
 
 from __future__ import annotations
