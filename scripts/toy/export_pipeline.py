@@ -4,9 +4,8 @@
     python scripts/toy/export_pipeline.py --ckpt toy_training/runs/dit/ema_10000.safetensors --out /tmp/m
 
 Reads the safetensors + JSON checkpoints written by train_dit.py (``--ckpt``
-may name ``X.safetensors``, ``X.json`` or the stem ``X``).  A legacy pickled
-``ckpt.pt`` must first be converted once with
-``scripts/toy/convert_legacy_ckpt.py`` (see there).
+may name ``X.safetensors``, ``X.json`` or the stem ``X``).  Pickled checkpoints
+are not read.
 
 Verifies that the directory loads offline and generates 32x32 images.
 """
