@@ -63,7 +63,7 @@ def test_block_names(flux, sd3):
 
 def test_withhold_nothing_is_bit_identical(case):
     name, pipe, run = case
-    out = ditloc.generate(pipe, PROMPTS, withhold=[], pooled="full", concept="van gogh", output_type="np", **run)
+    out = ditloc.generate(pipe, PROMPTS, withhold=[], concept="van gogh", output_type="np", **run)
     assert np.array_equal(out, plain(pipe, PROMPTS, run))
 
 
@@ -86,12 +86,23 @@ def test_inject_everywhere_is_plain(case):
     assert np.array_equal(out, plain(pipe, PROMPTS, run))
 
 
-def test_partial_withhold_is_between(flux):
+def test_inject_nowhere_equals_clean_prompt(flux):
+    out = ditloc.generate(flux, PROMPTS, inject=[], concept="van gogh", output_type="np", **FLUX_RUN)
+    assert np.array_equal(out, plain(flux, CLEAN, FLUX_RUN))
+
+
+def test_partial_withhold_and_pooled_option(flux):
     base = plain(flux, PROMPTS, FLUX_RUN)
     some = ditloc.generate(flux, PROMPTS, withhold=["double.1", "single.0"], concept="van gogh",
                            output_type="np", **FLUX_RUN)
-    only_pooled = ditloc.generate(flux, PROMPTS, withhold=[], concept="van gogh", output_type="np", **FLUX_RUN)
-    assert not np.array_equal(some, base) and not np.array_equal(some, only_pooled)
+    some_full_pooled = ditloc.generate(flux, PROMPTS, withhold=["double.1", "single.0"], pooled="full",
+                                       concept="van gogh", output_type="np", **FLUX_RUN)
+    only_pooled = ditloc.generate(flux, PROMPTS, withhold=[], pooled="clean", concept="van gogh",
+                                  output_type="np", **FLUX_RUN)
+    for a, b in ((some, base), (some, some_full_pooled), (only_pooled, base), (some_full_pooled, base)):
+        assert not np.array_equal(a, b)
+    with pytest.raises(ditloc.DitlocError, match="pooled must be"):
+        ditloc.generate(flux, PROMPTS, withhold=[], pooled="x", concept="van gogh", **FLUX_RUN)
 
 
 def _record_sdpa(monkeypatch, transformer):

@@ -74,10 +74,10 @@ def generate(
     concept removed. With neither set this is a plain generation.
 
     `pooled` (FLUX, SD3: models with a pooled text embedding that modulates every
-    block): "clean" or "full" prompt for that embedding. Default: it goes with the
-    intervened blocks, i.e. "clean" when withholding and "full" when injecting, so
-    that withholding everywhere equals generating from the clean prompt and
-    injecting everywhere equals the plain output.
+    block): "clean" or "full" prompt for that embedding. Default: withheld whenever
+    any block sees the clean prompt, so withholding nowhere (or injecting
+    everywhere) is the plain generation and withholding everywhere (or injecting
+    nowhere) is the clean-prompt generation, exactly.
     """
     if withhold is not None and inject is not None:
         raise DitlocError("choose either withhold or inject, not both")
@@ -88,13 +88,14 @@ def generate(
     intervene = withhold is not None or inject is not None
     if pooled not in (None, "clean", "full"):
         raise DitlocError(f"pooled must be 'clean' or 'full', got {pooled!r}")
-    pooled_clean = (withhold is not None) if pooled is None else pooled == "clean"
     swap_blocks: frozenset[str] = frozenset()
+    pooled_clean = False
     clean: list[str] = []
     if intervene:
         chosen = adapter.resolve_blocks(withhold if withhold is not None else inject)
         names = adapter.block_names()
         swap_blocks = frozenset(chosen) if withhold is not None else frozenset(b for b in names if b not in chosen)
+        pooled_clean = bool(swap_blocks) if pooled is None else pooled == "clean"
         if clean_prompts is not None:
             clean = [clean_prompts] if isinstance(clean_prompts, str) else list(clean_prompts)
             if len(clean) != len(prompts):
