@@ -76,23 +76,38 @@ def build_pool(args, out: Path, vae):
     return [world.Scene(**sc.to_dict()) for sc in scenes], latents
 
 
-def init_from_pipeline(pipe_dir: Path, transformer, text_encoder, tokenizer) -> int:
+def init_from_pipeline(pipe_dir: Path, transformer, text_encoder, tokenizer, partial: bool = False) -> int:
     """Load the exported (EMA) weights of a PixArtAlphaPipeline directory into
     the freshly built models (strict: the architecture must match).  Returns
-    the step recorded in ``training_info.json`` (0 if absent)."""
+    the step recorded in ``training_info.json`` (0 if absent).
+
+    ``partial=True`` (architecture change, e.g. a new patch size) copies only
+    the tensors whose name and shape match, prints the ones left at their fresh
+    initialisation, and returns step 0 (a new run)."""
     from diffusers import PixArtTransformer2DModel
     from transformers import T5EncoderModel
 
     tr = PixArtTransformer2DModel.from_pretrained(pipe_dir / "transformer")
     te = T5EncoderModel.from_pretrained(pipe_dir / "text_encoder")
-    transformer.load_state_dict(tr.state_dict(), strict=True)
-    text_encoder.load_state_dict(te.state_dict(), strict=True)
+    if partial:
+        for name, src, dst in (("transformer", tr, transformer), ("text_encoder", te, text_encoder)):
+            own = dst.state_dict()
+            keep = {k: v for k, v in src.state_dict().items() if k in own and own[k].shape == v.shape}
+            dst.load_state_dict(keep, strict=False)
+            fresh = sorted(set(own) - set(keep))
+            print(f"partial init {name}: {len(keep)}/{len(own)} tensors copied; fresh: {fresh}", flush=True)
+    else:
+        transformer.load_state_dict(tr.state_dict(), strict=True)
+        text_encoder.load_state_dict(te.state_dict(), strict=True)
     vocab_file = pipe_dir / "tokenizer" / "tokenizer.json"
     if vocab_file.exists():
         saved = json.loads(vocab_file.read_text())["model"]["vocab"]
-        if saved != tokenizer.get_vocab():
+        own = tokenizer.get_vocab()
+        if any(own.get(w) != i for w, i in saved.items()):  # an extension (new reserved words) is fine
             raise ValueError(f"{vocab_file}: tokenizer vocabulary differs from common.build_tokenizer()")
     info = pipe_dir / "training_info.json"
+    if partial:
+        return 0
     return int(json.loads(info.read_text()).get("step", 0)) if info.exists() else 0
 
 
@@ -108,6 +123,8 @@ def main():
     ap.add_argument("--pool", type=int, default=100_000)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--patch", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--vae", default=None,
@@ -120,6 +137,8 @@ def main():
     ap.add_argument("--init-from", default=None, metavar="DIR",
                     help="warm-start transformer + text encoder (and EMA) from an exported PixArtAlphaPipeline "
                          "directory, e.g. src/ditloc/toy/model; fresh optimizer; step from DIR/training_info.json")
+    ap.add_argument("--init-partial", action="store_true",
+                    help="with --init-from: copy only tensors of matching shape (new architecture); step starts at 0")
     ap.add_argument("--bench", type=int, default=0, help="only time N steps and exit")
     args = ap.parse_args()
     if args.vae is None:
@@ -141,7 +160,9 @@ def main():
     random.seed(args.seed)
     tokenizer = common.build_tokenizer()
     text_encoder = common.make_text_encoder(len(tokenizer))
-    transformer = common.make_transformer(num_layers=args.layers, patch_size=args.patch, channels=channels)
+    transformer = common.make_transformer(
+        num_layers=args.layers, patch_size=args.patch, heads=args.heads, head_dim=args.head_dim, channels=channels
+    )
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     n_tr = sum(p.numel() for p in transformer.parameters())
     n_te = sum(p.numel() for p in text_encoder.parameters())
@@ -150,7 +171,8 @@ def main():
     resuming = args.resume and common.state_exists(ckpt_stem)
     init_step = 0
     if args.init_from and not resuming:
-        init_step = init_from_pipeline(Path(args.init_from), transformer, text_encoder, tokenizer)
+        init_step = init_from_pipeline(Path(args.init_from), transformer, text_encoder, tokenizer,
+                                       partial=args.init_partial)
         print(f"initialised from {args.init_from} (exported at step {init_step})", flush=True)
     ema_tr = copy.deepcopy(transformer).requires_grad_(False)
     ema_te = copy.deepcopy(text_encoder).requires_grad_(False)
@@ -163,7 +185,7 @@ def main():
     gen = torch.Generator().manual_seed(args.seed + 3 + 1_000_003 * init_step)
     step = init_step
     opt_start = init_step  # step at which the current optimizer (and its warmup) began
-    init_from = {"dir": str(args.init_from), "step": init_step} if args.init_from else None
+    init_from = {"dir": str(args.init_from), "step": init_step, "partial": args.init_partial} if args.init_from else None
     if resuming:
         ck = common.load_dit_ckpt(ckpt_stem, opt=opt)
         transformer.load_state_dict(ck["transformer"])

@@ -41,6 +41,7 @@ def load_pipeline(model: str, *, device: str | None = None, dtype: str | None = 
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             hint = " (offline: download it first or point to a local directory)" if os.environ.get("HF_HUB_OFFLINE") else ""
             raise DitlocError(f"cannot load pipeline {model!r}: {first}{hint}") from None
+    pipe.set_progress_bar_config(disable=True)  # ditloc prints its own progress
     if device:
         try:
             pipe = pipe.to(device)
@@ -100,6 +101,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="with --localization: use its top K blocks")
     p.add_argument("--localization", default=None, help="a localization.json from `ditloc localize`")
     p.add_argument("--mode", choices=("withhold", "inject"), default="withhold")
+
+    for name, help_ in (("personalize", "teach a new subject (DreamBooth-style LoRA) in the localized blocks only"),
+                        ("unlearn", "make the model forget a concept (concept ablation) in the localized blocks only")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("model", metavar="MODEL", help="diffusers pipeline directory, hub id, or 'toy'")
+        if name == "personalize":
+            p.add_argument("--images", required=True, help="folder of RGB training images at the model's resolution")
+            p.add_argument("--token", required=True, help="rare word to bind the subject to (e.g. sks)")
+            p.add_argument("--class-word", required=True, help="the subject's class (e.g. dog)")
+            p.add_argument("--instance-prompt", default="a {token} {class_word}")
+            p.add_argument("--prior-preservation", action="store_true", help="also fit the frozen model's class images")
+            p.add_argument("--num-class-images", type=int, default=16)
+        else:
+            p.add_argument("--concept", required=True, help="the words to forget, as they appear in the prompts")
+            p.add_argument("--anchor", required=True, help="what those prompts should show instead (e.g. 'a dog')")
+            p.add_argument("--prompt", action="append", help="a training prompt containing the concept (repeatable)")
+            p.add_argument("--prompts-file", help="text file, one training prompt per line")
+            p.add_argument("--images-per-prompt", type=int, default=4, help="anchor images drawn per prompt")
+        p.add_argument("--blocks", default="auto", help="auto (localize, take the top --k), all, or block.3,block.7")
+        p.add_argument("--k", type=int, default=4, help="blocks to train with --blocks auto (default 4)")
+        p.add_argument("--method", choices=("lora", "full"), default="lora")
+        p.add_argument("--rank", type=int, default=4)
+        p.add_argument("--train-steps", type=int, default=200, help="optimizer steps (default 200)")
+        p.add_argument("--lr", type=float, default=None, help="default 1e-4 (lora) / 1e-5 (full)")
+        p.add_argument("--batch-size", type=int, default=4)
+        p.add_argument("--gradient-checkpointing", action="store_true")
+        p.add_argument("--checkpoint-every", type=int, default=50)
+        p.add_argument("--steps", type=int, default=None, help="sampling steps for localization/anchor images")
+        p.add_argument("--guidance", type=float, default=None)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default=None)
+        p.add_argument("--dtype", choices=DTYPES, default=None)
+        p.add_argument("--out", required=True, help="output directory (checkpoints here; rerun to resume)")
 
     p = sub.add_parser("demo", help="the whole loop on the embedded toy model (a few minutes on a CPU)")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
@@ -223,7 +257,38 @@ def cmd_demo(args) -> None:
           f"({result['settings']['seconds']}s)")
 
 
-COMMANDS = {"localize": cmd_localize, "intervene": cmd_intervene, "demo": cmd_demo}
+def _edit(args) -> None:
+    from .edit import TrainConfig, personalize, unlearn
+    from .errors import DitlocError
+
+    config = TrainConfig(
+        method=args.method, rank=args.rank, steps=args.train_steps, lr=args.lr, batch_size=args.batch_size,
+        seed=args.seed, gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=args.checkpoint_every,
+    )
+    common = dict(blocks=args.blocks, k=args.k, config=config, out=args.out, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    if args.command == "personalize":
+        if args.num_class_images < 1:
+            raise DitlocError(f"--num-class-images must be >= 1 (got {args.num_class_images})")
+        pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+        res = personalize(pipe, args.images, args.token, args.class_word, instance_prompt=args.instance_prompt,
+                          prior_preservation=args.prior_preservation, num_class_images=args.num_class_images,
+                          **common)
+    else:
+        prompts = _read_prompts(args) if (args.prompt or args.prompts_file) else None
+        if args.images_per_prompt < 1:
+            raise DitlocError(f"--images-per-prompt must be >= 1 (got {args.images_per_prompt})")
+        pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+        res = unlearn(pipe, args.concept, args.anchor, prompts=prompts, images_per_prompt=args.images_per_prompt,
+                      **common)
+    mem = f", peak {res.peak_memory_bytes / 2**20:.0f} MiB" if res.peak_memory_bytes else ""
+    print(f"{res.kind}: trained {res.trainable_parameters:,} of {res.total_parameters:,} parameters in "
+          f"{', '.join(res.blocks)}; {res.steps} steps, {res.wall_seconds:.1f}s{mem}; final loss {res.losses[-1]:.4f}")
+    print(f"wrote {args.out} (load with pipe.load_lora_weights or ditloc.edit.load_edit)")
+
+
+COMMANDS = {"localize": cmd_localize, "intervene": cmd_intervene, "demo": cmd_demo,
+            "personalize": _edit, "unlearn": _edit}
 
 
 def _quiet_libraries() -> None:

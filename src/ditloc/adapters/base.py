@@ -28,6 +28,8 @@ class Adapter(ABC):
 
     #: family settings a user may pass as adapter options, with their defaults
     options: ClassVar[dict] = {}
+    #: default LoRA targets: module names relative to a block (those a block lacks are skipped)
+    lora_suffixes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, pipe, **options):
         self.pipe = pipe
@@ -43,6 +45,18 @@ class Adapter(ABC):
     @abstractmethod
     def text_attention(self, block: str) -> torch.nn.Module:
         """The attention module in `block` through which image tokens read text."""
+
+    @abstractmethod
+    def block_module(self, block: str) -> torch.nn.Module:
+        """The transformer block called `block`."""
+
+    def block_path(self, block: str) -> str:
+        """Full module path of `block` inside the transformer (``transformer_blocks.3``)."""
+        module = self.block_module(block)
+        for name, m in self.transformer.named_modules():
+            if m is module:
+                return name
+        raise DitlocError(f"{block} is not a submodule of the transformer")
 
     def resolve_blocks(self, blocks) -> list[str]:
         """Validate user block names ("all" allowed); returns them in model order."""
@@ -85,6 +99,17 @@ class Adapter(ABC):
     @abstractmethod
     def encode_text(self, prompts: list[str], call_kwargs: dict) -> dict:
         """Conditional text conditioning exactly as the pipeline computes it, by name."""
+
+    # ---- training ---------------------------------------------------------------------
+    def denoise(self, latents: torch.Tensor, timestep: torch.Tensor, text: dict) -> torch.Tensor:
+        """One transformer call as the pipeline makes it, for training: `latents`
+        [B, C, h, w] (unpacked), `timestep` [B] on the scheduler's 0..1000 scale,
+        `text` from :meth:`encode_text` (batch-matched). Returns the prediction
+        [B, C, h, w] (a learned-variance half is dropped)."""
+        raise DitlocError(
+            f"training (personalize/unlearn) is not implemented for {self.family} yet; "
+            "supported: pixart, sana"
+        )
 
     # ---- instrumentation -------------------------------------------------------------
     @abstractmethod

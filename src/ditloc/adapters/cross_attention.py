@@ -20,6 +20,9 @@ class CrossAttentionAdapter(Adapter):
     def block_names(self) -> list[str]:
         return [f"block.{i}" for i in range(len(self.transformer.transformer_blocks))]
 
+    def block_module(self, block: str) -> torch.nn.Module:
+        return self.transformer.transformer_blocks[self.block_names().index(block)]
+
     def text_attention(self, block: str) -> torch.nn.Module:
         index = self.block_names().index(block)
         attn = self.transformer.transformer_blocks[index].attn2
@@ -97,6 +100,23 @@ class CrossAttentionAdapter(Adapter):
             **self._encode_kwargs(call_kwargs),
         )
         return {"embeds": embeds, "mask": mask}
+
+    # ---- training ---------------------------------------------------------------------
+    def transformer_kwargs(self, latents: torch.Tensor) -> dict:
+        """Extra forward arguments the family's pipeline passes (none by default)."""
+        return {}
+
+    def denoise(self, latents: torch.Tensor, timestep: torch.Tensor, text: dict) -> torch.Tensor:
+        out = self.transformer(
+            latents,  # [B, C, h, w]
+            encoder_hidden_states=text["embeds"],  # [B, L, D_text]
+            encoder_attention_mask=text["mask"],  # [B, L]
+            timestep=timestep,  # [B]
+            return_dict=False,
+            **self.transformer_kwargs(latents),
+        )[0]
+        channels = latents.shape[1]
+        return out[:, :channels] if out.shape[1] == 2 * channels else out  # learned sigma -> drop
 
     # ---- instrumentation -------------------------------------------------------------
     def make_processor(self, block: str, index: int, attn, state) -> CrossAttentionProcessor:

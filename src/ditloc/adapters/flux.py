@@ -22,6 +22,15 @@ class FluxAdapter(JointAttentionAdapter):
     family = "flux"
     transformer_classes = ("FluxTransformer2DModel",)
 
+    lora_suffixes = (
+        # double-stream blocks
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+        # single-stream blocks
+        "proj_mlp", "proj_out",
+    )
+
     def blocks(self):
         t = self.transformer
         double = [(f"double.{i}", b, b.attn) for i, b in enumerate(t.transformer_blocks)]

@@ -30,6 +30,12 @@ class JointAttentionAdapter(Adapter):
     def block_names(self) -> list[str]:
         return [name for name, _, _ in self.blocks()]
 
+    def block_module(self, block: str) -> torch.nn.Module:
+        for name, module, _ in self.blocks():
+            if name == block:
+                return module
+        raise DitlocError(f"unknown block {block!r}")
+
     def text_attention(self, block: str) -> torch.nn.Module:
         for name, _, attn in self.blocks():
             if name == block:

@@ -12,6 +12,25 @@ class PixArtAdapter(CrossAttentionAdapter):
     transformer_classes = ("PixArtTransformer2DModel",)
     qk_norm_before_split = False  # diffusers' AttnProcessor2_0
     binned_sample_sizes = (32, 64, 128, 256)
+    lora_suffixes = (
+        "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+        "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+        "ff.net.0.proj", "ff.net.2",
+    )
+
+    def transformer_kwargs(self, latents: torch.Tensor) -> dict:
+        # what PixArtAlphaPipeline passes: size conditions only for checkpoints that use them
+        if not self.transformer.config.use_additional_conditions:
+            return {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+        b, _, h, w = latents.shape
+        scale = self.pipe.vae_scale_factor
+        size = torch.tensor([h * scale, w * scale], device=latents.device, dtype=latents.dtype)
+        return {
+            "added_cond_kwargs": {
+                "resolution": size.repeat(b, 1),  # [B, 2]
+                "aspect_ratio": (size[0] / size[1]).view(1, 1).repeat(b, 1),  # [B, 1]
+            }
+        }
 
     def project_text(self, embeds: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         t = self.transformer

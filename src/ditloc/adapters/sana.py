@@ -18,6 +18,11 @@ class SanaAdapter(CrossAttentionAdapter):
     transformer_classes = ("SanaTransformer2DModel",)
     qk_norm_before_split = True  # SanaAttnProcessor2_0 normalizes q/k across heads
     binned_sample_sizes = (16, 32, 64, 128)
+    lora_suffixes = (
+        "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+        "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+        "ff.conv_inverted", "ff.conv_point",
+    )
 
     def _instruction(self, call_kwargs: dict) -> list[str] | None:
         if "complex_human_instruction" in call_kwargs:

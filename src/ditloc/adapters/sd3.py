@@ -24,6 +24,13 @@ class SD3Adapter(JointAttentionAdapter):
     transformer_classes = ("SD3Transformer2DModel",)
     options = {"text_stream": None}  # "both" | "clip" | "t5"; None: "both" with T5 loaded, else "clip"
 
+    lora_suffixes = (
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+        "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",  # SD3.5 dual attention
+        "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+    )
+
     def blocks(self):
         return [(f"block.{i}", b, b.attn) for i, b in enumerate(self.transformer.transformer_blocks)]
 

@@ -55,6 +55,10 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
 }
 
 GENERIC_SHAPE = "object"
+#: words in the toy tokenizer that no training prompt contains (their embeddings
+#: keep their random initialisation): rare tokens to bind a new subject to
+#: ("a sks object"), as DreamBooth does with real T5/CLIP vocabularies
+RESERVED_WORDS = ("sks", "olis", "vrek", "tuml", "kapo", "wyx")
 
 #: Saturated object colors.
 RGB: dict[str, tuple[int, int, int]] = {

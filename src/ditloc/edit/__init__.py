@@ -1,0 +1,20 @@
+"""Localized editing (method.md §5): personalization and unlearning that train
+only the localized blocks, with LoRA (peft) or the blocks' own weights.
+
+    from ditloc.edit import personalize, unlearn, TrainConfig, load_edit
+    res = unlearn(pipe, "snoopy", "a dog", blocks="auto", k=4, out="runs/unlearn")
+    pipe.load_lora_weights("runs/unlearn")      # SANA / FLUX / SD3 pipelines
+    load_edit(pipe, "runs/unlearn")             # any family (PixArt has no LoRA loader in diffusers)
+"""
+
+from .data import encode_images, image_size, load_image_folder
+from .jobs import anchor_prompt, choose_blocks, load_edit, personalize, unlearn
+from .lora import LoraSpec, add_lora, load_lora, lora_state_dict, lora_targets, read_lora, save_lora
+from .train import EditResult, LocalizedTrainer, NoiseRule, TrainConfig, no_grad_prefix
+
+__all__ = [
+    "EditResult", "LocalizedTrainer", "LoraSpec", "NoiseRule", "TrainConfig",
+    "add_lora", "anchor_prompt", "choose_blocks", "encode_images", "image_size", "load_edit",
+    "load_image_folder", "load_lora", "lora_state_dict", "lora_targets", "no_grad_prefix",
+    "personalize", "read_lora", "save_lora", "unlearn",
+]

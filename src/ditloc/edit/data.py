@@ -1,0 +1,63 @@
+"""Training images in, latents out: validated folder loading and VAE encoding."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DitlocError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def image_size(pipe) -> tuple[int, int]:
+    """(height, width) in pixels the pipeline generates by default."""
+    sample = pipe.transformer.config.sample_size
+    sample = sample if isinstance(sample, (tuple, list)) else (sample, sample)
+    scale = pipe.vae_scale_factor
+    return int(sample[0] * scale), int(sample[1] * scale)
+
+
+def load_image_folder(directory, size: tuple[int, int]) -> tuple[torch.Tensor, list[dict]]:
+    """RGB images of exactly `size` (h, w) -> ([N, 3, h, w] in [-1, 1], records
+    with file name and sha256). Every problem is one actionable line."""
+    from PIL import Image, UnidentifiedImageError
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DitlocError(f"image folder {directory} does not exist")
+    files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DitlocError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {directory}")
+    arrays, records = [], []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                mode, (w, h) = im.mode, im.size
+                array = np.asarray(im)
+        except (UnidentifiedImageError, OSError) as e:
+            raise DitlocError(f"cannot read image {path}: {e}") from None
+        if mode != "RGB":
+            raise DitlocError(f"{path} is {mode}; convert the images to RGB")
+        if (h, w) != tuple(size):
+            raise DitlocError(f"{path} is {w}x{h}; the model trains at {size[1]}x{size[0]}, resize the images")
+        arrays.append(array)
+        records.append({"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1  # [N, 3, h, w]
+    return x, records
+
+
+@torch.no_grad()
+def encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
+    """[N, 3, h, w] in [-1, 1] -> latents [N, C, h/f, w/f] as the pipeline's
+    denoiser sees them (posterior mean, shifted and scaled)."""
+    vae = pipe.vae
+    x = images.to(device=vae.device, dtype=vae.dtype)
+    out = vae.encode(x)
+    z = out.latent_dist.mean if hasattr(out, "latent_dist") else out.latent  # KL / DC autoencoder
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (z - shift) * vae.config.scaling_factor

@@ -1,0 +1,308 @@
+"""The two editing jobs of method.md §5, on the localized engine.
+
+- :func:`personalize`: DreamBooth-style; a few images of a new subject bound to a
+  rare token ("a sks dog"), optional prior preservation on the class.
+- :func:`unlearn`: concept-ablation-style; for prompts with the concept, match
+  the frozen model's prediction for the anchor prompt (same noisy latents, drawn
+  from the frozen model's own images of the anchor).
+
+Both train only the chosen blocks (``blocks="auto"``: localize first, take the
+top ``k``), checkpoint into ``out`` and resume from it, and write the result in
+a format diffusers loads (LoRA) plus ``ditloc_edit.json``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from .. import _state
+from .._run import call_kwargs as make_call_kwargs, generators, model_record
+from ..errors import DitlocError
+from .data import encode_images, image_size, load_image_folder
+from .lora import save_lora
+from .train import EditResult, LocalizedTrainer, TrainConfig, peak_memory, reset_peak_memory, run_training, write_json
+
+RESULT_FILE = "ditloc_edit.json"
+BLOCKS_FILE = "blocks.safetensors"
+
+
+def _adapter(pipe):
+    from ..adapters import get_adapter
+
+    return get_adapter(pipe)
+
+
+def choose_blocks(pipe, blocks, k, localize_prompts, concept, *, seeds=(0, 1), progress=None, **localize_kw):
+    """Block names to train: explicit names / "all", or "auto" = top-k of a
+    localization of `concept` on `localize_prompts`. -> (blocks, localization or None)."""
+    adapter = _adapter(pipe)
+    if blocks != "auto":
+        chosen = adapter.resolve_blocks(blocks)
+        if not chosen:
+            raise DitlocError("no blocks chosen; pass --blocks auto, all or block names")
+        return chosen, None
+    n = len(adapter.block_names())
+    if k is None or not 1 <= int(k) <= n:
+        raise DitlocError(f"--k must be between 1 and {n} (the number of blocks) with --blocks auto")
+    from ..localize import localize
+
+    if progress:
+        progress(f"localizing {concept!r} on {len(localize_prompts)} prompt(s) x {len(seeds)} seed(s)")
+    loc = localize(pipe, localize_prompts, concept, seed=list(seeds), **localize_kw)
+    return loc.top(int(k)), loc
+
+
+def _identity(kind: str, pipe, blocks, config: TrainConfig, data: dict) -> dict:
+    return {"kind": kind, "model": model_record(pipe).get("name_or_path"), "blocks": list(blocks),
+            "config": config.to_dict(), "data": data}
+
+
+def _cached_latents(out: Path | None, name: str, make):
+    """Latents a job draws once (class / anchor images): generated, then kept in
+    ``out`` so a resumed run trains on exactly the same data."""
+    if out is not None and _state.state_exists(out / name):
+        return _state.load_state(out / name)[0]["latents"]
+    latents = make()
+    if out is not None:
+        _state.save_state(out / name, {"latents": latents}, {})
+    return latents
+
+
+@torch.no_grad()
+def _generate_latents(pipe, prompts: list[str], per_prompt: int, seed: int, call_kwargs: dict) -> torch.Tensor:
+    """The frozen pipeline's own samples (latents [len(prompts)*per_prompt, C, h, w])."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        seeds = [seed * 1_000_003 + i * 1000 + j for j in range(per_prompt)]
+        res = pipe([prompt] * per_prompt, generator=generators(seeds), output_type="latent", **call_kwargs)
+        out.append(res.images)
+    return torch.cat(out)
+
+
+def _encode(adapter, prompts: list[str], kw: dict) -> dict:
+    """Text conditioning, once (the text encoder is frozen): one padded batch."""
+    with torch.no_grad():
+        return {k: v.detach() for k, v in adapter.encode_text(prompts, kw).items()}
+
+
+def _finish(kind, pipe, trainer, out, wall, details) -> EditResult:
+    transformer = pipe.transformer
+    result = EditResult(
+        kind=kind,
+        model=model_record(pipe).get("name_or_path") or type(pipe).__name__,
+        blocks=tuple(trainer.blocks),
+        config={**trainer.config.to_dict(), **({"lora": trainer.spec.to_dict()} if trainer.spec else {})},
+        trainable_parameters=sum(p.numel() for p in trainer.params),
+        total_parameters=sum(p.numel() for p in transformer.parameters()),
+        steps=trainer.step,
+        losses=tuple(trainer.losses),
+        wall_seconds=wall,
+        peak_memory_bytes=peak_memory(transformer.device),
+        details=details,
+        out_dir=str(out) if out is not None else None,
+    )
+    transformer.eval()
+    if out is not None:
+        state = trainer.trainable_state()
+        if trainer.spec is not None:
+            save_lora(pipe, out, state, trainer.spec)
+        else:
+            from safetensors.torch import save_file
+
+            save_file(state, str(out / BLOCKS_FILE))
+        write_json(out / RESULT_FILE, result.to_dict())
+    return result
+
+
+def load_edit(pipe, directory) -> dict:
+    """Apply a saved edit (LoRA or full blocks) to `pipe`; returns its record."""
+    import json
+
+    from .lora import WEIGHT_NAME, load_lora
+
+    directory = Path(directory)
+    if (directory / WEIGHT_NAME).exists():
+        load_lora(pipe, directory)
+    elif (directory / BLOCKS_FILE).exists():
+        from safetensors.torch import load_file
+
+        state = load_file(str(directory / BLOCKS_FILE))
+        missing, unexpected = pipe.transformer.load_state_dict(state, strict=False)
+        if unexpected:
+            raise DitlocError(f"{directory}: tensors {unexpected[:3]} are not in this transformer")
+    else:
+        raise DitlocError(f"{directory} holds no edit ({WEIGHT_NAME} or {BLOCKS_FILE})")
+    path = directory / RESULT_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _prepare_out(out) -> Path | None:
+    if out is None:
+        return None
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DitlocError(f"--out {out} is a file; pass a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+def personalize(
+    pipe,
+    images,
+    token: str,
+    class_word: str,
+    *,
+    blocks="auto",
+    k: int | None = 4,
+    config: TrainConfig = TrainConfig(),
+    instance_prompt: str = "a {token} {class_word}",
+    prior_preservation: bool = False,
+    class_prompt: str | None = None,
+    num_class_images: int = 16,
+    prior_weight: float = 1.0,
+    out=None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    progress=None,
+) -> EditResult:
+    """Bind `token` to the subject of `images` (a folder or [N, 3, h, w] tensor in
+    [-1, 1]), training LoRA / full weights only in `blocks`."""
+    if not token or not token.strip() or not class_word or not class_word.strip():
+        raise DitlocError("pass both --token (a rare word, e.g. sks) and --class-word (e.g. dog)")
+    for slot in ("{token}", "{class_word}"):
+        if slot not in instance_prompt:
+            raise DitlocError(f"--instance-prompt must contain {slot} (got {instance_prompt!r})")
+    adapter = _adapter(pipe)
+    size = image_size(pipe)
+    if isinstance(images, (str, Path)):
+        pixels, records = load_image_folder(images, size)
+    else:
+        pixels, records = images, [{"tensor": list(images.shape)}]
+        if pixels.ndim != 4 or tuple(pixels.shape[2:]) != size or pixels.shape[1] != 3:
+            raise DitlocError(f"images must be [N, 3, {size[0]}, {size[1]}], got {list(pixels.shape)}")
+    prompt = instance_prompt.format(token=token.strip(), class_word=class_word.strip())
+    class_prompt = class_prompt or instance_prompt.replace("{token} ", "").replace("{token}", "").format(
+        class_word=class_word.strip())
+    kw = make_call_kwargs(adapter, num_inference_steps=num_inference_steps or adapter.call_default("num_inference_steps") or 20,
+                          guidance_scale=guidance_scale, max_sequence_length=None, extra={})
+    out = _prepare_out(out)
+    chosen, loc = choose_blocks(pipe, blocks, k, [class_prompt], class_word.strip(), progress=progress,
+                                num_inference_steps=kw["num_inference_steps"], guidance_scale=guidance_scale)
+    if loc is not None and out is not None:
+        loc.save(out / "localization.json")
+    if progress:
+        progress(f"training {config.method} in {len(chosen)} block(s): {', '.join(chosen)}")
+
+    instance = encode_images(pipe, pixels).to(pipe.transformer.dtype)  # [N, C, h, w]
+    prior = None
+    if prior_preservation:
+        if progress:
+            progress(f"drawing {num_class_images} class images for prior preservation: {class_prompt!r}")
+        prior = _cached_latents(out, "class_latents", lambda: _generate_latents(
+            pipe, [class_prompt], num_class_images, config.seed, kw)).to(instance)
+    text = _encode(adapter, [prompt, class_prompt], kw)  # row 0 instance, row 1 class
+
+    data = {"images": records, "instance_prompt": prompt, "class_prompt": class_prompt,
+            "prior_preservation": prior_preservation, "num_class_images": num_class_images if prior is not None else 0,
+            "prior_weight": prior_weight}
+    reset_peak_memory(pipe.transformer.device)
+    trainer = LocalizedTrainer(pipe, adapter, chosen, config)
+    b = config.batch_size
+
+    def rows(index: int, n: int) -> dict:
+        return {k: v[index : index + 1].expand(n, *v.shape[1:]) for k, v in text.items()}
+
+    def loss_fn() -> torch.Tensor:
+        g = trainer.generator
+        idx = torch.randint(len(instance), (b,), generator=g)
+        x_t, t, target = trainer.noise.sample(instance[idx], g)
+        pred = adapter.denoise(x_t, t, rows(0, b))
+        loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+        if prior is not None:
+            idx = torch.randint(len(prior), (b,), generator=g)
+            x_t, t, target = trainer.noise.sample(prior[idx], g)
+            pred = adapter.denoise(x_t, t, rows(1, b))
+            loss = loss + prior_weight * torch.nn.functional.mse_loss(pred.float(), target.float())
+        return loss
+
+    wall = run_training(trainer, loss_fn, out, _identity("personalize", pipe, chosen, config, data), progress)
+    details = dict(data, localization=loc.to_dict() if loc is not None else None)
+    return _finish("personalize", pipe, trainer, out, wall, details)
+
+
+# ---------------------------------------------------------------------------------------
+def anchor_prompt(prompt: str, concept: str, anchor: str) -> str:
+    """`prompt` with every (case-insensitive, whole-word) occurrence of `concept` replaced by `anchor`."""
+    pattern = re.compile(r"(?<!\w)" + re.escape(concept.strip()) + r"(?!\w)", re.IGNORECASE)
+    if not pattern.search(prompt):
+        raise DitlocError(f"the concept {concept!r} does not occur in the prompt {prompt!r}")
+    return pattern.sub(anchor.strip(), prompt)
+
+
+def unlearn(
+    pipe,
+    concept: str,
+    anchor: str,
+    *,
+    prompts=None,
+    blocks="auto",
+    k: int | None = 4,
+    config: TrainConfig = TrainConfig(),
+    images_per_prompt: int = 4,
+    out=None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    progress=None,
+) -> EditResult:
+    """Make prompts with `concept` behave like the same prompts with `anchor`
+    (the frozen model's prediction is the target), training only `blocks`."""
+    if not concept or not concept.strip():
+        raise DitlocError("the concept is empty; pass --concept 'the words to forget'")
+    if not anchor or not anchor.strip():
+        raise DitlocError("the anchor is empty; pass --anchor 'what to show instead', e.g. 'a dog'")
+    prompts = [p for p in (prompts or [f"a picture of {concept.strip()}", concept.strip()])]
+    anchors = []
+    for i, p in enumerate(prompts):
+        try:
+            anchors.append(anchor_prompt(p, concept, anchor))
+        except DitlocError:
+            raise DitlocError(f"prompt {i + 1} ({p!r}) does not contain the concept {concept!r}") from None
+    adapter = _adapter(pipe)
+    kw = make_call_kwargs(adapter, num_inference_steps=num_inference_steps or adapter.call_default("num_inference_steps") or 20,
+                          guidance_scale=guidance_scale, max_sequence_length=None, extra={})
+    for p in prompts:  # the concept must reach the text encoder (not truncated)
+        adapter.concept_span(p, concept.strip(), kw)
+    out = _prepare_out(out)
+    chosen, loc = choose_blocks(pipe, blocks, k, prompts, concept.strip(), progress=progress,
+                                num_inference_steps=kw["num_inference_steps"], guidance_scale=guidance_scale)
+    if loc is not None and out is not None:
+        loc.save(out / "localization.json")
+    if progress:
+        progress(f"training {config.method} in {len(chosen)} block(s): {', '.join(chosen)}")
+        progress(f"drawing {images_per_prompt} anchor image(s) per prompt")
+    x0 = _cached_latents(out, "anchor_latents", lambda: _generate_latents(
+        pipe, anchors, images_per_prompt, config.seed, kw)).to(pipe.transformer.dtype)  # [P*n, C, h, w]
+    n = len(prompts)
+    text = _encode(adapter, prompts + anchors, kw)  # rows [0, n): concept prompts, [n, 2n): anchors
+    data = {"concept": concept, "anchor": anchor, "prompts": prompts, "anchor_prompts": anchors,
+            "images_per_prompt": images_per_prompt}
+    reset_peak_memory(pipe.transformer.device)
+    trainer = LocalizedTrainer(pipe, adapter, chosen, config)
+    b = config.batch_size
+
+    def loss_fn() -> torch.Tensor:
+        g = trainer.generator
+        img = torch.randint(len(x0), (b,), generator=g)  # anchor image, and its prompt
+        which = img // images_per_prompt  # [B]
+        x_t, t, _ = trainer.noise.sample(x0[img], g)
+        target = trainer.teacher(x_t, t, {k: v[which + n] for k, v in text.items()})
+        pred = adapter.denoise(x_t, t, {k: v[which] for k, v in text.items()})
+        return torch.nn.functional.mse_loss(pred.float(), target.float())
+
+    wall = run_training(trainer, loss_fn, out, _identity("unlearn", pipe, chosen, config, data), progress)
+    details = dict(data, localization=loc.to_dict() if loc is not None else None)
+    return _finish("unlearn", pipe, trainer, out, wall, details)

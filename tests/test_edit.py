@@ -1,0 +1,369 @@
+"""Localized editing (ditloc.edit): placement, no-op init, the no-autograd prefix,
+diffusers round trips, the two jobs, resume, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ditloc.adapters import get_adapter
+from ditloc.cli import main as cli_main
+from ditloc.edit import (
+    LoraSpec, TrainConfig, add_lora, load_edit, lora_state_dict, lora_targets, no_grad_prefix, personalize,
+    save_lora, unlearn,
+)
+from ditloc.edit.data import image_size
+from ditloc.edit.train import LocalizedTrainer, NoiseRule
+from ditloc.errors import DitlocError
+from ditloc.testing import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sana_pipeline, tiny_sd3_pipeline
+
+
+def _inputs(pipe, seed=0, batch=2):
+    adapter = get_adapter(pipe)
+    g = torch.Generator().manual_seed(seed)
+    h, w = image_size(pipe)
+    f = pipe.vae_scale_factor
+    c = pipe.transformer.config.in_channels
+    x = torch.randn(batch, c, h // f, w // f, generator=g)
+    t = torch.tensor([100.0, 700.0][:batch])
+    with torch.no_grad():
+        text = adapter.encode_text(["a red cat on the beach", "a dog"][:batch], {})
+    return adapter, x, t, {k: v.detach() for k, v in text.items()}
+
+
+def _randomize_lora(transformer, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in transformer.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+# ---- placement --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "make, blocks, expected_paths",
+    [
+        (tiny_pixart_pipeline, ["block.1", "block.3"], ["transformer_blocks.1", "transformer_blocks.3"]),
+        (tiny_sana_pipeline, ["block.2"], ["transformer_blocks.2"]),
+        (tiny_flux_pipeline, ["double.1", "single.0"], ["transformer_blocks.1", "single_transformer_blocks.0"]),
+        (tiny_sd3_pipeline, ["block.0"], ["transformer_blocks.0"]),
+    ],
+)
+def test_lora_touches_exactly_the_chosen_blocks(make, blocks, expected_paths):
+    pipe = make()
+    adapter = get_adapter(pipe)
+    targets = lora_targets(adapter, blocks)
+    assert targets and all(any(t.startswith(p + ".") for p in expected_paths) for t in targets)
+    assert {t.rsplit(".", 1)[0] for t in targets} or True
+    for path in expected_paths:  # every chosen block gets adapters
+        assert any(t.startswith(path + ".") for t in targets)
+    add_lora(pipe.transformer, LoraSpec(tuple(blocks), tuple(targets), rank=2))
+    lora_modules = sorted({n.split(".lora_")[0] for n, _ in pipe.transformer.named_parameters() if ".lora_" in n})
+    assert lora_modules == sorted(targets)  # exactly the named modules, nothing else
+    trainable = [n for n, p in pipe.transformer.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n and n.split(".lora_")[0] in targets for n in trainable)
+
+
+def test_pixart_targets_are_the_attention_and_mlp_linears():
+    adapter = get_adapter(tiny_pixart_pipeline())
+    assert lora_targets(adapter, ["block.2"]) == [
+        f"transformer_blocks.2.{s}" for s in (
+            "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+            "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
+    ]
+    assert lora_targets(adapter, ["block.0"], suffixes=["attn2.to_k"]) == ["transformer_blocks.0.attn2.to_k"]
+    with pytest.raises(DitlocError, match="match no Linear"):
+        lora_targets(adapter, ["block.0"], suffixes=["attn9.to_k"])
+    with pytest.raises(DitlocError, match="unknown block 'block.9'"):
+        lora_targets(adapter, ["block.9"])
+
+
+@pytest.mark.parametrize("make", [tiny_pixart_pipeline, tiny_sana_pipeline])
+def test_fresh_adapter_is_an_exact_noop(make):
+    pipe = make()
+    adapter, x, t, text = _inputs(pipe)
+    with torch.no_grad():
+        before = adapter.denoise(x, t, text)
+    add_lora(pipe.transformer, LoraSpec(("block.0", "block.1"), tuple(lora_targets(adapter, ["block.0", "block.1"]))))
+    with torch.no_grad():
+        after = adapter.denoise(x, t, text)
+    assert torch.equal(before, after)
+    _randomize_lora(pipe.transformer)
+    with torch.no_grad():
+        assert not torch.equal(before, adapter.denoise(x, t, text))  # the adapters are live
+
+
+# ---- the no-autograd prefix ---------------------------------------------------------------
+@pytest.mark.parametrize("make, blocks", [(tiny_pixart_pipeline, ["block.2"]), (tiny_flux_pipeline, ["single.0"])])
+def test_no_grad_prefix_same_gradients_fewer_saved_tensors(make, blocks):
+    pipe = make()
+    adapter = get_adapter(pipe)
+    add_lora(pipe.transformer, LoraSpec(tuple(blocks), tuple(lora_targets(adapter, blocks))))
+    _randomize_lora(pipe.transformer)
+
+    def run(prefix: bool):
+        pipe.transformer.zero_grad(set_to_none=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            ctx = no_grad_prefix(adapter, blocks) if prefix else torch.enable_grad()
+            with ctx:
+                out = _forward(pipe, adapter)
+        out.float().pow(2).mean().backward()
+        grads = {n: p.grad.clone() for n, p in pipe.transformer.named_parameters() if p.grad is not None}
+        return grads, sum(saved)
+
+    full, saved_full = run(False)
+    pref, saved_pref = run(True)
+    assert full.keys() == pref.keys() and full
+    for n in full:
+        assert torch.equal(full[n], pref[n]), n
+    # autograd already records nothing for a frozen prefix fed by inputs that need
+    # no grad; no_grad_prefix makes that explicit (and robust) and never costs more
+    assert saved_pref <= saved_full
+    # the cost of training a block grows with the blocks after it, not before it
+    early = _saved_with_lora(make, [adapter.block_names()[0]])
+    late = _saved_with_lora(make, [adapter.block_names()[-1]])
+    assert late < 0.6 * early
+    # restored: no instance-level forward left behind
+    assert all("forward" not in vars(adapter.block_module(b)) for b in adapter.block_names())
+
+
+def _saved_with_lora(make, blocks) -> int:
+    pipe = make()
+    adapter = get_adapter(pipe)
+    add_lora(pipe.transformer, LoraSpec(tuple(blocks), tuple(lora_targets(adapter, blocks))))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        with no_grad_prefix(adapter, blocks):
+            _forward(pipe, adapter)
+    return sum(saved)
+
+
+def _forward(pipe, adapter):
+    """One transformer call with fixed random inputs (any family)."""
+    if adapter.family in ("pixart", "sana"):
+        _, x, t, text = _inputs(pipe)
+        return adapter.denoise(x, t, text)
+    g = torch.Generator().manual_seed(0)
+    cfg = pipe.transformer.config
+    n_img, n_txt = 16, 8
+    if adapter.family == "sd3":
+        return pipe.transformer(
+            hidden_states=torch.randn(1, cfg.in_channels, 8, 8, generator=g),
+            encoder_hidden_states=torch.randn(1, n_txt, cfg.joint_attention_dim, generator=g),
+            pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
+            timestep=torch.tensor([500.0]), return_dict=False,
+        )[0]
+    return pipe.transformer(
+        hidden_states=torch.randn(1, n_img, cfg.in_channels, generator=g),
+        encoder_hidden_states=torch.randn(1, n_txt, cfg.joint_attention_dim, generator=g),
+        pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
+        timestep=torch.tensor([0.5]),
+        img_ids=torch.zeros(n_img, 3), txt_ids=torch.zeros(n_txt, 3),
+        guidance=torch.tensor([3.5]) if cfg.guidance_embeds else None,
+        return_dict=False,
+    )[0]
+
+
+def test_prefix_restores_after_exception():
+    pipe = tiny_pixart_pipeline()
+    adapter = get_adapter(pipe)
+    with pytest.raises(RuntimeError):
+        with no_grad_prefix(adapter, ["block.3"]) as prefix:
+            assert prefix == ["block.0", "block.1", "block.2"]
+            raise RuntimeError("boom")
+    assert all("forward" not in vars(adapter.block_module(b)) for b in adapter.block_names())
+
+
+# ---- diffusers round trips ----------------------------------------------------------------
+@pytest.mark.parametrize("make, blocks", [
+    (tiny_sana_pipeline, ["block.1"]), (tiny_flux_pipeline, ["double.0", "single.1"]), (tiny_sd3_pipeline, ["block.1"]),
+    (tiny_pixart_pipeline, ["block.0", "block.3"]),
+])
+def test_saved_lora_loads_through_diffusers(tmp_path, make, blocks):
+    pipe = make()
+    adapter = get_adapter(pipe)
+    spec = LoraSpec(tuple(blocks), tuple(lora_targets(adapter, blocks)), rank=2, alpha=4.0)
+    add_lora(pipe.transformer, spec)
+    _randomize_lora(pipe.transformer)
+    with torch.no_grad():
+        expected = _forward(pipe, adapter)
+    save_lora(pipe, tmp_path, lora_state_dict(pipe.transformer), spec)
+    fresh = make()
+    with torch.no_grad():
+        plain = _forward(fresh, get_adapter(fresh))
+    assert not torch.allclose(plain, expected)
+    if hasattr(fresh, "load_lora_weights"):  # the user's own tooling
+        fresh.load_lora_weights(str(tmp_path))
+    else:  # PixArt: diffusers has no LoRA loader; the same file through ditloc/peft
+        load_edit(fresh, tmp_path)
+    with torch.no_grad():
+        got = _forward(fresh, get_adapter(fresh))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+# ---- the jobs ----------------------------------------------------------------------------
+def _images(pipe, n=3, seed=0):
+    h, w = image_size(pipe)
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, h, w, generator=g) * 2 - 1
+
+
+def test_personalize_full_changes_only_the_chosen_blocks(tmp_path):
+    pipe = tiny_pixart_pipeline()
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    res = personalize(pipe, _images(pipe), "sks", "cat", blocks="block.2",
+                      config=TrainConfig(method="full", steps=3, batch_size=2, lr=1e-3), out=tmp_path)
+    after = pipe.transformer.state_dict()
+    changed = sorted({k for k in before if not torch.equal(before[k], after[k])})
+    assert changed and all(k.startswith("transformer_blocks.2.") for k in changed)
+    record = json.loads((tmp_path / "ditloc_edit.json").read_text())
+    assert record["blocks"] == ["block.2"] and record["steps"] == 3 and len(record["losses"]) == 3
+    assert record["details"]["instance_prompt"] == "a sks cat"
+    fresh = tiny_pixart_pipeline()
+    load_edit(fresh, tmp_path)
+    assert all(torch.equal(fresh.transformer.state_dict()[k], after[k]) for k in after)
+
+
+def test_personalize_auto_localizes_and_fits(tmp_path):
+    pipe = tiny_pixart_pipeline()
+    res = personalize(pipe, _images(pipe), "sks", "cat", blocks="auto", k=2, prior_preservation=True,
+                      num_class_images=2, num_inference_steps=2,
+                      config=TrainConfig(steps=30, batch_size=2, lr=3e-3), out=tmp_path)
+    loc = json.loads((tmp_path / "localization.json").read_text())
+    assert loc["concept"] == "cat"
+    ranking = sorted(zip(loc["scores"], loc["blocks"]), key=lambda p: -p[0])
+    assert list(res.blocks) == sorted([b for _, b in ranking[:2]], key=lambda b: int(b.split(".")[1]))
+    assert np.mean(res.losses[-10:]) < np.mean(res.losses[:10])  # it learns
+    assert (tmp_path / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_unlearn_moves_concept_prediction_to_the_anchor(tmp_path):
+    pipe = tiny_pixart_pipeline()
+    adapter = get_adapter(pipe)
+    _, x, t, _ = _inputs(pipe, batch=2)
+    text = {k: v.detach() for k, v in adapter.encode_text(["a red dog", "a red cat"], {}).items()}
+    with torch.no_grad():
+        concept0 = adapter.denoise(x, t, {k: v[:1].expand(2, *v.shape[1:]) for k, v in text.items()})
+        anchor = adapter.denoise(x, t, {k: v[1:].expand(2, *v.shape[1:]) for k, v in text.items()})
+    res = unlearn(pipe, "dog", "cat", prompts=["a red dog"], blocks="block.1,block.2", images_per_prompt=2,
+                  num_inference_steps=2, config=TrainConfig(steps=40, batch_size=4, lr=3e-3), out=tmp_path)
+    with torch.no_grad():
+        concept1 = adapter.denoise(x, t, {k: v[:1].expand(2, *v.shape[1:]) for k, v in text.items()})
+        anchor1 = adapter.denoise(x, t, {k: v[1:].expand(2, *v.shape[1:]) for k, v in text.items()})
+    gap0 = (concept0 - anchor).pow(2).mean()
+    gap1 = (concept1 - anchor).pow(2).mean()
+    assert gap1 < 0.5 * gap0
+    assert res.details["anchor_prompts"] == ["a red cat"]
+    assert (tmp_path / "anchor_latents.safetensors").exists()
+    assert (anchor1 - anchor).abs().max() > 0  # LoRA in shared blocks does move other prompts a little
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path):
+    def job(out, progress=None):
+        pipe = tiny_pixart_pipeline()
+        return pipe, unlearn(pipe, "dog", "cat", prompts=["a red dog"], blocks="block.1", images_per_prompt=2,
+                             num_inference_steps=2, out=out, progress=progress,
+                             config=TrainConfig(steps=6, batch_size=2, lr=1e-3, checkpoint_every=1))
+
+    pipe_a, res_a = job(tmp_path / "a")
+
+    def interrupt(message):
+        if message.startswith("step 3/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(DitlocError, match="interrupted at step 3; rerun"):
+        job(tmp_path / "b", progress=interrupt)
+    assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["step"] == 3
+    messages = []
+    pipe_b, res_b = job(tmp_path / "b", progress=messages.append)
+    assert "resumed at step 3/6" in messages
+    assert res_b.losses == res_a.losses
+    sa, sb = lora_state_dict(pipe_a.transformer), lora_state_dict(pipe_b.transformer)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_checkpoint_of_another_job_is_refused(tmp_path):
+    pipe = tiny_pixart_pipeline()
+    unlearn(pipe, "dog", "cat", prompts=["a red dog"], blocks="block.1", images_per_prompt=1, num_inference_steps=2,
+            out=tmp_path, config=TrainConfig(steps=1, batch_size=1))
+    with pytest.raises(DitlocError, match="different job"):
+        unlearn(tiny_pixart_pipeline(), "dog", "cat", prompts=["a red dog"], blocks="block.2", images_per_prompt=1,
+                num_inference_steps=2, out=tmp_path, config=TrainConfig(steps=1, batch_size=1))
+
+
+def test_noise_rule_follows_the_scheduler():
+    assert NoiseRule.from_scheduler(tiny_pixart_pipeline().scheduler).kind == "epsilon"
+    assert NoiseRule.from_scheduler(tiny_sana_pipeline().scheduler).kind == "flow"
+    rule = NoiseRule.from_scheduler(tiny_sana_pipeline().scheduler)
+    x0 = torch.randn(3, 4, 2, 2)
+    x_t, t, target = rule.sample(x0, torch.Generator().manual_seed(0))
+    sigma = (t / 1000).view(-1, 1, 1, 1)
+    noise = target + x0
+    torch.testing.assert_close(x_t, (1 - sigma) * x0 + sigma * noise)
+
+
+# ---- bad input ---------------------------------------------------------------------------
+def _save(path, array, mode=None):
+    from PIL import Image
+
+    im = Image.fromarray(array)
+    (im.convert(mode) if mode else im).save(path)
+
+
+@pytest.fixture(scope="module")
+def pixart_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pixart")
+    tiny_pixart_pipeline().save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist"),
+    ("empty", "no images"),
+    ("unreadable", "cannot read image"),
+    ("size", "is 16x16; the model trains at 32x32"),
+    ("mode", "is L; convert the images to RGB"),
+])
+def test_bad_image_folders_one_line_errors(tmp_path, capsys, pixart_dir, case, message):
+    folder = tmp_path / "imgs"
+    if case != "missing":
+        folder.mkdir()
+    rgb = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    if case == "unreadable":
+        _save(folder / "a.png", rgb)
+        (folder / "b.png").write_bytes(b"not an image")
+    elif case == "size":
+        _save(folder / "a.png", rgb[:16, :16])
+    elif case == "mode":
+        _save(folder / "a.png", rgb, "L")
+    code = _cli(["personalize", str(pixart_dir), "--images", str(folder), "--token", "sks", "--class-word", "cat",
+                 "--blocks", "block.1", "--train-steps", "1", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0] and err[0].startswith("ditloc: error:")
+
+
+def _cli(argv) -> int:
+    try:
+        return cli_main(argv)
+    except SystemExit as e:
+        return int(e.code)
+
+
+def test_cli_unlearn_concept_absent_and_success(tmp_path, capsys, pixart_dir):
+    code = _cli(["unlearn", str(pixart_dir), "--concept", "snoopy", "--anchor", "a dog", "--prompt", "a red cat",
+                 "--out", str(tmp_path / "x")])
+    assert code == 2 and "does not contain the concept 'snoopy'" in capsys.readouterr().err
+    code = _cli(["unlearn", str(pixart_dir), "--concept", "dog", "--anchor", "cat", "--prompt", "a dog on the beach",
+                 "--k", "2", "--train-steps", "2", "--steps", "2", "--images-per-prompt", "1",
+                 "--out", str(tmp_path / "ok")])
+    out = capsys.readouterr().out
+    assert code == 0 and "unlearn: trained" in out
+    rec = json.loads((tmp_path / "ok" / "ditloc_edit.json").read_text())
+    assert len(rec["blocks"]) == 2 and rec["config"]["lora"]["targets"]
+    assert _cli(["unlearn", str(pixart_dir), "--concept", "dog", "--anchor", "cat", "--prompt", "a dog",
+                 "--blocks", "auto", "--k", "9", "--out", str(tmp_path / "k")]) == 2
+    assert "--k must be between 1 and 4" in capsys.readouterr().err
