@@ -249,6 +249,7 @@ def unlearn(
     anchor: str,
     *,
     prompts=None,
+    anchor_prompts=None,
     blocks="auto",
     k: int | None = 4,
     config: TrainConfig = TrainConfig(),
@@ -259,18 +260,24 @@ def unlearn(
     progress=None,
 ) -> EditResult:
     """Make prompts with `concept` behave like the same prompts with `anchor`
-    (the frozen model's prediction is the target), training only `blocks`."""
+    (the frozen model's prediction is the target), training only `blocks`.
+    `anchor_prompts` (one per prompt) replaces the word substitution, e.g. to
+    drop a whole phrase ("with a hazard sign")."""
     if not concept or not concept.strip():
         raise DitlocError("the concept is empty; pass --concept 'the words to forget'")
-    if not anchor or not anchor.strip():
+    if anchor_prompts is None and (not anchor or not anchor.strip()):
         raise DitlocError("the anchor is empty; pass --anchor 'what to show instead', e.g. 'a dog'")
     prompts = [p for p in (prompts or [f"a picture of {concept.strip()}", concept.strip()])]
-    anchors = []
+    pattern = re.compile(r"(?<!\w)" + re.escape(concept.strip()) + r"(?!\w)", re.IGNORECASE)
     for i, p in enumerate(prompts):
-        try:
-            anchors.append(anchor_prompt(p, concept, anchor))
-        except DitlocError:
-            raise DitlocError(f"prompt {i + 1} ({p!r}) does not contain the concept {concept!r}") from None
+        if not pattern.search(p):
+            raise DitlocError(f"prompt {i + 1} ({p!r}) does not contain the concept {concept!r}")
+    if anchor_prompts is not None:
+        anchors = list(anchor_prompts)
+        if len(anchors) != len(prompts):
+            raise DitlocError(f"{len(anchors)} anchor prompts for {len(prompts)} prompts; give one per prompt")
+    else:
+        anchors = [anchor_prompt(p, concept, anchor) for p in prompts]
     adapter = _adapter(pipe)
     kw = make_call_kwargs(adapter, num_inference_steps=num_inference_steps or adapter.call_default("num_inference_steps") or 20,
                           guidance_scale=guidance_scale, max_sequence_length=None, extra={})
