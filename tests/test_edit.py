@@ -367,3 +367,29 @@ def test_cli_unlearn_concept_absent_and_success(tmp_path, capsys, pixart_dir):
     assert _cli(["unlearn", str(pixart_dir), "--concept", "dog", "--anchor", "cat", "--prompt", "a dog",
                  "--blocks", "auto", "--k", "9", "--out", str(tmp_path / "k")]) == 2
     assert "--k must be between 1 and 4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make, size, blocks", [
+    (tiny_flux_pipeline, 16, "all"), (tiny_sd3_pipeline, 8, "all"), (tiny_sana_pipeline, 32, "block.2"),
+])
+def test_unlearn_trains_every_family(tmp_path, make, size, blocks):
+    pipe = make()
+    adapter = get_adapter(pipe)
+    hw = {"height": size, "width": size}
+    if adapter.family == "sana":  # the tiny model's 32 px would be binned to SANA's 512 px buckets
+        hw["use_resolution_binning"] = False
+    with torch.no_grad():
+        x = adapter.unpack_latents(pipe(["a red dog"] * 2, num_inference_steps=2, output_type="latent",
+                                        generator=[torch.Generator().manual_seed(i) for i in range(2)], **hw).images)
+        text = {k: v.detach() for k, v in adapter.encode_text(["a red dog", "a red cat"],
+                                                              {"max_sequence_length": 16}).items()}
+    t = torch.tensor([300.0, 800.0])
+    one = lambda i: {k: v[i : i + 1].expand(2, *v.shape[1:]) for k, v in text.items()}  # noqa: E731
+    with torch.no_grad():
+        concept0, anchor = adapter.denoise(x, t, one(0)), adapter.denoise(x, t, one(1))
+    unlearn(pipe, "dog", "cat", prompts=["a red dog"], blocks=blocks, images_per_prompt=2, num_inference_steps=2,
+            config=TrainConfig(steps=15, batch_size=2, lr=5e-3), out=tmp_path, pipeline_kwargs=hw,
+            max_sequence_length=16)
+    with torch.no_grad():
+        concept1 = adapter.denoise(x, t, one(0))
+    assert (concept1 - anchor).pow(2).mean() < 0.5 * (concept0 - anchor).pow(2).mean()

@@ -135,6 +135,42 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", choices=DTYPES, default=None)
         p.add_argument("--out", required=True, help="output directory (checkpoints here; rerun to resume)")
 
+    p = sub.add_parser("bench", help="causal benchmark over a probe set: presence vs K, top-K against random/bottom-K")
+    p.add_argument("model", metavar="MODEL", help="diffusers pipeline directory, hub id, or 'toy'")
+    p.add_argument("--probes", default="lock", help="lock, toy or a probe file (default lock)")
+    p.add_argument("--categories", default=None, metavar="A,B",
+                   help="comma-separated categories (default: all of the probe set)")
+    p.add_argument("--concepts-per-category", type=int, default=None, metavar="N",
+                   help="only the first N concepts of each")
+    p.add_argument("--localization-prompts", type=int, default=None, metavar="N",
+                   help="only the first N localization prompts")
+    p.add_argument("--evaluation-prompts", type=int, default=None, metavar="N",
+                   help="only the first N evaluation prompts")
+    p.add_argument("--k", default="1,2,4,8", metavar="K,K,...", help="numbers of blocks to withhold (default 1,2,4,8)")
+    p.add_argument("--seeds", default="0,1,2", metavar="S,S,...", help="evaluation seeds (default 0,1,2)")
+    p.add_argument("--localize-seed", type=int, default=0, help="seed of the localization trajectories (default 0)")
+    p.add_argument("--evaluator", choices=("toy", "clip", "style", "vlm"), required=True)
+    p.add_argument("--evaluator-model", default=None, metavar="PATH", help="CLIP / VLM directory or cached hub id")
+    p.add_argument("--references", default=None, metavar="DIR",
+                   help="style evaluator: a folder per concept of style reference images")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's)")
+    p.add_argument("--max-sequence-length", type=int, default=None)
+    p.add_argument("--variant", choices=("attn", "attn_value", "attn_value_out"), default="attn_value_out")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default=None, help="default: where the pipeline loads; each process's own "
+                                                  "accelerator under accelerate launch / torchrun")
+    p.add_argument("--dtype", choices=DTYPES, default=None)
+    p.add_argument("--text-stream", choices=("both", "clip", "t5"), default=None, help="SD3 only (see localize)")
+    p.add_argument("--out", required=True, help="run directory (rerun the same command to resume)")
+
+    p = sub.add_parser("report", help="HTML report and figures of a `ditloc bench` run")
+    p.add_argument("run", metavar="RUN", help="the run directory of `ditloc bench`")
+    p.add_argument("--k", type=int, default=None, help="K of the block-selection heat map (default: the largest)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="minimal K: top-K presence below this fraction of the baseline (default 0.5)")
+    p.add_argument("--grid-samples", type=int, default=4, help="images per concept in the grids (default 4)")
+
     p = sub.add_parser("demo", help="the whole loop on the embedded toy model (a few minutes on a CPU)")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--k", type=int, default=3, help="blocks to withhold (default 3)")
@@ -257,6 +293,58 @@ def cmd_demo(args) -> None:
           f"({result['settings']['seconds']}s)")
 
 
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    from .errors import DitlocError
+
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise DitlocError(f"{flag} takes comma-separated integers, e.g. 1,2,4,8; got {text!r}") from None
+
+
+def cmd_bench(args) -> None:
+    import torch
+
+    from .bench import BenchSettings, accelerate_workers, check_run_dir, plan_bench, run_bench
+
+    settings = BenchSettings(
+        model=args.model, probes=args.probes, ks=_int_list(args.k, "--k"), seeds=_int_list(args.seeds, "--seeds"),
+        evaluator=args.evaluator, evaluator_model=args.evaluator_model, references=args.references,
+        categories=tuple(c.strip() for c in (args.categories or "").split(",") if c.strip()),
+        concepts_per_category=args.concepts_per_category, localization_prompts=args.localization_prompts,
+        evaluation_prompts=args.evaluation_prompts, steps=args.steps, guidance_scale=args.guidance,
+        max_sequence_length=args.max_sequence_length, localize_seed=args.localize_seed, variant=args.variant,
+        batch_size=args.batch_size, dtype=args.dtype, text_stream=args.text_stream,
+    )
+    plan = plan_bench(settings)
+    check_run_dir(args.out, plan)  # before the model loads
+    accelerator = getattr(torch, "accelerator", None)
+    has_accelerator = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    try:
+        cpu = not has_accelerator or (args.device is not None and torch.device(args.device).type == "cpu")
+    except RuntimeError:
+        _fail(f"unknown device {args.device!r}; use e.g. cpu, cuda, cuda:1, mps")
+    workers, process_device = accelerate_workers(cpu=cpu)
+    device = args.device if workers.world_size == 1 or cpu else str(process_device)
+    pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
+    result = run_bench(pipe, plan, args.out, workers=workers, device=pipe._execution_device,
+                       progress=lambda m: print(m, file=sys.stderr, flush=True))
+    if workers.rank == 0:
+        print(f"bench: {result.units_run} unit(s) run, {result.units_reused} reused (process 0), "
+              f"{result.seconds:.0f}s; {len(result.rows)} rows")
+        print(f"wrote {result.path} (then: ditloc report {args.out})")
+
+
+def cmd_report(args) -> None:
+    from .report import build_report
+
+    report = build_report(args.run, k=args.k, threshold=args.threshold, grid_samples=args.grid_samples)
+    print(f"minimal K (top-K presence < {args.threshold:g} x baseline):")
+    for m in report.minimal_k:
+        print(f"  {m.category:<12} {m.concept:<28} {m.minimal_k if m.minimal_k is not None else 'none'}")
+    print(f"wrote {report.html} and {len(report.figures)} figures in {report.html.parent}")
+
+
 def _edit(args) -> None:
     from .edit import TrainConfig, personalize, unlearn
     from .errors import DitlocError
@@ -288,7 +376,7 @@ def _edit(args) -> None:
 
 
 COMMANDS = {"localize": cmd_localize, "intervene": cmd_intervene, "demo": cmd_demo,
-            "personalize": _edit, "unlearn": _edit}
+            "personalize": _edit, "unlearn": _edit, "bench": cmd_bench, "report": cmd_report}
 
 
 def _quiet_libraries() -> None:

@@ -108,8 +108,12 @@ class Adapter(ABC):
         [B, C, h, w] (a learned-variance half is dropped)."""
         raise DitlocError(
             f"training (personalize/unlearn) is not implemented for {self.family} yet; "
-            "supported: pixart, sana"
+            "supported: pixart, sana, flux, sd3"
         )
+
+    def unpack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The pipeline's ``output_type="latent"`` result as [B, C, h, w] (FLUX packs them)."""
+        return latents
 
     # ---- instrumentation -------------------------------------------------------------
     @abstractmethod

@@ -14,6 +14,8 @@ output bias, added only with `out_bias=True`). The block's gate is not included.
 
 from __future__ import annotations
 
+import torch
+
 from ..processors_joint import FluxJointProcessor
 from .joint_attention import JointAttentionAdapter
 
@@ -56,6 +58,35 @@ class FluxAdapter(JointAttentionAdapter):
             max_sequence_length=length,
         )
         return {"embeds": embeds, "pooled": pooled}
+
+    def _latent_hw(self) -> tuple[int, int]:
+        side = int(self.pipe.default_sample_size)  # pixels = side * vae_scale_factor
+        return side, side
+
+    def denoise(self, latents: torch.Tensor, timestep: torch.Tensor, text: dict) -> torch.Tensor:
+        pipe, t = self.pipe, self.transformer
+        b, c, h, w = latents.shape
+        packed = pipe._pack_latents(latents, b, c, h, w)  # [B, h/2 * w/2, 4C]
+        img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
+        txt_ids = torch.zeros(text["embeds"].shape[1], 3, device=latents.device, dtype=latents.dtype)
+        guidance = None
+        if t.config.guidance_embeds:  # guidance-distilled (FLUX.1-dev): the pipeline's default scale
+            guidance = torch.full([b], float(self.call_default("guidance_scale") or 3.5), device=latents.device)
+        out = t(
+            hidden_states=packed, timestep=timestep / 1000, guidance=guidance,
+            pooled_projections=text["pooled"], encoder_hidden_states=text["embeds"],
+            txt_ids=txt_ids, img_ids=img_ids, return_dict=False,
+        )[0]  # [B, h/2 * w/2, 4C]
+        scale = pipe.vae_scale_factor
+        return pipe._unpack_latents(out, h * scale, w * scale, scale)  # [B, C, h, w]
+
+    def unpack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        if latents.ndim == 4:
+            return latents
+        n = latents.shape[1]  # packed tokens = (h/2) * (w/2), square images
+        side = int(round(n ** 0.5)) * 2
+        scale = self.pipe.vae_scale_factor
+        return self.pipe._unpack_latents(latents, side * scale, side * scale, scale)
 
     def make_processor(self, block: str, index: int, attn, state):
         return FluxJointProcessor(attn.processor, block, index, state, self.out_projection(block))

@@ -12,6 +12,8 @@ part), "clip" (default without T5, whose part is then zeros) or "t5".
 
 from __future__ import annotations
 
+import torch
+
 from ..errors import DitlocError
 from ..processors_joint import SD3JointProcessor
 from .joint_attention import JointAttentionAdapter
@@ -57,6 +59,15 @@ class SD3Adapter(JointAttentionAdapter):
             num_images_per_prompt=1, do_classifier_free_guidance=False, max_sequence_length=t5_len,
         )
         return {"embeds": embeds, "pooled": pooled}
+
+    def denoise(self, latents: torch.Tensor, timestep: torch.Tensor, text: dict) -> torch.Tensor:
+        return self.transformer(
+            hidden_states=latents,  # [B, C, h, w]
+            timestep=timestep,  # [B], 0..1000 as the pipeline passes it
+            encoder_hidden_states=text["embeds"],  # [B, 77 + L_t5, D]
+            pooled_projections=text["pooled"],  # [B, D_pooled]
+            return_dict=False,
+        )[0]
 
     def make_processor(self, block: str, index: int, attn, state):
         return SD3JointProcessor(attn.processor, block, index, state, self.out_projection(block))

@@ -15,7 +15,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 def image_size(pipe) -> tuple[int, int]:
     """(height, width) in pixels the pipeline generates by default."""
-    sample = pipe.transformer.config.sample_size
+    sample = getattr(pipe.transformer.config, "sample_size", None)
+    if sample is None:  # FLUX: the pipeline's default
+        sample = int(pipe.default_sample_size)
+        return sample * pipe.vae_scale_factor, sample * pipe.vae_scale_factor
     sample = sample if isinstance(sample, (tuple, list)) else (sample, sample)
     scale = pipe.vae_scale_factor
     return int(sample[0] * scale), int(sample[1] * scale)

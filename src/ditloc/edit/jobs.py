@@ -78,8 +78,20 @@ def _generate_latents(pipe, prompts: list[str], per_prompt: int, seed: int, call
     for i, prompt in enumerate(prompts):
         seeds = [seed * 1_000_003 + i * 1000 + j for j in range(per_prompt)]
         res = pipe([prompt] * per_prompt, generator=generators(seeds), output_type="latent", **call_kwargs)
-        out.append(res.images)
+        out.append(_adapter(pipe).unpack_latents(res.images))
     return torch.cat(out)
+
+
+def _native_size(pipe, pipeline_kwargs) -> dict:
+    """Pipeline call arguments with the model's native height/width unless given
+    (SANA's pipeline defaults to 1024 px whatever the checkpoint's sample size)."""
+    import inspect
+
+    kw = dict(pipeline_kwargs or {})
+    accepted = inspect.signature(pipe.__call__).parameters
+    if "height" in accepted and "width" in accepted and not (kw.get("height") or kw.get("width")):
+        kw["height"], kw["width"] = image_size(pipe)
+    return kw
 
 
 def _encode(adapter, prompts: list[str], kw: dict) -> dict:
@@ -167,10 +179,14 @@ def personalize(
     out=None,
     num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
+    max_sequence_length: int | None = None,
+    pipeline_kwargs: dict | None = None,
     progress=None,
 ) -> EditResult:
     """Bind `token` to the subject of `images` (a folder or [N, 3, h, w] tensor in
-    [-1, 1]), training LoRA / full weights only in `blocks`."""
+    [-1, 1]), training LoRA / full weights only in `blocks`. `pipeline_kwargs`:
+    extra arguments for the pipeline calls (localization, class images), e.g.
+    ``height``/``width``, which then also fix the training resolution."""
     if not token or not token.strip() or not class_word or not class_word.strip():
         raise DitlocError("pass both --token (a rare word, e.g. sks) and --class-word (e.g. dog)")
     for slot in ("{token}", "{class_word}"):
@@ -178,6 +194,8 @@ def personalize(
             raise DitlocError(f"--instance-prompt must contain {slot} (got {instance_prompt!r})")
     adapter = _adapter(pipe)
     size = image_size(pipe)
+    if pipeline_kwargs and pipeline_kwargs.get("height") and pipeline_kwargs.get("width"):
+        size = (int(pipeline_kwargs["height"]), int(pipeline_kwargs["width"]))
     if isinstance(images, (str, Path)):
         pixels, records = load_image_folder(images, size)
     else:
@@ -188,7 +206,8 @@ def personalize(
     class_prompt = class_prompt or instance_prompt.replace("{token} ", "").replace("{token}", "").format(
         class_word=class_word.strip())
     kw = make_call_kwargs(adapter, num_inference_steps=num_inference_steps or adapter.call_default("num_inference_steps") or 20,
-                          guidance_scale=guidance_scale, max_sequence_length=None, extra={})
+                          guidance_scale=guidance_scale, max_sequence_length=max_sequence_length,
+                          extra=_native_size(pipe, pipeline_kwargs))
     out = _prepare_out(out)
     chosen, loc = choose_blocks(pipe, blocks, k, [class_prompt], class_word.strip(), progress=progress,
                                 num_inference_steps=kw["num_inference_steps"], guidance_scale=guidance_scale)
@@ -257,6 +276,8 @@ def unlearn(
     out=None,
     num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
+    max_sequence_length: int | None = None,
+    pipeline_kwargs: dict | None = None,
     progress=None,
 ) -> EditResult:
     """Make prompts with `concept` behave like the same prompts with `anchor`
@@ -280,7 +301,8 @@ def unlearn(
         anchors = [anchor_prompt(p, concept, anchor) for p in prompts]
     adapter = _adapter(pipe)
     kw = make_call_kwargs(adapter, num_inference_steps=num_inference_steps or adapter.call_default("num_inference_steps") or 20,
-                          guidance_scale=guidance_scale, max_sequence_length=None, extra={})
+                          guidance_scale=guidance_scale, max_sequence_length=max_sequence_length,
+                          extra=_native_size(pipe, pipeline_kwargs))
     for p in prompts:  # the concept must reach the text encoder (not truncated)
         adapter.concept_span(p, concept.strip(), kw)
     out = _prepare_out(out)

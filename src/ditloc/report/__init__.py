@@ -1,0 +1,158 @@
+"""Report of a `ditloc bench` run: PNG figures and one self-contained HTML page.
+
+    from ditloc.report import build_report
+    report = build_report("runs/bench")      # -> runs/bench/report/index.html, *.png, summary.json
+
+Figures: a heat map of how often each block is in a concept's top-K, per
+category (categories x blocks); presence-vs-K curves per category (top-K,
+random-K, bottom-K, 95% confidence bands by the normal approximation); image
+grids per concept (baseline, then top-K withheld for each K). A table gives
+each concept's minimal K. Definitions: `ditloc.report.data`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from ..bench import BASELINE, slugify
+from ..errors import DitlocError
+from .data import CurvePoint, MinimalK, RunData, load_run, minimal_k, presence_curves, selection_frequency
+from .figures import curves_figure, grid_figure, heatmap_figure
+from .html import Figure, render_page, table
+
+CI_METHOD = "normal approximation: mean ± 1.96 s / sqrt(n) over every image (concept x prompt x seed)"
+
+
+@dataclass(frozen=True)
+class Report:
+    html: Path
+    figures: tuple[Path, ...]
+    k: int  # of the heat map
+    threshold: float
+    curves: tuple[CurvePoint, ...]
+    selection: dict  # category -> [blocks] fraction
+    minimal_k: tuple[MinimalK, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "k": self.k,
+            "threshold": self.threshold,
+            "ci": CI_METHOD,
+            "curves": [p.to_dict() for p in self.curves],
+            "selection": self.selection,
+            "minimal_k": [m.to_dict() for m in self.minimal_k],
+        }
+
+
+def _grid_samples(data: RunData, category: str, concept: str, n: int) -> list[tuple[int, int]]:
+    """(prompt index, seed) of the grid's rows: distinct prompts first (first seed), then more seeds."""
+    seeds = list(data.settings["seeds"])
+    base = sorted({(r.prompt_index, r.seed) for r in data.rows
+                   if r.category == category and r.concept == concept and r.control == BASELINE},
+                  key=lambda ps: (seeds.index(ps[1]) if ps[1] in seeds else len(seeds), ps[0]))
+    return base[:n]
+
+
+def _load_image(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _grids(data: RunData, out: Path, n: int) -> list[Figure]:
+    """One grid per concept: rows = (prompt, seed) samples, columns = baseline then top-K withheld per K."""
+    images = {(r.category, r.concept, r.control, r.k, r.prompt_index, r.seed): r for r in data.rows}
+    missing = Image.new("RGB", (32, 32), (240, 240, 240))  # a unit not finished yet
+    figures = []
+    for category, concepts in data.record["concepts"].items():
+        for concept in concepts:
+            samples = _grid_samples(data, category, concept, n)
+            if not samples:
+                continue
+            ks = [k for k in data.ks if any((category, concept, "top", k, p, s) in images for p, s in samples)]
+            columns = [(BASELINE, 0, "baseline")] + [("top", k, f"top-{k} withheld") for k in ks]
+            rows = [[_load_image(data.path / images[key].image) if key in images else missing
+                     for key in ((category, concept, control, k, p, s) for control, k, _ in columns)]
+                    for p, s in samples]
+            baseline = [images[(category, concept, BASELINE, 0, p, s)] for p, s in samples]
+            prompts = tuple(dict.fromkeys(f"p{r.prompt_index}: {r.prompt}" for r in baseline))
+            fig = grid_figure(rows, [c[2] for c in columns], [f"p{p} s{s}" for p, s in samples],
+                              title=f"{category} / {concept}: baseline and top-K withheld")
+            path = out / f"grid_{slugify(category)}_{slugify(concept)}.png"
+            fig.save(path)
+            figures.append(Figure(path, f"{category} / {concept}",
+                                  f"rows: prompt p and seed s; withheld blocks from the concept's localization; "
+                                  f"evaluation text {baseline[0].eval_text!r}", prompts))
+    return figures
+
+
+def build_report(run, *, k: int | None = None, threshold: float = 0.5, grid_samples: int = 4) -> Report:
+    """Write RUN/report/ (index.html, PNG figures, summary.json) for a bench run, finished or partial."""
+    if grid_samples < 1:
+        raise DitlocError(f"grid samples must be at least 1, got {grid_samples}")
+    if not threshold > 0:
+        raise DitlocError(f"the minimal-K threshold must be positive (a fraction of the baseline), got {threshold}")
+    data = load_run(run)
+    out = data.path / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    k = k if k is not None else min(max(data.ks), len(data.blocks) or max(data.ks))
+    settings = data.settings
+
+    selection = selection_frequency(data, k)
+    heat_path = out / "heatmap.png"
+    heatmap_figure(selection, data.blocks, k=k).save(heat_path)
+    heat = Figure(heat_path, f"top-{k} selection frequency",
+                  f"cell: fraction of the category's concepts whose top-{k} blocks (attention contribution, "
+                  f"{settings['variant']}) include the block")
+
+    curves = presence_curves(data)
+    curve_figures = []
+    for category in data.categories:
+        pts = [p for p in curves if p.category == category]
+        if not pts:
+            continue
+        n_concepts = len(data.record["concepts"][category])
+        path = out / f"curves_{slugify(category)}.png"
+        curves_figure(pts, data.ks, title=f"{category}: presence vs K ({n_concepts} concept(s))",
+                      y_label=f"presence ({settings['evaluator']})").save(path)
+        curve_figures.append(Figure(path, f"{category}: presence vs K",
+                                    f"mean presence; bands: 95% CI, {CI_METHOD}"))
+
+    minimal = minimal_k(data, threshold)
+    header = ["category", "concept", "baseline"] + [f"top-{k_} / baseline" for k_ in data.ks] + ["minimal K"]
+    rows = []
+    for m in minimal:
+        cells = [(m.category, ""), (m.concept, ""), (f"{m.baseline:.4g}", "num")]
+        cells += [(f"{m.relative[k_]:.3f}" if m.relative.get(k_) is not None else "–", "num") for k_ in data.ks]
+        cells.append((str(m.minimal_k) if m.minimal_k is not None else "none", "num" if m.minimal_k else "none"))
+        rows.append(cells)
+    minimal_table = table(header, rows)
+
+    grids = _grids(data, out, grid_samples)
+    n_done = len({r.unit for r in data.rows})
+    state = "complete" if data.complete else f"partial: {n_done} of {data.n_generation_units} generation units"
+    meta = (f"model {settings['model']} · probes {settings['probes']} · evaluator {settings['evaluator']} · "
+            f"K {', '.join(map(str, data.ks))} · seeds {', '.join(map(str, settings['seeds']))} · "
+            f"{settings['steps']} steps · {len(data.rows)} images scored · {state}")
+    sections = [
+        ("Where the concepts are localized", "", [heat]),
+        ("Presence vs K", "Withholding a concept from its top-K blocks should remove it at small K; random-K "
+         "and bottom-K withholding should not. K = 0 is the unmodified generation.", curve_figures),
+        ("Minimal K", f"The smallest K whose top-K withholding brings the concept's mean presence below "
+         f"{threshold:g} x its baseline mean presence; 'none' if no K tested does.", [minimal_table]),
+        ("Image grids", "Baseline and top-K withheld, same prompt and seed per row.", grids),
+    ]
+    page = render_page(title=f"ditloc bench report: {data.path.name}", meta=meta, sections=sections,
+                       settings=data.record)
+    html_path = out / "index.html"
+    html_path.write_text(page, encoding="utf-8")
+    report = Report(html_path, tuple([heat.path] + [f.path for f in curve_figures] + [g.path for g in grids]),
+                    k, float(threshold), tuple(curves), selection, tuple(minimal))
+    (out / "summary.json").write_text(json.dumps(report.to_dict(), indent=1))
+    return report
+
+
+__all__ = ["CI_METHOD", "Report", "build_report", "load_run", "minimal_k", "presence_curves", "selection_frequency"]

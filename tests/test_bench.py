@@ -1,0 +1,184 @@
+"""`ditloc bench`: rows, determinism, resume after kill -9, two processes, settings guard.
+
+Tiny random PixArt (4 blocks, 32x32, 2 steps), 2 concepts, K in {1, 2}, 2 seeds."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench_helpers import ENV, N_ROWS, N_UNITS, bench_argv, reference_run, run_cli, setup_files, store_lines
+from ditloc.bench import CONTROLS, ResultStore, control_blocks
+from ditloc.localize import Localization
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return setup_files(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return reference_run(tmp_path_factory)
+
+
+def rows_of(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+
+
+def test_rows_cover_every_condition(reference):
+    rows = rows_of(reference)
+    assert len(rows) == N_ROWS
+    keys = [(r["unit"], r["prompt_index"], r["seed"]) for r in rows]
+    assert len(set(keys)) == len(keys)
+    units = [json.loads(line) for line in store_lines(reference)]
+    assert len(units) == N_UNITS and len({u["unit"] for u in units}) == N_UNITS
+    for concept, category in (("red", "color"), ("beach", "place")):
+        loc = Localization.load(reference / f"localizations/{category}/{concept}.json")
+        mine = [r for r in rows if r["concept"] == concept]
+        assert {(r["control"], r["k"]) for r in mine} == {("baseline", 0)} | {(c, k) for c in CONTROLS for k in (1, 2)}
+        for r in mine:
+            assert (reference / r["image"]).is_file() and 0.0 <= r["score"] <= 1.0
+            assert r["eval_text"] == f"{category}: {concept}"
+            if r["control"] == "baseline":
+                assert r["blocks"] == [] and r["clean_prompt"] is None
+            else:
+                assert r["blocks"] == control_blocks(loc, r["control"], r["k"], category, concept)
+                assert concept not in r["clean_prompt"].split()
+        top2 = {r["control"]: r["blocks"] for r in mine if r["k"] == 2}
+        assert top2["top"] == loc.ranking[:2] and top2["bottom"] == loc.ranking[-2:]
+    # random-K blocks depend only on the concept and K
+    loc = Localization.load(reference / "localizations/color/red.json")
+    assert control_blocks(loc, "random", 2, "color", "red") == control_blocks(loc, "random", 2, "color", "red")
+
+
+def test_same_command_same_numbers_and_rerun_reuses(files, reference, tmp_path):
+    model, probes = files
+    code, _, err = run_cli(bench_argv(model, probes, tmp_path / "again"))
+    assert code == 0, err
+    assert (tmp_path / "again/results.jsonl").read_bytes() == (reference / "results.jsonl").read_bytes()
+    image = rows_of(reference)[-1]["image"]
+    assert (tmp_path / "again" / image).read_bytes() == (reference / image).read_bytes()
+    # a finished run: the rerun runs nothing and changes nothing
+    code, out, err = run_cli(bench_argv(model, probes, tmp_path / "again"))
+    assert code == 0, err
+    assert "0 unit(s) run" in out and f"{N_UNITS} reused" in out
+    assert len(store_lines(tmp_path / "again")) == N_UNITS
+    assert (tmp_path / "again/results.jsonl").read_bytes() == (reference / "results.jsonl").read_bytes()
+
+
+class Crash(BaseException):
+    """A process dying mid-write: nothing in ditloc catches it and nothing is cleaned up."""
+
+
+def test_resume_after_a_crash_mid_write(files, reference, tmp_path, monkeypatch):
+    model, probes = files
+    run = tmp_path / "crashed"
+    append, calls = ResultStore.append, []
+
+    def dying_append(self, record):  # the 6th unit dies with half its line written
+        calls.append(record["unit"])
+        if len(calls) == 6:
+            with open(self.path, "ab") as f:
+                f.write((json.dumps(record) + "\n").encode()[:100])
+            raise Crash
+        append(self, record)
+
+    monkeypatch.setattr(ResultStore, "append", dying_append)
+    with pytest.raises(Crash):
+        run_cli(bench_argv(model, probes, run))
+    monkeypatch.setattr(ResultStore, "append", append)
+    store = run / "results.rank0.jsonl"
+    assert len(ResultStore.read(store)) == 5 and not store.read_bytes().endswith(b"\n")
+    assert not (run / "results.jsonl").exists()
+
+    code, out, err = run_cli(bench_argv(model, probes, run))
+    assert code == 0, err
+    assert f"{N_UNITS - 5} unit(s) run, 5 reused" in out and "resuming" in err
+    lines = store_lines(run)
+    assert len(lines) == N_UNITS and len({json.loads(line)["unit"] for line in lines}) == N_UNITS
+    assert (run / "results.jsonl").read_bytes() == (reference / "results.jsonl").read_bytes()
+
+
+@pytest.mark.skipif(not os.environ.get("DITLOC_SLOW_TESTS"), reason="a real kill -9 of a subprocess (~25 s); "
+                    "set DITLOC_SLOW_TESTS=1 to run it")
+def test_resume_after_kill_9(files, reference, tmp_path):
+    model, probes = files
+    run = tmp_path / "killed"
+    store = run / "results.rank0.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "ditloc.cli", *bench_argv(model, probes, run)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not (store.exists() and store.read_bytes().count(b"\n") >= 3) and proc.poll() is None:
+            assert time.time() < deadline, "the bench subprocess wrote no unit in 120 s"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    done = store.read_bytes().count(b"\n")
+    assert 3 <= done < N_UNITS and not (run / "results.jsonl").exists()
+    with open(store, "ab") as f:  # as if the kill had landed in the middle of a write
+        f.write(b'{"unit": "generate/color/red/top/k1", "kind": "generate", "rows": [{"unit"')
+    assert len(ResultStore.read(store)) == done  # the torn line is not read
+
+    code, out, err = run_cli(bench_argv(model, probes, run))
+    assert code == 0, err
+    assert f"{N_UNITS - done} unit(s) run, {done} reused" in out
+    lines = store_lines(run)
+    assert len(lines) == N_UNITS and len({json.loads(line)["unit"] for line in lines}) == N_UNITS
+    assert (run / "results.jsonl").read_bytes() == (reference / "results.jsonl").read_bytes()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(files, reference, tmp_path):
+    model, probes = files
+    run = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), "-m", "ditloc.cli", *bench_argv(model, probes, run)]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shards = [ResultStore.read(run / f"results.rank{r}.jsonl") for r in (0, 1)]
+    assert all(shards), "both processes must have done units"
+    ids = [rec["unit"] for shard in shards for rec in shard]
+    assert len(ids) == len(set(ids)) == N_UNITS
+    assert (run / "results.jsonl").read_bytes() == (reference / "results.jsonl").read_bytes()
+
+
+def test_other_settings_refused(files, reference):
+    model, probes = files
+    before = (reference / "bench.json").read_bytes()
+    code, _, err = run_cli(bench_argv(model, probes, reference, ks=(1, 3)))
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("ditloc: error: ") and "other settings" in err and "ks" in err
+    assert (reference / "bench.json").read_bytes() == before
+
+
+def test_k_beyond_the_blocks_refused(files, tmp_path):
+    model, probes = files
+    code, _, err = run_cli(bench_argv(model, probes, tmp_path / "bad", ks=(1, 9)))
+    assert code == 2 and err.count("\n") == 1 and "at most 4" in err
+    assert not (tmp_path / "bad/results.rank0.jsonl").exists()
+
+
+def test_store_ignores_and_cuts_a_torn_line(tmp_path):
+    store = ResultStore(tmp_path / "s.jsonl")
+    store.append({"unit": "a"})
+    with open(store.path, "ab") as f:
+        f.write(b'{"unit": "b", "ro')
+    assert ResultStore.read(store.path) == [{"unit": "a"}]
+    ResultStore(store.path).append({"unit": "c"})
+    assert ResultStore.read(store.path) == [{"unit": "a"}, {"unit": "c"}]
+    assert store.path.read_bytes().endswith(b"\n")

@@ -1,0 +1,109 @@
+"""`ditloc report`: the numbers behind the figures, and the page in a real headless browser."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench_helpers import reference_run, run_cli
+from ditloc.bench import BenchRow
+from ditloc.report import build_report
+from ditloc.report.data import Z95, RunData, minimal_k, presence_curves, selection_frequency
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return reference_run(tmp_path_factory)
+
+
+def _browser() -> str:
+    for name in BROWSERS:
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.fail("Chromium is not installed, and the report test renders the page in a real headless browser: "
+                "install it with `apt-get install -y chromium` (Debian/Ubuntu), then rerun", pytrace=False)
+
+
+def _row(category, concept, control, k, i, seed, score) -> BenchRow:
+    return BenchRow(unit=f"generate/{category}/{concept}/{control}/k{k}", category=category, concept=concept,
+                    control=control, k=k, blocks=(), prompt_index=i, prompt="p", clean_prompt=None, seed=seed,
+                    eval_text="t", score=score, image="x.png")
+
+
+def test_minimal_k_curves_and_selection_by_hand(tmp_path):
+    scores = {("baseline", 0): [1.0, 0.8], ("top", 1): [0.7, 0.7], ("top", 2): [0.3, 0.4], ("random", 1): [0.9, 0.9],
+              ("random", 2): [0.8, 0.9], ("bottom", 1): [1.0, 0.9], ("bottom", 2): [0.9, 0.8]}
+    rows = [_row("style", "monet", control, k, i, 0, s) for (control, k), v in scores.items() for i, s in enumerate(v)]
+    rows += [_row("style", "klimt", "baseline", 0, i, 0, 0.5) for i in range(2)]  # no top-K rows: no K reached
+    rows += [_row("style", "klimt", "top", k, i, 0, 0.5) for k in (1, 2) for i in range(2)]
+    record = {"settings": {"ks": [1, 2], "seeds": [0]}, "concepts": {"style": ["monet", "klimt"]}}
+    blocks = ("block.0", "block.1", "block.2")
+    rankings = {("style", "monet"): ("block.2", "block.0", "block.1"),
+                ("style", "klimt"): ("block.2", "block.1", "block.0")}
+    data = RunData(tmp_path, record, tuple(rows), blocks, rankings)
+
+    mk = {m.concept: m for m in minimal_k(data, threshold=0.5)}
+    assert mk["monet"].baseline == pytest.approx(0.9)
+    assert mk["monet"].relative == pytest.approx({1: 0.7 / 0.9, 2: 0.35 / 0.9})
+    assert mk["monet"].minimal_k == 2 and mk["klimt"].minimal_k is None
+    assert {m.concept: m.minimal_k for m in minimal_k(data, threshold=0.8)} == {"monet": 1, "klimt": None}
+
+    points = {(p.control, p.k): p for p in presence_curves(data)}
+    top2 = points["top", 2]  # monet 0.3, 0.4 and klimt 0.5, 0.5
+    values = np.array([0.3, 0.4, 0.5, 0.5])
+    half = Z95 * values.std(ddof=1) / np.sqrt(4)
+    assert top2.n == 4 and top2.mean == pytest.approx(values.mean())
+    assert (top2.low, top2.high) == pytest.approx((values.mean() - half, values.mean() + half))
+    assert points["baseline", 0].n == 4 and ("random", 2) in points
+
+    assert selection_frequency(data, 1) == {"style": [0.0, 0.0, 1.0]}
+    assert selection_frequency(data, 2) == {"style": [0.5, 0.5, 1.0]}
+
+
+def test_report_renders_in_headless_chromium(run, tmp_path):
+    browser = _browser()
+    report = build_report(run, threshold=0.5)
+    out = run / "report"
+    assert report.html == out / "index.html"
+    names = sorted(p.name for p in report.figures)
+    assert names == ["curves_color.png", "curves_place.png", "grid_color_red.png", "grid_place_beach.png",
+                     "heatmap.png"]
+    for path in report.figures:
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.width > 200 and im.height > 100
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["k"] == 2 and {m["concept"] for m in summary["minimal_k"]} == {"red", "beach"}
+
+    page = report.html.read_text()
+    assert page.count("<img ") == len(report.figures)
+    assert page.count('src="data:image/png;base64,') == len(report.figures)
+    sources = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)""", page)
+    assert len(sources) == len(report.figures) and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "http://" not in page and "https://" not in page and "<link" not in page
+
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
+           report.html.resolve().as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    html_tag = re.search(r"<html[^>]*>", dom)
+    assert html_tag, f"the browser dumped no page: {dom[:300]!r}"
+    attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', html_tag.group(0)))
+    n = str(len(report.figures))
+    assert (attrs.get("data-images-total"), attrs.get("data-images-loaded")) == (n, n), html_tag.group(0)
+    assert attrs.get("data-report-status") == "ok", html_tag.group(0)
+    assert "Minimal K" in dom and "Presence vs K" in dom
+
+
+def test_report_cli(run, tmp_path):
+    code, out, err = run_cli(["report", str(run), "--k", "1", "--threshold", "0.9"])
+    assert code == 0, err
+    assert "minimal K" in out and "red" in out and "beach" in out and "index.html" in out
+    code, _, err = run_cli(["report", str(tmp_path)])
+    assert code == 2 and err.count("\n") == 1 and "not a `ditloc bench` run directory" in err
