@@ -106,8 +106,6 @@ def test_resume_after_a_crash_mid_write(files, reference, tmp_path, monkeypatch)
     assert (run / "results.jsonl").read_bytes() == (reference / "results.jsonl").read_bytes()
 
 
-@pytest.mark.skipif(not os.environ.get("DITLOC_SLOW_TESTS"), reason="a real kill -9 of a subprocess (~25 s); "
-                    "set DITLOC_SLOW_TESTS=1 to run it")
 def test_resume_after_kill_9(files, reference, tmp_path):
     model, probes = files
     run = tmp_path / "killed"

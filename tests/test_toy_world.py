@@ -159,3 +159,19 @@ def test_pinned_attributes_do_not_shift_others():
     assert (a.shape, a.color, a.style, a.x0, a.y0) == (b.shape, b.color, b.style, b.x0, b.y0)
     with pytest.raises(TypeError):
         w.sample_scene(np.random.default_rng(0), bogus=1)
+
+
+def test_glyph_and_reserved_words_are_outside_the_training_world():
+    rng = np.random.default_rng(3)
+    sc = w.glyph_scene(rng, color="red", place="snow")
+    assert sc.shape == w.GLYPH and w.GLYPH not in w.SHAPES and sc.character is None
+    assert (sc.color, sc.place) == ("red", "snow")
+    img = w.render(sc)
+    again = w.render(w.glyph_scene(np.random.default_rng(3), color="red", place="snow"))
+    assert img.shape == (32, 32, 3) and np.array_equal(img, again)
+    # the glyph differs from every training shape drawn at the same place
+    others = [w.render(w.Scene(s, sc.color, sc.style, sc.place, None, sc.hazard, sc.size, sc.x0, sc.y0, sc.bg_seed))
+              for s in w.SHAPES]
+    assert all(not np.array_equal(img, o) for o in others)
+    vocab = set(w.vocabulary())
+    assert not vocab & set(w.RESERVED_WORDS) and w.GLYPH not in vocab

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ditloc.edit import TrainConfig, unlearn
+from ditloc.edit import TrainConfig, personalize, unlearn
 from ditloc.toy import load_pipeline, world
 from ditloc.toy.oracle import load_oracle
 
@@ -110,9 +110,120 @@ def build_sets(concept, rng, n):
     return sets, tr_p, None, char, shape
 
 
+# ---------------------------------------------------------------------------------------
+# personalization: the unseen glyph bound to a reserved token
+# ---------------------------------------------------------------------------------------
+def glyph_detector(oracle, n=1500, seed=0):
+    """Logistic regression on the oracle's 256-d features: glyph vs anything else
+    (the oracle has no glyph class). Returns (score(images) -> P(glyph), held-out accuracy)."""
+    rng = np.random.default_rng([seed, 99])
+    pos = [world.render(world.glyph_scene(rng)) for _ in range(n)]
+    neg = [world.render(world.sample_scene(rng)) for _ in range(n)]
+    from ditloc.toy.oracle import to_tensor
+
+    net = oracle.net
+
+    @torch.no_grad()
+    def feats(images):
+        x = to_tensor(np.asarray(images))
+        return net.trunk(net.features(x))  # [N, 256]
+
+    x = torch.cat([feats(pos), feats(neg)])
+    y = torch.cat([torch.ones(n), torch.zeros(n)])
+    idx = torch.randperm(2 * n, generator=torch.Generator().manual_seed(seed))
+    tr, te = idx[: int(1.6 * n)], idx[int(1.6 * n):]
+    head = torch.nn.Linear(x.shape[1], 1)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(head(x[tr]).squeeze(1), y[tr]).backward()
+        opt.step()
+    with torch.no_grad():
+        acc = float(((head(x[te]).squeeze(1) > 0).float() == y[te]).float().mean())
+
+    def score(images):
+        with torch.no_grad():
+            return torch.sigmoid(head(feats(images)).squeeze(1)).numpy()
+
+    return score, acc
+
+
+def composed_prompts(rng, n, split, token, class_word):
+    """Ordinary prompts with the object word replaced by "<token> <class_word>"
+    (other colors, places, styles, hazard), and their scenes."""
+    scenes, prompts = [], []
+    while len(prompts) < n:
+        sc = world.sample_scene(rng, character=None, shape="circle")
+        p = world.make_prompt(sc, rng, split, drop_prob=0.0)
+        if "circle" in p:
+            scenes.append(sc)
+            prompts.append(p.replace("circle", f"{token} {class_word}"))
+    return scenes, prompts
+
+
+def run_personalization(args, oracle, out):
+    token, class_word = world.RESERVED_WORDS[0], world.GENERIC_SHAPE
+    detect, det_acc = glyph_detector(oracle)
+    print(f"[glyph] detector held-out accuracy {det_acc:.3f}", flush=True)
+    rng = np.random.default_rng([args.seed, 21])
+    inst = [world.glyph_scene(rng, color="red", style="solid", hazard=False) for _ in range(6)]
+    images = torch.from_numpy(np.stack([world.render(s) for s in inst])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    train_prompt = f"a {token} {class_word}"
+    ge_s, ge_p = composed_prompts(rng, args.n, "heldout", token, class_word)
+    lo_s, lo_p = scenes_prompts(rng, args.n, "heldout", character=None)
+    q_s = [world.sample_scene(rng, p_character=0.25, p_hazard=0.5) for _ in range(args.n_quality)]
+    q_p = [world.make_prompt(s, rng, "heldout", drop_prob=0.0) for s in q_s]
+
+    def measure(pipe, reference=None):
+        r = {}
+        imgs = generate(pipe, [train_prompt] * args.n, seed=1, steps=args.steps, guidance=args.guidance)
+        r["reliability_glyph"] = float((detect(imgs) > 0.5).mean())
+        imgs = generate(pipe, ge_p, seed=2, steps=args.steps, guidance=args.guidance)
+        lab = labels(oracle, imgs)
+        r["generality_glyph"] = float((detect(imgs) > 0.5).mean())
+        r["generality_color"] = float(np.mean([lab["color"][i] == s.color for i, s in enumerate(ge_s)]))
+        r["generality_place"] = float(np.mean([lab["place"][i] == s.place for i, s in enumerate(ge_s)]))
+        imgs = generate(pipe, lo_p, seed=3, steps=args.steps, guidance=args.guidance)
+        lab = labels(oracle, imgs)
+        r["locality_glyph"] = float((detect(imgs) > 0.5).mean())  # should stay ~0
+        if reference is not None:
+            r["locality_unchanged"] = float(np.mean([all(lab[c][i] == reference[c][i] for c in CATS)
+                                                     for i in range(len(lo_p))]))
+        imgs = generate(pipe, q_p, seed=4, steps=args.steps, guidance=args.guidance)
+        ql = labels(oracle, imgs)
+        r["quality_fidelity"] = float(np.mean([ql[k][i] == v for i, s in enumerate(q_s) for k, v in expected(s).items()]))
+        return r, lab
+
+    base = load_pipeline()
+    base.set_progress_bar_config(disable=True)
+    base_res, base_lab = measure(base)
+    rows = {"original": base_res}
+    print(f"[glyph] original: {json.dumps(base_res)}", flush=True)
+    for name, blocks, method, lr in (("localized LoRA", "auto", "lora", args.lr_lora),
+                                     ("all-block LoRA", "all", "lora", args.lr_lora),
+                                     ("full fine-tuning", "all", "full", args.lr_full)):
+        pipe = load_pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        cfg = TrainConfig(method=method, steps=args.train_steps, batch_size=args.batch_size, lr=lr,
+                          seed=args.seed, checkpoint_every=args.train_steps)
+        res = personalize(pipe, images, token, class_word, blocks=blocks, k=args.k, config=cfg,
+                          prior_preservation=True, num_class_images=8, num_inference_steps=args.steps,
+                          guidance_scale=args.guidance, max_sequence_length=32,
+                          pipeline_kwargs=dict(clean_caption=False),
+                          out=out / "glyph" / name.split()[0].replace("-", "_"))
+        metrics, _ = measure(pipe, reference=base_lab)
+        metrics.update(blocks=list(res.blocks), trainable_parameters=res.trainable_parameters,
+                       train_seconds=round(res.wall_seconds, 1),
+                       seconds_per_step=round(res.wall_seconds / max(1, args.train_steps), 4))
+        rows[name] = metrics
+        print(f"[glyph] {name}: {json.dumps(metrics)}", flush=True)
+    return rows, det_acc
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--concepts", default="hazard,zibbit")
+    ap.add_argument("--concepts", default="hazard,zibbit", help="unlearning concepts ('' for none)")
+    ap.add_argument("--personalize", action="store_true", help="also teach the unseen glyph (token sks)")
     ap.add_argument("--out", default="runs/editing")
     ap.add_argument("--n", type=int, default=32, help="prompts per evaluation set")
     ap.add_argument("--n-quality", type=int, default=64)
@@ -131,7 +242,12 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     oracle = load_oracle()
     report = {"settings": vars(args), "concepts": {}}
-    for concept in args.concepts.split(","):
+    if args.personalize:
+        rows, det_acc = run_personalization(args, oracle, out)
+        report["concepts"]["glyph (personalization)"] = rows
+        report["glyph_detector_accuracy"] = det_acc
+        (out / "editing.json").write_text(json.dumps(report, indent=1))
+    for concept in [c for c in args.concepts.split(",") if c]:
         rng = np.random.default_rng([args.seed, 11, sum(map(ord, concept))])
         sets, train_prompts, anchor_prompts, word, anchor = build_sets(concept, rng, args.n)
         q_s = [world.sample_scene(rng, p_character=0.25, p_hazard=0.5) for _ in range(args.n_quality)]

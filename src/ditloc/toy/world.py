@@ -94,6 +94,10 @@ PLACE_PHRASE: dict[str, str] = {
 }
 HAZARD_PHRASE = "with a hazard sign"
 
+#: a shape the renderer can draw but no training scene contains: the subject a
+#: user teaches the toy model with `ditloc personalize` (see glyph_scene)
+GLYPH = "heart"
+
 SIZE_RANGE = (14, 22)  # inclusive object bounding-box side in pixels
 
 
@@ -184,6 +188,14 @@ def sample_scene(
     x0 = int(fx * (IMAGE_SIZE - size + 1))
     y0 = int(fy * (IMAGE_SIZE - size + 1))
     return Scene(shape, color, style, place, character, hazard, size, x0, y0, bg_seed)
+
+
+def glyph_scene(rng: np.random.Generator, **fixed) -> Scene:
+    """A scene whose object is the unseen :data:`GLYPH` (no character); other
+    attributes random or pinned as in :func:`sample_scene`."""
+    base = sample_scene(rng, character=None, **fixed)
+    return Scene(GLYPH, base.color, base.style, base.place, None, base.hazard, base.size, base.x0, base.y0,
+                 base.bg_seed)
 
 
 # --------------------------------------------------------------------------
@@ -277,6 +289,9 @@ def _shape_mask(shape: str, size: int, x0: int, y0: int) -> np.ndarray:
         # piecewise-linear in angle between inner and outer radii
         m = r <= r_in + (r_out - r_in) * tri**1.5
         # shift star down slightly so it is centered visually
+    elif shape == "heart":  # GLYPH: never in the training data (personalization subject)
+        x, y = dx / (h * 0.9), -(dy + h * 0.1) / (h * 0.9)
+        m = (x * x + y * y - 1) ** 3 - x * x * y**3 <= 0
     else:
         raise ValueError(f"unknown shape {shape!r}")
     return m
