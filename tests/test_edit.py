@@ -393,3 +393,14 @@ def test_unlearn_trains_every_family(tmp_path, make, size, blocks):
     with torch.no_grad():
         concept1 = adapter.denoise(x, t, one(0))
     assert (concept1 - anchor).pow(2).mean() < 0.5 * (concept0 - anchor).pow(2).mean()
+
+
+def test_category_prompts_for_auto_blocks():
+    from ditloc.edit.jobs import category_prompts
+
+    prompts = category_prompts("animal", "cat")
+    assert len(prompts) >= 15 and all("cat" in p.split() or "cat" in p for p in prompts)
+    with pytest.raises(DitlocError, match="no category 'animl'"):
+        category_prompts("animl", "cat")
+    toy = category_prompts("shape", "object", probes="toy")
+    assert toy and all("object" in p for p in toy)

@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--instance-prompt", default="a {token} {class_word}")
             p.add_argument("--prior-preservation", action="store_true", help="also fit the frozen model's class images")
             p.add_argument("--num-class-images", type=int, default=16)
+            p.add_argument("--category", default=None,
+                           help="with --blocks auto: localize the class word on this probe category's prompts")
+            p.add_argument("--probes", default="lock", help="probe set for --category: lock, toy or a file")
         else:
             p.add_argument("--concept", required=True, help="the words to forget, as they appear in the prompts")
             p.add_argument("--anchor", required=True, help="what those prompts should show instead (e.g. 'a dog')")
@@ -358,8 +361,12 @@ def _edit(args) -> None:
     if args.command == "personalize":
         if args.num_class_images < 1:
             raise DitlocError(f"--num-class-images must be >= 1 (got {args.num_class_images})")
+        from .edit.jobs import category_prompts
+
+        loc_prompts = category_prompts(args.category, args.class_word, args.probes) if args.category else None
         pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
         res = personalize(pipe, args.images, args.token, args.class_word, instance_prompt=args.instance_prompt,
+                          localize_prompts=loc_prompts,
                           prior_preservation=args.prior_preservation, num_class_images=args.num_class_images,
                           **common)
     else:

@@ -55,6 +55,16 @@ def choose_blocks(pipe, blocks, k, localize_prompts, concept, *, seeds=(0, 1), p
     return loc.top(int(k)), loc
 
 
+def category_prompts(category: str, word: str, probes: str = "lock") -> list[str]:
+    """A probe-set category's localization templates filled with `word`
+    (``auto`` blocks for personalization localized on the subject's category)."""
+    from ..probes import load_probe_set
+    from ..probes.core import fill
+
+    cat = load_probe_set(probes).category(category)  # unknown -> DitlocError listing the categories
+    return [fill(t, word) for t in cat.localization_prompts]
+
+
 def _identity(kind: str, pipe, blocks, config: TrainConfig, data: dict) -> dict:
     return {"kind": kind, "model": model_record(pipe).get("name_or_path"), "blocks": list(blocks),
             "config": config.to_dict(), "data": data}
@@ -172,6 +182,7 @@ def personalize(
     k: int | None = 4,
     config: TrainConfig = TrainConfig(),
     instance_prompt: str = "a {token} {class_word}",
+    localize_prompts=None,
     prior_preservation: bool = False,
     class_prompt: str | None = None,
     num_class_images: int = 16,
@@ -186,7 +197,10 @@ def personalize(
     """Bind `token` to the subject of `images` (a folder or [N, 3, h, w] tensor in
     [-1, 1]), training LoRA / full weights only in `blocks`. `pipeline_kwargs`:
     extra arguments for the pipeline calls (localization, class images), e.g.
-    ``height``/``width``, which then also fix the training resolution."""
+    ``height``/``width``, which then also fix the training resolution.
+    `localize_prompts` (with ``blocks="auto"``): prompts containing the class
+    word to localize it on (default: the class prompt); see
+    :func:`category_prompts` for a probe-set category's."""
     if not token or not token.strip() or not class_word or not class_word.strip():
         raise DitlocError("pass both --token (a rare word, e.g. sks) and --class-word (e.g. dog)")
     for slot in ("{token}", "{class_word}"):
@@ -209,7 +223,8 @@ def personalize(
                           guidance_scale=guidance_scale, max_sequence_length=max_sequence_length,
                           extra=_native_size(pipe, pipeline_kwargs))
     out = _prepare_out(out)
-    chosen, loc = choose_blocks(pipe, blocks, k, [class_prompt], class_word.strip(), progress=progress,
+    chosen, loc = choose_blocks(pipe, blocks, k, list(localize_prompts or [class_prompt]), class_word.strip(),
+                                progress=progress,
                                 num_inference_steps=kw["num_inference_steps"], guidance_scale=guidance_scale)
     if loc is not None and out is not None:
         loc.save(out / "localization.json")
