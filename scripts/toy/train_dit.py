@@ -124,6 +124,10 @@ def main():
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--patch", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--loss-weight", choices=("eps", "v"), default="eps",
+                    help="eps: plain epsilon MSE; v: weight (1 + 1/SNR) clipped at --max-weight, i.e. the "
+                         "v-prediction loss, which stops high-noise steps (global layout, shape) being ignored")
+    ap.add_argument("--max-weight", type=float, default=20.0)
     ap.add_argument("--head-dim", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -262,7 +266,12 @@ def main():
             timestep=t,
             added_cond_kwargs={"resolution": None, "aspect_ratio": None},
         ).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        if args.loss_weight == "v":
+            snr = (a / (1 - a)).view(-1)  # [B]
+            w = (1 + 1 / snr).clamp(max=args.max_weight)  # [B]
+            loss = (w.view(-1, 1, 1, 1) * (pred - noise) ** 2).mean() / w.mean()
+        else:
+            loss = torch.nn.functional.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
