@@ -12,7 +12,7 @@ fine-tuning of all blocks. Every variant runs ditloc's own engine
 (`LocalizedTrainer`: frozen parameters hold no gradients or optimizer state, the
 blocks before the first trainable one run without autograd).
 
-Memory: on CUDA ``max_memory_allocated``; on CPU the rise of the process's peak
+Memory: on an accelerator ``torch.accelerator.max_memory_allocated``; on CPU the rise of the process's peak
 RSS over its RSS once the model is built (weights are shared by all variants;
 the rise is what training adds: activations, gradients, optimizer state).
 """
@@ -64,6 +64,7 @@ def child(args) -> None:
 
     from ditloc.adapters import get_adapter
     from ditloc.edit import LocalizedTrainer, TrainConfig
+    from ditloc.edit.train import on_accelerator, peak_memory, reset_peak_memory, synchronize
 
     torch.set_num_threads(args.threads)
     pipe, side = build(args.model, args.tokens)
@@ -87,9 +88,8 @@ def child(args) -> None:
     x0 = torch.randn(args.batch, c, side, side, generator=g).to(dev)
     text = {"embeds": torch.randn(args.batch, args.text_len, width, generator=g).to(dev),
             "mask": torch.ones(args.batch, args.text_len, dtype=torch.long, device=dev)}
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
+    synchronize(dev)
+    reset_peak_memory(dev)
     base_rss = _rss_bytes()
     trainer = LocalizedTrainer(pipe, adapter, blocks, TrainConfig(method=method, steps=10**9, rank=args.rank,
                                                                   gradient_checkpointing=args.checkpointing))
@@ -101,15 +101,13 @@ def child(args) -> None:
     trainer.train_step(loss_fn)  # warm-up (allocates optimizer state)
     times = []
     for _ in range(args.steps):
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        synchronize(dev)
         t0 = time.perf_counter()
         trainer.train_step(loss_fn)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        synchronize(dev)
         times.append(time.perf_counter() - t0)
-    if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(dev)
+    if on_accelerator(dev):
+        peak = peak_memory(dev)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
     print(json.dumps({

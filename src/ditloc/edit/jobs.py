@@ -65,6 +65,31 @@ def category_prompts(category: str, word: str, probes: str = "lock") -> list[str
     return [fill(t, word) for t in cat.localization_prompts]
 
 
+def _plan(pipe, blocks, k, localize_prompts, concept, config, out, *, num_inference_steps, guidance_scale,
+          max_sequence_length, pipeline_kwargs, progress, require_concept=False):
+    """What both jobs do before training: pipeline call arguments (native size
+    unless given), the output folder, and the blocks (localized with those same
+    arguments for ``auto``). -> (adapter, call kwargs, out, blocks, localization)."""
+    adapter = _adapter(pipe)
+    steps = num_inference_steps or adapter.call_default("num_inference_steps") or 20
+    kw = make_call_kwargs(adapter, num_inference_steps=steps, guidance_scale=guidance_scale,
+                          max_sequence_length=max_sequence_length, extra=_native_size(pipe, pipeline_kwargs))
+    for p in localize_prompts if require_concept else ():  # the concept must reach the text encoder
+        adapter.concept_span(p, concept, kw)
+    out = _prepare_out(out)
+    chosen, loc = choose_blocks(pipe, blocks, k, list(localize_prompts), concept, progress=progress, **kw)
+    if loc is not None and out is not None:
+        loc.save(out / "localization.json")
+    if progress:
+        progress(f"training {config.method} in {len(chosen)} block(s): {', '.join(chosen)}")
+    return adapter, kw, out, chosen, loc
+
+
+def _concept_pattern(concept: str) -> re.Pattern:
+    """Whole-word, case-insensitive occurrences of `concept`."""
+    return re.compile(r"(?<!\w)" + re.escape(concept.strip()) + r"(?!\w)", re.IGNORECASE)
+
+
 def _identity(kind: str, pipe, blocks, config: TrainConfig, data: dict) -> dict:
     return {"kind": kind, "model": model_record(pipe).get("name_or_path"), "blocks": list(blocks),
             "config": config.to_dict(), "data": data}
@@ -206,7 +231,6 @@ def personalize(
     for slot in ("{token}", "{class_word}"):
         if slot not in instance_prompt:
             raise DitlocError(f"--instance-prompt must contain {slot} (got {instance_prompt!r})")
-    adapter = _adapter(pipe)
     size = image_size(pipe)
     if pipeline_kwargs and pipeline_kwargs.get("height") and pipeline_kwargs.get("width"):
         size = (int(pipeline_kwargs["height"]), int(pipeline_kwargs["width"]))
@@ -219,17 +243,10 @@ def personalize(
     prompt = instance_prompt.format(token=token.strip(), class_word=class_word.strip())
     class_prompt = class_prompt or instance_prompt.replace("{token} ", "").replace("{token}", "").format(
         class_word=class_word.strip())
-    kw = make_call_kwargs(adapter, num_inference_steps=num_inference_steps or adapter.call_default("num_inference_steps") or 20,
-                          guidance_scale=guidance_scale, max_sequence_length=max_sequence_length,
-                          extra=_native_size(pipe, pipeline_kwargs))
-    out = _prepare_out(out)
-    chosen, loc = choose_blocks(pipe, blocks, k, list(localize_prompts or [class_prompt]), class_word.strip(),
-                                progress=progress,
-                                num_inference_steps=kw["num_inference_steps"], guidance_scale=guidance_scale)
-    if loc is not None and out is not None:
-        loc.save(out / "localization.json")
-    if progress:
-        progress(f"training {config.method} in {len(chosen)} block(s): {', '.join(chosen)}")
+    adapter, kw, out, chosen, loc = _plan(
+        pipe, blocks, k, localize_prompts or [class_prompt], class_word.strip(), config, out,
+        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+        max_sequence_length=max_sequence_length, pipeline_kwargs=pipeline_kwargs, progress=progress)
 
     instance = encode_images(pipe, pixels).to(pipe.transformer.dtype)  # [N, C, h, w]
     prior = None
@@ -271,7 +288,7 @@ def personalize(
 # ---------------------------------------------------------------------------------------
 def anchor_prompt(prompt: str, concept: str, anchor: str) -> str:
     """`prompt` with every (case-insensitive, whole-word) occurrence of `concept` replaced by `anchor`."""
-    pattern = re.compile(r"(?<!\w)" + re.escape(concept.strip()) + r"(?!\w)", re.IGNORECASE)
+    pattern = _concept_pattern(concept)
     if not pattern.search(prompt):
         raise DitlocError(f"the concept {concept!r} does not occur in the prompt {prompt!r}")
     return pattern.sub(anchor.strip(), prompt)
@@ -304,7 +321,7 @@ def unlearn(
     if anchor_prompts is None and (not anchor or not anchor.strip()):
         raise DitlocError("the anchor is empty; pass --anchor 'what to show instead', e.g. 'a dog'")
     prompts = [p for p in (prompts or [f"a picture of {concept.strip()}", concept.strip()])]
-    pattern = re.compile(r"(?<!\w)" + re.escape(concept.strip()) + r"(?!\w)", re.IGNORECASE)
+    pattern = _concept_pattern(concept)
     for i, p in enumerate(prompts):
         if not pattern.search(p):
             raise DitlocError(f"prompt {i + 1} ({p!r}) does not contain the concept {concept!r}")
@@ -314,19 +331,12 @@ def unlearn(
             raise DitlocError(f"{len(anchors)} anchor prompts for {len(prompts)} prompts; give one per prompt")
     else:
         anchors = [anchor_prompt(p, concept, anchor) for p in prompts]
-    adapter = _adapter(pipe)
-    kw = make_call_kwargs(adapter, num_inference_steps=num_inference_steps or adapter.call_default("num_inference_steps") or 20,
-                          guidance_scale=guidance_scale, max_sequence_length=max_sequence_length,
-                          extra=_native_size(pipe, pipeline_kwargs))
-    for p in prompts:  # the concept must reach the text encoder (not truncated)
-        adapter.concept_span(p, concept.strip(), kw)
-    out = _prepare_out(out)
-    chosen, loc = choose_blocks(pipe, blocks, k, prompts, concept.strip(), progress=progress,
-                                num_inference_steps=kw["num_inference_steps"], guidance_scale=guidance_scale)
-    if loc is not None and out is not None:
-        loc.save(out / "localization.json")
+    adapter, kw, out, chosen, loc = _plan(
+        pipe, blocks, k, prompts, concept.strip(), config, out,
+        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+        max_sequence_length=max_sequence_length, pipeline_kwargs=pipeline_kwargs, progress=progress,
+        require_concept=True)
     if progress:
-        progress(f"training {config.method} in {len(chosen)} block(s): {', '.join(chosen)}")
         progress(f"drawing {images_per_prompt} anchor image(s) per prompt")
     x0 = _cached_latents(out, "anchor_latents", lambda: _generate_latents(
         pipe, anchors, images_per_prompt, config.seed, kw)).to(pipe.transformer.dtype)  # [P*n, C, h, w]

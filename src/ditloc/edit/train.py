@@ -293,18 +293,29 @@ def _substituted(module: torch.nn.Module, values: dict):
                 params[n].copy_(v)
 
 
+def on_accelerator(device) -> bool:
+    """Whether `device` is the machine's accelerator (CUDA, XPU, MPS, ...), not the CPU."""
+    device = torch.device(device)
+    if device.type == "cpu" or not torch.accelerator.is_available():
+        return False
+    return device.type == torch.accelerator.current_accelerator().type
+
+
 def peak_memory(device) -> int | None:
     """Peak bytes allocated on an accelerator since the last reset; None on CPU."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return None
+    if not on_accelerator(device):
+        return None
+    return int(torch.accelerator.max_memory_allocated(torch.device(device).index))
 
 
 def reset_peak_memory(device) -> None:
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    if on_accelerator(device):
+        torch.accelerator.reset_peak_memory_stats(torch.device(device).index)
+
+
+def synchronize(device) -> None:
+    if on_accelerator(device):
+        torch.accelerator.synchronize(torch.device(device).index)
 
 
 def run_training(trainer: LocalizedTrainer, loss_fn, out: Path | None, identity: dict, progress=None) -> float:
