@@ -30,6 +30,7 @@ import torch
 from ditloc.edit import TrainConfig, personalize, unlearn
 from ditloc.toy import load_pipeline, world
 from ditloc.toy.oracle import load_oracle
+from evaluate_fidelity import expected  # same directory: the expected oracle label per attribute
 
 CATS = ("shape", "color", "style", "place", "character", "hazard")
 CALL = dict(height=32, width=32, use_resolution_binning=False, clean_caption=False, max_sequence_length=32)
@@ -40,13 +41,15 @@ def scenes_prompts(rng, n, split, **pinned):
     return scenes, [world.make_prompt(s, rng, split, drop_prob=0.0) for s in scenes]
 
 
-def expected(scene):
-    e = {"place": scene.place, "hazard": "present" if scene.hazard else "absent"}
-    if scene.character:
-        e["character"] = scene.character
-    else:
-        e.update(shape=scene.shape, color=scene.color, style=scene.style, character="none")
-    return e
+def variants(args):
+    """(name, blocks, fresh toy pipeline, TrainConfig) of the three compared edits."""
+    for name, blocks, method, lr in (("localized LoRA", "auto", "lora", args.lr_lora),
+                                     ("all-block LoRA", "all", "lora", args.lr_lora),
+                                     ("full fine-tuning", "all", "full", args.lr_full)):
+        pipe = load_pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        yield name, blocks, pipe, TrainConfig(method=method, steps=args.train_steps, batch_size=args.batch_size,
+                                              lr=lr, seed=args.seed, checkpoint_every=args.train_steps)
 
 
 @torch.no_grad()
@@ -199,13 +202,7 @@ def run_personalization(args, oracle, out):
     base_res, base_lab = measure(base)
     rows = {"original": base_res}
     print(f"[glyph] original: {json.dumps(base_res)}", flush=True)
-    for name, blocks, method, lr in (("localized LoRA", "auto", "lora", args.lr_lora),
-                                     ("all-block LoRA", "all", "lora", args.lr_lora),
-                                     ("full fine-tuning", "all", "full", args.lr_full)):
-        pipe = load_pipeline()
-        pipe.set_progress_bar_config(disable=True)
-        cfg = TrainConfig(method=method, steps=args.train_steps, batch_size=args.batch_size, lr=lr,
-                          seed=args.seed, checkpoint_every=args.train_steps)
+    for name, blocks, pipe, cfg in variants(args):
         res = personalize(pipe, images, token, class_word, blocks=blocks, k=args.k, config=cfg,
                           prior_preservation=True, num_class_images=8, num_inference_steps=args.steps,
                           guidance_scale=args.guidance, max_sequence_length=32,
@@ -257,13 +254,7 @@ def main():
         base_res, base_labs = evaluate(base, oracle, sets, args)
         rows = {"original": base_res}
         print(f"[{concept}] original: {json.dumps(base_res)}", flush=True)
-        for name, blocks, method, lr in (("localized LoRA", "auto", "lora", args.lr_lora),
-                                         ("all-block LoRA", "all", "lora", args.lr_lora),
-                                         ("full fine-tuning", "all", "full", args.lr_full)):
-            pipe = load_pipeline()
-            pipe.set_progress_bar_config(disable=True)
-            cfg = TrainConfig(method=method, steps=args.train_steps, batch_size=args.batch_size, lr=lr,
-                              seed=args.seed, checkpoint_every=args.train_steps)
+        for name, blocks, pipe, cfg in variants(args):
             t0 = time.perf_counter()
             res = unlearn(pipe, word, anchor, prompts=train_prompts, anchor_prompts=anchor_prompts,
                           blocks=blocks, k=args.k, config=cfg, images_per_prompt=1,
