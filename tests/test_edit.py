@@ -16,7 +16,7 @@ from ditloc.edit import (
     save_lora, unlearn,
 )
 from ditloc.edit.data import image_size
-from ditloc.edit.train import LocalizedTrainer, NoiseRule
+from ditloc.edit.train import NoiseRule
 from ditloc.errors import DitlocError
 from ditloc.testing import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sana_pipeline, tiny_sd3_pipeline
 
@@ -57,7 +57,6 @@ def test_lora_touches_exactly_the_chosen_blocks(make, blocks, expected_paths):
     adapter = get_adapter(pipe)
     targets = lora_targets(adapter, blocks)
     assert targets and all(any(t.startswith(p + ".") for p in expected_paths) for t in targets)
-    assert {t.rsplit(".", 1)[0] for t in targets} or True
     for path in expected_paths:  # every chosen block gets adapters
         assert any(t.startswith(path + ".") for t in targets)
     add_lora(pipe.transformer, LoraSpec(tuple(blocks), tuple(targets), rank=2))
@@ -217,6 +216,8 @@ def test_personalize_full_changes_only_the_chosen_blocks(tmp_path):
     before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
     res = personalize(pipe, _images(pipe), "sks", "cat", blocks="block.2",
                       config=TrainConfig(method="full", steps=3, batch_size=2, lr=1e-3), out=tmp_path)
+    assert res.blocks == ("block.2",) and res.trainable_parameters == sum(
+        p.numel() for p in pipe.transformer.transformer_blocks[2].parameters())
     after = pipe.transformer.state_dict()
     changed = sorted({k for k in before if not torch.equal(before[k], after[k])})
     assert changed and all(k.startswith("transformer_blocks.2.") for k in changed)
