@@ -210,7 +210,7 @@ def _rng_from_json(d, torch_state):
     }
 
 
-_MODELS = ("transformer", "text_encoder", "ema_transformer", "ema_text_encoder")
+_MODELS = ("transformer", "text_encoder", "ema_transformer", "ema_text_encoder", "id_head")
 
 
 def save_dit_ckpt(ck: dict, stem):

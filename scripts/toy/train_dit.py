@@ -76,6 +76,18 @@ def build_pool(args, out: Path, vae):
     return [world.Scene(**sc.to_dict()) for sc in scenes], latents
 
 
+def object_masks(scenes, idx, latent_size: int) -> torch.Tensor:
+    """[B, 1, h, w] 1.0 on the latent pixels that the object's bounding box touches."""
+    cell = world.IMAGE_SIZE / latent_size
+    m = torch.zeros(len(idx), 1, latent_size, latent_size)
+    for b, i in enumerate(idx):
+        sc = scenes[i]
+        lo_x, hi_x = int(sc.x0 // cell), int(np.ceil((sc.x0 + sc.size) / cell))
+        lo_y, hi_y = int(sc.y0 // cell), int(np.ceil((sc.y0 + sc.size) / cell))
+        m[b, 0, lo_y:hi_y, lo_x:hi_x] = 1.0
+    return m
+
+
 def init_from_pipeline(pipe_dir: Path, transformer, text_encoder, tokenizer, partial: bool = False) -> int:
     """Load the exported (EMA) weights of a PixArtAlphaPipeline directory into
     the freshly built models (strict: the architecture must match).  Returns
@@ -129,6 +141,12 @@ def main():
                          "v-prediction loss, which stops high-noise steps (global layout, shape) being ignored")
     ap.add_argument("--max-weight", type=float, default=20.0)
     ap.add_argument("--head-dim", type=int, default=32)
+    ap.add_argument("--object-weight", type=float, default=0.0,
+                    help="extra loss weight on the latent pixels the object's bounding box touches (0 = off): "
+                         "the random background detail otherwise drowns the object's outline in the loss")
+    ap.add_argument("--id-loss", type=float, default=0.0,
+                    help="weight of an auxiliary loss that keeps word identity in the text encoder: a linear head "
+                         "(not exported) must recover each token from its encoding (0 = off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--vae", default=None,
@@ -143,7 +161,7 @@ def main():
                          "directory, e.g. src/ditloc/toy/model; fresh optimizer; step from DIR/training_info.json")
     ap.add_argument("--init-partial", action="store_true",
                     help="with --init-from: copy only tensors of matching shape (new architecture); step starts at 0")
-    ap.add_argument("--bench", type=int, default=0, help="only time N steps and exit")
+    ap.add_argument("--bench", type=int, default=0, help="only time steps up to total step N (no checkpoint) and exit")
     args = ap.parse_args()
     if args.vae is None:
         args.vae = str(Path(args.init_from) / "vae") if args.init_from else str(common.RUNS / "vae" / "model")
@@ -167,7 +185,16 @@ def main():
     transformer = common.make_transformer(
         num_layers=args.layers, patch_size=args.patch, heads=args.heads, head_dim=args.head_dim, channels=channels
     )
+    id_head = None
+    if args.id_loss > 0:
+        g = torch.Generator().manual_seed(args.seed + 11)
+        id_head = torch.nn.Linear(text_encoder.config.d_model, len(tokenizer))
+        with torch.no_grad():  # seeded, independent of the global RNG stream
+            id_head.weight.normal_(0.0, text_encoder.config.d_model ** -0.5, generator=g)
+            id_head.bias.zero_()
     params = list(transformer.parameters()) + list(text_encoder.parameters())
+    if id_head is not None:
+        params += list(id_head.parameters())
     n_tr = sum(p.numel() for p in transformer.parameters())
     n_te = sum(p.numel() for p in text_encoder.parameters())
     print(f"transformer {n_tr/1e6:.2f}M params, text encoder {n_te/1e6:.2f}M", flush=True)
@@ -194,6 +221,10 @@ def main():
         ck = common.load_dit_ckpt(ckpt_stem, opt=opt)
         transformer.load_state_dict(ck["transformer"])
         text_encoder.load_state_dict(ck["text_encoder"])
+        if id_head is not None:
+            if "id_head" not in ck:
+                raise SystemExit(f"{ckpt_stem}: checkpoint has no id_head; it was made without --id-loss")
+            id_head.load_state_dict(ck["id_head"])
         ema_tr.load_state_dict(ck["ema_transformer"])
         ema_te.load_state_dict(ck["ema_text_encoder"])
         opt.load_state_dict(ck["opt"])
@@ -220,6 +251,7 @@ def main():
             "text_encoder": text_encoder.state_dict(),
             "ema_transformer": ema_tr.state_dict(),
             "ema_text_encoder": ema_te.state_dict(),
+            **({"id_head": id_head.state_dict()} if id_head is not None else {}),
             "opt": opt.state_dict(),
             "data_rng": data_rng.bit_generator.state,
             "gen": gen.get_state(),
@@ -239,9 +271,11 @@ def main():
     transformer.train()
     text_encoder.train()
     ema_params = list(ema_tr.parameters()) + list(ema_te.parameters())
+    live_params = list(transformer.parameters()) + list(text_encoder.parameters())
     t0 = time.time()
     s0 = step
     loss_acc, n_acc = 0.0, 0
+    id_acc_sum = 0.0
     n_pool = len(scenes)
     while step < (args.bench or args.steps):
         idx = data_rng.integers(n_pool, size=args.batch)
@@ -268,34 +302,46 @@ def main():
         ).sample
         if args.loss_weight == "v":
             snr = (a / (1 - a)).view(-1)  # [B]
-            w = (1 + 1 / snr).clamp(max=args.max_weight)  # [B]
-            loss = (w.view(-1, 1, 1, 1) * (pred - noise) ** 2).mean() / w.mean()
+            w = (1 + 1 / snr).clamp(max=args.max_weight).view(-1, 1, 1, 1)
         else:
-            loss = torch.nn.functional.mse_loss(pred, noise)
+            w = torch.ones(args.batch, 1, 1, 1)
+        if args.object_weight:
+            w = w * (1 + args.object_weight * object_masks(scenes, idx, x0.shape[-1]))
+        loss = (w * (pred - noise) ** 2).mean() / w.mean()
+        if id_head is not None:
+            keep = tok.attention_mask.bool()
+            id_loss = torch.nn.functional.cross_entropy(id_head(emb[keep]), tok.input_ids[keep])
+            loss_total = loss + args.id_loss * id_loss
+        else:
+            loss_total = loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         d = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - d)
+            torch._foreach_lerp_(ema_params, live_params, 1 - d)
 
         loss_acc += loss.item()
+        if id_head is not None:
+            id_acc_sum += id_loss.item()
         n_acc += 1
         if step % args.log_every == 0 or step == s0 + 1:
             el = time.time() - t0
             print(
                 f"step {step} loss {loss_acc / n_acc:.4f} lr {lr_at(step - 1):.2e} "
-                f"{(step - s0) / el:.2f} steps/s elapsed {el:.0f}s",
+                f"{(step - s0) / el:.2f} steps/s elapsed {el:.0f}s"
+                + (f" id_loss {id_acc_sum / n_acc:.3f}" if id_head is not None else ""),
                 flush=True,
             )
             loss_acc, n_acc = 0.0, 0
+            id_acc_sum = 0.0
         if not args.bench and (step % args.ckpt_every == 0 or step == args.steps):
             save(step)
     if args.bench:
         el = time.time() - t0
-        print(f"BENCH {args.bench} steps {args.bench / el:.2f} steps/s", flush=True)
+        print(f"BENCH {step - s0} steps {(step - s0) / el:.2f} steps/s", flush=True)
     else:
         json.dump({"step": step, "done": step >= args.steps}, open(out / "status.json", "w"))
         print("done", flush=True)

@@ -123,7 +123,9 @@ def run_demo(out_dir="runs/demo", config: DemoConfig | None = None, *, pipe=None
     pipe.set_progress_bar_config(disable=True)
     oracle = oracle if oracle is not None else load_oracle()
     rng = np.random.default_rng(cfg.seed)
-    common = dict(num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, clean_caption=False)
+    # the toy prompts are < 32 tokens and padding is masked: 32 gives the same images as the default 120, faster
+    common = dict(num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, clean_caption=False,
+                  max_sequence_length=32)
     summary, heat = {}, {}
     for n, (category, (concept, label)) in enumerate(DEMO_CONCEPTS.items(), 1):
         loc_prompts = _prompts(rng, category, concept, cfg.n_localize, "train")
