@@ -275,7 +275,7 @@ def main():
     t0 = time.time()
     s0 = step
     loss_acc, n_acc = 0.0, 0
-    id_acc_sum = 0.0
+    id_loss_sum = 0.0
     n_pool = len(scenes)
     while step < (args.bench or args.steps):
         idx = data_rng.integers(n_pool, size=args.batch)
@@ -325,18 +325,18 @@ def main():
 
         loss_acc += loss.item()
         if id_head is not None:
-            id_acc_sum += id_loss.item()
+            id_loss_sum += id_loss.item()
         n_acc += 1
         if step % args.log_every == 0 or step == s0 + 1:
             el = time.time() - t0
             print(
                 f"step {step} loss {loss_acc / n_acc:.4f} lr {lr_at(step - 1):.2e} "
                 f"{(step - s0) / el:.2f} steps/s elapsed {el:.0f}s"
-                + (f" id_loss {id_acc_sum / n_acc:.3f}" if id_head is not None else ""),
+                + (f" id_loss {id_loss_sum / n_acc:.3f}" if id_head is not None else ""),
                 flush=True,
             )
             loss_acc, n_acc = 0.0, 0
-            id_acc_sum = 0.0
+            id_loss_sum = 0.0
         if not args.bench and (step % args.ckpt_every == 0 or step == args.steps):
             save(step)
     if args.bench:
