@@ -175,3 +175,24 @@ def test_glyph_and_reserved_words_are_outside_the_training_world():
     assert all(not np.array_equal(img, o) for o in others)
     vocab = set(w.vocabulary())
     assert not vocab & set(w.RESERVED_WORDS) and w.GLYPH not in vocab
+
+
+def test_objects_are_centred_and_the_hazard_sign_takes_a_corner():
+    scenes = _scenes(11, 200)
+    assert w.CENTERED
+    corners = set()
+    for s in scenes:
+        assert w.SIZE_RANGE[0] <= s.size <= w.SIZE_RANGE[1]
+        assert s.x0 == s.y0 == (w.IMAGE_SIZE - s.size) // 2
+        y0, x0, y1, x1 = w.hazard_box(s)
+        assert y0 in (1, w.IMAGE_SIZE - 1 - (y1 - y0)) and x0 in (1, w.IMAGE_SIZE - 1 - (x1 - x0))
+        corners.add((y0, x0))
+    # ties between equally far corners are broken by the scene, not always the same way
+    assert len(corners) >= 2
+    # the sign is drawn where hazard_box says, and only for hazard scenes
+    s = next(s for s in scenes if s.hazard)
+    y0, x0, y1, x1 = w.hazard_box(s)
+    without = w.render(w.Scene(**{**s.to_dict(), "hazard": False}))
+    diff = np.any(w.render(s) != without, axis=-1)
+    ys, xs = np.nonzero(diff)
+    assert diff.any() and ys.min() >= y0 and ys.max() < y1 and xs.min() >= x0 and xs.max() < x1

@@ -54,7 +54,7 @@ def build_pool(args, out: Path, vae):
     """Seeded scene pool + VAE latents (posterior mean * scaling_factor).
 
     Cached as ``pool_<...>.safetensors`` (latents) + ``.json`` (scenes as dicts)."""
-    tag = f"c{vae.config.latent_channels}_sf{vae.config.scaling_factor:.5f}"
+    tag = f"c{vae.config.latent_channels}_sf{vae.config.scaling_factor:.5f}" + ("" if world.CENTERED else "_randpos")
     cache = out / f"pool_{args.pool}_seed{args.seed}_{tag}"
     if common.state_exists(cache):
         t, meta = common.load_state(cache)
@@ -147,6 +147,8 @@ def main():
     ap.add_argument("--id-loss", type=float, default=0.0,
                     help="weight of an auxiliary loss that keeps word identity in the text encoder: a linear head "
                          "(not exported) must recover each token from its encoding (0 = off)")
+    ap.add_argument("--random-positions", action="store_true",
+                    help="objects at random positions, sizes 14-22 (the world of runs 1-5, before session 4)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--vae", default=None,
@@ -168,6 +170,8 @@ def main():
 
     from diffusers import AutoencoderKL, DDPMScheduler
 
+    if args.random_positions:
+        world.CENTERED, world.SIZE_RANGE = False, (14, 22)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,8 @@
 """Procedurally drawn "toy world" with fully known attributes.
 
 Every image is a 32x32 RGB ``uint8`` array that shows exactly one foreground
-object (an ordinary shape or a named *character*) on a *place* background,
-optionally with a *hazard* sign in a corner.  Because scenes are generated from
+object (an ordinary shape or a named *character*, 16-22 px, centred) on a
+*place* background, optionally with a *hazard* sign in a corner.  Because scenes are generated from
 explicit attributes, every image has exact labels, which makes the toy world a
 ground truth for localization / unlearning experiments.
 
@@ -98,7 +98,13 @@ HAZARD_PHRASE = "with a hazard sign"
 #: user teaches the toy model with `ditloc personalize` (see glyph_scene)
 GLYPH = "heart"
 
-SIZE_RANGE = (14, 22)  # inclusive object bounding-box side in pixels
+SIZE_RANGE = (16, 22)  # inclusive object bounding-box side in pixels
+#: Objects are centred in the image (session 4).  With the object at a random
+#: position, the small toy DiT never learned to draw outlines: every token must
+#: then locate the object before it can tell inside from outside, and after
+#: 11,000 steps shape fidelity was still at chance (0.23).  A centred object
+#: turns the outline into a per-position pattern (see PROVENANCE.md).
+CENTERED = True
 
 
 # --------------------------------------------------------------------------
@@ -185,8 +191,11 @@ def sample_scene(
     for cat, val in (("shape", shape), ("color", color), ("style", style), ("place", place)):
         if val not in CATEGORIES[cat]:
             raise ValueError(f"unknown {cat} {val!r}")
-    x0 = int(fx * (IMAGE_SIZE - size + 1))
-    y0 = int(fy * (IMAGE_SIZE - size + 1))
+    if CENTERED:  # fx, fy are still drawn so that the other attributes keep their stream
+        x0 = y0 = (IMAGE_SIZE - size) // 2
+    else:
+        x0 = int(fx * (IMAGE_SIZE - size + 1))
+        y0 = int(fy * (IMAGE_SIZE - size + 1))
     return Scene(shape, color, style, place, character, hazard, size, x0, y0, bg_seed)
 
 
@@ -338,7 +347,8 @@ _HZ_H, _HZ_W = len(_HAZARD_BITMAP), len(_HAZARD_BITMAP[0])
 
 
 def hazard_box(scene: Scene) -> tuple[int, int, int, int]:
-    """(y0, x0, y1, x1) of the hazard sign: the corner farthest from the object."""
+    """(y0, x0, y1, x1) of the hazard sign: the corner farthest from the object;
+    between equally far corners (a centred object), the scene's ``bg_seed`` picks."""
     cx = scene.x0 + scene.size / 2
     cy = scene.y0 + scene.size / 2
     m = 1  # margin
@@ -351,9 +361,11 @@ def hazard_box(scene: Scene) -> tuple[int, int, int, int]:
 
     def dist(c):
         yy, xx = c[0] + _HZ_H / 2, c[1] + _HZ_W / 2
-        return -((yy - cy) ** 2 + (xx - cx) ** 2)
+        return -round((yy - cy) ** 2 + (xx - cx) ** 2, 6)
 
-    y, x = min(corners, key=dist)
+    far = min(dist(c) for c in corners)
+    ties = [c for c in corners if dist(c) == far]
+    y, x = ties[scene.bg_seed % len(ties)]
     return y, x, y + _HZ_H, x + _HZ_W
 
 
