@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,7 @@ def evaluate(pipe, oracle, sets, args, reference=None):
     """Oracle metrics of `pipe` on the fixed evaluation sets (same seeds for every model)."""
     res, labs = {}, {}
     for name, (scenes, prompts, concept_cat, concept_label) in sets.items():
-        imgs = generate(pipe, prompts, seed=hash(name) % 997, steps=args.steps, guidance=args.guidance)
+        imgs = generate(pipe, prompts, seed=zlib.crc32(name.encode()) % 997, steps=args.steps, guidance=args.guidance)
         lab = labels(oracle, imgs)
         labs[name] = lab
         if concept_cat is not None:  # presence of the concept
