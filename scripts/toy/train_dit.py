@@ -54,13 +54,13 @@ def build_pool(args, out: Path, vae):
     """Seeded scene pool + VAE latents (posterior mean * scaling_factor).
 
     Cached as ``pool_<...>.safetensors`` (latents) + ``.json`` (scenes as dicts)."""
-    tag = f"c{vae.config.latent_channels}_sf{vae.config.scaling_factor:.5f}" + ("" if world.CENTERED else "_randpos")
+    tag = f"c{vae.config.latent_channels}_sf{vae.config.scaling_factor:.5f}" + ("_randpos" if args.random_positions else "")
     cache = out / f"pool_{args.pool}_seed{args.seed}_{tag}"
     if common.state_exists(cache):
         t, meta = common.load_state(cache)
         return [world.Scene(**d) for d in meta["scenes"]], t["latents"]
     rng = np.random.default_rng([args.seed, 1])
-    scenes = [world.sample_scene(rng) for _ in range(args.pool)]
+    scenes = [world.sample_scene(rng, random_position=args.random_positions) for _ in range(args.pool)]
     lat = []
     t0 = time.time()
     with torch.no_grad():
@@ -170,8 +170,6 @@ def main():
 
     from diffusers import AutoencoderKL, DDPMScheduler
 
-    if args.random_positions:
-        world.CENTERED, world.SIZE_RANGE = False, (14, 22)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

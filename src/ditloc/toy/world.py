@@ -104,7 +104,9 @@ SIZE_RANGE = (16, 22)  # inclusive object bounding-box side in pixels
 #: then locate the object before it can tell inside from outside, and after
 #: 11,000 steps shape fidelity was still at chance (0.23).  A centred object
 #: turns the outline into a per-position pattern (see PROVENANCE.md).
-CENTERED = True
+#: ``sample_scene(..., random_position=True)`` gives the earlier world: random
+#: position, sizes in RANDOM_POSITION_SIZE_RANGE.
+RANDOM_POSITION_SIZE_RANGE = (14, 22)
 
 
 # --------------------------------------------------------------------------
@@ -152,6 +154,7 @@ def sample_scene(
     *,
     p_character: float = 0.2,
     p_hazard: float = 0.3,
+    random_position: bool = False,
     **fixed,
 ) -> Scene:
     """Sample a random scene.  Keyword arguments in ``fixed`` (e.g.
@@ -166,7 +169,8 @@ def sample_scene(
     style = STYLES[rng.integers(len(STYLES))]
     place = PLACES[rng.integers(len(PLACES))]
     hazard = bool(rng.random() < p_hazard)
-    size = int(rng.integers(SIZE_RANGE[0], SIZE_RANGE[1] + 1))
+    lo, hi = RANDOM_POSITION_SIZE_RANGE if random_position else SIZE_RANGE
+    size = int(rng.integers(lo, hi + 1))
     fx, fy = rng.random(), rng.random()
     bg_seed = int(rng.integers(0, 2**31 - 1))
 
@@ -191,11 +195,11 @@ def sample_scene(
     for cat, val in (("shape", shape), ("color", color), ("style", style), ("place", place)):
         if val not in CATEGORIES[cat]:
             raise ValueError(f"unknown {cat} {val!r}")
-    if CENTERED:  # fx, fy are still drawn so that the other attributes keep their stream
-        x0 = y0 = (IMAGE_SIZE - size) // 2
-    else:
+    if random_position:
         x0 = int(fx * (IMAGE_SIZE - size + 1))
         y0 = int(fy * (IMAGE_SIZE - size + 1))
+    else:  # centred; fx, fy are still drawn so that the other attributes keep their stream
+        x0 = y0 = (IMAGE_SIZE - size) // 2
     return Scene(shape, color, style, place, character, hazard, size, x0, y0, bg_seed)
 
 
