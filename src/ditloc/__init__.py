@@ -1,7 +1,6 @@
 """ditloc: find where a diffusion transformer keeps a concept, prove it, edit only there."""
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .errors import DitlocError  # noqa: E402
 from .adapters import get_adapter, supported_families  # noqa: E402
 from .localize import Localization, localize  # noqa: E402

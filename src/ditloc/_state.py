@@ -5,23 +5,13 @@ resumable training checkpoints (toy-model scripts, ``ditloc.edit``)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from ._io import write_atomic
+
 FORMAT = "ditloc-state-v1"
-
-
-def _replace_atomic(write, path: Path):
-    """``write(tmp_path)`` then ``os.replace(tmp_path, path)``."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files
-    os.replace(tmp, path)
 
 
 def save_state(stem, tensors: dict, meta: dict, fmt: str = FORMAT):
@@ -41,9 +31,8 @@ def save_state(stem, tensors: dict, meta: dict, fmt: str = FORMAT):
     flat = {k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}
     meta = dict(meta, format=fmt, token=token)
     text = json.dumps(meta, indent=1, allow_nan=False)  # fails before touching files
-    _replace_atomic(lambda t: save_file(flat, str(t), metadata={"format": fmt, "token": token}),
-                    stem.with_name(stem.name + ".safetensors"))
-    _replace_atomic(lambda t: t.write_text(text), stem.with_name(stem.name + ".json"))
+    write_atomic(stem.with_name(stem.name + ".safetensors"), lambda t: save_file(flat, str(t), metadata={"format": fmt, "token": token}))
+    write_atomic(stem.with_name(stem.name + ".json"), text)
 
 
 def state_exists(stem) -> bool:

@@ -45,7 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from ._io import write_atomic
+from ._version import __version__
 from .errors import DitlocError
 
 FORMAT = "ditloc.bench/1"
@@ -276,13 +277,6 @@ def plan_bench(settings: BenchSettings, probes=None) -> BenchPlan:
 # --------------------------------------------------------------------------
 # The run directory: settings file and result stores
 # --------------------------------------------------------------------------
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def check_run_dir(out, plan: BenchPlan) -> bool:
@@ -555,7 +549,7 @@ def merge_results(out, plan: BenchPlan) -> tuple[list[BenchRow], Path]:
     if missing:
         raise DitlocError(f"{len(missing)} unit(s) unfinished (first: {missing[0]}); rerun the same command to finish")
     rows = collect_rows(plan, done)
-    _write_atomic(out / RESULTS_FILE, "".join(json.dumps(r.to_dict()) + "\n" for r in rows))
+    write_atomic(out / RESULTS_FILE, "".join(json.dumps(r.to_dict()) + "\n" for r in rows))
     return rows, out / RESULTS_FILE
 
 
@@ -574,7 +568,7 @@ def run_bench(pipe, plan: BenchPlan, out, *, evaluator=None, workers: Workers = 
         say(f"bench: {len(plan.concepts)} concept(s), {len(plan.units())} units, {workers.world_size} process(es)"
             + (", resuming" if resuming else ""))
     if workers.rank == 0 and not (out / SETTINGS_FILE).exists():
-        _write_atomic(out / SETTINGS_FILE, json.dumps(plan.record(), indent=1))
+        write_atomic(out / SETTINGS_FILE, json.dumps(plan.record(), indent=1))
     store = ResultStore(store_path(out, workers.rank))
     done = set(read_units(out))
     tag = f"[{workers.rank}/{workers.world_size}] " if workers.world_size > 1 else ""

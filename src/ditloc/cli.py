@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -226,6 +225,7 @@ def cmd_localize(args) -> None:
 
 
 def cmd_intervene(args) -> None:
+    from ._io import write_json
     from .adapters import get_adapter
     from .errors import DitlocError
     from .intervene import derive_clean_prompt, generate
@@ -275,7 +275,7 @@ def cmd_intervene(args) -> None:
         "device": args.device,
         "dtype": args.dtype,
     }
-    (out / "intervention.json").write_text(json.dumps(record, indent=1))
+    write_json(out / "intervention.json", record)
     print(f"{args.mode} {args.concept!r} in {', '.join(blocks)}; clean prompt {clean!r}")
     print(f"wrote {out / 'original.png'}, {out / 'intervened.png'}, {out / 'intervention.json'}")
 

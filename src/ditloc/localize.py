@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from ._io import write_json
+from ._version import __version__
 from ._run import chunks, effective, generators, model_record, prepare
 from .errors import DitlocError
 from .hooks import instrument
@@ -96,12 +97,7 @@ class Localization:
             raise DitlocError(f"not a ditloc localization file (missing or bad field: {e})") from None
 
     def save(self, path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)
-        return path
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path) -> "Localization":

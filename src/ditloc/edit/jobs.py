@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 from .. import _state
+from .._io import write_json
 from .._run import call_kwargs as make_call_kwargs, generators, model_record
 from ..errors import DitlocError
 from .data import encode_images, image_size, load_image_folder
 from .lora import save_lora
-from .train import EditResult, LocalizedTrainer, TrainConfig, peak_memory, reset_peak_memory, run_training, write_json
+from .train import EditResult, LocalizedTrainer, TrainConfig, peak_memory, reset_peak_memory, run_training
 
 RESULT_FILE = "ditloc_edit.json"
 BLOCKS_FILE = "blocks.safetensors"

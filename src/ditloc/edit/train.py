@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -345,9 +344,3 @@ def run_training(trainer: LocalizedTrainer, loss_fn, out: Path | None, identity:
             raise DitlocError(f"interrupted at step {trainer.step}; rerun the same command to resume") from None
         raise
     return time.perf_counter() - start
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)

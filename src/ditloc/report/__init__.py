@@ -12,7 +12,7 @@ each concept's minimal K. Definitions: `ditloc.report.data`.
 
 from __future__ import annotations
 
-import json
+from .._io import write_atomic, write_json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,10 +148,10 @@ def build_report(run, *, k: int | None = None, threshold: float = 0.5, grid_samp
     page = render_page(title=f"ditloc bench report: {data.path.name}", meta=meta, sections=sections,
                        settings=data.record)
     html_path = out / "index.html"
-    html_path.write_text(page, encoding="utf-8")
+    write_atomic(html_path, page)
     report = Report(html_path, tuple([heat.path] + [f.path for f in curve_figures] + [g.path for g in grids]),
                     k, float(threshold), tuple(curves), selection, tuple(minimal))
-    (out / "summary.json").write_text(json.dumps(report.to_dict(), indent=1))
+    write_json(out / "summary.json", report.to_dict())
     return report
 
 

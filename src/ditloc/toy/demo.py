@@ -9,7 +9,6 @@ image grids (original | top-K withheld | random-K withheld) and `summary.json`.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .._io import write_json
 from .. import generate, localize
 from . import world
 
@@ -170,7 +170,7 @@ def run_demo(out_dir="runs/demo", config: DemoConfig | None = None, *, pipe=None
         "blocks": list(loc.blocks),
         "settings": {**asdict(cfg), "model": "ditloc.toy", "seconds": round(time.time() - t0, 1)},
     }
-    (out / "summary.json").write_text(json.dumps(result, indent=1))
+    write_json(out / "summary.json", result)
     return result
 
 
