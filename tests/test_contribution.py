@@ -5,7 +5,7 @@ import torch
 
 import ditloc
 from ditloc.adapters import get_adapter
-from ditloc.processors import concept_contribution
+from ditloc.engine import concept_contribution
 
 from conftest import RUN
 
@@ -180,7 +180,7 @@ def test_kernel_concept_beyond_key_limit():
 @pytest.mark.parametrize("variant", ["attn", "attn_value", "attn_value_out"])
 def test_kernel_with_precomputed_normalizer(variant):
     """With the softmax normalizer from the attention kernel (sdpa_with_lse), only the concept keys are touched."""
-    from ditloc.processors import sdpa_with_lse
+    from ditloc.engine import sdpa_with_lse
 
     g = torch.Generator().manual_seed(2)
     n, H, N, L, d, D = 2, 3, 21, 13, 8, 12

@@ -6,8 +6,7 @@ import torch
 import ditloc
 from ditloc.adapters import get_adapter
 from ditloc.errors import DitlocError
-from ditloc.hooks import instrument
-from ditloc.processors import RunState
+from ditloc.engine import Probe, Session, instrument
 
 from conftest import RUN
 
@@ -80,7 +79,7 @@ def test_user_processors_survive(pixart):
 def test_nested_instrumentation_is_refused(pixart):
     adapter = get_adapter(pixart)
     before = snapshot(pixart)
-    with instrument(adapter, RunState(adapter=adapter)):
+    with instrument(adapter, Session()):
         with pytest.raises(DitlocError, match="already instrumented"):
             ditloc.localize(pixart, ["a photo of van gogh"], "van gogh", **RUN)
     assert_same(pixart, before)
@@ -88,17 +87,12 @@ def test_nested_instrumentation_is_refused(pixart):
 
 def test_measuring_does_not_change_the_trajectory(any_pipe):
     """The probe recomputes attn2 itself (it needs q, k, v): its output must equal the stock processor's."""
-    from ditloc.localize import _padded_positions
-
     from conftest import plain
 
     adapter = get_adapter(any_pipe)
     span = adapter.concept_span("a photo of van gogh", "van gogh", {})
-    state = RunState(adapter=adapter)
-    from ditloc.processors import Probe
-
-    pos, valid = _padded_positions([span])
-    state.probe = Probe(variant="attn_value_out", out_bias=False, positions=pos, valid=valid)
+    state = Session()
+    state.probe = Probe.for_spans([span], variant="attn_value_out", out_bias=False)
     with instrument(adapter, state):
         state.begin_call(1)
         got = any_pipe("a photo of van gogh", generator=torch.Generator().manual_seed(0), output_type="np", **RUN).images

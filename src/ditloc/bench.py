@@ -97,7 +97,7 @@ class BenchSettings:
 
     def __post_init__(self):
         from .evaluate import EVALUATORS
-        from .processors import VARIANTS
+        from .engine import VARIANTS
 
         ks = tuple(int(k) for k in self.ks)
         if not ks or any(k < 1 for k in ks) or len(set(ks)) != len(ks):
@@ -482,12 +482,12 @@ class BenchResult:
 def _validate(pipe, plan: BenchPlan, evaluator) -> list[str]:
     """Check K against the model's blocks, every prompt's concept span and every
     evaluation text, before any unit runs. Returns the block names."""
-    from ._run import prepare
+    from .options import RunOptions
 
     s = plan.settings
-    adapter, _, _, kw = prepare(pipe, plan.concepts[0].evaluation_prompts, 0, adapter_options=s.adapter_options,
-                                num_inference_steps=s.steps, guidance_scale=s.guidance_scale,
-                                max_sequence_length=s.max_sequence_length, pipeline_kwargs={})
+    resolved = RunOptions(num_inference_steps=s.steps, guidance_scale=s.guidance_scale,
+                          max_sequence_length=s.max_sequence_length, adapter_options=s.adapter_options).resolve(pipe)
+    adapter, kw = resolved.adapter, resolved.call_kwargs
     blocks = adapter.block_names()
     if max(s.ks) > len(blocks):
         raise DitlocError(f"K must be at most {len(blocks)} (the model's blocks), got {max(s.ks)}")

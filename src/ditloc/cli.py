@@ -74,9 +74,21 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sequence-length", type=int, default=None)
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1, mps (default: where the pipeline loads)")
     p.add_argument("--dtype", choices=DTYPES, default=None)
-    p.add_argument("--text-stream", choices=("both", "clip", "t5"), default=None,
-                   help="SD3 only: which part of the text sequence carries the concept (default: both)")
+    _add_adapter_option(p)
     p.add_argument("--out", required=True, help="output directory")
+
+
+def _add_adapter_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter-option", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
+                   help="a model-family setting (repeatable), e.g. text_stream=t5 for SD3; "
+                        "an unknown key or value is refused, naming the valid ones")
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. text_stream=t5), got {text!r}")
+    return key.strip(), value.strip()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint-every", type=int, default=50)
         p.add_argument("--steps", type=int, default=None, help="sampling steps for localization/anchor images")
         p.add_argument("--guidance", type=float, default=None)
+        _add_adapter_option(p)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default=None)
         p.add_argument("--dtype", choices=DTYPES, default=None)
@@ -182,7 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _adapter_options(args) -> dict:
-    return {"text_stream": args.text_stream} if args.text_stream else {}
+    return dict(args.adapter_option)
+
+
+def _run_options(args):
+    """The sampling settings every command shares, as one RunOptions."""
+    from .options import RunOptions
+
+    return RunOptions(num_inference_steps=args.steps, guidance_scale=args.guidance,
+                      max_sequence_length=getattr(args, "max_sequence_length", None),
+                      adapter_options=_adapter_options(args))
 
 
 def cmd_localize(args) -> None:
@@ -201,14 +223,11 @@ def cmd_localize(args) -> None:
         pipe,
         prompts,
         args.concept,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
         seed=args.seed,
-        max_sequence_length=args.max_sequence_length,
         variant=args.variant,
         out_bias=args.out_bias,
         batch_size=args.batch_size,
-        adapter_options=_adapter_options(args),
+        options=_run_options(args),
         progress=lambda done, total: print(f"localize: {done}/{total} prompts", file=sys.stderr, flush=True),
     )
     if args.top_k is not None:
@@ -245,13 +264,7 @@ def cmd_intervene(args) -> None:
     if args.blocks is not None and not blocks:
         _fail("--blocks is empty; name at least one block, e.g. --blocks block.3")
     clean = args.clean_prompt or derive_clean_prompt(args.prompt, args.concept)
-    common = dict(
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        seed=args.seed,
-        max_sequence_length=args.max_sequence_length,
-    )
-    common["adapter_options"] = _adapter_options(args)
+    common = dict(seed=args.seed, options=_run_options(args))
     original = generate(pipe, args.prompt, **common)[0]
     key = "withhold" if args.mode == "withhold" else "inject"
     intervened = generate(pipe, args.prompt, concept=args.concept, clean_prompts=[clean], **{key: blocks}, **common)[0]
@@ -272,6 +285,7 @@ def cmd_intervene(args) -> None:
         "guidance_scale": args.guidance,
         "seed": args.seed,
         "max_sequence_length": args.max_sequence_length,
+        "adapter_options": _adapter_options(args),
         "device": args.device,
         "dtype": args.dtype,
     }
@@ -356,8 +370,8 @@ def _edit(args) -> None:
         method=args.method, rank=args.rank, steps=args.train_steps, lr=args.lr, batch_size=args.batch_size,
         seed=args.seed, gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=args.checkpoint_every,
     )
-    common = dict(blocks=args.blocks, k=args.k, config=config, out=args.out, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    common = dict(blocks=args.blocks, k=args.k, config=config, out=args.out, options=_run_options(args),
+                  progress=lambda m: print(m, file=sys.stderr, flush=True))
     if args.command == "personalize":
         if args.num_class_images < 1:
             raise DitlocError(f"--num-class-images must be >= 1 (got {args.num_class_images})")

@@ -9,10 +9,9 @@ import re
 import numpy as np
 import torch
 
-from ._run import chunks, generators, prepare
+from .engine import Session, instrument
 from .errors import DitlocError
-from .hooks import instrument
-from .processors import RunState, Swap
+from .options import RunOptions, as_prompt_list, as_seed_list, chunks
 from .tokens import find_occurrences
 
 
@@ -54,16 +53,12 @@ def generate(
     inject=None,
     concept: str | None = None,
     clean_prompts=None,
-    num_inference_steps: int = 20,
-    guidance_scale: float | None = None,
     seed=0,
-    max_sequence_length: int | None = None,
     output_type: str = "pil",
     batch_size: int | None = None,
-    generator_device="cpu",
-    adapter_options: dict | None = None,
     pooled: str | None = None,
-    **pipeline_kwargs,
+    options: RunOptions | None = None,
+    **run,
 ):
     """Images for every (prompt, seed), prompt-major, optionally with the concept
     withheld from (or injected into only) a set of blocks.
@@ -78,13 +73,16 @@ def generate(
     any block sees the clean prompt, so withholding nowhere (or injecting
     everywhere) is the plain generation and withholding everywhere (or injecting
     nowhere) is the clean-prompt generation, exactly.
+
+    `options` (:class:`~ditloc.options.RunOptions`) says how the pipeline is
+    called; keyword arguments override its fields or are passed to the pipeline.
     """
     if withhold is not None and inject is not None:
         raise DitlocError("choose either withhold or inject, not both")
-    adapter, prompts, seeds, kw = prepare(
-        pipe, prompts, seed, adapter_options=adapter_options, num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale, max_sequence_length=max_sequence_length, pipeline_kwargs=pipeline_kwargs,
-    )
+    opts = RunOptions.of(options, **run)
+    prompts, seeds = as_prompt_list(prompts), as_seed_list(seed)
+    resolved = opts.resolve(pipe)
+    adapter, kw = resolved.adapter, resolved.call_kwargs
     intervene = withhold is not None or inject is not None
     if pooled not in (None, "clean", "full"):
         raise DitlocError(f"pooled must be 'clean' or 'full', got {pooled!r}")
@@ -110,23 +108,24 @@ def generate(
 
     samples = [(i, s) for i in range(len(prompts)) for s in seeds]
     outputs = []
-    state = RunState(adapter=adapter)
 
-    def run(chunk):
+    def run_chunk(chunk):
         return pipe(
             prompt=[prompts[i] for i, _ in chunk],
-            generator=generators([s for _, s in chunk], generator_device),
+            generator=resolved.generators([s for _, s in chunk]),
             output_type=output_type,
             **kw,
         ).images
 
     if not intervene:
-        return _stack([run(c) for c in chunks(samples, batch_size)], output_type)
-    with instrument(adapter, state):
+        return _stack([run_chunk(c) for c in chunks(samples, batch_size)], output_type)
+    session = Session()
+    with instrument(adapter, session):
         for chunk in chunks(samples, batch_size):
-            state.begin_call(len(chunk))
+            swap = None
             if swap_blocks or (pooled_clean and adapter.has_pooled_text):
                 cond = adapter.encode_text([clean[i] for i, _ in chunk], kw)
-                state.swap = Swap(blocks=swap_blocks, clean=cond, pooled_clean=pooled_clean)
-            outputs.append(run(chunk))
+                swap = adapter.make_swap(swap_blocks, cond, pooled_clean)
+            session.begin_call(len(chunk), swap=swap)
+            outputs.append(run_chunk(chunk))
     return _stack(outputs, output_type)

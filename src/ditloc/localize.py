@@ -11,10 +11,9 @@ import torch
 
 from ._io import write_json
 from ._version import __version__
-from ._run import chunks, effective, generators, model_record, prepare
+from .engine import VARIANTS, Probe, Session, instrument
 from .errors import DitlocError
-from .hooks import instrument
-from .processors import VARIANTS, Probe, RunState
+from .options import RunOptions, as_prompt_list, as_seed_list, chunks, model_record
 from .tokens import ConceptSpan
 
 
@@ -111,92 +110,72 @@ class Localization:
         return cls.from_dict(d)
 
 
-def _padded_positions(spans: list[ConceptSpan]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s.positions) for s in spans)
-    pos = torch.zeros(len(spans), width, dtype=torch.long)
-    valid = torch.zeros(len(spans), width, dtype=torch.bool)
-    for i, s in enumerate(spans):
-        pos[i, : len(s.positions)] = torch.tensor(s.positions)
-        valid[i, : len(s.positions)] = True
-    return pos, valid
-
-
 @torch.no_grad()
 def localize(
     pipe,
     prompts,
     concept: str,
     *,
-    num_inference_steps: int = 20,
-    guidance_scale: float | None = None,
     seed=0,
-    max_sequence_length: int | None = None,
     variant: str = "attn_value_out",
     out_bias: bool = False,
     batch_size: int | None = 8,
-    generator_device="cpu",
-    adapter_options: dict | None = None,
+    options: RunOptions | None = None,
     progress=None,
-    **pipeline_kwargs,
+    **run,
 ) -> Localization:
     """Score every block by the concept's attention contribution (method.md §1).
 
     The trajectory of each (prompt, seed) is exactly the one
     ``pipe(prompt, num_inference_steps=N, guidance_scale=G,
     generator=torch.Generator(generator_device).manual_seed(seed), max_sequence_length=L)``
-    samples; ``None`` means the pipeline's own default. Extra keyword arguments
-    go to the pipeline call. Only the conditional half of a CFG batch is measured.
+    samples. `options` (:class:`~ditloc.options.RunOptions`) says how the pipeline
+    is called; keyword arguments override its fields (``num_inference_steps``,
+    ``guidance_scale``, ...) or are passed to the pipeline. Only the conditional
+    half of a CFG batch is measured.
     """
     if variant not in VARIANTS:
         raise DitlocError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    adapter, prompts, seeds, kw = prepare(
-        pipe, prompts, seed, adapter_options=adapter_options, num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale, max_sequence_length=max_sequence_length, pipeline_kwargs=pipeline_kwargs,
-    )
+    opts = RunOptions.of(options, **run)
+    prompts, seeds = as_prompt_list(prompts), as_seed_list(seed)
+    resolved = opts.resolve(pipe)
+    adapter, kw = resolved.adapter, resolved.call_kwargs
     spans = [adapter.concept_span(p, concept, kw) for p in prompts]  # validates before any compute
     samples = [(i, s) for i in range(len(prompts)) for s in seeds]
-    state = RunState(adapter=adapter)
+    n_blocks = len(adapter.block_names())
+    session = Session()
     totals, heads = [], []
     done = 0
-    with instrument(adapter, state):
+    with instrument(adapter, session):
         for chunk in chunks(samples, batch_size):
-            pos, valid = _padded_positions([spans[i] for i, _ in chunk])
-            state.probe = Probe(variant=variant, out_bias=out_bias, positions=pos, valid=valid)
-            state.begin_call(len(chunk))
+            probe = Probe.for_spans([spans[i] for i, _ in chunk], variant, out_bias)
+            session.begin_call(len(chunk), probe=probe)
             pipe(
                 prompt=[prompts[i] for i, _ in chunk],
-                generator=generators([s for _, s in chunk], generator_device),
+                generator=resolved.generators([s for _, s in chunk]),
                 output_type="latent",
                 **kw,
             )
-            records = state.probe.records
-            n_blocks, n_steps = len(adapter.block_names()), state.step + 1
-            missing = [(b, t) for b in range(n_blocks) for t in range(n_steps) if (b, t) not in records]
-            if missing:
-                raise RuntimeError(f"no measurement for (block, step) {missing[0]}; is the text attention bypassed?")
-            totals.append(
-                torch.stack([torch.stack([records[(b, t)][0] for t in range(n_steps)]) for b in range(n_blocks)]).cpu()
-            )  # [blocks, steps, n]
-            heads.append(
-                torch.stack([torch.stack([records[(b, t)][1] for t in range(n_steps)]) for b in range(n_blocks)]).cpu()
-            )  # [blocks, steps, n, H]
+            total, per_head = probe.stacked(n_blocks, session.forwards)  # [blocks, steps, n], [blocks, steps, n, H]
+            totals.append(total)
+            heads.append(per_head)
             done += len(chunk)
             if progress is not None:
                 progress(done, len(samples))
-    state.probe = None
+    record = resolved.record()
     settings = {
         "model": model_record(pipe),
         "family": adapter.family,
-        "adapter_options": dict(adapter_options or {}),
+        "adapter_options": record["adapter_options"],
         "prompts": prompts,
         "seeds": seeds,
-        "num_inference_steps": int(num_inference_steps),
-        "guidance_scale": effective(adapter, kw, "guidance_scale"),
-        "max_sequence_length": effective(adapter, kw, "max_sequence_length"),
+        "num_inference_steps": record["num_inference_steps"],
+        "guidance_scale": record["guidance_scale"],
+        "max_sequence_length": record["max_sequence_length"],
         "variant": variant,
         "out_bias": bool(out_bias),
-        "generator_device": str(generator_device),
-        "pipeline_kwargs": {k: v for k, v in kw.items() if isinstance(v, (int, float, str, bool, type(None)))},
+        "generator_device": record["generator_device"],
+        "pipeline_kwargs": record["pipeline_kwargs"],
     }
     return Localization(
         concept=concept,

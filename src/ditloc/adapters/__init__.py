@@ -18,7 +18,8 @@ def supported_families() -> list[str]:
 
 def get_adapter(pipe, **options) -> Adapter:
     """The adapter for `pipe`'s transformer class. `options` are family settings
-    (e.g. SD3's `text_stream`); an option the family does not have is an error."""
+    (e.g. SD3's `text_stream`); an option the family does not have, or a value it
+    does not take, is an error naming the valid ones."""
     transformer = getattr(pipe, "transformer", None)
     name = type(transformer).__name__ if transformer is not None else type(pipe).__name__
     for adapter in ADAPTERS:

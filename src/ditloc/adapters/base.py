@@ -26,16 +26,19 @@ class Adapter(ABC):
     #: the family has a pooled text embedding that modulates every block (FLUX, SD3)
     has_pooled_text: ClassVar[bool] = False
 
-    #: family settings a user may pass as adapter options, with their defaults
-    options: ClassVar[dict] = {}
+    #: family settings a user may pass as adapter options -> their valid values (None: the family's default)
+    options: ClassVar[dict[str, tuple[str, ...]]] = {}
     #: default LoRA targets: module names relative to a block (those a block lacks are skipped)
     lora_suffixes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, pipe, **options):
         self.pipe = pipe
         self.transformer = pipe.transformer
-        for name, default in self.options.items():
-            setattr(self, name, options.get(name, default))
+        for name, valid in self.options.items():
+            value = options.get(name)
+            if value is not None and value not in valid:
+                raise DitlocError(f"{self.family} option {name} must be one of {', '.join(valid)}; got {value!r}")
+            setattr(self, name, value)
 
     # ---- structure -------------------------------------------------------------------
     @abstractmethod
@@ -117,12 +120,18 @@ class Adapter(ABC):
 
     # ---- instrumentation -------------------------------------------------------------
     @abstractmethod
-    def make_processor(self, block: str, index: int, attn: torch.nn.Module, state) -> Any:
-        """An attention processor for `attn` that measures / intervenes as `state` says."""
+    def make_processor(self, block: str, index: int, attn: torch.nn.Module, session) -> Any:
+        """An attention processor for `attn` that measures / intervenes as the
+        `ditloc.engine.Session` says (it lives beside this adapter)."""
 
     @abstractmethod
-    def on_forward(self, state, args: tuple, kwargs: dict):
-        """Called before every transformer forward: counts denoising steps, sets
-        per-call facts the processors need (e.g. the text padding limit) and, when
-        `state.swap` is set, prepares the substitute text conditioning. May return
-        new (args, kwargs) for the forward."""
+    def make_swap(self, blocks: frozenset[str], clean: dict, pooled_clean: bool):
+        """The family's swap (`ditloc.engine.CrossSwap` / `JointSwap`): `blocks` read
+        `clean` (:meth:`encode_text` of the clean prompts)."""
+
+    @abstractmethod
+    def on_forward(self, session, args: tuple, kwargs: dict):
+        """Called before every transformer forward: sets the session's immutable
+        `ForwardContext` (step, conditional rows, text length / padding limit) and,
+        when the session has a swap, prepares the substitute text conditioning.
+        May return new (args, kwargs) for the forward."""

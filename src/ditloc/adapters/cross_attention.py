@@ -4,9 +4,10 @@ every block through `attn2`, with a padding mask; CFG batches are [uncond, cond]
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from ..engine import CrossSwap, ForwardContext, Session, concept_contribution
 from ..errors import DitlocError
-from ..processors import CrossAttentionProcessor
 from ..tokens import ConceptSpan, find_occurrences, token_positions
 from .base import Adapter
 
@@ -119,12 +120,12 @@ class CrossAttentionAdapter(Adapter):
         return out[:, :channels] if out.shape[1] == 2 * channels else out  # learned sigma -> drop
 
     # ---- instrumentation -------------------------------------------------------------
-    def make_processor(self, block: str, index: int, attn, state) -> CrossAttentionProcessor:
+    def make_processor(self, block: str, index: int, attn, session: Session) -> "CrossAttentionProcessor":
         return CrossAttentionProcessor(
             inner=attn.processor,
             block=block,
             index=index,
-            state=state,
+            session=session,
             qk_norm_before_split=self.qk_norm_before_split,
         )
 
@@ -137,25 +138,30 @@ class CrossAttentionAdapter(Adapter):
         """The transformer's conversion of a [B, L] keep-mask to an additive [B, 1, L] bias."""
         return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
 
-    def on_forward(self, state, args: tuple, kwargs: dict) -> None:
-        state.step += 1
-        swapping = state.swap is not None and bool(state.swap.blocks)
+    def make_swap(self, blocks: frozenset[str], clean: dict, pooled_clean: bool) -> CrossSwap:
+        return CrossSwap(blocks=blocks, clean=clean)
+
+    def on_forward(self, session: Session, args: tuple, kwargs: dict) -> None:
+        step = session.forwards
+        session.forwards += 1
+        latents = args[0] if args else kwargs["hidden_states"]  # [B, C, h, w]
+        rows = self.cond_rows(latents.shape[0], session.n_images) if session.busy else None
+        swapping = session.swap is not None and bool(session.swap.blocks)
         if swapping:
-            self._prepare_swap(state, args, kwargs)
-        state.key_limit = None
+            self._prepare_swap(session.swap, rows, args, kwargs)
+        key_limit = None
         mask = kwargs.get("encoder_attention_mask")  # [B, L] keep-mask (right-padded text)
-        if state.probe is not None and mask is not None and mask.ndim == 2:
+        if session.probe is not None and mask is not None and mask.ndim == 2:
             used = mask.to(torch.bool).any(0)  # [L]: key read by some row
             if swapping:
-                used = used | state.swap.clean["mask"].to(device=used.device, dtype=torch.bool).any(0)
-            state.key_limit = int(used.nonzero().max()) + 1 if bool(used.any()) else None
+                used = used | session.swap.clean["mask"].to(device=used.device, dtype=torch.bool).any(0)
+            key_limit = int(used.nonzero().max()) + 1 if bool(used.any()) else None
+        session.context = ForwardContext(step=step, rows=rows, key_limit=key_limit)
 
-    def _prepare_swap(self, state, args: tuple, kwargs: dict) -> None:
-        swap = state.swap
+    def _prepare_swap(self, swap: CrossSwap, rows: slice, args: tuple, kwargs: dict) -> None:
         hidden_states = args[0] if args else kwargs["hidden_states"]
         embeds = kwargs["encoder_hidden_states"]  # [B, L, C], raw text-encoder output
         mask = kwargs.get("encoder_attention_mask")  # [B, L] keep-mask
-        rows = self.cond_rows(embeds.shape[0], state.n_images)
         clean = swap.clean["embeds"].to(device=embeds.device, dtype=embeds.dtype)  # [n, L, C]
         if clean.shape[1:] != embeds.shape[1:]:
             raise DitlocError(
@@ -171,3 +177,97 @@ class CrossAttentionAdapter(Adapter):
             m = mask.clone()
             m[rows] = swap.clean["mask"].to(device=mask.device, dtype=mask.dtype)
             swap.mask = self.mask_to_bias(m, hidden_states.dtype)  # [B, 1, L]
+
+
+class CrossAttentionProcessor:
+    """Processor for a cross-attention module (`attn2`) of PixArt/SANA.
+
+    Withheld blocks read the `CrossSwap`'s text conditioning. Without a probe the
+    call is handed, otherwise unchanged, to the processor that was installed
+    before (so outputs are bit-identical to a plain run). With a probe it runs
+    the same computation as diffusers' `AttnProcessor2_0`/`SanaAttnProcessor2_0`
+    and measures the concept's contribution on the conditional rows.
+    """
+
+    def __init__(self, inner, block: str, index: int, session: Session, qk_norm_before_split: bool):
+        self.inner = inner
+        self.block = block
+        self.index = index
+        self.session = session
+        self.qk_norm_before_split = qk_norm_before_split
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        swap = self.session.swap
+        if swap is not None and self.block in swap.blocks:
+            encoder_hidden_states, attention_mask = swap.states, swap.mask
+        if self.session.probe is None:
+            if temb is not None:
+                kwargs["temb"] = temb
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        return self._measured(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    def _measured(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch, text_len, _ = encoder_hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, text_len, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])  # [B, H, 1, L]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)  # [B, N, H*d]
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)  # [B, L, H*d]
+        value = attn.to_v(encoder_hidden_states)
+        if self.qk_norm_before_split:
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # [B, H, N, d]
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # [B, H, L, d]
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if not self.qk_norm_before_split:
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        self._record(attn, query, key, value, attention_mask)
+
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)  # [B, N, H*d]
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    @torch.no_grad()
+    def _record(self, attn, query, key, value, mask) -> None:
+        probe, ctx = self.session.probe, self.session.context
+        rows = ctx.rows
+        proj = attn.to_out[0]
+        total, per_head = concept_contribution(
+            query[rows],
+            key[rows],
+            value[rows],
+            probe.positions,
+            probe.valid,
+            mask=None if mask is None else mask[rows],
+            out_weight=proj.weight,
+            out_bias=proj.bias if probe.out_bias else None,
+            variant=probe.variant,
+            key_limit=ctx.key_limit,
+        )
+        probe.record(self.index, ctx.step, total, per_head)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ..processors_joint import FluxJointProcessor
-from .joint_attention import JointAttentionAdapter
+from ..engine import sdpa_with_lse
+from .joint_attention import JointAttentionAdapter, JointProcessor
 
 
 class FluxAdapter(JointAttentionAdapter):
@@ -90,3 +90,69 @@ class FluxAdapter(JointAttentionAdapter):
 
     def make_processor(self, block: str, index: int, attn, state):
         return FluxJointProcessor(attn.processor, block, index, state, self.out_projection(block))
+
+
+class FluxJointProcessor(JointProcessor):
+    """Mirror of diffusers' `FluxAttnProcessor` (double- and single-stream blocks).
+    Layout [B, S, H, d]; text first. Single-stream blocks receive the joint sequence
+    as `hidden_states`; its text length comes from the forward context (`n_text`)."""
+
+    text_first = True
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if not self._busy():
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        backend = getattr(self.inner, "_attention_backend", None)
+        parallel = getattr(self.inner, "_parallel_config", None)
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states
+        )
+        query = query.unflatten(-1, (-1, attn.head_dim))  # [B, S, H, d]
+        key = key.unflatten(-1, (-1, attn.head_dim))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+        if attn.added_kv_proj_dim is not None:
+            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
+            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
+            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+            query = torch.cat([encoder_query, query], dim=1)  # [B, L+N, H, d]
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        lse = None
+        if backend is None and parallel is None and attention_mask is None and self.session.probe is not None:
+            # the native backend permutes to [B, H, S, d] and calls F.scaled_dot_product_attention
+            out, lse = sdpa_with_lse(query.permute(0, 2, 1, 3), key.permute(0, 2, 1, 3), value.permute(0, 2, 1, 3))
+            out = out.permute(0, 2, 1, 3)  # [B, S, H, d]
+        else:
+            out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=backend,
+                                        parallel_config=parallel)
+        n_text = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else self.session.context.n_text
+
+        def attend(q, k, v):  # canonical [n, H, S, d] in and out, same kernel
+            o = dispatch_attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                      backend=backend, parallel_config=parallel)
+            return o.transpose(1, 2)
+
+        override = self._instrument(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), n_text, attend,
+                                    lse)
+        if override is not None:
+            rows, image_out = override
+            out = out.clone()
+            out[rows, n_text:] = image_out.transpose(1, 2).to(out.dtype)
+        out = out.flatten(2, 3).to(query.dtype)  # [B, S, H*d]
+        if encoder_hidden_states is not None:
+            encoder_out, out = out.split_with_sizes([n_text, out.shape[1] - n_text], dim=1)
+            out = attn.to_out[0](out.contiguous())
+            out = attn.to_out[1](out)
+            encoder_out = attn.to_add_out(encoder_out.contiguous())
+            return out, encoder_out
+        return out

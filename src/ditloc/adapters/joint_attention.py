@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from ..tokens import ConceptSpan, find_occurrences, token_positions
+from ..engine import ForwardContext, JointSwap, Session, concept_contribution
 from ..errors import DitlocError
+from ..tokens import ConceptSpan, find_occurrences, token_positions
 from .base import Adapter
 
 
@@ -76,23 +77,29 @@ class JointAttentionAdapter(Adapter):
                            positions=tuple(sorted(set(positions))), tokens=tuple(tokens))
 
     # ---- instrumentation -------------------------------------------------------------
-    def on_forward(self, state, args: tuple, kwargs: dict):
+    def make_swap(self, blocks: frozenset[str], clean: dict, pooled_clean: bool) -> JointSwap:
+        return JointSwap(blocks=blocks, clean=clean, pooled_clean=pooled_clean)
+
+    def on_forward(self, session: Session, args: tuple, kwargs: dict):
+        swap = session.swap
+        if swap is not None and swap.capturing:  # our own clean-prompt pass
+            return None
         embeds = kwargs["encoder_hidden_states"]
         # FLUX's true CFG calls the transformer again for the negative prompt: only the
         # call with the prompt's own text tensor is measured and intervened on.
         key = embeds.data_ptr()
-        if state.cond_key is None:
-            state.cond_key = key
-        state.active = key == state.cond_key
-        if not state.active:
+        if session.call_key is None:
+            session.call_key = key
+        if key != session.call_key:
+            session.context = ForwardContext(step=session.forwards - 1, rows=None, active=False)
             return None
-        state.step += 1
-        state.n_text = embeds.shape[1]
-        swap = state.swap
+        step = session.forwards
+        session.forwards += 1
+        batch = embeds.shape[0]
+        rows = self.cond_rows(batch, session.n_images) if session.busy else None
+        session.context = ForwardContext(step=step, rows=rows, n_text=embeds.shape[1])
         if swap is None:
             return None
-        batch = embeds.shape[0]
-        rows = self.cond_rows(batch, state.n_images)
         kwargs = dict(kwargs)
         clean = swap.clean
         if swap.blocks:
@@ -104,14 +111,85 @@ class JointAttentionAdapter(Adapter):
             clean_kwargs["encoder_hidden_states"] = clean["embeds"].to(device=embeds.device, dtype=embeds.dtype)
             clean_kwargs["pooled_projections"] = clean["pooled"].to(device=embeds.device, dtype=embeds.dtype)
             swap.text_kv = {}
-            state.capturing = True
+            swap.capturing = True
             try:
                 with torch.no_grad():
                     self.transformer(*clean_args, **clean_kwargs)
             finally:
-                state.capturing = False
+                swap.capturing = False
         if swap.pooled_clean:
             pooled = kwargs["pooled_projections"].clone()
             pooled[rows] = clean["pooled"].to(device=pooled.device, dtype=pooled.dtype)
             kwargs["pooled_projections"] = pooled
         return args, kwargs
+
+
+class JointProcessor:
+    """What the joint-attention processors share: in canonical [B, H, S, d] layout,
+    - measure: image queries over the concept's text keys, streaming (`concept_contribution`);
+    - capture: in the clean-prompt pass, keep this block's text keys/values;
+    - swap: image queries of the conditional rows read the clean text keys/values
+      (their own image keys/values unchanged); text queries keep the full prompt.
+    Each family's subclass mirrors its stock processor op for op (so outputs are
+    bit-identical); blocks with nothing to do hand the call to the previous processor.
+    """
+
+    text_first: bool = True
+
+    def __init__(self, inner, block: str, index: int, session: Session, out_projection):
+        self.inner = inner
+        self.block = block
+        self.index = index
+        self.session = session
+        self.out_projection = out_projection  # () -> (weight [D, H*d], bias [D] | None)
+
+    def _busy(self) -> bool:
+        session = self.session
+        swap = session.swap
+        in_swap = swap is not None and self.block in swap.blocks
+        if swap is not None and swap.capturing:  # the adapter's clean-prompt pass
+            return in_swap
+        return session.context.active and (session.probe is not None or in_swap)
+
+    def _segments(self, total: int, n_text: int) -> tuple[slice, slice]:
+        """(text, image) slices of the joint sequence."""
+        if self.text_first:
+            return slice(0, n_text), slice(n_text, total)
+        return slice(total - n_text, total), slice(0, total - n_text)
+
+    def _instrument(self, q, k, v, n_text: int, attend, lse=None):
+        """q, k, v: [B, H, S, d] joint (post-norm, post-rope); lse [B, H, S] from the
+        kernel or None. Returns (rows, image_out [n, H, N, d]) when the image outputs
+        of the conditional rows must be replaced."""
+        session, ctx = self.session, self.session.context
+        swap = session.swap
+        txt, img = self._segments(k.shape[2], n_text)
+        if swap is not None and swap.capturing:
+            swap.text_kv[self.block] = (k[:, :, txt], v[:, :, txt])  # [n, H, L, d] of the clean prompts
+            return None
+        rows = ctx.rows
+        if session.probe is not None:
+            probe = session.probe
+            weight, bias = self.out_projection()
+            with torch.no_grad():
+                total, per_head = concept_contribution(
+                    q[rows][:, :, img],
+                    k[rows],
+                    v[rows],
+                    probe.positions + txt.start,
+                    probe.valid,
+                    out_weight=weight,
+                    out_bias=bias if probe.out_bias else None,
+                    variant=probe.variant,
+                    lse=None if lse is None else lse[rows][:, :, img],
+                )
+            probe.record(self.index, ctx.step, total, per_head)
+        if swap is not None and self.block in swap.blocks:
+            ck, cv = swap.text_kv[self.block]
+            kr, vr = k[rows], v[rows]
+            if self.text_first:
+                k2, v2 = torch.cat([ck, kr[:, :, img]], dim=2), torch.cat([cv, vr[:, :, img]], dim=2)
+            else:
+                k2, v2 = torch.cat([kr[:, :, img], ck], dim=2), torch.cat([vr[:, :, img], cv], dim=2)
+            return rows, attend(q[rows][:, :, img], k2, v2)  # [n, H, N, d]
+        return None

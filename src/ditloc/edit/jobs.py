@@ -20,7 +20,7 @@ import torch
 
 from .. import _state
 from .._io import write_json
-from .._run import call_kwargs as make_call_kwargs, generators, model_record
+from ..options import RunOptions, generators, model_record
 from ..errors import DitlocError
 from .data import encode_images, image_size, load_image_folder
 from .lora import save_lora
@@ -66,19 +66,24 @@ def category_prompts(category: str, word: str, probes: str = "lock") -> list[str
     return [fill(t, word) for t in cat.localization_prompts]
 
 
-def _plan(pipe, blocks, k, localize_prompts, concept, config, out, *, num_inference_steps, guidance_scale,
-          max_sequence_length, pipeline_kwargs, progress, require_concept=False):
+def run_options(options: RunOptions | None, run: dict) -> RunOptions:
+    """The jobs' RunOptions: `options` with `run`'s overrides; sampling steps default
+    to the pipeline's own (not localize's 20)."""
+    return RunOptions.of(options if options is not None else RunOptions(num_inference_steps=None), **run)
+
+
+def _plan(pipe, blocks, k, localize_prompts, concept, config, out, *, options: RunOptions, progress,
+          require_concept=False):
     """What both jobs do before training: pipeline call arguments (native size
     unless given), the output folder, and the blocks (localized with those same
     arguments for ``auto``). -> (adapter, call kwargs, out, blocks, localization)."""
-    adapter = _adapter(pipe)
-    steps = num_inference_steps or adapter.call_default("num_inference_steps") or 20
-    kw = make_call_kwargs(adapter, num_inference_steps=steps, guidance_scale=guidance_scale,
-                          max_sequence_length=max_sequence_length, extra=_native_size(pipe, pipeline_kwargs))
+    options = RunOptions.of(options, pipeline_kwargs=_native_size(pipe, options.pipeline_kwargs))
+    resolved = options.resolve(pipe)
+    adapter, kw = resolved.adapter, resolved.call_kwargs
     for p in localize_prompts if require_concept else ():  # the concept must reach the text encoder
         adapter.concept_span(p, concept, kw)
     out = _prepare_out(out)
-    chosen, loc = choose_blocks(pipe, blocks, k, list(localize_prompts), concept, progress=progress, **kw)
+    chosen, loc = choose_blocks(pipe, blocks, k, list(localize_prompts), concept, progress=progress, options=options)
     if loc is not None and out is not None:
         loc.save(out / "localization.json")
     if progress:
@@ -214,16 +219,15 @@ def personalize(
     num_class_images: int = 16,
     prior_weight: float = 1.0,
     out=None,
-    num_inference_steps: int | None = None,
-    guidance_scale: float | None = None,
-    max_sequence_length: int | None = None,
-    pipeline_kwargs: dict | None = None,
+    options: RunOptions | None = None,
     progress=None,
+    **run,
 ) -> EditResult:
     """Bind `token` to the subject of `images` (a folder or [N, 3, h, w] tensor in
-    [-1, 1]), training LoRA / full weights only in `blocks`. `pipeline_kwargs`:
-    extra arguments for the pipeline calls (localization, class images), e.g.
-    ``height``/``width``, which then also fix the training resolution.
+    [-1, 1]), training LoRA / full weights only in `blocks`. `options`
+    (:class:`~ditloc.options.RunOptions`, keyword overrides in `run`): how the
+    pipeline is called (localization, class images); pipeline arguments such as
+    ``height``/``width`` then also fix the training resolution.
     `localize_prompts` (with ``blocks="auto"``): prompts containing the class
     word to localize it on (default: the class prompt); see
     :func:`category_prompts` for a probe-set category's."""
@@ -232,8 +236,10 @@ def personalize(
     for slot in ("{token}", "{class_word}"):
         if slot not in instance_prompt:
             raise DitlocError(f"--instance-prompt must contain {slot} (got {instance_prompt!r})")
+    options = run_options(options, run)
+    pipeline_kwargs = options.pipeline_kwargs
     size = image_size(pipe)
-    if pipeline_kwargs and pipeline_kwargs.get("height") and pipeline_kwargs.get("width"):
+    if pipeline_kwargs.get("height") and pipeline_kwargs.get("width"):
         size = (int(pipeline_kwargs["height"]), int(pipeline_kwargs["width"]))
     if isinstance(images, (str, Path)):
         pixels, records = load_image_folder(images, size)
@@ -246,8 +252,7 @@ def personalize(
         class_word=class_word.strip())
     adapter, kw, out, chosen, loc = _plan(
         pipe, blocks, k, localize_prompts or [class_prompt], class_word.strip(), config, out,
-        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-        max_sequence_length=max_sequence_length, pipeline_kwargs=pipeline_kwargs, progress=progress)
+        options=options, progress=progress)
 
     instance = encode_images(pipe, pixels).to(pipe.transformer.dtype)  # [N, C, h, w]
     prior = None
@@ -307,16 +312,14 @@ def unlearn(
     config: TrainConfig = TrainConfig(),
     images_per_prompt: int = 4,
     out=None,
-    num_inference_steps: int | None = None,
-    guidance_scale: float | None = None,
-    max_sequence_length: int | None = None,
-    pipeline_kwargs: dict | None = None,
+    options: RunOptions | None = None,
     progress=None,
+    **run,
 ) -> EditResult:
     """Make prompts with `concept` behave like the same prompts with `anchor`
     (the frozen model's prediction is the target), training only `blocks`.
     `anchor_prompts` (one per prompt) replaces the word substitution, e.g. to
-    drop a whole phrase ("with a hazard sign")."""
+    drop a whole phrase ("with a hazard sign"). `options`/`run`: as in :func:`personalize`."""
     if not concept or not concept.strip():
         raise DitlocError("the concept is empty; pass --concept 'the words to forget'")
     if anchor_prompts is None and (not anchor or not anchor.strip()):
@@ -334,9 +337,7 @@ def unlearn(
         anchors = [anchor_prompt(p, concept, anchor) for p in prompts]
     adapter, kw, out, chosen, loc = _plan(
         pipe, blocks, k, prompts, concept.strip(), config, out,
-        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-        max_sequence_length=max_sequence_length, pipeline_kwargs=pipeline_kwargs, progress=progress,
-        require_concept=True)
+        options=run_options(options, run), progress=progress, require_concept=True)
     if progress:
         progress(f"drawing {images_per_prompt} anchor image(s) per prompt")
     x0 = _cached_latents(out, "anchor_latents", lambda: _generate_latents(

@@ -1,0 +1,153 @@
+"""The runtime state of one instrumented transformer, as small typed pieces.
+
+State lives on objects the processors hold, never in call kwargs: diffusers
+drops keyword arguments a processor does not declare, and PixArt's pipeline
+forwards none. Who writes what:
+
+- `localize` / `generate` start a pipeline call (`Session.begin_call`) and set
+  the `Probe` (what to measure) or the swap (what withheld blocks read);
+- the adapter, once per transformer forward, replaces `Session.context` with a
+  new immutable `ForwardContext` (and fills its swap's per-forward fields);
+- processors read the context and write only measurements (`Probe.record`) or,
+  in a joint-attention clean pass, the clean text keys/values (`JointSwap.text_kv`).
+
+Processors never call back into the adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import DitlocError
+from .contribution import VARIANTS
+
+
+@dataclass(frozen=True)
+class ForwardContext:
+    """What every processor needs to know about the current transformer forward."""
+
+    step: int  # transformer forward index within the current pipeline call
+    rows: slice | None  # rows of the batch that hold the conditional (prompted) inputs; None when nothing is measured or swapped
+    n_text: int = 0  # text tokens in the joint sequence (joint attention)
+    key_limit: int | None = None  # text keys at and after this are padding in every row (cross attention)
+    active: bool = True  # False for forwards that carry no conditional rows (FLUX true-CFG negatives)
+
+
+class Probe:
+    """What to measure during one pipeline call, and the measurements.
+
+    `positions`/`valid` [n, S]: each image's concept key positions, padded. The
+    probe owns its record layout: processors call :meth:`record`, `localize`
+    takes :meth:`stacked` tensors.
+    """
+
+    def __init__(self, variant: str, out_bias: bool, positions: torch.Tensor, valid: torch.Tensor):
+        if variant not in VARIANTS:
+            raise DitlocError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        self.variant = variant
+        self.out_bias = out_bias
+        self.positions = positions  # [n, S]
+        self.valid = valid  # [n, S]
+        #: (block index, step) -> (total [n], per_head [n, H]), kept on the model's device
+        self.records: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def for_spans(cls, spans, variant: str, out_bias: bool) -> "Probe":
+        """A probe for one image per concept span (`ConceptSpan.positions`)."""
+        width = max(len(s.positions) for s in spans)
+        pos = torch.zeros(len(spans), width, dtype=torch.long)
+        valid = torch.zeros(len(spans), width, dtype=torch.bool)
+        for i, s in enumerate(spans):
+            pos[i, : len(s.positions)] = torch.tensor(s.positions)
+            valid[i, : len(s.positions)] = True
+        return cls(variant, out_bias, pos, valid)
+
+    def record(self, block_index: int, step: int, total: torch.Tensor, per_head: torch.Tensor) -> None:
+        self.records[(block_index, step)] = (total, per_head)
+
+    def stacked(self, n_blocks: int, n_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(totals [blocks, steps, n], per_head [blocks, steps, n, H]) on the CPU; every
+        (block, step) must have been measured."""
+        missing = [(b, t) for b in range(n_blocks) for t in range(n_steps) if (b, t) not in self.records]
+        if missing:
+            raise RuntimeError(f"no measurement for (block, step) {missing[0]}; is the text attention bypassed?")
+        totals = torch.stack([torch.stack([self.records[(b, t)][0] for t in range(n_steps)]) for b in range(n_blocks)])
+        heads = torch.stack([torch.stack([self.records[(b, t)][1] for t in range(n_steps)]) for b in range(n_blocks)])
+        return totals.cpu(), heads.cpu()
+
+
+@dataclass
+class CrossSwap:
+    """Cross-attention withholding: `blocks` read the clean prompts' text conditioning.
+
+    `clean`: the adapter's `encode_text` of the clean prompts ({"embeds", "mask"}).
+    The adapter fills the per-forward fields before each forward.
+    """
+
+    blocks: frozenset[str]
+    clean: dict
+    states: torch.Tensor | None = None  # per forward: [B, L, D] as the blocks receive it
+    mask: torch.Tensor | None = None  # per forward: additive bias [B, 1, L]
+
+    def release(self) -> None:
+        self.states = self.mask = None
+
+
+@dataclass
+class JointSwap:
+    """Joint-attention withholding: in `blocks`, the image queries of the conditional
+    rows read the clean prompts' text keys/values, captured in a clean pass run by
+    the adapter before every forward (`capturing` while it runs).
+
+    `clean`: the adapter's `encode_text` of the clean prompts ({"embeds", "pooled"});
+    `pooled_clean`: the pooled text embedding, which modulates every block, comes
+    from the clean prompts too.
+    """
+
+    blocks: frozenset[str]
+    clean: dict
+    pooled_clean: bool = True
+    text_kv: dict = field(default_factory=dict)  # per forward: block -> (k, v) [n, H, L, d] of the clean text
+    capturing: bool = False
+
+    def release(self) -> None:
+        self.text_kv = {}
+        self.capturing = False
+
+
+@dataclass
+class Session:
+    """Shared by every processor installed on one transformer for one run."""
+
+    n_images: int = 0  # images in the current pipeline call
+    probe: Probe | None = None
+    swap: CrossSwap | JointSwap | None = None
+    context: ForwardContext | None = None  # the current forward's, set by the adapter
+    forwards: int = 0  # counted transformer forwards of the current call
+    call_key: object = None  # identifies the conditional text input of the current call (set by the adapter)
+
+    @property
+    def busy(self) -> bool:
+        """Something to measure or swap (otherwise forwards need no context rows)."""
+        return self.probe is not None or self.swap is not None
+
+    def begin_call(self, n_images: int, *, probe: Probe | None = None, swap: CrossSwap | JointSwap | None = None) -> None:
+        self.n_images = n_images
+        self.forwards = 0
+        self.call_key = None
+        self.context = None
+        if probe is not None:
+            self.probe = probe
+        elif self.probe is not None:
+            self.probe.records = {}
+        if self.swap is not None:
+            self.swap.release()
+        self.swap = swap
+
+    def release(self) -> None:
+        """Drop per-forward tensors (the instrumentation's exit)."""
+        if self.swap is not None:
+            self.swap.release()
+        self.context = None
