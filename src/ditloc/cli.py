@@ -80,7 +80,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _add_adapter_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter-option", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
-                   help="a model-family setting (repeatable), e.g. text_stream=t5 for SD3; "
+                   help="a model-family setting (repeatable), e.g. text_stream=t5; "
                         "an unknown key or value is refused, naming the valid ones")
 
 

@@ -68,8 +68,8 @@ def generate(
     (inject). `clean_prompts` (one per prompt) default to the prompt with the
     concept removed. With neither set this is a plain generation.
 
-    `pooled` (FLUX, SD3: models with a pooled text embedding that modulates every
-    block): "clean" or "full" prompt for that embedding. Default: withheld whenever
+    `pooled` (models with a pooled text embedding that modulates every block,
+    `adapter.has_pooled_text`): "clean" or "full" prompt for that embedding. Default: withheld whenever
     any block sees the clean prompt, so withholding nowhere (or injecting
     everywhere) is the plain generation and withholding everywhere (or injecting
     nowhere) is the clean-prompt generation, exactly.

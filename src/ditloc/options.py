@@ -47,7 +47,7 @@ class RunOptions:
     max_sequence_length: int | None = None
     generator_device: str = "cpu"  # where each image's torch.Generator lives
     pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)  # other `pipe(...)` arguments
-    adapter_options: Mapping[str, Any] = field(default_factory=dict)  # family settings (e.g. SD3's text_stream)
+    adapter_options: Mapping[str, Any] = field(default_factory=dict)  # model-family settings, validated by the adapter
 
     @classmethod
     def of(cls, options: "RunOptions | None" = None, **run) -> "RunOptions":

@@ -114,6 +114,13 @@ class Adapter(ABC):
             "supported: pixart, sana, flux, sd3"
         )
 
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) in pixels the checkpoint generates natively."""
+        sample = self.transformer.config.sample_size
+        sample = sample if isinstance(sample, (tuple, list)) else (sample, sample)
+        scale = self.pipe.vae_scale_factor
+        return int(sample[0] * scale), int(sample[1] * scale)
+
     def unpack_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """The pipeline's ``output_type="latent"`` result as [B, C, h, w] (FLUX packs them)."""
         return latents

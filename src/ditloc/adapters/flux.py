@@ -80,6 +80,11 @@ class FluxAdapter(JointAttentionAdapter):
         scale = pipe.vae_scale_factor
         return pipe._unpack_latents(out, h * scale, w * scale, scale)  # [B, C, h, w]
 
+    def image_size(self) -> tuple[int, int]:
+        # the transformer has no sample size: the pipeline's default
+        side = int(self.pipe.default_sample_size) * self.pipe.vae_scale_factor
+        return side, side
+
     def unpack_latents(self, latents: torch.Tensor) -> torch.Tensor:
         if latents.ndim == 4:
             return latents

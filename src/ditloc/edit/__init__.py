@@ -3,8 +3,8 @@ only the localized blocks, with LoRA (peft) or the blocks' own weights.
 
     from ditloc.edit import personalize, unlearn, TrainConfig, load_edit
     res = unlearn(pipe, "snoopy", "a dog", blocks="auto", k=4, out="runs/unlearn")
-    pipe.load_lora_weights("runs/unlearn")      # SANA / FLUX / SD3 pipelines
-    load_edit(pipe, "runs/unlearn")             # any family (PixArt has no LoRA loader in diffusers)
+    pipe.load_lora_weights("runs/unlearn")      # pipelines with a diffusers LoRA loader
+    load_edit(pipe, "runs/unlearn")             # any supported pipeline
 """
 
 from .data import encode_images, image_size, load_image_folder

@@ -14,14 +14,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def image_size(pipe) -> tuple[int, int]:
-    """(height, width) in pixels the pipeline generates by default."""
-    sample = getattr(pipe.transformer.config, "sample_size", None)
-    if sample is None:  # FLUX: the pipeline's default
-        sample = int(pipe.default_sample_size)
-        return sample * pipe.vae_scale_factor, sample * pipe.vae_scale_factor
-    sample = sample if isinstance(sample, (tuple, list)) else (sample, sample)
-    scale = pipe.vae_scale_factor
-    return int(sample[0] * scale), int(sample[1] * scale)
+    """(height, width) in pixels the pipeline generates by default (its adapter knows)."""
+    from ..adapters import get_adapter
+
+    return get_adapter(pipe).image_size()
 
 
 def load_image_folder(directory, size: tuple[int, int]) -> tuple[torch.Tensor, list[dict]]:

@@ -125,7 +125,7 @@ def _generate_latents(pipe, prompts: list[str], per_prompt: int, seed: int, call
 
 def _native_size(pipe, pipeline_kwargs) -> dict:
     """Pipeline call arguments with the model's native height/width unless given
-    (SANA's pipeline defaults to 1024 px whatever the checkpoint's sample size)."""
+    (some pipelines default to 1024 px whatever the checkpoint's sample size)."""
     import inspect
 
     kw = dict(pipeline_kwargs or {})

@@ -126,7 +126,7 @@ def save_lora(pipe, directory, state_dict: dict, spec: LoraSpec) -> Path:
             directory, transformer_lora_layers=state_dict, weight_name=WEIGHT_NAME,
             transformer_lora_adapter_metadata=metadata,
         )
-    else:  # PixArt: no LoRA loader mixin in diffusers; same file format
+    else:  # the pipeline has no LoRA loader in diffusers: same file format
         from diffusers.loaders.lora_base import LoraBaseMixin
 
         packed = {f"transformer.{k}": v for k, v in state_dict.items()}
@@ -155,8 +155,7 @@ def read_lora(directory) -> tuple[dict, dict]:
 
 def load_lora(pipe, directory, adapter_name: str = ADAPTER_NAME) -> None:
     """Load a saved adapter into `pipe`: ``pipe.load_lora_weights`` where diffusers
-    has a loader for the family (SANA, FLUX, SD3); otherwise (PixArt) the same
-    file is injected with peft directly."""
+    has a loader for the pipeline; otherwise the same file is injected with peft directly."""
     if hasattr(pipe, "load_lora_weights"):
         pipe.load_lora_weights(str(directory), weight_name=WEIGHT_NAME, adapter_name=adapter_name)
         return

@@ -114,7 +114,7 @@ class NoiseRule:
 @contextlib.contextmanager
 def no_grad_prefix(adapter, trainable_blocks):
     """Run every block before the first trainable one under ``torch.no_grad``
-    (restored on exit). Blocks are taken in model order (FLUX: double then single)."""
+    (restored on exit). Blocks are taken in model order (as the adapter lists them)."""
     names = adapter.block_names()
     chosen = set(trainable_blocks)
     first = next((i for i, n in enumerate(names) if n in chosen), len(names))

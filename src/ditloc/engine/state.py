@@ -1,8 +1,8 @@
 """The runtime state of one instrumented transformer, as small typed pieces.
 
 State lives on objects the processors hold, never in call kwargs: diffusers
-drops keyword arguments a processor does not declare, and PixArt's pipeline
-forwards none. Who writes what:
+drops keyword arguments a processor does not declare, and not every pipeline
+forwards `attention_kwargs`. Who writes what:
 
 - `localize` / `generate` start a pipeline call (`Session.begin_call`) and set
   the `Probe` (what to measure) or the swap (what withheld blocks read);
@@ -32,7 +32,7 @@ class ForwardContext:
     rows: slice | None  # rows of the batch that hold the conditional (prompted) inputs; None when nothing is measured or swapped
     n_text: int = 0  # text tokens in the joint sequence (joint attention)
     key_limit: int | None = None  # text keys at and after this are padding in every row (cross attention)
-    active: bool = True  # False for forwards that carry no conditional rows (FLUX true-CFG negatives)
+    active: bool = True  # False for forwards that carry no conditional rows (a separate negative-prompt call)
 
 
 class Probe:

@@ -1,4 +1,4 @@
-"""The embedded toy world: a procedurally drawn world and a small PixArt DiT trained on it."""
+"""The embedded toy world: a procedurally drawn world and a small DiT trained on it."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ MODEL_DIR = Path(__file__).parent / "model"
 
 
 def load_pipeline(torch_dtype=None):
-    """The shipped toy `PixArtAlphaPipeline` (offline, from the package)."""
-    from diffusers import PixArtAlphaPipeline
+    """The shipped toy pipeline (offline, from the package; its class is in model_index.json)."""
+    from diffusers import DiffusionPipeline
 
     from ..errors import DitlocError
 
     if not (MODEL_DIR / "model_index.json").is_file():
         raise DitlocError(f"the toy model is not in {MODEL_DIR}; train and export it (scripts/toy/) first")
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-    return PixArtAlphaPipeline.from_pretrained(str(MODEL_DIR), local_files_only=True, **kwargs)
+    return DiffusionPipeline.from_pretrained(str(MODEL_DIR), local_files_only=True, **kwargs)
