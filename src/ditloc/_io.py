@@ -1,6 +1,7 @@
 """Atomic file writes: the one helper every writer of ditloc uses.
 
-A file is written to ``<name>.tmp`` beside its destination and moved into place
+A file is written to a uniquely named temporary beside its destination (so
+concurrent writers never share one) and moved into place
 with ``os.replace``, so a reader (or a rerun after a kill) sees the old file or
 the new one, never half of one.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,17 +25,23 @@ def write_atomic(path, data: str | bytes | Callable[[Path], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if callable(data):
-        data(tmp)
-    elif isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data, encoding="utf-8")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # unique per writer
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        if callable(data):
+            data(tmp)
+        elif isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
