@@ -48,3 +48,50 @@ def write_atomic(path, data: str | bytes | Callable[[Path], None]) -> Path:
 def write_json(path, data, *, indent: int | None = 1, allow_nan: bool = True) -> Path:
     """``data`` as JSON, written atomically (``allow_nan=False``: a NaN fails before the file is touched)."""
     return write_atomic(path, json.dumps(data, indent=indent, allow_nan=allow_nan))
+
+
+LOCK_FILE = ".ditloc.lock"
+
+
+class OutputLock:
+    """An advisory lock that makes one process the only writer of an output folder.
+
+    ``with OutputLock(out):`` takes ``<out>/.ditloc.lock`` (``fcntl.flock``, so the
+    kernel drops it when its holder dies: a stale lock from a killed process is
+    simply taken over) and writes the holder's PID into it. A second process is
+    refused with one line naming that PID. Where ``fcntl`` does not exist the
+    lock is a no-op.
+    """
+
+    def __init__(self, out):
+        self.out = Path(out)
+        self._file = None
+
+    def __enter__(self) -> "OutputLock":
+        from .errors import DitlocError
+
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            return self
+        self.out.mkdir(parents=True, exist_ok=True)
+        f = open(self.out / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise DitlocError(f"{self.out} is being written by another ditloc process (PID {holder}); "
+                              "wait for it to finish or use another output directory") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the descriptor releases the lock
+            self._file = None

@@ -1,5 +1,8 @@
-"""Atomic tensor + JSON state files: tensors in ``<stem>.safetensors``, everything
-else in a ``<stem>.json`` sidecar.  Nothing is pickled or unpickled.  Used for
+"""Crash-consistent state files: one ``<stem>.safetensors`` holding the tensors
+and, in its header, the JSON metadata. It is replaced atomically, so after a kill
+at any instant the previous state or the new one is there, complete. A
+``<stem>.json`` copy of the metadata is written after it for people and tools to
+read; it is never needed to resume. Nothing is pickled or unpickled. Used for
 resumable training checkpoints (toy-model scripts, ``ditloc.edit``)."""
 
 from __future__ import annotations
@@ -14,46 +17,59 @@ from ._io import write_atomic
 FORMAT = "ditloc-state-v1"
 
 
+def _paths(stem) -> tuple[Path, Path]:
+    stem = Path(stem)
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
 def save_state(stem, tensors: dict, meta: dict, fmt: str = FORMAT):
-    """Write ``<stem>.safetensors`` (tensors) and ``<stem>.json`` (meta).
-
-    Both files are written to temporaries first and moved into place with
-    ``os.replace``.  A random token stored in both ties the pair together, so
-    :func:`load_state` detects a torn pair (crash between the two renames).
-    """
-    import uuid
-
+    """Write ``<stem>.safetensors`` (tensors + metadata, atomically), then the
+    informational ``<stem>.json``."""
     from safetensors.torch import save_file
 
-    stem = Path(stem)
-    token = uuid.uuid4().hex
+    tensor_path, json_path = _paths(stem)
     # clone: safetensors refuses shared storage (e.g. T5's tied embeddings)
     flat = {k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}
-    meta = dict(meta, format=fmt, token=token)
+    meta = dict(meta, format=fmt)
     text = json.dumps(meta, indent=1, allow_nan=False)  # fails before touching files
-    write_atomic(stem.with_name(stem.name + ".safetensors"), lambda t: save_file(flat, str(t), metadata={"format": fmt, "token": token}))
-    write_atomic(stem.with_name(stem.name + ".json"), text)
+    write_atomic(tensor_path, lambda t: save_file(flat, str(t), metadata={"format": fmt, "meta": text}))
+    write_atomic(json_path, text)
 
 
 def state_exists(stem) -> bool:
-    stem = Path(stem)
-    return stem.with_name(stem.name + ".safetensors").exists() and stem.with_name(stem.name + ".json").exists()
+    tensor_path, json_path = _paths(stem)
+    if not tensor_path.exists():
+        return False
+    return _header(tensor_path).get("meta") is not None or json_path.exists()  # older saves: a pair
+
+
+def _header(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return f.metadata() or {}
 
 
 def load_state(stem, prefixes=None, fmt: str = FORMAT):
     """Inverse of :func:`save_state` -> ``(tensors, meta)``.  ``prefixes``: only
-    load tensors whose names start with one of these."""
+    load tensors whose names start with one of these. Also reads the older
+    two-file saves (tensors + ``.json`` tied by a token)."""
     from safetensors import safe_open
 
-    stem = Path(stem)
-    meta = json.loads(stem.with_name(stem.name + ".json").read_text())
+    tensor_path, json_path = _paths(stem)
     tensors = {}
-    with safe_open(str(stem.with_name(stem.name + ".safetensors")), framework="pt", device="cpu") as f:
+    with safe_open(str(tensor_path), framework="pt", device="cpu") as f:
         hdr = f.metadata() or {}
-        if hdr.get("format") != fmt or meta.get("format") != fmt:
+        if hdr.get("format") != fmt:
             raise ValueError(f"{stem}: not a {fmt} checkpoint")
-        if hdr.get("token") != meta.get("token"):
-            raise ValueError(f"{stem}: .safetensors and .json are from different saves (torn write)")
+        if "meta" in hdr:
+            meta = json.loads(hdr["meta"])
+        else:  # an older two-file save
+            meta = json.loads(json_path.read_text())
+            if meta.get("format") != fmt:
+                raise ValueError(f"{stem}: not a {fmt} checkpoint")
+            if hdr.get("token") != meta.get("token"):
+                raise ValueError(f"{stem}: .safetensors and .json are from different saves (torn write)")
         for k in f.keys():
             if prefixes is None or k.startswith(tuple(prefixes)):
                 tensors[k] = f.get_tensor(k)

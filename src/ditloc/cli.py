@@ -15,6 +15,24 @@ def _fail(message: str) -> "NoReturn":  # noqa: F821
     raise SystemExit(2)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), not the whole usage block."""
+
+    def error(self, message: str) -> "NoReturn":  # noqa: F821
+        _fail(f"{message} (see `{self.prog} --help`)")
+
+
+#: commands a rerun resumes (they say so when interrupted)
+RESUMABLE = ("bench", "personalize", "unlearn")
+
+
+def _check_out_dir(out) -> None:
+    """An output directory must not be an existing file (checked before any work)."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        _fail(f"--out {out} is a file; pass a directory (it is created if missing)")
+
+
 def load_pipeline(model: str, *, device: str | None = None, dtype: str | None = None):
     """A diffusers pipeline from `toy`, a local directory or a hub id (offline works from the cache)."""
     import torch
@@ -92,7 +110,10 @@ def _key_value(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ditloc", description="Localize, verify and edit knowledge in diffusion transformers.")
+    from ._version import __version__
+
+    parser = _Parser(prog="ditloc", description="Localize, verify and edit knowledge in diffusion transformers.")
+    parser.add_argument("--version", action="version", version=f"ditloc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("localize", help="rank blocks by the concept's attention contribution")
@@ -413,8 +434,11 @@ def _quiet_libraries() -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .errors import DitlocError
+    from .errors import DitlocError, Interrupted
 
+    out = getattr(args, "out", None)
+    if out is not None and args.command != "report":
+        _check_out_dir(out)
     _quiet_libraries()
 
     try:
@@ -424,10 +448,14 @@ def main(argv=None) -> int:
             COMMANDS[args.command](args)
         except torch.OutOfMemoryError:
             _fail("out of memory; lower --batch-size, use --dtype float16/bfloat16, or a smaller resolution")
+    except Interrupted as e:
+        print(f"ditloc: {e}", file=sys.stderr)
+        return 130
     except DitlocError as e:
         _fail(str(e))
     except KeyboardInterrupt:
-        print("ditloc: interrupted", file=sys.stderr)
+        hint = "rerun the same command to resume" if args.command in RESUMABLE else "nothing more was written"
+        print(f"ditloc: interrupted; {hint}", file=sys.stderr)
         return 130
     return 0
 

@@ -13,13 +13,14 @@ a format diffusers loads (LoRA) plus ``ditloc_edit.json``.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
 import torch
 
 from .. import _state
-from .._io import write_json
+from .._io import OutputLock, write_json
 from ..options import RunOptions, generators, model_record
 from ..errors import DitlocError
 from .data import encode_images, image_size, load_image_folder
@@ -202,7 +203,23 @@ def _prepare_out(out) -> Path | None:
     return out
 
 
+def _one_writer(job):
+    """Run `job` as the only writer of its ``out`` folder (an advisory lock; a
+    second process on the same folder is refused with the holder's PID)."""
+
+    @functools.wraps(job)
+    def locked(*args, **kwargs):
+        out = _prepare_out(kwargs.get("out"))
+        if out is None:
+            return job(*args, **kwargs)
+        with OutputLock(out):
+            return job(*args, **kwargs)
+
+    return locked
+
+
 # ---------------------------------------------------------------------------------------
+@_one_writer
 def personalize(
     pipe,
     images,
@@ -300,6 +317,7 @@ def anchor_prompt(prompt: str, concept: str, anchor: str) -> str:
     return pattern.sub(anchor.strip(), prompt)
 
 
+@_one_writer
 def unlearn(
     pipe,
     concept: str,

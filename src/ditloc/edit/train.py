@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from .. import _state
-from ..errors import DitlocError
+from ..errors import DitlocError, Interrupted
 from .lora import LoraSpec, add_lora, lora_state_dict, lora_targets
 
 METHODS = ("lora", "full")
@@ -341,6 +341,6 @@ def run_training(trainer: LocalizedTrainer, loss_fn, out: Path | None, identity:
     except KeyboardInterrupt:
         if out is not None:
             trainer.save_checkpoint(out, identity)
-            raise DitlocError(f"interrupted at step {trainer.step}; rerun the same command to resume") from None
+            raise Interrupted(f"interrupted at step {trainer.step}; rerun the same command to resume") from None
         raise
     return time.perf_counter() - start
