@@ -142,6 +142,7 @@ def call_kwargs(adapter, options: RunOptions) -> dict:
         if int(max_len) <= 0:
             raise DitlocError(f"max_sequence_length must be positive, got {max_len}")
         kw["max_sequence_length"] = int(max_len)
+    adapter.check_call(kw)
     return kw
 
 

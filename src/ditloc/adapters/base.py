@@ -90,6 +90,9 @@ class Adapter(ABC):
         resolution binning for non-standard sample sizes)."""
         return {}
 
+    def check_call(self, call_kwargs: dict) -> None:
+        """Refuse call arguments the family's pipeline cannot run (before any work)."""
+
     @abstractmethod
     def cond_rows(self, batch: int, n_images: int) -> slice:
         """Rows of the transformer batch that hold the conditional (prompted) inputs."""

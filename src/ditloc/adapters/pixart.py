@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import DitlocError
 from .cross_attention import CrossAttentionAdapter
 
 
@@ -17,6 +18,15 @@ class PixArtAdapter(CrossAttentionAdapter):
         "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
         "ff.net.0.proj", "ff.net.2",
     )
+
+    def check_call(self, call_kwargs: dict) -> None:
+        # PixArtAlphaPipeline takes element [1] of the scheduler's step output for a single step,
+        # which only few-step schedulers return (the denoised sample); others crash inside it
+        steps = call_kwargs.get("num_inference_steps") or self.call_default("num_inference_steps")
+        few_step = type(self.pipe.scheduler).__name__ in ("LCMScheduler", "TCDScheduler")
+        if steps == 1 and type(self.pipe).__name__ == "PixArtAlphaPipeline" and not few_step:
+            raise DitlocError(f"PixArtAlphaPipeline cannot sample 1 step with {type(self.pipe.scheduler).__name__} "
+                              "(only with a few-step scheduler such as LCM); use 2 or more steps")
 
     def transformer_kwargs(self, latents: torch.Tensor) -> dict:
         # what PixArtAlphaPipeline passes: size conditions only for checkpoints that use them
