@@ -6,7 +6,7 @@ from .adapters import get_adapter, supported_families  # noqa: E402
 from .localize import Localization, localize  # noqa: E402
 from .intervene import derive_clean_prompt, generate  # noqa: E402
 from .tokens import ConceptSpan  # noqa: E402
-from . import toy  # noqa: E402  (ditloc.toy.load_pipeline() after a plain `import ditloc`)
+from . import toy  # noqa: E402, F401  (ditloc.toy.load_pipeline() after a plain `import ditloc`)
 
 __all__ = [
     "ConceptSpan",

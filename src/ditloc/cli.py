@@ -414,7 +414,8 @@ def _edit(args) -> None:
     mem = f", peak {res.peak_memory_bytes / 2**20:.0f} MiB" if res.peak_memory_bytes else ""
     print(f"{res.kind}: trained {res.trainable_parameters:,} of {res.total_parameters:,} parameters in "
           f"{', '.join(res.blocks)}; {res.steps} steps, {res.wall_seconds:.1f}s{mem}; final loss {res.losses[-1]:.4f}")
-    print(f"wrote {args.out} (load with pipe.load_lora_weights or ditloc.edit.load_edit)")
+    how = "pipe.load_lora_weights(OUT) or " if hasattr(pipe, "load_lora_weights") and args.method == "lora" else ""
+    print(f"wrote {args.out} (load with {how}ditloc.edit.load_edit(pipe, OUT))")
 
 
 COMMANDS = {"localize": cmd_localize, "intervene": cmd_intervene, "demo": cmd_demo,

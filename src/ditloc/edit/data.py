@@ -26,6 +26,8 @@ def load_image_folder(directory, size: tuple[int, int]) -> tuple[torch.Tensor, l
     from PIL import Image, UnidentifiedImageError
 
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise DitlocError(f"{directory} is a file; --images takes a folder of images")
     if not directory.is_dir():
         raise DitlocError(f"image folder {directory} does not exist")
     files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)

@@ -155,7 +155,12 @@ def read_lora(directory) -> tuple[dict, dict]:
 
 def load_lora(pipe, directory, adapter_name: str = ADAPTER_NAME) -> None:
     """Load a saved adapter into `pipe`: ``pipe.load_lora_weights`` where diffusers
-    has a loader for the pipeline; otherwise the same file is injected with peft directly."""
+    has a loader for the pipeline; otherwise the same file is injected with peft directly.
+    A pipeline that already holds an adapter of this name is refused (loading twice
+    would stack two edits)."""
+    if adapter_name in (getattr(pipe.transformer, "peft_config", None) or {}):
+        raise DitlocError(f"this pipeline already has an edit loaded as {adapter_name!r}; load the edit into a "
+                          "freshly loaded pipeline (or pass another adapter_name to combine edits on purpose)")
     if hasattr(pipe, "load_lora_weights"):
         pipe.load_lora_weights(str(directory), weight_name=WEIGHT_NAME, adapter_name=adapter_name)
         return

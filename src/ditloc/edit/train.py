@@ -50,9 +50,11 @@ class TrainConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise DitlocError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        for name in ("steps", "batch_size", "rank", "checkpoint_every"):
+        flags = {"steps": "--train-steps", "batch_size": "--batch-size", "rank": "--rank",
+                 "checkpoint_every": "--checkpoint-every"}
+        for name, flag in flags.items():
             if getattr(self, name) < 1:
-                raise DitlocError(f"{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+                raise DitlocError(f"{flag} ({name}) must be >= 1 (got {getattr(self, name)})")
         if self.lr is not None and not self.lr > 0:
             raise DitlocError(f"--lr must be > 0 (got {self.lr})")
 
