@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 import ditloc
 from ditloc.toy import load_pipeline, world

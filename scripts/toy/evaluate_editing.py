@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ditloc.edit import TrainConfig, personalize, unlearn
+from ditloc.text import find_occurrences, substitute
 from ditloc.toy import load_pipeline, world
 from ditloc.toy.oracle import load_oracle
 from evaluate_fidelity import expected  # same directory: the expected oracle label per attribute
@@ -159,9 +160,9 @@ def composed_prompts(rng, n, split, token, class_word):
     while len(prompts) < n:
         sc = world.sample_scene(rng, character=None, shape="circle")
         p = world.make_prompt(sc, rng, split, drop_prob=0.0)
-        if "circle" in p:
+        if find_occurrences(p, "circle"):
             scenes.append(sc)
-            prompts.append(p.replace("circle", f"{token} {class_word}"))
+            prompts.append(substitute(p, "circle", f"{token} {class_word}"))
     return scenes, prompts
 
 

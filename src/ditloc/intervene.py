@@ -4,36 +4,25 @@ blocks (method.md §2). Cross-attention models swap the text conditioning that
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import torch
 
 from .engine import Session, instrument
 from .errors import DitlocError
 from .options import RunOptions, as_prompt_list, as_seed_list, chunks
-from .tokens import find_occurrences
+from .text import find_occurrences, substitute, tidy
 
 
 def derive_clean_prompt(prompt: str, concept: str) -> str:
     """The prompt with every occurrence of the concept removed, spacing tidied.
-    ("a photo of Snoopy, smiling" -> "a photo of, smiling"). Category-specific
-    rules that replace instead of remove belong to the probe set."""
-    spans = find_occurrences(prompt, concept)
-    if not spans:
+    ("a photo of Snoopy, smiling" -> "a photo of, smiling"). Articles are left as
+    they are; category-specific rules that replace instead of remove (and fix
+    articles) belong to the probe set."""
+    if not find_occurrences(prompt, concept):
         raise DitlocError(
             f"concept {concept!r} is not in prompt {prompt!r}; give a clean prompt explicitly or fix the concept"
         )
-    out, last = [], 0
-    for a, b in spans:
-        out.append(prompt[last:a])
-        last = b
-    out.append(prompt[last:])
-    text = "".join(out)
-    text = re.sub(r"\s+([,.;:!?])", r"\1", text)
-    text = re.sub(r"([,;:])(\s*[,;:])+", r"\1", text)
-    text = re.sub(r"\s{2,}", " ", text).strip()
-    return text.strip(" ,;:")
+    return tidy(substitute(prompt, concept, articles=False))
 
 
 def _stack(outputs: list, output_type: str):

@@ -2,17 +2,17 @@
 
 The pipelines rewrite the prompt before tokenizing it (PixArt and SANA lowercase
 it, optionally clean it, SANA prepends an instruction). The adapter returns that
-exact text; here we find the concept in it and map character spans to token
-positions through the tokenizer's offsets.
+exact text; here the concept found in it (`ditloc.text.find_occurrences`) is
+mapped from character spans to token positions through the tokenizer's offsets.
 """
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass, field
 
 from .errors import DitlocError
+from .text import find_occurrences  # noqa: F401  (the adapters import it from here)
 
 
 @dataclass(frozen=True)
@@ -51,22 +51,6 @@ class ConceptSpan:
             positions=tuple(d["positions"]),
             tokens=tuple(d.get("tokens", ())),
         )
-
-
-def find_occurrences(text: str, needle: str) -> list[tuple[int, int]]:
-    """Character spans of every occurrence of `needle` in `text` (case-insensitive,
-    whitespace-tolerant, not inside a longer word)."""
-    needle = needle.strip()
-    if not needle:
-        return []
-    parts = [re.escape(p) for p in needle.split()]
-    pattern = r"\s+".join(parts)
-    # Word boundaries only where the needle itself starts/ends with a word character.
-    if re.match(r"\w", needle[0]):
-        pattern = r"(?<!\w)" + pattern
-    if re.match(r"\w", needle[-1]):
-        pattern = pattern + r"(?!\w)"
-    return [(m.start(), m.end()) for m in re.finditer(pattern, text, flags=re.IGNORECASE)]
 
 
 def token_positions(

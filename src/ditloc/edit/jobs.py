@@ -14,7 +14,6 @@ a format diffusers loads (LoRA) plus ``ditloc_edit.json``.
 from __future__ import annotations
 
 import functools
-import re
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from .. import _state
 from .._io import OutputLock, write_json
 from ..options import RunOptions, generators, model_record
 from ..errors import DitlocError
+from ..text import find_occurrences, substitute
 from .data import encode_images, image_size, load_image_folder
 from .lora import save_lora
 from .train import EditResult, LocalizedTrainer, TrainConfig, peak_memory, reset_peak_memory, run_training
@@ -90,11 +90,6 @@ def _plan(pipe, blocks, k, localize_prompts, concept, config, out, *, options: R
     if progress:
         progress(f"training {config.method} in {len(chosen)} block(s): {', '.join(chosen)}")
     return adapter, kw, out, chosen, loc
-
-
-def _concept_pattern(concept: str) -> re.Pattern:
-    """Whole-word, case-insensitive occurrences of `concept`."""
-    return re.compile(r"(?<!\w)" + re.escape(concept.strip()) + r"(?!\w)", re.IGNORECASE)
 
 
 def _identity(kind: str, pipe, blocks, config: TrainConfig, data: dict) -> dict:
@@ -310,11 +305,11 @@ def personalize(
 
 # ---------------------------------------------------------------------------------------
 def anchor_prompt(prompt: str, concept: str, anchor: str) -> str:
-    """`prompt` with every (case-insensitive, whole-word) occurrence of `concept` replaced by `anchor`."""
-    pattern = _concept_pattern(concept)
-    if not pattern.search(prompt):
+    """`prompt` with every occurrence of `concept` (`ditloc.text.find_occurrences`)
+    replaced by `anchor`, word for word (articles and spacing as they are)."""
+    if not find_occurrences(prompt, concept):
         raise DitlocError(f"the concept {concept!r} does not occur in the prompt {prompt!r}")
-    return pattern.sub(anchor.strip(), prompt)
+    return substitute(prompt, concept, anchor.strip(), articles=False)
 
 
 @_one_writer
@@ -343,9 +338,8 @@ def unlearn(
     if anchor_prompts is None and (not anchor or not anchor.strip()):
         raise DitlocError("the anchor is empty; pass --anchor 'what to show instead', e.g. 'a dog'")
     prompts = [p for p in (prompts or [f"a picture of {concept.strip()}", concept.strip()])]
-    pattern = _concept_pattern(concept)
     for i, p in enumerate(prompts):
-        if not pattern.search(p):
+        if not find_occurrences(p, concept):
             raise DitlocError(f"prompt {i + 1} ({p!r}) does not contain the concept {concept!r}")
     if anchor_prompts is not None:
         anchors = list(anchor_prompts)

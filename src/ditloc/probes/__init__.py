@@ -54,7 +54,8 @@ import functools
 from pathlib import Path
 
 from ..errors import DitlocError
-from .core import SLOT, SPLITS, Category, CleanRule, Concept, ProbeSet, fill, indefinite_article, tidy
+from ..text import indefinite_article, tidy
+from .core import SLOT, SPLITS, Category, CleanRule, Concept, ProbeSet, fill
 from .files import apply_probe_file, read_probe_file
 from .toy import toy_probe_set
 

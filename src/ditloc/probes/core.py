@@ -1,18 +1,17 @@
 """Probe-set types: concepts, clean-prompt rules, categories, the set.
 
 A template is a prompt with one `{concept}` slot. Filling it and cleaning the
-result are plain string operations, shared by the shipped set, the toy set and
-user files, so every category goes through the same code.
+result are the string operations of `ditloc.text`, shared by the shipped set,
+the toy set and user files, so every category goes through the same code.
 """
 
 from __future__ import annotations
 
 import difflib
-import re
 from dataclasses import dataclass, field
 
 from ..errors import DitlocError
-from ..tokens import find_occurrences
+from ..text import find_occurrences, fit_article, substitute, tidy
 
 SLOT = "{concept}"
 
@@ -22,55 +21,8 @@ _SPLIT_ALIASES = {"train": "localization", "loc": "localization", "eval": "evalu
 
 
 # --------------------------------------------------------------------------
-# Text operations
+# Templates
 # --------------------------------------------------------------------------
-
-_AN_PREFIXES = ("hour", "honest", "honor", "honour", "heir")
-_A_PREFIXES = ("uni", "use", "usu", "uti", "eu", "one", "once")
-_ARTICLE_AT_END = re.compile(r"(?<![\w'-])(a|an)(\s+)$", re.IGNORECASE)
-_FIRST_WORD = re.compile(r"\s*([\w'-]+)")
-
-
-def indefinite_article(word: str) -> str:
-    """"a" or "an" for the word that follows it (the vowel rule, with the usual exceptions)."""
-    w = word.lower()
-    if w.startswith(_AN_PREFIXES):
-        return "an"
-    if w.startswith(_A_PREFIXES):
-        return "a"
-    return "an" if w[:1] in ("a", "e", "i", "o", "u") else "a"
-
-
-def _fit_article(before: str, after: str) -> str:
-    """`before` with a trailing "a "/"an " made to agree with the first word of
-    `after`, or dropped when no word follows ("a cat" minus "cat")."""
-    m, word = _ARTICLE_AT_END.search(before), _FIRST_WORD.match(after)
-    if m is None:
-        return before
-    if word is None:
-        return before[: m.start()]
-    article = indefinite_article(word.group(1))
-    if m.group(1)[0].isupper():
-        article = article.capitalize()
-    return before[: m.start()] + article + m.group(2)
-
-
-def _substitute(text: str, spans: list[tuple[int, int]], replacement: str) -> str:
-    """Replace each character span by `replacement`, fixing the article in front of it."""
-    out, last = "", 0
-    for a, b in spans:
-        following = replacement if replacement.strip() else text[b:]
-        out = _fit_article(out + text[last:a], following) + replacement
-        last = b
-    return out + text[last:]
-
-
-def tidy(text: str) -> str:
-    """Collapse spaces, drop spaces before punctuation, doubled and dangling commas."""
-    text = re.sub(r"\s+", " ", text)
-    text = re.sub(r"\s+([,.;:!?])", r"\1", text)
-    text = re.sub(r"([,;:])(\s*[,;:])+", r"\1", text)
-    return text.strip().strip(",;:").strip()
 
 
 def check_template(template: str) -> str | None:
@@ -92,7 +44,7 @@ def check_template(template: str) -> str | None:
 def fill(template: str, text: str) -> str:
     """The template with its slot filled ("a {concept}" + "owl" -> "an owl")."""
     before, after = template.split(SLOT)
-    return _fit_article(before, text + after) + text + after
+    return fit_article(before, text + after) + text + after
 
 
 # --------------------------------------------------------------------------
@@ -150,10 +102,8 @@ class CleanRule:
             raise DitlocError(f"concept {text!r} is not in prompt {prompt!r}; a clean prompt needs a prompt with the concept")
         out = prompt
         for phrase in self.drop:
-            out = _substitute(out, find_occurrences(out, fill(phrase, text)), "")
-        r = self.replacement if replacement is None else replacement
-        out = _substitute(out, find_occurrences(out, text), r)
-        return tidy(out)
+            out = substitute(out, fill(phrase, text))
+        return tidy(substitute(out, text, self.replacement if replacement is None else replacement))
 
     def to_dict(self) -> dict:
         return {"replacement": self.replacement, "drop": list(self.drop)}

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ..errors import DitlocError
-from ..tokens import find_occurrences
+from ..text import find_occurrences
 from .core import Category, CleanRule, Concept, ProbeSet, check_template
 
 KeyPath = tuple  # a value's place in the document: ("categories", "style", "concepts", 3)

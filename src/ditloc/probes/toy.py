@@ -11,8 +11,9 @@ evaluation text is the oracle label, "category: value".
 
 from __future__ import annotations
 
+from ..text import indefinite_article, tidy
 from ..toy import world
-from .core import SLOT, Category, CleanRule, Concept, ProbeSet, indefinite_article, tidy
+from .core import SLOT, Category, CleanRule, Concept, ProbeSet
 
 #: how the toy world removes each category from a prompt (see `world.clean_prompt`)
 _RULES = {

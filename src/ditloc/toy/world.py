@@ -36,6 +36,8 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from ..text import find_occurrences, indefinite_article, substitute, tidy
+
 IMAGE_SIZE = 32
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
@@ -449,10 +451,6 @@ HELDOUT_TEMPLATES: tuple[str, ...] = (
 _TEMPLATES = {"train": TRAIN_TEMPLATES, "heldout": HELDOUT_TEMPLATES}
 
 
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
-
-
 def scene_prompt(
     scene: Scene,
     template: str,
@@ -477,21 +475,12 @@ def scene_prompt(
         words.append(scene.shape if show_shape else GENERIC_SHAPE)
     np_ = " ".join(words)
     text = template.format(
-        a=_article(words[0]),
+        a=indefinite_article(words[0]),
         np=np_,
         place=PLACE_PHRASE[scene.place] if show_place else "",
         hz=HAZARD_PHRASE if scene.hazard else "",
     )
-    return _tidy(text)
-
-
-def _tidy(text: str) -> str:
-    text = " ".join(text.split())
-    text = re.sub(r"^\s*,\s*", "", text)  # leading comma (empty place slot)
-    text = re.sub(r"\s+,", ",", text)
-    text = re.sub(r",\s*,", ",", text)
-    text = re.sub(r",\s*$", "", text)
-    return text.strip()
+    return tidy(text)
 
 
 def make_prompt(
@@ -542,14 +531,11 @@ def _phrase(concept: str) -> Optional[str]:
 def concept_span(prompt: str, concept: str, *, phrase: bool = False) -> Optional[tuple[int, int]]:
     """Character span ``(start, end)`` of ``concept``'s word in ``prompt``
     (e.g. "beach", "hazard", "zibbit"); with ``phrase=True`` the whole phrase
-    ("on the beach", "with a hazard sign").  ``None`` if absent."""
-    if phrase and _phrase(concept) is not None:
-        m = re.search(r"\b" + re.escape(_phrase(concept)) + r"\b", prompt, flags=re.IGNORECASE)
-        return (m.start(), m.end()) if m else None
-    for w, s, e in tokenize_words(prompt):
-        if w == concept:
-            return (s, e)
-    return None
+    ("on the beach", "with a hazard sign").  ``None`` if absent.  The first
+    occurrence, found by `ditloc.text.find_occurrences`."""
+    target = _phrase(concept) if phrase else None
+    spans = find_occurrences(prompt, target or concept)
+    return spans[0] if spans else None
 
 
 def clean_prompt(prompt: str, category: str, concept: str) -> str:
@@ -557,28 +543,12 @@ def clean_prompt(prompt: str, category: str, concept: str) -> str:
 
     color/style: drop the word; place/hazard: drop the phrase ("on the beach",
     "with a hazard sign"); shape/character: replace the word by ``"object"``.
-    Articles (a/an) are fixed and stray commas removed.
+    The article before an edit is fixed and spacing and commas tidied (`ditloc.text`).
     """
     if concept not in CATEGORIES[category]:
         raise ValueError(f"{concept!r} is not a {category}")
-    if category in ("place", "hazard"):
-        ph = _phrase(concept)
-        out = re.sub(r"\b" + re.escape(ph) + r"\b", " ", prompt, flags=re.IGNORECASE)
-    elif category in ("color", "style"):
-        out = re.sub(r"\b" + re.escape(concept) + r"\b", " ", prompt, flags=re.IGNORECASE)
-    else:
-        out = re.sub(r"\b" + re.escape(concept) + r"\b", GENERIC_SHAPE, prompt, flags=re.IGNORECASE)
-    out = _tidy(out)
-    return _fix_articles(out)
-
-
-def _fix_articles(text: str) -> str:
-    toks = text.split(" ")
-    for i in range(len(toks) - 1):
-        if toks[i].lower() in ("a", "an") and toks[i + 1]:
-            want = _article(toks[i + 1].lower())
-            toks[i] = want if toks[i].islower() else want.capitalize()
-    return " ".join(toks)
+    replacement = GENERIC_SHAPE if category in ("shape", "character") else ""
+    return tidy(substitute(prompt, _phrase(concept) or concept, replacement))
 
 
 def _all_template_words(templates: Iterable[str]) -> set[str]:
