@@ -494,7 +494,7 @@ def _validate(pipe, plan: BenchPlan, evaluator) -> list[str]:
     for c in plan.concepts:
         for p in c.localization_prompts + c.evaluation_prompts:
             adapter.concept_span(p, c.concept, kw)
-        evaluator._check_text(c.eval_text)
+        evaluator.check_text(c.eval_text)
     return blocks
 
 
