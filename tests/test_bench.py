@@ -11,10 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench_helpers import ENV, N_ROWS, N_UNITS, bench_argv, reference_run, run_cli, setup_files, store_lines
-from ditloc.bench import CONTROLS, ResultStore, control_blocks
+from ditloc.bench import CONTROLS, ResultStore, control_blocks, random_blocks
 from ditloc.localize import Localization
 
 
@@ -180,3 +181,12 @@ def test_store_ignores_and_cuts_a_torn_line(tmp_path):
     ResultStore(store.path).append({"unit": "c"})
     assert ResultStore.read(store.path) == [{"unit": "a"}, {"unit": "c"}]
     assert store.path.read_bytes().endswith(b"\n")
+
+
+def test_random_blocks_draw_as_a_choice_of_names():
+    """random_blocks(blocks, k, rng) consumes rng as rng.choice(blocks, k, replace=False), in model order."""
+    blocks = [f"block.{i}" for i in range(12)]
+    a, b = np.random.default_rng(7), np.random.default_rng(7)
+    for k in (1, 3, 12, 5):
+        assert random_blocks(blocks, k, a) == sorted(b.choice(blocks, k, replace=False).tolist(), key=blocks.index)
+    assert a.random() == b.random()

@@ -266,6 +266,15 @@ def test_toy_oracle_presence(toy, concept, present, absent):
     assert with_it.mean() > 0.9 and without.mean() < 0.1
 
 
+def test_toy_oracle_hard_is_the_classification(toy):
+    """hard=True scores 1 where the oracle classifies the image as the concept (what `ditloc demo` measures)."""
+    images = np.concatenate([_scenes(6, 3, shape="star", character=None), _scenes(6, 4, character=None)])
+    hard = ToyOracle(toy.oracle, hard=True).score(list(to_pil_images(images)), "shape: star")
+    labels = toy.oracle.classify(images).labels["shape"]
+    np.testing.assert_array_equal(hard, [float(x == "star") for x in labels])
+    assert 0 < hard.sum() < len(hard)
+
+
 def test_toy_oracle_concepts(toy):
     images = _scenes(4, 2, shape="star", character=None)
     np.testing.assert_array_equal(toy.score(images, "star"), toy.score(images, "shape=star"))

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from bench_helpers import reference_run, run_cli
-from ditloc.bench import BenchRow
+from ditloc.bench import BenchRow, BenchRun
 from ditloc.report import build_report
-from ditloc.report.data import Z95, RunData, minimal_k, presence_curves, selection_frequency
+from ditloc.report.data import Z95, minimal_k, presence_curves, selection_frequency
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
@@ -47,7 +47,7 @@ def test_minimal_k_curves_and_selection_by_hand(tmp_path):
     blocks = ("block.0", "block.1", "block.2")
     rankings = {("style", "monet"): ("block.2", "block.0", "block.1"),
                 ("style", "klimt"): ("block.2", "block.1", "block.0")}
-    data = RunData(tmp_path, record, tuple(rows), blocks, rankings)
+    data = BenchRun(tmp_path, record, tuple(rows), blocks, rankings)
 
     mk = {m.concept: m for m in minimal_k(data, threshold=0.5)}
     assert mk["monet"].baseline == pytest.approx(0.9)

@@ -63,8 +63,9 @@ class OutputLock:
     lock is a no-op.
     """
 
-    def __init__(self, out):
+    def __init__(self, out, name: str = LOCK_FILE):
         self.out = Path(out)
+        self.name = name  # one lock file per writer slot (e.g. per rank of one multi-process run)
         self._file = None
 
     def __enter__(self) -> "OutputLock":
@@ -75,7 +76,7 @@ class OutputLock:
         except ImportError:  # not POSIX
             return self
         self.out.mkdir(parents=True, exist_ok=True)
-        f = open(self.out / LOCK_FILE, "a+")
+        f = open(self.out / self.name, "a+")
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: where the pipeline loads; each process's own "
                                                   "accelerator under accelerate launch / torchrun")
     p.add_argument("--dtype", choices=DTYPES, default=None)
-    p.add_argument("--text-stream", choices=("both", "clip", "t5"), default=None, help="SD3 only (see localize)")
+    _add_adapter_option(p)
     p.add_argument("--out", required=True, help="run directory (rerun the same command to resume)")
 
     p = sub.add_parser("report", help="HTML report and figures of a `ditloc bench` run")
@@ -352,7 +352,7 @@ def cmd_bench(args) -> None:
         concepts_per_category=args.concepts_per_category, localization_prompts=args.localization_prompts,
         evaluation_prompts=args.evaluation_prompts, steps=args.steps, guidance_scale=args.guidance,
         max_sequence_length=args.max_sequence_length, localize_seed=args.localize_seed, variant=args.variant,
-        batch_size=args.batch_size, dtype=args.dtype, text_stream=args.text_stream,
+        batch_size=args.batch_size, dtype=args.dtype, adapter_options=_adapter_options(args),
     )
     plan = plan_bench(settings)
     check_run_dir(args.out, plan)  # before the model loads

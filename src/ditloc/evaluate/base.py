@@ -75,8 +75,8 @@ class Evaluator:
     """Scores the presence of a concept (given as a text) in images.
 
     Subclasses implement `_score_batch(images, texts)` for at most
-    `batch_size` images, each with its own text; `score` adds input handling,
-    batching and the per-(image, text) cache.
+    `batch_size` images, each with its own text, and may override `check_text`;
+    `score` adds input handling, batching and the per-(image, text) cache.
     """
 
     #: name in `get_evaluator`
@@ -95,7 +95,7 @@ class Evaluator:
         texts = list(text) if isinstance(text, (list, tuple)) else [text] * len(pil)
         if len(texts) != len(pil):
             raise DitlocError(f"got {len(pil)} images but {len(texts)} texts; give one text or one per image")
-        texts = [self._check_text(t) for t in texts]
+        texts = [self.check_text(t) for t in texts]
         keys = [(image_key(im), t) for im, t in zip(pil, texts)]
         todo: dict[tuple[str, str], int] = {}  # key -> first index that needs it
         for i, k in enumerate(keys):
@@ -114,8 +114,9 @@ class Evaluator:
 
     __call__ = score
 
-    def _check_text(self, text) -> str:
-        """The cache's text for `text`; raise if this evaluator cannot use it."""
+    def check_text(self, text) -> str:
+        """`text` as this evaluator scores it (the cache's text); a DitlocError if it
+        cannot use it. Callers check their texts with it before generating any image."""
         if not isinstance(text, str) or not text.strip():
             raise DitlocError(f"{type(self).__name__} needs a non-empty text to score against, got {text!r}")
         return text

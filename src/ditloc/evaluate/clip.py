@@ -149,7 +149,7 @@ class StyleSimilarity(Evaluator):
         return torch.cat([self.encoder.embed_images(pil[i : i + self.batch_size])
                           for i in range(0, len(pil), self.batch_size)])  # [R, D]
 
-    def _check_text(self, text) -> str:
+    def check_text(self, text) -> str:
         if "" in self.references:  # one reference set: the text does not matter
             return ""
         if text not in self.references:

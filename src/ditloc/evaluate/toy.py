@@ -41,17 +41,19 @@ def parse_toy_concept(text: str) -> tuple[str, str]:
 
 class ToyOracle(Evaluator):
     """Presence = the oracle's probability of the concept's label in its category
-    (32x32 toy-world images)."""
+    (32x32 toy-world images). `hard`: 1.0 where that label is the oracle's most
+    probable one (its classification), else 0.0."""
 
     kind = "toy"
 
-    def __init__(self, oracle=None, *, batch_size: int = 256):
+    def __init__(self, oracle=None, *, hard: bool = False, batch_size: int = 256):
         from ..toy.oracle import load_oracle
 
         super().__init__(batch_size=batch_size)
         self.oracle = oracle if oracle is not None else load_oracle()
+        self.hard = hard
 
-    def _check_text(self, text) -> str:
+    def check_text(self, text) -> str:
         if not isinstance(text, str):
             raise DitlocError(f"give the toy concept as a string such as 'shape: star', got {text!r}")
         category, label = parse_toy_concept(text)
@@ -67,5 +69,6 @@ class ToyOracle(Evaluator):
         out = np.empty(len(images))
         for i, text in enumerate(texts):
             category, label = text.split(": ")
-            out[i] = probs[category][i, self.oracle.classes[category].index(label)]
+            p, j = probs[category][i], self.oracle.classes[category].index(label)  # [n_labels], label index
+            out[i] = float(p.argmax() == j) if self.hard else p[j]
         return out

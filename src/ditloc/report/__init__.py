@@ -18,9 +18,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..bench import BASELINE, slugify
+from ..bench import BASELINE, BenchRun, read_run, slugify
 from ..errors import DitlocError
-from .data import CurvePoint, MinimalK, RunData, load_run, minimal_k, presence_curves, selection_frequency
+from .data import CurvePoint, MinimalK, minimal_k, presence_curves, selection_frequency
 from .figures import curves_figure, grid_figure, heatmap_figure
 from .html import Figure, render_page, table
 
@@ -48,7 +48,7 @@ class Report:
         }
 
 
-def _grid_samples(data: RunData, category: str, concept: str, n: int) -> list[tuple[int, int]]:
+def _grid_samples(data: BenchRun, category: str, concept: str, n: int) -> list[tuple[int, int]]:
     """(prompt index, seed) of the grid's rows: distinct prompts first (first seed), then more seeds."""
     seeds = list(data.settings["seeds"])
     base = sorted({(r.prompt_index, r.seed) for r in data.rows
@@ -62,7 +62,7 @@ def _load_image(path: Path) -> Image.Image:
         return im.convert("RGB")
 
 
-def _grids(data: RunData, out: Path, n: int) -> list[Figure]:
+def _grids(data: BenchRun, out: Path, n: int) -> list[Figure]:
     """One grid per concept: rows = (prompt, seed) samples, columns = baseline then top-K withheld per K."""
     images = {(r.category, r.concept, r.control, r.k, r.prompt_index, r.seed): r for r in data.rows}
     missing = Image.new("RGB", (32, 32), (240, 240, 240))  # a unit not finished yet
@@ -95,7 +95,7 @@ def build_report(run, *, k: int | None = None, threshold: float = 0.5, grid_samp
         raise DitlocError(f"grid samples must be at least 1, got {grid_samples}")
     if not threshold > 0:
         raise DitlocError(f"the minimal-K threshold must be positive (a fraction of the baseline), got {threshold}")
-    data = load_run(run)
+    data = read_run(run)
     out = data.path / "report"
     out.mkdir(parents=True, exist_ok=True)
     k = k if k is not None else min(max(data.ks), len(data.blocks) or max(data.ks))
@@ -103,7 +103,8 @@ def build_report(run, *, k: int | None = None, threshold: float = 0.5, grid_samp
 
     selection = selection_frequency(data, k)
     heat_path = out / "heatmap.png"
-    heatmap_figure(selection, data.blocks, k=k).save(heat_path)
+    subtitle = f"fraction of each category's concepts whose top-{k} blocks include the block"
+    heatmap_figure(selection, data.blocks, title=f"Top-{k} selection frequency", subtitle=subtitle).save(heat_path)
     heat = Figure(heat_path, f"top-{k} selection frequency",
                   f"cell: fraction of the category's concepts whose top-{k} blocks (attention contribution, "
                   f"{settings['variant']}) include the block")
@@ -155,4 +156,4 @@ def build_report(run, *, k: int | None = None, threshold: float = 0.5, grid_samp
     return report
 
 
-__all__ = ["CI_METHOD", "Report", "build_report", "load_run", "minimal_k", "presence_curves", "selection_frequency"]
+__all__ = ["CI_METHOD", "Report", "build_report", "minimal_k", "presence_curves", "selection_frequency"]

@@ -1,4 +1,4 @@
-"""What a report shows, computed from a `ditloc bench` run directory.
+"""What a report shows, computed from a bench run (`ditloc.bench.read_run`).
 
 - **Selection frequency** [categories, blocks]: the fraction of a category's
   concepts whose top-K blocks (from their localizations) include each block.
@@ -13,14 +13,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from ..bench import BASELINE, CONTROLS, SETTINGS_FILE, BenchRow, read_rows, slugify
+from ..bench import BASELINE, CONTROLS, BenchRun
 from ..errors import DitlocError
 
 Z95 = 1.959964  # two-sided 95% quantile of the standard normal
@@ -52,59 +50,6 @@ class MinimalK:
         return {**self.__dict__, "relative": {str(k): v for k, v in self.relative.items()}}
 
 
-@dataclass(frozen=True)
-class RunData:
-    """A bench run as read from disk: its settings record, rows and the concepts' rankings."""
-
-    path: Path
-    record: dict  # bench.json
-    rows: tuple[BenchRow, ...]
-    blocks: tuple[str, ...]
-    rankings: dict  # (category, concept) -> block names, best first
-
-    @property
-    def settings(self) -> dict:
-        return self.record["settings"]
-
-    @property
-    def categories(self) -> list[str]:
-        return list(self.record["concepts"])
-
-    @property
-    def ks(self) -> list[int]:
-        return list(self.settings["ks"])
-
-    @property
-    def n_generation_units(self) -> int:
-        n_concepts = sum(len(v) for v in self.record["concepts"].values())
-        return n_concepts * (1 + len(CONTROLS) * len(self.ks))
-
-    @property
-    def complete(self) -> bool:
-        return (self.path / "results.jsonl").exists()
-
-
-def load_run(run) -> RunData:
-    """Read a bench run directory (finished, or partial while it runs)."""
-    run = Path(run)
-    path = run / SETTINGS_FILE
-    if not path.is_file():
-        raise DitlocError(f"{run} is not a `ditloc bench` run directory (no {SETTINGS_FILE})")
-    record = json.loads(path.read_text())
-    rows = tuple(read_rows(run))
-    if not rows:
-        raise DitlocError(f"{run} has no results yet; run `ditloc bench` into it first")
-    rankings, blocks = {}, ()
-    for category, concepts in record["concepts"].items():
-        for concept in concepts:
-            loc_path = run / "localizations" / slugify(category) / f"{slugify(concept)}.json"
-            if loc_path.is_file():
-                d = json.loads(loc_path.read_text())
-                rankings[category, concept] = tuple(d["ranking"])
-                blocks = tuple(d["blocks"])
-    return RunData(run, record, rows, blocks, rankings)
-
-
 def _mean_ci(values: list[float]) -> tuple[float, float, float]:
     x = np.asarray(values, dtype=np.float64)
     mean = float(x.mean())
@@ -114,7 +59,7 @@ def _mean_ci(values: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def presence_curves(data: RunData) -> list[CurvePoint]:
+def presence_curves(data: BenchRun) -> list[CurvePoint]:
     """Baseline (K = 0) and every (control, K) with rows, per category."""
     groups: dict[tuple, list[float]] = {}
     for r in data.rows:
@@ -128,7 +73,7 @@ def presence_curves(data: RunData) -> list[CurvePoint]:
     return points
 
 
-def selection_frequency(data: RunData, k: int) -> dict[str, list[float]]:
+def selection_frequency(data: BenchRun, k: int) -> dict[str, list[float]]:
     """category -> [blocks]: the fraction of its localized concepts whose top-k includes each block."""
     if not data.blocks:
         raise DitlocError(f"{data.path} has no localizations yet")
@@ -145,7 +90,7 @@ def selection_frequency(data: RunData, k: int) -> dict[str, list[float]]:
     return out
 
 
-def minimal_k(data: RunData, threshold: float = 0.5) -> list[MinimalK]:
+def minimal_k(data: BenchRun, threshold: float = 0.5) -> list[MinimalK]:
     """Per concept, the smallest K whose top-K mean presence < threshold x baseline mean."""
     groups: dict[tuple, list[float]] = {}
     for r in data.rows:

@@ -66,8 +66,9 @@ def _format_tick(value: float) -> str:
     return f"{value:.3g}" if abs(value) >= 1e-9 else "0"
 
 
-def heatmap_figure(freq: dict[str, Sequence[float]], blocks: Sequence[str], *, k: int) -> Image.Image:
-    """Categories x blocks: how often each block is among a category's top-k."""
+def heatmap_figure(freq: dict[str, Sequence[float]], blocks: Sequence[str], *, title: str,
+                   subtitle: str) -> Image.Image:
+    """Rows (e.g. categories) x blocks, each cell a value in [0, 1] (white 0, red 1)."""
     f, small, title_font = font(14), font(11), font(16)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     n = len(blocks)
@@ -78,8 +79,6 @@ def heatmap_figure(freq: dict[str, Sequence[float]], blocks: Sequence[str], *, k
     label_h = max(t.height for t in block_labels) + 8
     left, top = label_w, 60
     bar_x = left + n * cell_w + 24
-    title = f"Top-{k} selection frequency"
-    subtitle = f"fraction of each category's concepts whose top-{k} blocks include the block"
     text_w = max(_text_size(probe, title, title_font)[0], _text_size(probe, subtitle, small)[0]) + 20
     width, height = max(bar_x + 60, text_w), top + len(freq) * cell_h + label_h + 40
     img = Image.new("RGB", (width, height), WHITE)

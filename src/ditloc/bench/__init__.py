@@ -1,0 +1,59 @@
+"""Bench: the causal benchmark of method.md §4 over a probe set, resumable and sharded.
+
+For every concept of the chosen categories: localize it on its localization
+prompts; then generate its evaluation prompts (x seeds) plainly (the baseline)
+and with the concept withheld from the top-K, a random K and the bottom-K
+blocks for every K, and score the concept's presence in every image against
+its evaluation text.
+
+    plan    settings -> concepts and units of work; the blocks each control withholds
+    store   the run directory: bench.json, append-only result stores, results.jsonl;
+            `read_run`, the one reader of a run (what `ditloc report` reads)
+    runner  evaluator, processes, each unit's work, `run_bench`
+
+    from ditloc.bench import BenchSettings, plan_bench, run_bench, read_run
+    plan = plan_bench(BenchSettings(model="toy", probes="toy", ks=(1, 2), seeds=(0,), evaluator="toy"))
+    run_bench(pipe, plan, "runs/bench")
+    run = read_run("runs/bench")          # settings record, rows, rankings
+"""
+
+from __future__ import annotations
+
+from .plan import (BASELINE, CONTROLS, FORMAT, BenchPlan, BenchSettings, ConceptPlan, Unit, control_blocks,
+                   derived_seed, localization_path, plan_bench, random_blocks, slugify)
+from .runner import (VLM_QUESTION, BenchResult, Workers, accelerate_workers, generate_scored, make_evaluator,
+                     run_bench)
+from .store import (RESULTS_FILE, SETTINGS_FILE, BenchRow, BenchRun, ResultStore, check_run_dir, merge_results,
+                    read_run, read_units)
+
+__all__ = [
+    "BASELINE",
+    "BenchPlan",
+    "BenchResult",
+    "BenchRow",
+    "BenchRun",
+    "BenchSettings",
+    "CONTROLS",
+    "ConceptPlan",
+    "FORMAT",
+    "RESULTS_FILE",
+    "ResultStore",
+    "SETTINGS_FILE",
+    "Unit",
+    "VLM_QUESTION",
+    "Workers",
+    "accelerate_workers",
+    "check_run_dir",
+    "control_blocks",
+    "derived_seed",
+    "generate_scored",
+    "localization_path",
+    "make_evaluator",
+    "merge_results",
+    "plan_bench",
+    "random_blocks",
+    "read_run",
+    "read_units",
+    "run_bench",
+    "slugify",
+]

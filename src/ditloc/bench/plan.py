@@ -1,0 +1,251 @@
+"""The bench's plan: settings, the concepts and prompts they select, the units of
+work, and the blocks each control withholds.
+
+The work is cut into *units*, each done whole or not at all:
+
+    localize/<category>/<concept>                  -> localizations/<category>/<concept>.json
+    generate/<category>/<concept>/baseline/k0      -> one row per prompt x seed
+    generate/<category>/<concept>/<control>/k<K>   -> one row per prompt x seed (control: top, random, bottom)
+
+Random-K blocks are drawn from a seed derived from the concept and K, so every
+unit is computed the same way whoever runs it and whenever.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .._version import __version__
+from ..errors import DitlocError
+
+FORMAT = "ditloc.bench/1"
+BASELINE = "baseline"
+#: the withholding conditions compared for every K (method.md §4: top-K against random-K and bottom-K)
+CONTROLS = ("top", "random", "bottom")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Everything that decides a benchmark's numbers (written to RUN/bench.json).
+
+    `categories` empty means every category of the probe set; the limits
+    (`concepts_per_category`, `localization_prompts`, `evaluation_prompts`) take
+    the first N in the probe set's order; None means all. `localize_seed` is the
+    one seed of the localization trajectories; `seeds` are the evaluation seeds.
+    """
+
+    model: str
+    probes: str
+    ks: tuple[int, ...]
+    seeds: tuple[int, ...]
+    evaluator: str
+    evaluator_model: str | None = None
+    references: str | None = None
+    categories: tuple[str, ...] = ()
+    concepts_per_category: int | None = None
+    localization_prompts: int | None = None
+    evaluation_prompts: int | None = None
+    steps: int = 20
+    guidance_scale: float | None = None
+    max_sequence_length: int | None = None
+    localize_seed: int = 0
+    variant: str = "attn_value_out"
+    batch_size: int = 8
+    dtype: str | None = None
+    adapter_options: dict = dataclasses.field(default_factory=dict)  # model-family settings (--adapter-option)
+
+    def __post_init__(self):
+        from ..evaluate import EVALUATORS
+        from ..engine import VARIANTS
+
+        ks = tuple(int(k) for k in self.ks)
+        if not ks or any(k < 1 for k in ks) or len(set(ks)) != len(ks):
+            raise DitlocError(f"K values must be distinct positive integers, e.g. 1,2,4,8; got {list(self.ks)}")
+        object.__setattr__(self, "ks", tuple(sorted(ks)))
+        seeds = tuple(int(s) for s in self.seeds)
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise DitlocError(f"seeds must be distinct integers, e.g. 0,1,2; got {list(self.seeds)}")
+        object.__setattr__(self, "seeds", seeds)
+        object.__setattr__(self, "categories", tuple(self.categories))
+        if self.evaluator not in EVALUATORS:
+            raise DitlocError(f"unknown evaluator {self.evaluator!r}; use one of {', '.join(EVALUATORS)}")
+        if self.evaluator == "vlm" and not self.evaluator_model:
+            raise DitlocError("the vlm evaluator needs --evaluator-model PATH (a vision-language model directory)")
+        if self.evaluator in ("clip", "style") and not self.evaluator_model and os.environ.get("HF_HUB_OFFLINE"):
+            raise DitlocError(f"the {self.evaluator} evaluator needs --evaluator-model PATH offline (HF_HUB_OFFLINE "
+                              "is set, so its default hub model cannot be downloaded)")
+        if self.evaluator == "style" and not self.references:
+            raise DitlocError("the style evaluator needs --references DIR (one folder of images per concept)")
+        if self.variant not in VARIANTS:
+            raise DitlocError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        for name in ("concepts_per_category", "localization_prompts", "evaluation_prompts"):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise DitlocError(f"{name.replace('_', '-')} must be at least 1, got {value}")
+        if int(self.steps) < 1 or int(self.batch_size) < 1:
+            raise DitlocError(f"steps and batch size must be positive, got {self.steps} and {self.batch_size}")
+
+    @property
+    def run_options(self):
+        """How every unit calls the pipeline (one RunOptions for localize and generate)."""
+        from ..options import RunOptions
+
+        return RunOptions(num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
+                          max_sequence_length=self.max_sequence_length, adapter_options=dict(self.adapter_options))
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class ConceptPlan:
+    """One concept's prompts, as the benchmark uses them."""
+
+    category: str
+    concept: str  # the name: what localization looks for
+    slug: str  # its file-name form
+    localization_prompts: tuple[str, ...]
+    evaluation_prompts: tuple[str, ...]
+    clean_prompts: tuple[str, ...]  # one per evaluation prompt
+    eval_text: str
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @property
+    def localization_path(self) -> str:
+        """Relative to the run directory."""
+        return localization_path(self.category, self.slug)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """The smallest piece of work that is recorded: one localization, or the
+    images (all evaluation prompts x seeds) of one condition of one concept."""
+
+    kind: str  # "localize" | "generate"
+    concept: ConceptPlan
+    control: str = ""  # generate: "baseline" or one of CONTROLS
+    k: int = 0  # 0 for localize and baseline
+
+    @property
+    def id(self) -> str:
+        head = f"{self.kind}/{self.concept.category}/{self.concept.concept}"
+        return head if self.kind == "localize" else f"{head}/{self.control}/k{self.k}"
+
+    @property
+    def image_dir(self) -> str:
+        """Relative to the run directory."""
+        c = self.concept
+        condition = BASELINE if self.control == BASELINE else f"{self.control}-k{self.k}"
+        return f"images/{slugify(c.category)}/{c.slug}/{condition}"
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    """The settings resolved against a probe set: the concepts and their units, in order."""
+
+    settings: BenchSettings
+    concepts: tuple[ConceptPlan, ...]
+    probes_sha256: str | None  # of the probe file; None for a built-in set
+
+    def localize_units(self) -> list[Unit]:
+        return [Unit("localize", c) for c in self.concepts]
+
+    def generate_units(self) -> list[Unit]:
+        units = []
+        for c in self.concepts:
+            units.append(Unit("generate", c, BASELINE, 0))
+            units += [Unit("generate", c, control, k) for k in self.settings.ks for control in CONTROLS]
+        return units
+
+    def units(self) -> list[Unit]:
+        return self.localize_units() + self.generate_units()
+
+    def record(self) -> dict:
+        """The content of bench.json."""
+        concepts: dict[str, list[str]] = {}
+        for c in self.concepts:
+            concepts.setdefault(c.category, []).append(c.concept)
+        return {
+            "format": FORMAT,
+            "ditloc_version": __version__,
+            "settings": self.settings.to_dict(),
+            "probes_sha256": self.probes_sha256,
+            "concepts": concepts,
+        }
+
+
+def slugify(name: str) -> str:
+    """A name as a file-name component ("Claude Monet" -> "claude-monet")."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "x"
+
+
+def localization_path(category: str, slug: str) -> str:
+    """Where the localization of the concept with file name `slug` lies, relative to the run directory."""
+    return f"localizations/{slugify(category)}/{slug}.json"
+
+
+def plan_bench(settings: BenchSettings, probes=None) -> BenchPlan:
+    """The concepts and prompts `settings` select (`probes`: a loaded ProbeSet, else
+    loaded from `settings.probes`). Every prompt is checked here, before any model runs."""
+    from ..probes import load_probe_set
+
+    probes = probes if probes is not None else load_probe_set(settings.probes)
+    sha = None
+    if settings.probes not in ("lock", "toy") and Path(settings.probes).is_file():
+        sha = hashlib.sha256(Path(settings.probes).read_bytes()).hexdigest()
+    names = settings.categories or tuple(probes.category_names)
+    concepts, slugs = [], {}
+    for category in names:
+        chosen = probes.concepts(category)[: settings.concepts_per_category]
+        for name in chosen:
+            loc = probes.prompts(category, name, "localization")[: settings.localization_prompts]
+            evl = probes.prompts(category, name, "evaluation")[: settings.evaluation_prompts]
+            slug = slugify(name)
+            if (category, slug) in slugs:
+                raise DitlocError(f"concepts {slugs[category, slug]!r} and {name!r} of {category!r} have the same file "
+                                  "name; rename one in the probe file")
+            slugs[category, slug] = name
+            concepts.append(ConceptPlan(
+                category=category, concept=name, slug=slug, localization_prompts=tuple(loc),
+                evaluation_prompts=tuple(evl), clean_prompts=tuple(probes.clean_prompt(category, name, p) for p in evl),
+                eval_text=probes.eval_text(category, name),
+            ))
+    if not concepts:
+        raise DitlocError("the selection has no concepts; check --categories and --concepts-per-category")
+    return BenchPlan(settings, tuple(concepts), sha)
+
+
+def derived_seed(*parts) -> int:
+    """A seed that depends only on `parts` (not on Python's hash salt, the process or the run)."""
+    text = "\0".join(str(p) for p in parts)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
+def random_blocks(blocks: list[str], k: int, rng: np.random.Generator) -> list[str]:
+    """K of `blocks` drawn at random from `rng` without replacement, in model order
+    (one `rng.choice` of K indices: the same draw as `rng.choice(blocks, k, replace=False)`)."""
+    return [blocks[i] for i in sorted(rng.choice(len(blocks), size=k, replace=False).tolist())]
+
+
+def control_blocks(loc, control: str, k: int, category: str, concept: str) -> list[str]:
+    """The K blocks a control withholds: the top-K of the localization, the bottom-K,
+    or K blocks drawn at random (model order) from a seed derived from the concept and K."""
+    blocks = list(loc.blocks)
+    if not 1 <= k <= len(blocks):
+        raise DitlocError(f"K must be between 1 and {len(blocks)} (the number of blocks), got {k}")
+    if control == "top":
+        return loc.top(k)
+    if control == "bottom":
+        return loc.ranking[-k:]
+    if control == "random":
+        return random_blocks(blocks, k, np.random.default_rng(derived_seed("random-k", category, concept, k)))
+    raise DitlocError(f"unknown control {control!r}; use one of {', '.join(CONTROLS)}")

@@ -1,0 +1,234 @@
+"""The bench's runner: the presence scorer, the processes, and the units' work.
+
+Units are dealt round-robin to the processes of ``accelerate launch`` /
+``torchrun`` (localizations first, then, after a barrier, generations). Every
+unit is computed the same way whoever runs it (fixed batches, one generator per
+image seeded from its seed, random-K blocks drawn from a seed derived from the
+concept and K), so any number of processes and any pattern of kills give the
+rows an uninterrupted single-process run gives. At the end the first process
+merges the stores into ``results.jsonl``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .._io import LOCK_FILE, OutputLock
+from ..errors import DitlocError
+from .plan import BASELINE, BenchPlan, BenchSettings, ConceptPlan, Unit, control_blocks
+from .store import (BenchRow, ResultStore, check_run_dir, merge_results, read_units, store_path,
+                    write_settings)
+
+#: question the VLM judge is asked, filled with the concept's evaluation text ("an image showing X")
+VLM_QUESTION = "Is this {concept}? Answer yes or no."
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+# --------------------------------------------------------------------------
+# Evaluators
+# --------------------------------------------------------------------------
+
+
+def _reference_images(folder: Path) -> list:
+    from PIL import Image
+
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return [Image.open(p).convert("RGB") for p in files]
+
+
+def make_evaluator(settings: BenchSettings, plan: BenchPlan, *, device=None):
+    """The settings' presence scorer. Style references: `references/<concept>/` (the
+    concept's name or its file-name form) holds images of that concept's style."""
+    from ..evaluate import get_evaluator
+
+    name = settings.evaluator
+    if name == "toy":
+        return get_evaluator("toy")
+    kwargs = {"model": settings.evaluator_model} if settings.evaluator_model else {}
+    if name == "clip":
+        return get_evaluator("clip", device=device, **kwargs)
+    if name == "vlm":
+        return get_evaluator("vlm", device=device, question=VLM_QUESTION, **kwargs)
+    root = Path(settings.references)
+    if not root.is_dir():
+        raise DitlocError(f"references directory {str(root)!r} does not exist; give one folder of images per concept")
+    references = {}
+    for c in plan.concepts:
+        folder = next((root / n for n in (c.concept, c.slug) if (root / n).is_dir()), None)
+        images = _reference_images(folder) if folder is not None else []
+        if not images:
+            raise DitlocError(f"no reference images for {c.concept!r}: put them in {root / c.concept} "
+                              f"or {root / c.slug}")
+        references[c.eval_text] = images
+    return get_evaluator("style", references=references, device=device, **kwargs)
+
+
+# --------------------------------------------------------------------------
+# Processes
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workers:
+    """This process's place among the processes that share a benchmark."""
+
+    rank: int = 0
+    world_size: int = 1
+    barrier: Callable[[], None] = lambda: None
+
+
+def accelerate_workers(*, cpu: bool) -> tuple[Workers, object]:
+    """(Workers, device) from accelerate's PartialState: one process, or the processes
+    of `accelerate launch` / `torchrun` (`cpu`: gloo on CPUs; otherwise one accelerator each)."""
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    # the barriers wait for the slowest process's units: give them a day, not gloo's 30 minutes
+    state = PartialState(cpu=cpu, timeout=timedelta(hours=24))
+    return Workers(state.process_index, state.num_processes, state.wait_for_everyone), state.device
+
+
+# --------------------------------------------------------------------------
+# The units' work
+# --------------------------------------------------------------------------
+
+
+def _validate(pipe, plan: BenchPlan, evaluator) -> list[str]:
+    """Check K against the model's blocks, every prompt's concept span and every
+    evaluation text, before any unit runs. Returns the block names."""
+    s = plan.settings
+    resolved = s.run_options.resolve(pipe)
+    adapter, kw = resolved.adapter, resolved.call_kwargs
+    blocks = adapter.block_names()
+    if max(s.ks) > len(blocks):
+        raise DitlocError(f"K must be at most {len(blocks)} (the model's blocks), got {max(s.ks)}")
+    for c in plan.concepts:
+        for p in c.localization_prompts + c.evaluation_prompts:
+            adapter.concept_span(p, c.concept, kw)
+        evaluator.check_text(c.eval_text)
+    return blocks
+
+
+def generate_scored(pipe, concept: ConceptPlan, blocks: list[str] | None, evaluator, *, seeds,
+                    **generation) -> tuple[list, np.ndarray]:
+    """The concept's evaluation prompts x `seeds` (prompt-major), generated plainly
+    (`blocks` None) or with the concept withheld from `blocks` (its clean prompts
+    there), and each image's presence of the concept's evaluation text:
+    (PIL images [N], scores float64 [N]). `generation`: more keywords of `generate`."""
+    from ..intervene import generate
+
+    prompts = list(concept.evaluation_prompts)
+    common = dict(seed=list(seeds), output_type="pil", **generation)
+    if blocks is None:
+        images = generate(pipe, prompts, **common)
+    else:
+        images = generate(pipe, prompts, withhold=blocks, concept=concept.concept,
+                          clean_prompts=list(concept.clean_prompts), **common)
+    return images, evaluator.score(images, concept.eval_text)  # [prompts x seeds], prompt-major
+
+
+def _localize_unit(pipe, plan: BenchPlan, unit: Unit, out: Path) -> dict:
+    from ..localize import localize
+
+    s, c = plan.settings, unit.concept
+    loc = localize(pipe, list(c.localization_prompts), c.concept, seed=s.localize_seed, variant=s.variant,
+                   batch_size=s.batch_size, options=s.run_options)
+    loc.save(out / c.localization_path)
+    return {"unit": unit.id, "kind": "localize", "category": c.category, "concept": c.concept,
+            "localization": c.localization_path, "ranking": loc.ranking, "scores": loc.scores.tolist()}
+
+
+def _generate_unit(pipe, plan: BenchPlan, unit: Unit, loc, evaluator, out: Path) -> dict:
+    s, c = plan.settings, unit.concept
+    blocks = None if unit.control == BASELINE else control_blocks(loc, unit.control, unit.k, c.category, c.concept)
+    images, scores = generate_scored(pipe, c, blocks, evaluator, seeds=s.seeds, batch_size=s.batch_size,
+                                     options=s.run_options)
+    (out / unit.image_dir).mkdir(parents=True, exist_ok=True)
+    samples = [(i, seed) for i in range(len(c.evaluation_prompts)) for seed in s.seeds]
+    rows = []
+    for (i, seed), image, score in zip(samples, images, scores):
+        rel = f"{unit.image_dir}/p{i:03d}-s{seed}.png"
+        image.save(out / rel)
+        rows.append(BenchRow(
+            unit=unit.id, category=c.category, concept=c.concept, control=unit.control, k=unit.k,
+            blocks=tuple(blocks or ()), prompt_index=i, prompt=c.evaluation_prompts[i],
+            clean_prompt=None if unit.control == BASELINE else c.clean_prompts[i], seed=seed,
+            eval_text=c.eval_text, score=float(score), image=rel,
+        ).to_dict())
+    return {"unit": unit.id, "kind": "generate", "rows": rows}
+
+
+# --------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    rows: tuple[BenchRow, ...]  # all rows of the run (first process; others: empty)
+    units_run: int  # by this process, this time
+    units_reused: int  # found finished in the stores
+    path: Path | None  # results.jsonl (first process)
+    seconds: float
+
+
+def run_bench(pipe, plan: BenchPlan, out, *, evaluator=None, workers: Workers = Workers(), progress=None,
+              device=None) -> BenchResult:
+    """Run (or resume) the benchmark `plan` into directory `out` (see the package doc).
+    Each process holds a lock on its rank's slot of `out`: a second run on the same
+    directory is refused, naming the PID that writes it."""
+    check_run_dir(out, plan)  # other settings: refused before the directory is touched
+    with OutputLock(out, name=f"{LOCK_FILE}.rank{workers.rank}"):
+        return _run_bench(pipe, plan, out, evaluator=evaluator, workers=workers, progress=progress, device=device)
+
+
+def _run_bench(pipe, plan: BenchPlan, out, *, evaluator, workers: Workers, progress, device) -> BenchResult:
+    from ..localize import Localization
+
+    t0 = time.time()
+    out = Path(out)
+    say = progress or (lambda message: None)
+    resuming = check_run_dir(out, plan)
+    evaluator = evaluator if evaluator is not None else make_evaluator(plan.settings, plan, device=device)
+    _validate(pipe, plan, evaluator)
+    if workers.rank == 0:
+        say(f"bench: {len(plan.concepts)} concept(s), {len(plan.units())} units, {workers.world_size} process(es)"
+            + (", resuming" if resuming else ""))
+        write_settings(out, plan)
+    store = ResultStore(store_path(out, workers.rank))
+    done = set(read_units(out))
+    tag = f"[{workers.rank}/{workers.world_size}] " if workers.world_size > 1 else ""
+    ran = reused = 0
+    localizations: dict[str, Localization] = {}
+
+    def phase(units: list[Unit], work) -> None:
+        nonlocal ran, reused
+        for n, unit in enumerate(units):
+            if n % workers.world_size != workers.rank:
+                continue
+            if unit.id in done:
+                reused += 1
+                continue
+            t = time.time()
+            store.append(work(unit))
+            ran += 1
+            say(f"bench {tag}{unit.id} ({time.time() - t:.1f}s, {time.time() - t0:.0f}s in all)")
+
+    def generate_unit(unit: Unit) -> dict:
+        c = unit.concept
+        if unit.control != BASELINE and c.localization_path not in localizations:
+            localizations[c.localization_path] = Localization.load(out / c.localization_path)
+        return _generate_unit(pipe, plan, unit, localizations.get(c.localization_path), evaluator, out)
+
+    phase(plan.localize_units(), lambda unit: _localize_unit(pipe, plan, unit, out))
+    workers.barrier()  # every localization is on disk before any generation needs it
+    phase(plan.generate_units(), generate_unit)
+    workers.barrier()
+    rows, path = (merge_results(out, plan) if workers.rank == 0 else ([], None))
+    return BenchResult(tuple(rows), ran, reused, path, time.time() - t0)

@@ -1,0 +1,237 @@
+"""The bench's run directory: its settings file, result stores and merged rows,
+and the one reader of a run (`read_run`) that everything outside the bench uses.
+
+A finished unit is one JSON line appended, with flush and fsync, to the
+process's store ``results.rank<r>.jsonl``. A line cut short by a kill has no
+newline: reading ignores it and the next append cuts it off first. A rerun
+reads every store in the run directory, skips the units they hold and does the
+rest, so a killed run (even ``kill -9``) loses at most the unit in flight and
+never writes one twice. At the end the stores are merged into
+``results.jsonl``: one row per line, in plan order.
+
+``bench.json`` records the settings; a rerun with other settings into the same
+directory is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .._io import write_atomic
+from ..errors import DitlocError
+from .plan import CONTROLS, FORMAT, BenchPlan, localization_path, slugify
+
+SETTINGS_FILE = "bench.json"
+RESULTS_FILE = "results.jsonl"
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One scored image. Baseline rows have control "baseline", k 0, no blocks and no clean prompt."""
+
+    unit: str
+    category: str
+    concept: str
+    control: str
+    k: int
+    blocks: tuple[str, ...]
+    prompt_index: int
+    prompt: str
+    clean_prompt: str | None
+    seed: int
+    eval_text: str
+    score: float
+    image: str  # PNG path relative to the run directory
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["blocks"] = list(self.blocks)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BenchRow":
+        return cls(**{**d, "blocks": tuple(d["blocks"])})
+
+
+def check_run_dir(out, plan: BenchPlan) -> bool:
+    """Refuse a run directory that holds a benchmark with other settings.
+    True when it already holds this one (a rerun resumes it)."""
+    path = Path(out) / SETTINGS_FILE
+    if not path.exists():
+        return False
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DitlocError(f"cannot read {path}: {e}; use a new --out directory") from None
+    new = plan.record()
+    if old.get("format") != FORMAT:
+        raise DitlocError(f"{path} is not a {FORMAT} settings file; use a new --out directory")
+    diffs = [f"{k}: {old['settings'].get(k)!r} there, {v!r} here" for k, v in new["settings"].items()
+             if old.get("settings", {}).get(k) != v]
+    for key in ("probes_sha256", "concepts"):
+        if old.get(key) != new[key]:
+            diffs.append(f"{key} differ" if key == "concepts" else "the probe file changed")
+    if diffs:
+        raise DitlocError(f"{out} holds a benchmark with other settings ({'; '.join(diffs[:3])}); "
+                          "rerun with the same settings to resume, or use a new --out directory")
+    return True
+
+
+def write_settings(out, plan: BenchPlan) -> None:
+    """bench.json, unless the run directory has it already."""
+    if not (Path(out) / SETTINGS_FILE).exists():
+        write_atomic(Path(out) / SETTINGS_FILE, json.dumps(plan.record(), indent=1))
+
+
+class ResultStore:
+    """An append-only JSONL file of finished units, one line each (see the module doc)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._repaired = False
+
+    @staticmethod
+    def read(path) -> list[dict]:
+        """The complete lines' records; a last line without its newline (torn by a kill) is ignored."""
+        path = Path(path)
+        if not path.exists():
+            return []
+        data = path.read_bytes()
+        lines = data.split(b"\n")[:-1]  # the piece after the last newline is torn or empty
+        records = []
+        for n, line in enumerate(lines, 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise DitlocError(f"{path}:{n}: not a JSON line; the store is damaged (move it away and rerun "
+                                  "to recompute its units)") from None
+        return records
+
+    def _repair(self) -> None:
+        """Cut a torn last line off, so the next record starts on a line of its own."""
+        if self.path.exists():
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                with open(self.path, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
+                    f.flush()
+                    os.fsync(f.fileno())
+        self._repaired = True
+
+    def append(self, record: dict) -> None:
+        if not self._repaired:
+            self._repair()
+        line = (json.dumps(record, allow_nan=False) + "\n").encode()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "ab") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def store_path(out, rank: int) -> Path:
+    return Path(out) / f"results.rank{rank}.jsonl"
+
+
+def read_units(out) -> dict[str, dict]:
+    """Every finished unit in the run directory's stores (any number of ranks): id -> record."""
+    done: dict[str, dict] = {}
+    for path in sorted(Path(out).glob("results.rank*.jsonl")):
+        for record in ResultStore.read(path):
+            done.setdefault(record["unit"], record)
+    return done
+
+
+def collect_rows(plan: BenchPlan, done: dict[str, dict]) -> list[BenchRow]:
+    """The rows of the finished generation units, in plan order."""
+    rows = []
+    for unit in plan.generate_units():
+        if unit.id in done:
+            rows += [BenchRow.from_dict(r) for r in done[unit.id]["rows"]]
+    return rows
+
+
+def merge_results(out, plan: BenchPlan) -> tuple[list[BenchRow], Path]:
+    """Write results.jsonl from the stores (every unit must be finished)."""
+    out = Path(out)
+    done = read_units(out)
+    missing = [u.id for u in plan.units() if u.id not in done]
+    if missing:
+        raise DitlocError(f"{len(missing)} unit(s) unfinished (first: {missing[0]}); rerun the same command to finish")
+    rows = collect_rows(plan, done)
+    write_atomic(out / RESULTS_FILE, "".join(json.dumps(r.to_dict()) + "\n" for r in rows))
+    return rows, out / RESULTS_FILE
+
+
+# --------------------------------------------------------------------------
+# The reader
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    """A bench run as read from disk (finished, or partial while it runs): its
+    settings record, rows and the concepts' rankings."""
+
+    path: Path
+    record: dict  # bench.json
+    rows: tuple[BenchRow, ...]
+    blocks: tuple[str, ...]  # the model's, from the localizations (empty before the first)
+    rankings: dict  # (category, concept) -> block names, best first
+
+    @property
+    def settings(self) -> dict:
+        return self.record["settings"]
+
+    @property
+    def categories(self) -> list[str]:
+        return list(self.record["concepts"])
+
+    @property
+    def ks(self) -> list[int]:
+        return list(self.settings["ks"])
+
+    @property
+    def n_generation_units(self) -> int:
+        n_concepts = sum(len(v) for v in self.record["concepts"].values())
+        return n_concepts * (1 + len(CONTROLS) * len(self.ks))
+
+    @property
+    def complete(self) -> bool:
+        return (self.path / RESULTS_FILE).exists()
+
+
+def _read_rows(out: Path) -> list[BenchRow]:
+    """results.jsonl, or while the run is unfinished the stores' rows."""
+    merged = out / RESULTS_FILE
+    if merged.exists():
+        return [BenchRow.from_dict(json.loads(line)) for line in merged.read_text().splitlines() if line.strip()]
+    rows = []
+    for record in read_units(out).values():
+        rows += [BenchRow.from_dict(r) for r in record.get("rows", [])]
+    return rows
+
+
+def read_run(run) -> BenchRun:
+    """Read a bench run directory (finished, or partial while it runs)."""
+    run = Path(run)
+    path = run / SETTINGS_FILE
+    if not path.is_file():
+        raise DitlocError(f"{run} is not a `ditloc bench` run directory (no {SETTINGS_FILE})")
+    record = json.loads(path.read_text())
+    rows = tuple(_read_rows(run))
+    if not rows:
+        raise DitlocError(f"{run} has no results yet; run `ditloc bench` into it first")
+    rankings, blocks = {}, ()
+    for category, concepts in record["concepts"].items():
+        for concept in concepts:
+            loc_path = run / localization_path(category, slugify(concept))
+            if loc_path.is_file():
+                d = json.loads(loc_path.read_text())
+                rankings[category, concept] = tuple(d["ranking"])
+                blocks = tuple(d["blocks"])
+    return BenchRun(run, record, rows, blocks, rankings)
