@@ -1,0 +1,131 @@
+"""Faults a user can cause: concurrent writers, kills, and bad CLI input (exit 2, one line, no traceback)."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ditloc import _state
+from ditloc._io import LOCK_FILE, OutputLock, write_atomic
+from ditloc.errors import DitlocError
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def test_concurrent_atomic_writes_never_collide(tmp_path):
+    target = tmp_path / "f.json"
+    errors = []
+
+    def writer(i):
+        for j in range(50):
+            try:
+                write_atomic(target, f"{i}-{j}" * 100)
+            except Exception as e:  # noqa: BLE001 - any failure is the bug
+                errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    text = target.read_text()
+    head = text.split("-")[0]
+    assert text == (text[: len(text) // 100]) * 100 and head.isdigit()  # one writer's whole content
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]  # no temporaries left behind
+
+
+HOLD = "import sys, time; from ditloc._io import OutputLock; l = OutputLock(sys.argv[1]).__enter__(); print('held', flush=True); time.sleep(60)"
+
+
+def test_second_writer_is_refused_and_a_dead_holder_is_taken_over(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DitlocError, match=f"another ditloc process \\(PID {holder.pid}\\)"):
+            with OutputLock(tmp_path):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with OutputLock(tmp_path):  # the kernel released the killed holder's lock
+        assert (tmp_path / LOCK_FILE).read_text().strip() == str(os.getpid())
+
+
+KILL_WRITER = """
+import sys, torch
+from ditloc import _state
+stem = sys.argv[1]
+for step in range(1, 10**6):
+    _state.save_state(stem, {"w": torch.full((256, 256), float(step))}, {"step": step})
+    print(step, flush=True)
+"""
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.2, 0.5])
+def test_checkpoint_survives_kill_at_any_instant(tmp_path, delay):
+    """kill -9 while checkpoints are being replaced: what is on disk is a whole checkpoint."""
+    stem = tmp_path / "checkpoint"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_WRITER, str(stem)], stdout=subprocess.PIPE, text=True, env=ENV)
+    assert proc.stdout.readline().strip() == "1"  # at least one complete save
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _state.state_exists(stem)
+    tensors, meta = _state.load_state(stem)
+    assert torch.equal(tensors["w"], torch.full((256, 256), float(meta["step"])))  # tensors and meta of one save
+
+
+def test_checkpoint_needs_no_sidecar(tmp_path):
+    stem = tmp_path / "ck"
+    _state.save_state(stem, {"a": torch.arange(3)}, {"step": 7})
+    Path(f"{stem}.json").unlink()  # a kill right after the tensor file was replaced
+    tensors, meta = _state.load_state(stem)
+    assert meta["step"] == 7 and tensors["a"].tolist() == [0, 1, 2]
+
+
+def _cli(args, tmp_path):
+    return subprocess.run([sys.executable, "-m", "ditloc.cli", *args], capture_output=True, text=True, env=ENV,
+                          cwd=tmp_path, timeout=300)
+
+
+BAD = [
+    # (argv, expected text in the one error line)
+    (["localize", "toy", "--concept", "red", "--prompt", "a red star", "--out", "FILE"], "is a file"),
+    (["intervene", "toy", "--concept", "red", "--prompt", "a red star", "--blocks", "block.1", "--out", "FILE"],
+     "is a file"),
+    (["bench", "toy", "--evaluator", "nope", "--out", "o"], "invalid choice"),
+    (["localize", "toy", "--concept", "red", "--prompt", "a red star", "--steps", "1", "--out", "o"],
+     "cannot sample 1 step"),
+    (["localize", "toy", "--concept", "red", "--prompt", "a red star", "--adapter-option", "oops", "--out", "o"],
+     "KEY=VALUE"),
+    (["localize", "toy", "--concept", "red", "--prompt", "a red star", "--adapter-option", "x=1", "--out", "o"],
+     "has no option 'x'"),
+    (["localize", "toy", "--concept", "blue", "--prompt", "a red star", "--out", "o"], "is not in prompt"),
+    (["localize", "toy", "--concept", "red", "--out", "o"], "no prompts"),
+    (["unlearn", "toy", "--concept", "red", "--anchor", "blue", "--train-steps", "0", "--out", "o"],
+     "--train-steps"),
+    (["personalize", "toy", "--images", "FILE", "--token", "sks", "--class-word", "star", "--blocks", "block.1",
+      "--out", "o"], "is a file; --images takes a folder"),
+    (["report", "missing_run"], "not a `ditloc bench` run directory"),
+    (["intervene", "toy", "--concept", "red", "--prompt", "a red star", "--blocks", "block.99", "--out", "o"],
+     "unknown block"),
+    (["frobnicate"], "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("argv, expected", BAD, ids=[" ".join(a[:2]) + f" #{i}" for i, (a, _) in enumerate(BAD)])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, argv, expected):
+    (tmp_path / "FILE").write_text("not a directory")
+    res = _cli(argv, tmp_path)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    assert len(lines) == 1 and lines[0].startswith("ditloc: error:"), res.stderr
+    assert expected in lines[0]
