@@ -1,7 +1,7 @@
 """Concept -> text-token positions, in the text the tokenizer actually sees.
 
-The pipelines rewrite the prompt before tokenizing it (PixArt and SANA lowercase
-it, optionally clean it, SANA prepends an instruction). The adapter returns that
+The pipelines rewrite the prompt before tokenizing it (some lowercase it,
+optionally clean it, or prepend an instruction). The adapter returns that
 exact text; here the concept found in it (`ditloc.text.find_occurrences`) is
 mapped from character spans to token positions through the tokenizer's offsets.
 """
@@ -20,7 +20,7 @@ class ConceptSpan:
     """Where a concept sits in one prompt, as the model reads it.
 
     `positions` index the text sequence the transformer receives (after any
-    re-indexing the pipeline applies, e.g. SANA's instruction crop); `tokens`
+    re-indexing the pipeline applies, e.g. an instruction prefix cropped off); `tokens`
     are the token strings at those positions, for a human to check.
     """
 
