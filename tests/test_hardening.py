@@ -117,6 +117,10 @@ BAD = [
     (["intervene", "toy", "--concept", "red", "--prompt", "a red star", "--blocks", "block.99", "--out", "o"],
      "unknown block"),
     (["frobnicate"], "invalid choice"),
+    (["localize", "toy", "--concept", "red", "--prompt", "a red star", "--pipeline-arg", "bogus=1", "--out", "o"],
+     "takes no argument 'bogus'"),
+    (["intervene", "toy", "--concept", "red", "--prompt", "a red star", "--blocks", "block.1", "--height", "0",
+      "--out", "o"], "--height must be positive"),
 ]
 
 

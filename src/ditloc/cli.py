@@ -93,6 +93,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1, mps (default: where the pipeline loads)")
     p.add_argument("--dtype", choices=DTYPES, default=None)
     _add_adapter_option(p)
+    _add_pipeline_args(p)
     p.add_argument("--out", required=True, help="output directory")
 
 
@@ -100,6 +101,32 @@ def _add_adapter_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter-option", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
                    help="a model-family setting (repeatable), e.g. text_stream=t5; "
                         "an unknown key or value is refused, naming the valid ones")
+
+
+def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's native size)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's native size)")
+    p.add_argument("--pipeline-arg", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
+                   help="any other argument of the pipeline call (repeatable; VALUE read as JSON when it parses, "
+                        "e.g. clean_caption=false), checked against the pipeline's signature")
+
+
+def _pipeline_kwargs(args) -> dict:
+    import json
+
+    kwargs = {}
+    for key, value in getattr(args, "pipeline_arg", []):
+        try:
+            kwargs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key] = value
+    for name in ("height", "width"):
+        value = getattr(args, name, None)
+        if value is not None:
+            if value < 1:
+                _fail(f"--{name} must be positive, got {value}")
+            kwargs[name] = value
+    return kwargs
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -166,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--steps", type=int, default=None, help="sampling steps for localization/anchor images")
         p.add_argument("--guidance", type=float, default=None)
         _add_adapter_option(p)
+        _add_pipeline_args(p)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default=None)
         p.add_argument("--dtype", choices=DTYPES, default=None)
@@ -225,7 +253,7 @@ def _run_options(args):
 
     return RunOptions(num_inference_steps=args.steps, guidance_scale=args.guidance,
                       max_sequence_length=getattr(args, "max_sequence_length", None),
-                      adapter_options=_adapter_options(args))
+                      pipeline_kwargs=_pipeline_kwargs(args), adapter_options=_adapter_options(args))
 
 
 def cmd_localize(args) -> None:
