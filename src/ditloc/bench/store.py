@@ -68,6 +68,10 @@ def check_run_dir(out, plan: BenchPlan) -> bool:
     except (OSError, json.JSONDecodeError) as e:
         raise DitlocError(f"cannot read {path}: {e}; use a new --out directory") from None
     new = plan.record()
+    settings = old.get("settings", {})
+    if "text_stream" in settings and "adapter_options" not in settings:  # written before --adapter-option
+        stream = settings.pop("text_stream")
+        settings["adapter_options"] = {"text_stream": stream} if stream else {}
     if old.get("format") != FORMAT:
         raise DitlocError(f"{path} is not a {FORMAT} settings file; use a new --out directory")
     diffs = [f"{k}: {old['settings'].get(k)!r} there, {v!r} here" for k, v in new["settings"].items()
