@@ -107,3 +107,42 @@ def test_report_cli(run, tmp_path):
     assert "minimal K" in out and "red" in out and "beach" in out and "index.html" in out
     code, _, err = run_cli(["report", str(tmp_path)])
     assert code == 2 and err.count("\n") == 1 and "not a `ditloc bench` run directory" in err
+
+
+def _damaged_copy(run, tmp_path, name):
+    copy = tmp_path / name
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "report", ignore_errors=True)
+    return copy
+
+
+def test_torn_results_jsonl_is_rebuilt_from_the_stores(run, tmp_path):
+    copy = _damaged_copy(run, tmp_path, "torn")
+    data = (copy / "results.jsonl").read_bytes()
+    (copy / "results.jsonl").write_bytes(data[: len(data) - 40])  # a last line cut short
+    intact = _damaged_copy(run, tmp_path, "intact")
+    code, _, err = run_cli(["report", str(copy)])
+    assert code == 0, err
+    assert run_cli(["report", str(intact)])[0] == 0
+    got = json.loads((copy / "report" / "summary.json").read_text())
+    want = json.loads((intact / "report" / "summary.json").read_text())
+    assert got["curves"] == want["curves"] and got["curves"]  # the same numbers as from the intact run
+
+
+@pytest.mark.parametrize("damage", ["bench.json", "localization", "results_and_stores"])
+def test_damaged_run_files_are_one_line_errors(run, tmp_path, damage):
+    copy = _damaged_copy(run, tmp_path, damage)
+    if damage == "bench.json":
+        text = (copy / "bench.json").read_text()
+        (copy / "bench.json").write_text(text[: len(text) // 2])
+    elif damage == "localization":
+        loc = sorted((copy / "localizations").rglob("*.json"))[0]
+        loc.write_text(loc.read_text()[:100])
+    else:
+        data = (copy / "results.jsonl").read_text()
+        (copy / "results.jsonl").write_text(data[:-40])
+        for store in copy.glob("results.rank*.jsonl"):
+            store.unlink()
+    code, _, err = run_cli(["report", str(copy)])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "damaged" in lines[0] and "Traceback" not in err, err

@@ -209,24 +209,54 @@ class BenchRun:
         return (self.path / RESULTS_FILE).exists()
 
 
+def _read_json(path: Path, rerun: str):
+    """One JSON document; a damaged or half-written file is one line saying what to do."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DitlocError(f"{path} is damaged ({e}); {rerun}") from None
+
+
+def _merged_rows(merged: Path) -> list[BenchRow] | None:
+    """results.jsonl's rows; None when a line is damaged (the stores hold the same rows)."""
+    try:
+        lines = merged.read_text(encoding="utf-8").splitlines()
+        return [BenchRow.from_dict(json.loads(line)) for line in lines if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 def _read_rows(out: Path) -> list[BenchRow]:
-    """results.jsonl, or while the run is unfinished the stores' rows."""
+    """results.jsonl, or while the run is unfinished (or if results.jsonl is damaged) the stores' rows."""
     merged = out / RESULTS_FILE
     if merged.exists():
-        return [BenchRow.from_dict(json.loads(line)) for line in merged.read_text().splitlines() if line.strip()]
+        rows = _merged_rows(merged)
+        if rows is not None:
+            return rows
+        if not any(out.glob("results.rank*.jsonl")):
+            raise DitlocError(f"{merged} is damaged and no result stores are left to rebuild it from; "
+                              "rerun `ditloc bench` into a new directory")
     rows = []
-    for record in read_units(out).values():
-        rows += [BenchRow.from_dict(r) for r in record.get("rows", [])]
+    try:
+        for record in read_units(out).values():  # tolerates a torn last line
+            rows += [BenchRow.from_dict(r) for r in record.get("rows", [])]
+    except (KeyError, TypeError) as e:
+        raise DitlocError(f"a result store in {out} has a malformed record ({e}); move it away and rerun "
+                          "`ditloc bench` with the same command to recompute its units") from None
     return rows
 
 
 def read_run(run) -> BenchRun:
-    """Read a bench run directory (finished, or partial while it runs)."""
+    """Read a bench run directory (finished, or partial while it runs). A damaged
+    results.jsonl is rebuilt in memory from the result stores; other damage is a
+    one-line DitlocError."""
     run = Path(run)
     path = run / SETTINGS_FILE
     if not path.is_file():
         raise DitlocError(f"{run} is not a `ditloc bench` run directory (no {SETTINGS_FILE})")
-    record = json.loads(path.read_text())
+    record = _read_json(path, "restore it, or rerun `ditloc bench` into a new directory")
+    if not isinstance(record, dict) or not isinstance(record.get("concepts"), dict) or "settings" not in record:
+        raise DitlocError(f"{path} is not a ditloc bench settings file; rerun `ditloc bench` to rewrite it")
     rows = tuple(_read_rows(run))
     if not rows:
         raise DitlocError(f"{run} has no results yet; run `ditloc bench` into it first")
@@ -235,7 +265,11 @@ def read_run(run) -> BenchRun:
         for concept in concepts:
             loc_path = run / localization_path(category, slugify(concept))
             if loc_path.is_file():
-                d = json.loads(loc_path.read_text())
-                rankings[category, concept] = tuple(d["ranking"])
-                blocks = tuple(d["blocks"])
+                d = _read_json(loc_path, "delete it and rerun `ditloc bench` with the same command to redo it")
+                try:
+                    rankings[category, concept] = tuple(d["ranking"])
+                    blocks = tuple(d["blocks"])
+                except (KeyError, TypeError):
+                    raise DitlocError(f"{loc_path} is not a localization; delete it and rerun `ditloc bench` "
+                                      "with the same command to redo it") from None
     return BenchRun(run, record, rows, blocks, rankings)
