@@ -455,6 +455,10 @@ def _quiet_libraries() -> None:
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
+    import warnings
+
+    # the settings record clean_caption=False; a warning line would break "one error line" output
+    warnings.filterwarnings("ignore", message="beautifulsoup4/ftfy are not installed")
     dlog.set_verbosity_error()
     dlog.disable_progress_bar()
     tlog.set_verbosity_error()

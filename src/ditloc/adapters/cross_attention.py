@@ -3,6 +3,8 @@ every block through `attn2`, with a padding mask; CFG batches are [uncond, cond]
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -10,6 +12,12 @@ from ..engine import CrossSwap, ForwardContext, Session, concept_contribution
 from ..errors import DitlocError
 from ..tokens import ConceptSpan, find_occurrences, token_positions
 from .base import Adapter
+
+
+def _caption_cleaning_available() -> bool:
+    from diffusers.utils import is_bs4_available, is_ftfy_available
+
+    return is_bs4_available() and is_ftfy_available()
 
 
 class CrossAttentionAdapter(Adapter):
@@ -32,9 +40,15 @@ class CrossAttentionAdapter(Adapter):
         return attn
 
     def default_call_kwargs(self) -> dict:
+        kw = {}
         if self.transformer.config.sample_size not in self.binned_sample_sizes:
-            return {"use_resolution_binning": False}
-        return {}
+            kw["use_resolution_binning"] = False
+        if self.call_default("clean_caption") and not _caption_cleaning_available():
+            # what the pipeline falls back to anyway, said once here instead of a log warning per prompt
+            warnings.warn("beautifulsoup4/ftfy are not installed, so prompts are not caption-cleaned "
+                          "(clean_caption=False); install both to clean them", stacklevel=2)
+            kw["clean_caption"] = False
+        return kw
 
     def cond_rows(self, batch: int, n_images: int) -> slice:
         if batch == 2 * n_images:  # classifier-free guidance: [uncond, cond]
