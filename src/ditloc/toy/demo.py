@@ -22,6 +22,7 @@ from .._io import write_json
 from ..bench import ConceptPlan, generate_scored, random_blocks, slugify
 from ..evaluate.toy import ToyOracle
 from ..localize import localize
+from ..options import RunOptions
 from ..report.figures import grid_figure, heatmap_figure
 from . import world
 
@@ -100,21 +101,21 @@ def run_demo(out_dir="runs/demo", config: DemoConfig | None = None, *, pipe=None
     evaluator = ToyOracle(oracle, hard=True)  # presence: the oracle classifies the image as the concept
     rng = np.random.default_rng(cfg.seed)
     # the toy prompts are < 32 tokens and padding is masked: 32 gives the same images as the default 120, faster
-    common = dict(num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, clean_caption=False,
-                  max_sequence_length=32)
+    options = RunOptions(num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, max_sequence_length=32,
+                         pipeline_kwargs={"clean_caption": False})
     summary, heat = {}, {}
     for n, (category, (concept, label)) in enumerate(DEMO_CONCEPTS.items(), 1):
         c = _concept(rng, category, concept, label, cfg)
         progress(f"[{n}/6] {category} {concept!r}: localize on {len(c.localization_prompts)} prompts "
                  f"({time.time() - t0:.0f}s)")
-        loc = localize(pipe, list(c.localization_prompts), concept, seed=cfg.seed, **common)
+        loc = localize(pipe, list(c.localization_prompts), concept, seed=cfg.seed, options=options)
         loc.save(out / category / "localization.json")
         heat[category] = loc.scores.tolist()
         top, blocks = loc.top(cfg.k), list(loc.blocks)
         random_sets = [random_blocks(blocks, cfg.k, rng) for _ in range(cfg.n_random)]
         progress(f"[{n}/6] {category}: generate {len(c.evaluation_prompts)}x{len(cfg.seeds)} held-out images, "
                  f"withhold top-{cfg.k} {top} vs {cfg.n_random} random sets")
-        before, withheld, *randoms = [generate_scored(pipe, c, withhold, evaluator, seeds=cfg.seeds, **common)
+        before, withheld, *randoms = [generate_scored(pipe, c, withhold, evaluator, seeds=cfg.seeds, options=options)
                                       for withhold in [None, top, *random_sets]]  # (images, scores) each
         summary[category] = {
             "concept": concept,
