@@ -183,18 +183,19 @@ def run_bench(pipe, plan: BenchPlan, out, *, evaluator=None, workers: Workers = 
     """Run (or resume) the benchmark `plan` into directory `out` (see the package doc).
     Each process holds a lock on its rank's slot of `out`: a second run on the same
     directory is refused, naming the PID that writes it."""
-    check_run_dir(out, plan)  # other settings: refused before the directory is touched
+    resuming = check_run_dir(out, plan)  # other settings: refused before the directory is touched
     with OutputLock(out, name=f"{LOCK_FILE}.rank{workers.rank}"):
-        return _run_bench(pipe, plan, out, evaluator=evaluator, workers=workers, progress=progress, device=device)
+        return _run_bench(pipe, plan, out, resuming=resuming, evaluator=evaluator, workers=workers,
+                          progress=progress, device=device)
 
 
-def _run_bench(pipe, plan: BenchPlan, out, *, evaluator, workers: Workers, progress, device) -> BenchResult:
+def _run_bench(pipe, plan: BenchPlan, out, *, resuming: bool, evaluator, workers: Workers, progress,
+               device) -> BenchResult:
     from ..localize import Localization
 
     t0 = time.time()
     out = Path(out)
     say = progress or (lambda message: None)
-    resuming = check_run_dir(out, plan)
     evaluator = evaluator if evaluator is not None else make_evaluator(plan.settings, plan, device=device)
     _validate(pipe, plan, evaluator)
     if workers.rank == 0:
