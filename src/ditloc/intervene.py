@@ -25,6 +25,19 @@ def derive_clean_prompt(prompt: str, concept: str) -> str:
     return tidy(substitute(prompt, concept, articles=False))
 
 
+def clean_prompt_list(prompts: list[str], concept: str | None, clean_prompts=None) -> list[str]:
+    """One clean prompt per prompt: `clean_prompts` as given (checked), else derived
+    from `concept` (:func:`derive_clean_prompt`)."""
+    if clean_prompts is not None:
+        clean = [clean_prompts] if isinstance(clean_prompts, str) else list(clean_prompts)
+        if len(clean) != len(prompts):
+            raise DitlocError(f"got {len(clean)} clean prompts for {len(prompts)} prompts; give one per prompt")
+        return clean
+    if concept is None:
+        raise DitlocError("an intervention needs the concept or the clean prompts")
+    return [derive_clean_prompt(p, concept) for p in prompts]
+
+
 def _stack(outputs: list, output_type: str):
     if output_type == "pil":
         return [img for out in outputs for img in out]
@@ -83,14 +96,7 @@ def generate(
         names = adapter.block_names()
         swap_blocks = frozenset(chosen) if withhold is not None else frozenset(b for b in names if b not in chosen)
         pooled_clean = bool(swap_blocks) if pooled is None else pooled == "clean"
-        if clean_prompts is not None:
-            clean = [clean_prompts] if isinstance(clean_prompts, str) else list(clean_prompts)
-            if len(clean) != len(prompts):
-                raise DitlocError(f"got {len(clean)} clean prompts for {len(prompts)} prompts; give one per prompt")
-        elif concept is None:
-            raise DitlocError("an intervention needs the concept or the clean prompts")
-        else:
-            clean = [derive_clean_prompt(p, concept) for p in prompts]
+        clean = clean_prompt_list(prompts, concept, clean_prompts)
         if concept is not None:
             for p in prompts:  # the concept must be readable by the model, as in localize
                 adapter.concept_span(p, concept, kw)

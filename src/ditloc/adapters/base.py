@@ -28,6 +28,11 @@ class Adapter(ABC):
 
     #: family settings a user may pass as adapter options -> their valid values (None: the family's default)
     options: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: transformer forward keyword arguments that carry the batch dimension (dicts are searched)
+    batched_inputs: ClassVar[tuple[str, ...]] = (
+        "hidden_states", "encoder_hidden_states", "encoder_attention_mask", "attention_mask", "timestep",
+        "guidance", "pooled_projections", "added_cond_kwargs",
+    )
     #: default LoRA targets: module names relative to a block (those a block lacks are skipped)
     lora_suffixes: ClassVar[tuple[str, ...]] = ()
 
@@ -127,6 +132,48 @@ class Adapter(ABC):
     def unpack_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """The pipeline's ``output_type="latent"`` result as [B, C, h, w] (FLUX packs them)."""
         return latents
+
+    # ---- extra forwards (causal localization) ------------------------------------------
+    def cond_inputs(self, args: tuple, kwargs: dict, rows: slice, repeat: int = 1) -> tuple[tuple, dict]:
+        """A transformer forward's inputs restricted to the conditional `rows` and tiled
+        `repeat` times (group-major: copy g holds rows g*n ... (g+1)*n - 1)."""
+        first = args[0] if args else kwargs["hidden_states"]
+        batch = first.shape[0]
+
+        def pick(value):
+            if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
+                value = value[rows]
+                return value.repeat(repeat, *([1] * (value.ndim - 1))) if repeat > 1 else value
+            if isinstance(value, dict):
+                return {k: pick(v) for k, v in value.items()}
+            return value
+
+        new_args = tuple(pick(a) for a in args)
+        new_kwargs = {k: (pick(v) if k in self.batched_inputs else v) for k, v in kwargs.items()}
+        return new_args, new_kwargs
+
+    def text_inputs(self, text: dict) -> dict:
+        """Transformer keyword arguments that carry `text` (:meth:`encode_text` output)."""
+        raise NotImplementedError
+
+    def with_text(self, kwargs: dict, text: dict, repeat: int = 1) -> dict:
+        """`kwargs` with the text conditioning replaced by `text`, tiled `repeat` times."""
+        kwargs = dict(kwargs)
+        for name, value in self.text_inputs(text).items():
+            like = kwargs.get(name)
+            if like is not None:
+                value = value.to(device=like.device, dtype=like.dtype)
+            kwargs[name] = value.repeat(repeat, *([1] * (value.ndim - 1))) if repeat > 1 else value
+        return kwargs
+
+    @staticmethod
+    def prediction(output, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The model's prediction from a transformer forward's output (a learned-variance
+        half is dropped, as the pipelines do)."""
+        out = output[0] if isinstance(output, (tuple, list)) else output.sample
+        if out.ndim == 4 and hidden_states.ndim == 4 and out.shape[1] == 2 * hidden_states.shape[1]:
+            out = out[:, : hidden_states.shape[1]]
+        return out
 
     # ---- instrumentation -------------------------------------------------------------
     @abstractmethod

@@ -116,6 +116,9 @@ class CrossAttentionAdapter(Adapter):
         )
         return {"embeds": embeds, "mask": mask}
 
+    def text_inputs(self, text: dict) -> dict:
+        return {"encoder_hidden_states": text["embeds"], "encoder_attention_mask": text["mask"]}
+
     # ---- training ---------------------------------------------------------------------
     def transformer_kwargs(self, latents: torch.Tensor) -> dict:
         """Extra forward arguments the family's pipeline passes (none by default)."""
@@ -193,6 +196,11 @@ class CrossAttentionAdapter(Adapter):
             swap.mask = self.mask_to_bias(m, hidden_states.dtype)  # [B, 1, L]
 
 
+def _replace_rows(x: torch.Tensor, rows: slice, rows_value: torch.Tensor) -> torch.Tensor:
+    """`x` with `x[rows]` replaced by `rows_value` (a new tensor, no host synchronisation)."""
+    return torch.cat([x[: rows.start], rows_value.to(x.dtype), x[rows.stop :]])
+
+
 class CrossAttentionProcessor:
     """Processor for a cross-attention module (`attn2`) of PixArt/SANA.
 
@@ -213,7 +221,24 @@ class CrossAttentionProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         swap = self.session.swap
         if swap is not None and self.block in swap.blocks:
-            encoder_hidden_states, attention_mask = swap.states, swap.mask
+            if swap.capturing:  # the clean-prompt pass: keep what this block reads
+                swap.text_kv[self.block] = (encoder_hidden_states, attention_mask)
+            elif swap.alpha is not None:  # attribution: full + alpha * (clean - full), differentiable
+                if temb is not None:
+                    kwargs["temb"] = temb
+                clean_states, clean_mask = swap.text_kv[self.block]
+                full = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+                clean = self.inner(attn, hidden_states, clean_states, clean_mask, **kwargs)
+                alpha = swap.alpha[self.block].to(full.dtype).view(-1, *([1] * (full.ndim - 1)))
+                return full + alpha * (clean - full)
+            elif swap.row_slices is not None:  # batched variants: only these rows read the clean prompt
+                rows = swap.row_slices[self.block]
+                clean_states, clean_mask = swap.text_kv[self.block]
+                encoder_hidden_states = _replace_rows(encoder_hidden_states, rows, clean_states)
+                if attention_mask is not None:
+                    attention_mask = _replace_rows(attention_mask, rows, clean_mask)
+            else:
+                encoder_hidden_states, attention_mask = swap.states, swap.mask
         if self.session.probe is None:
             if temb is not None:
                 kwargs["temb"] = temb

@@ -76,6 +76,9 @@ class JointAttentionAdapter(Adapter):
         return ConceptSpan(prompt=prompt, concept=concept, text=seen, char_spans=tuple(spans),
                            positions=tuple(sorted(set(positions))), tokens=tuple(tokens))
 
+    def text_inputs(self, text: dict) -> dict:
+        return {"encoder_hidden_states": text["embeds"], "pooled_projections": text["pooled"]}
+
     # ---- instrumentation -------------------------------------------------------------
     def make_swap(self, blocks: frozenset[str], clean: dict, pooled_clean: bool) -> JointSwap:
         return JointSwap(blocks=blocks, clean=clean, pooled_clean=pooled_clean)
@@ -159,8 +162,8 @@ class JointProcessor:
 
     def _instrument(self, q, k, v, n_text: int, attend, lse=None):
         """q, k, v: [B, H, S, d] joint (post-norm, post-rope); lse [B, H, S] from the
-        kernel or None. Returns (rows, image_out [n, H, N, d]) when the image outputs
-        of the conditional rows must be replaced."""
+        kernel or None. Returns (rows, image_out [n, H, N, d], alpha) when the image
+        outputs of `rows` must be replaced (`alpha`: mix weights, see :meth:`_mix`)."""
         session, ctx = self.session, self.session.context
         swap = session.swap
         txt, img = self._segments(k.shape[2], n_text)
@@ -185,11 +188,23 @@ class JointProcessor:
                 )
             probe.record(self.index, ctx.step, total, per_head)
         if swap is not None and self.block in swap.blocks:
+            rows = swap.rows_for(self.block, rows)
             ck, cv = swap.text_kv[self.block]
             kr, vr = k[rows], v[rows]
             if self.text_first:
                 k2, v2 = torch.cat([ck, kr[:, :, img]], dim=2), torch.cat([cv, vr[:, :, img]], dim=2)
             else:
                 k2, v2 = torch.cat([kr[:, :, img], ck], dim=2), torch.cat([vr[:, :, img], cv], dim=2)
-            return rows, attend(q[rows][:, :, img], k2, v2)  # [n, H, N, d]
+            alpha = None if swap.alpha is None else swap.alpha[self.block]
+            return rows, attend(q[rows][:, :, img], k2, v2), alpha  # image_out [n, H, N, d]
         return None
+
+    @staticmethod
+    def _mix(current: torch.Tensor, new: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
+        """The image outputs that replace `current`: `new`, or with attribution weights
+        ``current + alpha * (new - current)`` (differentiable in alpha)."""
+        new = new.to(current.dtype)
+        if alpha is None:
+            return new
+        a = alpha.to(current.dtype).view(-1, *([1] * (current.ndim - 1)))
+        return current + a * (new - current)

@@ -31,6 +31,9 @@ def instrument(adapter, session: Session):
     originals = [a.processor for a in attns]
 
     def pre_hook(module, args, kwargs):
+        if session.nested is not None:  # ditloc's own extra forward: its context is set by the caller
+            session.context = session.nested
+            return None
         return adapter.on_forward(session, args, kwargs)
 
     handle = None

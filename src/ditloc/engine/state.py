@@ -79,42 +79,67 @@ class Probe:
 
 
 @dataclass
-class CrossSwap:
-    """Cross-attention withholding: `blocks` read the clean prompts' text conditioning.
+class Swap:
+    """What withheld blocks read instead of the prompt's text (method.md §2, §7).
 
-    `clean`: the adapter's `encode_text` of the clean prompts ({"embeds", "mask"}).
-    The adapter fills the per-forward fields before each forward.
+    `blocks`: the blocks that read the clean prompts' conditioning;
+    `clean`: the adapter's `encode_text` of the clean prompts.
+
+    Three refinements, used by the causal localization methods (`ditloc.engine.causal`):
+    - `capturing`: the current forward is the clean-prompt pass; each block in
+      `blocks` keeps the text conditioning it reads in `text_kv` and nothing is swapped;
+    - `row_slices`: block -> the rows of the batch that read the clean conditioning
+      (`text_kv`, one row per image) instead of the context's conditional rows;
+    - `alpha`: block -> [rows] mixing weights: the block's output for its rows is
+      ``full + alpha * (clean - full)`` (differentiable) instead of the clean one.
     """
 
     blocks: frozenset[str]
     clean: dict
-    states: torch.Tensor | None = None  # per forward: [B, L, D] as the blocks receive it
-    mask: torch.Tensor | None = None  # per forward: additive bias [B, 1, L]
-
-    def release(self) -> None:
-        self.states = self.mask = None
-
-
-@dataclass
-class JointSwap:
-    """Joint-attention withholding: in `blocks`, the image queries of the conditional
-    rows read the clean prompts' text keys/values, captured in a clean pass run by
-    the adapter before every forward (`capturing` while it runs).
-
-    `clean`: the adapter's `encode_text` of the clean prompts ({"embeds", "pooled"});
-    `pooled_clean`: the pooled text embedding, which modulates every block, comes
-    from the clean prompts too.
-    """
-
-    blocks: frozenset[str]
-    clean: dict
-    pooled_clean: bool = True
-    text_kv: dict = field(default_factory=dict)  # per forward: block -> (k, v) [n, H, L, d] of the clean text
+    text_kv: dict = field(default_factory=dict)  # per forward: block -> what it read in the clean pass
     capturing: bool = False
+    row_slices: dict | None = None
+    alpha: dict | None = None
+
+    def rows_for(self, block: str, default):
+        """The batch rows whose `block` reads the clean conditioning."""
+        if self.row_slices is not None and block in self.row_slices:
+            return self.row_slices[block]
+        return default
 
     def release(self) -> None:
         self.text_kv = {}
         self.capturing = False
+
+
+@dataclass
+class CrossSwap(Swap):
+    """Cross-attention withholding: `blocks` read the clean prompts' text conditioning.
+
+    `clean`: {"embeds", "mask"}. The adapter fills the per-forward fields before each
+    forward (`states`, `mask` for every row of the batch); with `row_slices` the
+    blocks read `text_kv` (states and additive mask captured in a clean pass) instead.
+    """
+
+    states: torch.Tensor | None = None  # per forward: [B, L, D] as the blocks receive it
+    mask: torch.Tensor | None = None  # per forward: additive bias [B, 1, L]
+
+    def release(self) -> None:
+        super().release()
+        self.states = self.mask = None
+
+
+@dataclass
+class JointSwap(Swap):
+    """Joint-attention withholding: in `blocks`, the image queries of the conditional
+    rows read the clean prompts' text keys/values (`text_kv`: block -> (k, v)
+    [n, H, L, d]), captured in a clean pass run by the adapter before every forward.
+
+    `clean`: {"embeds", "pooled"}; `pooled_clean`: the pooled text embedding, which
+    modulates every block, comes from the clean prompts too.
+    """
+
+    pooled_clean: bool = True
 
 
 @dataclass
@@ -123,17 +148,18 @@ class Session:
 
     n_images: int = 0  # images in the current pipeline call
     probe: Probe | None = None
-    swap: CrossSwap | JointSwap | None = None
+    swap: Swap | None = None
     context: ForwardContext | None = None  # the current forward's, set by the adapter
     forwards: int = 0  # counted transformer forwards of the current call
     call_key: object = None  # identifies the conditional text input of the current call (set by the adapter)
+    nested: ForwardContext | None = None  # set while ditloc runs its own extra forwards (causal methods)
 
     @property
     def busy(self) -> bool:
         """Something to measure or swap (otherwise forwards need no context rows)."""
         return self.probe is not None or self.swap is not None
 
-    def begin_call(self, n_images: int, *, probe: Probe | None = None, swap: CrossSwap | JointSwap | None = None) -> None:
+    def begin_call(self, n_images: int, *, probe: Probe | None = None, swap: Swap | None = None) -> None:
         self.n_images = n_images
         self.forwards = 0
         self.call_key = None
