@@ -75,8 +75,35 @@ def test_intervene_explicit_blocks_inject(model_dir, tmp_path, capsys):
     assert rec["blocks"] == ["block.1", "block.3"] and rec["mode"] == "inject"
 
 
+def test_localize_causal_method_with_auto_k_feeds_intervene(model_dir, tmp_path, capsys):
+    out = tmp_path / "loc"
+    code, stdout, err = run(["localize", model_dir, "--concept", "van gogh", "--prompt", "a photo of van gogh",
+                             "--prompt", "van gogh at night", "--method", "patch",
+                             "--clean-prompt", "a photo of a dog", "--clean-prompt", "a dog at night",
+                             "--auto-k", "--out", str(out), *COMMON], capsys)
+    assert code == 0, err
+    d = json.loads((out / "localization.json").read_text())
+    assert d["settings"]["method"] == "patch"
+    assert d["settings"]["clean_prompts"] == ["a photo of a dog", "a dog at night"]
+    assert d["settings"]["auto_k"] is True and 1 <= d["settings"]["top_k"] <= 4
+    assert f"automatic K = {d['settings']['top_k']}" in stdout and "method patch" in stdout
+    iv = tmp_path / "iv"
+    code, _, err = run(["intervene", model_dir, "--concept", "van gogh", "--prompt", "a photo of van gogh",
+                        "--auto-k", "--localization", str(out / "localization.json"), "--out", str(iv), *COMMON],
+                       capsys)
+    assert code == 0, err
+    assert json.loads((iv / "intervention.json").read_text())["blocks"] == d["ranking"][: d["settings"]["top_k"]]
+
+
 BAD = [
     (["--concept", "snoopy", "--prompt", "a photo of van gogh"], "not in prompt"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "gradient"], "invalid choice"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--top-k", "2", "--auto-k"], "not both"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--clean-prompt", "a photo"], "patch or attribution"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "patch", "--clean-prompt", "a",
+      "--clean-prompt", "b"], "one per prompt"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "patch", "--block-batch", "0"],
+     "--block-batch"),
     (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--max-sequence-length", "4"], "cut off"),
     (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--top-k", "0"], "between 1 and 4"),
     (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--top-k", "9"], "between 1 and 4"),
@@ -100,6 +127,8 @@ BAD_INTERVENE = [
     (["--top-k", "2"], "--top-k needs --localization"),
     ([], "either --blocks"),
     (["--top-k", "2", "--localization", "/nonexistent.json"], "does not exist"),
+    (["--auto-k"], "--auto-k needs --localization"),
+    (["--auto-k", "--top-k", "2", "--localization", "/nonexistent.json"], "not both"),
 ]
 
 

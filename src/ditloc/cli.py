@@ -143,14 +143,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ditloc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("localize", help="rank blocks by the concept's attention contribution")
+    p = sub.add_parser("localize", help="rank blocks for a concept (attention contribution, patch or attribution)")
     _add_common(p)
     p.add_argument("--prompt", action="append", help="a prompt containing the concept (repeatable)")
     p.add_argument("--prompts-file", help="text file, one prompt per line")
-    p.add_argument("--variant", choices=("attn", "attn_value", "attn_value_out"), default="attn_value_out")
-    p.add_argument("--out-bias", action="store_true", help="add W_o's bias (parity with the authors' code)")
+    p.add_argument("--method", choices=("contribution", "patch", "attribution"), default="contribution",
+                   help="contribution: where the concept is read (cheapest); patch: the effect of withholding each "
+                        "block alone (1 + blocks forwards per step); attribution: its first-order estimate "
+                        "(one backward pass per step). Default contribution")
+    p.add_argument("--clean-prompt", action="append", default=None,
+                   help="patch/attribution: the clean prompt of each --prompt, in order (repeatable; default: the "
+                        "prompt with the concept removed)")
+    p.add_argument("--variant", choices=("attn", "attn_value", "attn_value_out"), default="attn_value_out",
+                   help="contribution only: which part of the attention output is measured")
+    p.add_argument("--out-bias", action="store_true", help="contribution only: add W_o's bias (authors' code)")
     p.add_argument("--top-k", type=int, default=None, help="also report the top K blocks")
+    p.add_argument("--auto-k", action="store_true",
+                   help="choose K from the scores (the smallest K holding half the positive score mass)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--block-batch", type=int, default=None, help="patch: blocks withheld per extra forward")
 
     p = sub.add_parser("intervene", help="generate with the concept withheld from / injected into blocks")
     _add_common(p)
@@ -158,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clean-prompt", default=None, help="default: the prompt with the concept removed")
     p.add_argument("--blocks", default=None, help="comma-separated block names, e.g. block.3,block.7")
     p.add_argument("--top-k", type=int, default=None, help="with --localization: use its top K blocks")
+    p.add_argument("--auto-k", action="store_true", help="with --localization: its top K, K chosen from its scores")
     p.add_argument("--localization", default=None, help="a localization.json from `ditloc localize`")
     p.add_argument("--mode", choices=("withhold", "inject"), default="withhold")
 
@@ -260,6 +272,15 @@ def cmd_localize(args) -> None:
     from .localize import localize
 
     prompts = _read_prompts(args)
+    if args.top_k is not None and args.auto_k:
+        _fail("choose --top-k or --auto-k, not both")
+    if args.clean_prompt is not None:
+        if args.method == "contribution":
+            _fail("--clean-prompt is used by --method patch or attribution only")
+        if len(args.clean_prompt) != len(prompts):
+            _fail(f"got {len(args.clean_prompt)} --clean-prompt for {len(prompts)} prompts; give one per prompt")
+    if args.block_batch is not None and args.block_batch < 1:
+        _fail(f"--block-batch must be at least 1, got {args.block_batch}")
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     n_blocks = None
     if args.top_k is not None:
@@ -272,20 +293,28 @@ def cmd_localize(args) -> None:
         pipe,
         prompts,
         args.concept,
+        method=args.method,
+        clean_prompts=args.clean_prompt,
         seed=args.seed,
         variant=args.variant,
         out_bias=args.out_bias,
         batch_size=args.batch_size,
+        block_batch=args.block_batch,
         options=_run_options(args),
         progress=lambda done, total: print(f"localize: {done}/{total} prompts", file=sys.stderr, flush=True),
     )
-    if args.top_k is not None:
-        loc.settings["top_k"] = args.top_k
+    top_k = loc.minimal_k() if args.auto_k else args.top_k
+    if top_k is not None:
+        loc.settings["top_k"] = top_k
+        loc.settings["auto_k"] = bool(args.auto_k)
     out = Path(args.out)
     path = loc.save(out / "localization.json")
     scores = dict(zip(loc.blocks, loc.scores.tolist()))
-    shown = loc.ranking if args.top_k is None else loc.top(args.top_k)
-    print(f"concept {args.concept!r}: {len(prompts)} prompt(s), {args.steps} steps, variant {args.variant}")
+    shown = loc.ranking if top_k is None else loc.top(top_k)
+    how = f"variant {args.variant}" if args.method == "contribution" else "clean prompts " + (
+        "given" if args.clean_prompt else "derived")
+    print(f"concept {args.concept!r}: {len(prompts)} prompt(s), {args.steps} steps, method {args.method}, {how}"
+          + (f", automatic K = {top_k}" if args.auto_k else ""))
     print(f"{'rank':>4}  {'block':<12} {'score':>10}")
     for r, b in enumerate(shown, 1):
         print(f"{r:>4}  {b:<12} {scores[b]:>10.4f}")
@@ -299,16 +328,21 @@ def cmd_intervene(args) -> None:
     from .intervene import derive_clean_prompt, generate
     from .localize import Localization
 
-    if (args.blocks is None) == (args.top_k is None):
-        _fail("give either --blocks NAMES or --top-k K with --localization FILE")
-    if args.top_k is not None and not args.localization:
-        _fail("--top-k needs --localization FILE (from `ditloc localize`)")
+    if args.auto_k and args.top_k is not None:
+        _fail("choose --top-k or --auto-k, not both")
+    by_rank = args.top_k is not None or args.auto_k
+    if (args.blocks is None) == (not by_rank):
+        _fail("give either --blocks NAMES or --top-k K (or --auto-k) with --localization FILE")
+    if by_rank and not args.localization:
+        _fail(f"{'--auto-k' if args.auto_k else '--top-k'} needs --localization FILE (from `ditloc localize`)")
     loc = Localization.load(args.localization) if args.localization else None
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     adapter = get_adapter(pipe, **_adapter_options(args))
     if loc is not None:
         if list(loc.blocks) != adapter.block_names():
             raise DitlocError(f"{args.localization} was measured on a model with other blocks; localize this model first")
+    if args.auto_k:
+        args.top_k = loc.minimal_k()
     blocks = adapter.resolve_blocks(args.blocks) if args.blocks is not None else loc.top(args.top_k)
     if args.blocks is not None and not blocks:
         _fail("--blocks is empty; name at least one block, e.g. --blocks block.3")
