@@ -190,3 +190,51 @@ def test_random_blocks_draw_as_a_choice_of_names():
     for k in (1, 3, 12, 5):
         assert random_blocks(blocks, k, a) == sorted(b.choice(blocks, k, replace=False).tolist(), key=blocks.index)
     assert a.random() == b.random()
+
+
+def test_several_methods_in_one_run(files, reference, tmp_path):
+    """--method contribution,patch: each method's top-K and bottom-K, one random-K per K, one baseline;
+    the contribution rows are those of a contribution-only run; the report draws every method."""
+    from ditloc.bench import read_run
+    from ditloc.report import build_report
+    from ditloc.report.data import minimal_k, presence_curves
+
+    model, probes = files
+    out = tmp_path / "run"
+    code, _, err = run_cli(bench_argv(model, probes, out) + ["--method", "contribution,patch"])
+    assert code == 0, err
+    rows = rows_of(out)
+    units = {r["unit"] for r in rows}
+    # per concept: baseline + per K (top, bottom) x 2 methods + random
+    assert len(units) == 2 * (1 + 2 * (2 * 2 + 1))
+    for concept, category in (("red", "color"), ("beach", "place")):
+        patch = Localization.load(out / f"localizations/{category}/{concept}.patch.json")
+        assert patch.method == "patch" and concept not in " ".join(patch.settings["clean_prompts"]).split()
+        mine = [r for r in rows if r["concept"] == concept]
+        for r in mine:
+            if r["method"] == "patch":
+                assert r["unit"].split("/")[3] == f"{r['control']}@patch"
+                assert r["blocks"] == control_blocks(patch, r["control"], r["k"], category, concept)
+        assert {r["unit"] for r in mine if r["control"] == "random"} == {
+            f"generate/{category}/{concept}/random/k1", f"generate/{category}/{concept}/random/k2"}
+    # the default method's rows are unchanged by adding another method (same names, same numbers)
+    ref = {(r["unit"], r["prompt_index"], r["seed"]): r["score"] for r in rows_of(reference)}
+    mine = {(r["unit"], r["prompt_index"], r["seed"]): r["score"] for r in rows if r["method"] != "patch"}
+    assert mine == ref
+    data = read_run(out)
+    assert data.methods == ["contribution", "patch"] and len(data.method_rankings) == 4
+    assert data.n_generation_units == len(units)
+    methods = {(p.control, p.method) for p in presence_curves(data)}
+    assert {("top", "patch"), ("bottom", "patch"), ("top", "contribution"), ("random", "")} <= methods
+    assert {m.method for m in minimal_k(data)} == {"contribution", "patch"}
+    report = build_report(out)
+    assert report.html.is_file()
+    # a second run with other methods is refused before any work
+    code, _, err = run_cli(bench_argv(model, probes, out) + ["--method", "patch"])
+    assert code == 2 and "other settings" in err and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_method_refused(files, tmp_path):
+    model, probes = files
+    code, _, err = run_cli(bench_argv(model, probes, tmp_path / "run") + ["--method", "contribution,gradient"])
+    assert code == 2 and "methods must be" in err and len(err.strip().splitlines()) == 1

@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's)")
     p.add_argument("--max-sequence-length", type=int, default=None)
+    p.add_argument("--method", default="contribution", metavar="M,M,...",
+                   help="localization method(s) whose top-K and bottom-K are withheld, compared in one run: "
+                        "contribution, patch, attribution (default contribution)")
     p.add_argument("--variant", choices=("attn", "attn_value", "attn_value_out"), default="attn_value_out")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None, help="default: where the pipeline loads; each process's own "
@@ -415,6 +418,7 @@ def cmd_bench(args) -> None:
         evaluation_prompts=args.evaluation_prompts, steps=args.steps, guidance_scale=args.guidance,
         max_sequence_length=args.max_sequence_length, localize_seed=args.localize_seed, variant=args.variant,
         batch_size=args.batch_size, dtype=args.dtype, adapter_options=_adapter_options(args),
+        methods=tuple(m.strip() for m in args.method.split(",") if m.strip()),
     )
     plan = plan_bench(settings)
     check_run_dir(args.out, plan)  # before the model loads

@@ -19,7 +19,7 @@ its evaluation text.
 
 from __future__ import annotations
 
-from .plan import (BASELINE, CONTROLS, FORMAT, BenchPlan, BenchSettings, ConceptPlan, Unit, control_blocks,
+from .plan import (BASELINE, CONTROLS, DEFAULT_METHOD, FORMAT, BenchPlan, BenchSettings, ConceptPlan, Unit, control_blocks,
                    derived_seed, localization_path, plan_bench, random_blocks, slugify)
 from .runner import (VLM_QUESTION, BenchResult, Workers, accelerate_workers, generate_scored, make_evaluator,
                      run_bench)
@@ -34,6 +34,7 @@ __all__ = [
     "BenchRun",
     "BenchSettings",
     "CONTROLS",
+    "DEFAULT_METHOD",
     "ConceptPlan",
     "FORMAT",
     "RESULTS_FILE",

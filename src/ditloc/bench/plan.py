@@ -3,11 +3,15 @@ work, and the blocks each control withholds.
 
 The work is cut into *units*, each done whole or not at all:
 
-    localize/<category>/<concept>                  -> localizations/<category>/<concept>.json
+    localize/<category>/<concept>[/<method>]       -> localizations/<category>/<concept>[.<method>].json
     generate/<category>/<concept>/baseline/k0      -> one row per prompt x seed
-    generate/<category>/<concept>/<control>/k<K>   -> one row per prompt x seed (control: top, random, bottom)
+    generate/<category>/<concept>/<control>[@<method>]/k<K>
+                                                   -> one row per prompt x seed (control: top, random, bottom)
 
-Random-K blocks are drawn from a seed derived from the concept and K, so every
+The localization method (`BenchSettings.methods`: contribution, patch,
+attribution) decides the top-K and bottom-K blocks; the default method,
+contribution, leaves names without a suffix. Random-K blocks do not depend on
+the method: they are drawn from a seed derived from the concept and K, so every
 unit is computed the same way whoever runs it and whenever.
 """
 
@@ -29,6 +33,8 @@ FORMAT = "ditloc.bench/1"
 BASELINE = "baseline"
 #: the withholding conditions compared for every K (method.md §4: top-K against random-K and bottom-K)
 CONTROLS = ("top", "random", "bottom")
+#: the method whose names carry no suffix (and the only one of runs made before `methods` existed)
+DEFAULT_METHOD = "contribution"
 
 
 @dataclass(frozen=True)
@@ -60,10 +66,17 @@ class BenchSettings:
     batch_size: int = 8
     dtype: str | None = None
     adapter_options: dict = dataclasses.field(default_factory=dict)  # model-family settings (--adapter-option)
+    methods: tuple[str, ...] = (DEFAULT_METHOD,)  # localization methods compared (top/bottom-K per method)
 
     def __post_init__(self):
         from ..evaluate import EVALUATORS
-        from ..engine import VARIANTS
+        from ..engine import METHODS, VARIANTS
+
+        methods = tuple(self.methods)
+        unknown = [m for m in methods if m not in METHODS]
+        if not methods or unknown or len(set(methods)) != len(methods):
+            raise DitlocError(f"methods must be distinct names among {', '.join(METHODS)}; got {list(self.methods)}")
+        object.__setattr__(self, "methods", methods)
 
         ks = tuple(int(k) for k in self.ks)
         if not ks or any(k < 1 for k in ks) or len(set(ks)) != len(ks):
@@ -115,14 +128,19 @@ class ConceptPlan:
     evaluation_prompts: tuple[str, ...]
     clean_prompts: tuple[str, ...]  # one per evaluation prompt
     eval_text: str
+    localization_clean_prompts: tuple[str, ...] = ()  # one per localization prompt (causal methods)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @property
     def localization_path(self) -> str:
-        """Relative to the run directory."""
+        """Relative to the run directory (the default method's)."""
         return localization_path(self.category, self.slug)
+
+    def localization_file(self, method: str) -> str:
+        """Where `method`'s localization lies, relative to the run directory."""
+        return localization_path(self.category, self.slug, method)
 
 
 @dataclass(frozen=True)
@@ -134,17 +152,26 @@ class Unit:
     concept: ConceptPlan
     control: str = ""  # generate: "baseline" or one of CONTROLS
     k: int = 0  # 0 for localize and baseline
+    method: str = ""  # localize, top, bottom: the localization method; "" for baseline and random
+
+    @property
+    def _suffix(self) -> str:
+        return "" if self.method in ("", DEFAULT_METHOD) else self.method
 
     @property
     def id(self) -> str:
         head = f"{self.kind}/{self.concept.category}/{self.concept.concept}"
-        return head if self.kind == "localize" else f"{head}/{self.control}/k{self.k}"
+        if self.kind == "localize":
+            return f"{head}/{self._suffix}" if self._suffix else head
+        control = f"{self.control}@{self._suffix}" if self._suffix else self.control
+        return f"{head}/{control}/k{self.k}"
 
     @property
     def image_dir(self) -> str:
         """Relative to the run directory."""
         c = self.concept
-        condition = BASELINE if self.control == BASELINE else f"{self.control}-k{self.k}"
+        control = f"{self.control}-{self._suffix}" if self._suffix else self.control
+        condition = BASELINE if self.control == BASELINE else f"{control}-k{self.k}"
         return f"images/{slugify(c.category)}/{c.slug}/{condition}"
 
 
@@ -157,13 +184,16 @@ class BenchPlan:
     probes_sha256: str | None  # of the probe file; None for a built-in set
 
     def localize_units(self) -> list[Unit]:
-        return [Unit("localize", c) for c in self.concepts]
+        return [Unit("localize", c, method=m) for c in self.concepts for m in self.settings.methods]
 
     def generate_units(self) -> list[Unit]:
         units = []
         for c in self.concepts:
             units.append(Unit("generate", c, BASELINE, 0))
-            units += [Unit("generate", c, control, k) for k in self.settings.ks for control in CONTROLS]
+            for k in self.settings.ks:
+                for control in CONTROLS:
+                    methods = [""] if control == "random" else self.settings.methods
+                    units += [Unit("generate", c, control, k, m) for m in methods]
         return units
 
     def units(self) -> list[Unit]:
@@ -188,9 +218,10 @@ def slugify(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "x"
 
 
-def localization_path(category: str, slug: str) -> str:
-    """Where the localization of the concept with file name `slug` lies, relative to the run directory."""
-    return f"localizations/{slugify(category)}/{slug}.json"
+def localization_path(category: str, slug: str, method: str = DEFAULT_METHOD) -> str:
+    """Where `method`'s localization of the concept with file name `slug` lies, relative to the run directory."""
+    suffix = "" if method == DEFAULT_METHOD else f".{method}"
+    return f"localizations/{slugify(category)}/{slug}{suffix}.json"
 
 
 def plan_bench(settings: BenchSettings, probes=None) -> BenchPlan:
@@ -218,6 +249,7 @@ def plan_bench(settings: BenchSettings, probes=None) -> BenchPlan:
                 category=category, concept=name, slug=slug, localization_prompts=tuple(loc),
                 evaluation_prompts=tuple(evl), clean_prompts=tuple(probes.clean_prompt(category, name, p) for p in evl),
                 eval_text=probes.eval_text(category, name),
+                localization_clean_prompts=tuple(probes.clean_prompt(category, name, p) for p in loc),
             ))
     if not concepts:
         raise DitlocError("the selection has no concepts; check --categories and --concepts-per-category")

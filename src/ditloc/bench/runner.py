@@ -20,7 +20,7 @@ import numpy as np
 
 from .._io import LOCK_FILE, OutputLock
 from ..errors import DitlocError
-from .plan import BASELINE, BenchPlan, BenchSettings, ConceptPlan, Unit, control_blocks
+from .plan import BASELINE, DEFAULT_METHOD, BenchPlan, BenchSettings, ConceptPlan, Unit, control_blocks
 from .store import (BenchRow, ResultStore, check_run_dir, merge_results, read_units, store_path,
                     write_settings)
 
@@ -137,11 +137,17 @@ def _localize_unit(pipe, plan: BenchPlan, unit: Unit, out: Path) -> dict:
     from ..localize import localize
 
     s, c = plan.settings, unit.concept
-    loc = localize(pipe, list(c.localization_prompts), c.concept, seed=s.localize_seed, variant=s.variant,
-                   batch_size=s.batch_size, options=s.run_options)
-    loc.save(out / c.localization_path)
-    return {"unit": unit.id, "kind": "localize", "category": c.category, "concept": c.concept,
-            "localization": c.localization_path, "ranking": loc.ranking, "scores": loc.scores.tolist()}
+    method = unit.method or DEFAULT_METHOD
+    clean = list(c.localization_clean_prompts) if method != DEFAULT_METHOD and c.localization_clean_prompts else None
+    loc = localize(pipe, list(c.localization_prompts), c.concept, method=method, clean_prompts=clean,
+                   seed=s.localize_seed, variant=s.variant, batch_size=s.batch_size, options=s.run_options)
+    path = c.localization_file(method)
+    loc.save(out / path)
+    record = {"unit": unit.id, "kind": "localize", "category": c.category, "concept": c.concept,
+              "localization": path, "ranking": loc.ranking, "scores": loc.scores.tolist()}
+    if method != DEFAULT_METHOD:
+        record["method"] = method
+    return record
 
 
 def _generate_unit(pipe, plan: BenchPlan, unit: Unit, loc, evaluator, out: Path) -> dict:
@@ -157,6 +163,7 @@ def _generate_unit(pipe, plan: BenchPlan, unit: Unit, loc, evaluator, out: Path)
         image.save(out / rel)
         rows.append(BenchRow(
             unit=unit.id, category=c.category, concept=c.concept, control=unit.control, k=unit.k,
+            method=unit.method,
             blocks=tuple(blocks or ()), prompt_index=i, prompt=c.evaluation_prompts[i],
             clean_prompt=None if unit.control == BASELINE else c.clean_prompts[i], seed=seed,
             eval_text=c.eval_text, score=float(score), image=rel,
@@ -222,10 +229,11 @@ def _run_bench(pipe, plan: BenchPlan, out, *, resuming: bool, evaluator, workers
             say(f"bench {tag}{unit.id} ({time.time() - t:.1f}s, {time.time() - t0:.0f}s in all)")
 
     def generate_unit(unit: Unit) -> dict:
-        c = unit.concept
-        if unit.control != BASELINE and c.localization_path not in localizations:
-            localizations[c.localization_path] = Localization.load(out / c.localization_path)
-        return _generate_unit(pipe, plan, unit, localizations.get(c.localization_path), evaluator, out)
+        # random-K needs only the block names: any method's localization has them
+        path = unit.concept.localization_file(unit.method or plan.settings.methods[0])
+        if unit.control != BASELINE and path not in localizations:
+            localizations[path] = Localization.load(out / path)
+        return _generate_unit(pipe, plan, unit, localizations.get(path), evaluator, out)
 
     phase(plan.localize_units(), lambda unit: _localize_unit(pipe, plan, unit, out))
     workers.barrier()  # every localization is on disk before any generation needs it

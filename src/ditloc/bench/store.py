@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .._io import write_atomic
 from ..errors import DitlocError
-from .plan import CONTROLS, FORMAT, BenchPlan, localization_path, slugify
+from .plan import CONTROLS, DEFAULT_METHOD, FORMAT, BenchPlan, localization_path, slugify
 
 SETTINGS_FILE = "bench.json"
 RESULTS_FILE = "results.jsonl"
@@ -46,6 +46,12 @@ class BenchRow:
     eval_text: str
     score: float
     image: str  # PNG path relative to the run directory
+    method: str = ""  # top/bottom rows: the localization method that chose the blocks; "" otherwise
+
+    @property
+    def ranked_by(self) -> str:
+        """The method of a top/bottom row (rows written before methods existed: contribution)."""
+        return self.method or (DEFAULT_METHOD if self.control in ("top", "bottom") else "")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -69,6 +75,7 @@ def check_run_dir(out, plan: BenchPlan) -> bool:
         raise DitlocError(f"cannot read {path}: {e}; use a new --out directory") from None
     new = plan.record()
     settings = old.get("settings", {})
+    settings.setdefault("methods", [DEFAULT_METHOD])  # written before --method
     if "text_stream" in settings and "adapter_options" not in settings:  # written before --adapter-option
         stream = settings.pop("text_stream")
         settings["adapter_options"] = {"text_stream": stream} if stream else {}
@@ -185,11 +192,17 @@ class BenchRun:
     record: dict  # bench.json
     rows: tuple[BenchRow, ...]
     blocks: tuple[str, ...]  # the model's, from the localizations (empty before the first)
-    rankings: dict  # (category, concept) -> block names, best first
+    rankings: dict  # (category, concept) -> block names, best first (the first method's)
+    method_rankings: dict = dataclasses.field(default_factory=dict)  # (category, concept, method) -> ranking
 
     @property
     def settings(self) -> dict:
         return self.record["settings"]
+
+    @property
+    def methods(self) -> list[str]:
+        """The localization methods compared (runs made before --method: contribution)."""
+        return list(self.settings.get("methods") or [DEFAULT_METHOD])
 
     @property
     def categories(self) -> list[str]:
@@ -202,7 +215,8 @@ class BenchRun:
     @property
     def n_generation_units(self) -> int:
         n_concepts = sum(len(v) for v in self.record["concepts"].values())
-        return n_concepts * (1 + len(CONTROLS) * len(self.ks))
+        per_k = sum(1 if control == "random" else len(self.methods) for control in CONTROLS)
+        return n_concepts * (1 + per_k * len(self.ks))
 
     @property
     def complete(self) -> bool:
@@ -260,16 +274,21 @@ def read_run(run) -> BenchRun:
     rows = tuple(_read_rows(run))
     if not rows:
         raise DitlocError(f"{run} has no results yet; run `ditloc bench` into it first")
-    rankings, blocks = {}, ()
+    methods = list(record["settings"].get("methods") or [DEFAULT_METHOD])
+    rankings, by_method, blocks = {}, {}, ()
     for category, concepts in record["concepts"].items():
         for concept in concepts:
-            loc_path = run / localization_path(category, slugify(concept))
-            if loc_path.is_file():
+            for method in methods:
+                loc_path = run / localization_path(category, slugify(concept), method)
+                if not loc_path.is_file():
+                    continue
                 d = _read_json(loc_path, "delete it and rerun `ditloc bench` with the same command to redo it")
                 try:
-                    rankings[category, concept] = tuple(d["ranking"])
+                    by_method[category, concept, method] = tuple(d["ranking"])
                     blocks = tuple(d["blocks"])
                 except (KeyError, TypeError):
                     raise DitlocError(f"{loc_path} is not a localization; delete it and rerun `ditloc bench` "
                                       "with the same command to redo it") from None
-    return BenchRun(run, record, rows, blocks, rankings)
+                if method == methods[0]:
+                    rankings[category, concept] = by_method[category, concept, method]
+    return BenchRun(run, record, rows, blocks, rankings, by_method)

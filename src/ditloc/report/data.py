@@ -2,13 +2,14 @@
 
 - **Selection frequency** [categories, blocks]: the fraction of a category's
   concepts whose top-K blocks (from their localizations) include each block.
-- **Presence curves**: per category, control (top, random, bottom) and K, the
-  mean presence over every image (concept x prompt x seed), with a 95%
-  confidence interval by the normal approximation, mean ± 1.96·s/√n (s the
-  sample standard deviation). K = 0 is the baseline, shared by all controls.
-- **Minimal K** per concept: the smallest K whose top-K withholding brings the
-  mean presence below `threshold` x the baseline's mean presence; None ("none")
-  if no K does, or if the baseline's mean is not positive (no ratio).
+- **Presence curves**: per category, control (top, random, bottom), localization
+  method (top and bottom) and K, the mean presence over every image (concept x
+  prompt x seed), with a 95% confidence interval by the normal approximation,
+  mean ± 1.96·s/√n (s the sample standard deviation). K = 0 is the baseline,
+  shared by all controls.
+- **Minimal K** per concept and method: the smallest K whose top-K withholding
+  brings the mean presence below `threshold` x the baseline's mean presence;
+  None ("none") if no K does, or if the baseline's mean is not positive.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..bench import BASELINE, CONTROLS, BenchRun
+from ..bench import BASELINE, CONTROLS, DEFAULT_METHOD, BenchRun
 from ..errors import DitlocError
 
 Z95 = 1.959964  # two-sided 95% quantile of the standard normal
@@ -33,6 +34,7 @@ class CurvePoint:
     low: float  # 95% CI, normal approximation (equal to mean when n = 1)
     high: float
     n: int  # images
+    method: str = ""  # top/bottom: the localization method that chose the blocks
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -45,6 +47,7 @@ class MinimalK:
     baseline: float  # mean presence without intervention
     relative: dict  # K -> mean top-K presence / baseline (None without a positive baseline)
     minimal_k: int | None
+    method: str = DEFAULT_METHOD
 
     def to_dict(self) -> dict:
         return {**self.__dict__, "relative": {str(k): v for k, v in self.relative.items()}}
@@ -63,13 +66,17 @@ def presence_curves(data: BenchRun) -> list[CurvePoint]:
     """Baseline (K = 0) and every (control, K) with rows, per category."""
     groups: dict[tuple, list[float]] = {}
     for r in data.rows:
-        groups.setdefault((r.category, r.control, r.k), []).append(r.score)
+        groups.setdefault((r.category, r.control, r.ranked_by, r.k), []).append(r.score)
+    conditions = [(BASELINE, "", 0)]
+    for control in CONTROLS:
+        for method in ([""] if control == "random" else data.methods):
+            conditions += [(control, method, k) for k in data.ks]
     points = []
     for category in data.categories:
-        for control, k in [(BASELINE, 0)] + [(c, k) for c in CONTROLS for k in data.ks]:
-            values = groups.get((category, control, k))
+        for control, method, k in conditions:
+            values = groups.get((category, control, method, k))
             if values:
-                points.append(CurvePoint(category, control, k, *_mean_ci(values), n=len(values)))
+                points.append(CurvePoint(category, control, k, *_mean_ci(values), n=len(values), method=method))
     return points
 
 
@@ -95,21 +102,22 @@ def minimal_k(data: BenchRun, threshold: float = 0.5) -> list[MinimalK]:
     groups: dict[tuple, list[float]] = {}
     for r in data.rows:
         if r.control in (BASELINE, "top"):
-            groups.setdefault((r.category, r.concept, r.k), []).append(r.score)
+            groups.setdefault((r.category, r.concept, r.ranked_by, r.k), []).append(r.score)
     out = []
     for category, concepts in data.record["concepts"].items():
         for concept in concepts:
-            base = groups.get((category, concept, 0))
+            base = groups.get((category, concept, "", 0))
             if not base:
                 continue
             b = float(np.mean(base))
-            relative, found = {}, None
-            for k in data.ks:
-                values = groups.get((category, concept, k))
-                if not values:
-                    continue
-                relative[k] = float(np.mean(values)) / b if b > 0 else None
-                if found is None and relative[k] is not None and relative[k] < threshold:
-                    found = k
-            out.append(MinimalK(category, concept, b, relative, found))
+            for method in data.methods:
+                relative, found = {}, None
+                for k in data.ks:
+                    values = groups.get((category, concept, method, k))
+                    if not values:
+                        continue
+                    relative[k] = float(np.mean(values)) / b if b > 0 else None
+                    if found is None and relative[k] is not None and relative[k] < threshold:
+                        found = k
+                out.append(MinimalK(category, concept, b, relative, found, method))
     return out
