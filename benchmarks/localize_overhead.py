@@ -8,6 +8,12 @@ so only the denoising loop is compared. Runs alternate (plain, localize, plain,
     python benchmarks/localize_overhead.py --size xl --device cuda   # PixArt-XL: 28 blocks, 1152 wide, 4096 tokens
     python benchmarks/localize_overhead.py --family flux    # CPU, FLUX-shaped: 4 double + 8 single blocks, 256 tokens
     python benchmarks/localize_overhead.py --family flux --size xl --device cuda   # FLUX.1-dev shape
+    python benchmarks/localize_overhead.py --method contribution,patch,attribution   # the three methods
+
+Goals: contribution <= 1.10x plain time and <= 1.05x memory; patch <= (blocks + 1)x
+time (one clean forward and one forward per block per step, on the conditional
+rows only); attribution <= 3x time (a clean forward, a differentiable forward and
+one backward pass per step).
 
 Peak memory: on CUDA the allocator's peak; on CPU the process's peak resident set
 (VmHWM, reset between runs through /proc/self/clear_refs), reported above the
@@ -29,6 +35,7 @@ from diffusers.utils import logging as dlog  # noqa: E402
 from transformers import T5Config, T5EncoderModel  # noqa: E402
 
 import ditloc  # noqa: E402
+from ditloc.adapters import get_adapter  # noqa: E402
 from ditloc.testing import word_tokenizer  # noqa: E402
 
 SIZES = {
@@ -133,7 +140,10 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--method", default="contribution", help="comma list of localization methods to time")
+    ap.add_argument("--block-batch", type=int, default=None, help="patch: blocks per extra forward")
     args = ap.parse_args()
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
     dlog.set_verbosity_error()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -164,15 +174,18 @@ def main():
         gens = [torch.Generator().manual_seed(0) for _ in prompts]
         pipe(prompts, generator=gens, **call)
 
-    def measured():
-        ditloc.localize(pipe, prompts, "van gogh", seed=0, batch_size=len(prompts), **{
-            k: v for k, v in call.items() if k != "output_type"})
+    def measured(method):
+        def run():
+            ditloc.localize(pipe, prompts, "van gogh", method=method, seed=0, batch_size=len(prompts),
+                            block_batch=args.block_batch, **{k: v for k, v in call.items() if k != "output_type"})
+        return run
 
-    for fn in (plain, measured):  # warm-up (allocator, kernels)
+    runs = [("plain", plain)] + [(m, measured(m)) for m in methods]
+    for _, fn in runs:  # warm-up (allocator, kernels)
         fn()
-    results = {"plain": [], "localize": []}
+    results = {name: [] for name, _ in runs}
     for _ in range(args.repeats):
-        for name, fn in (("plain", plain), ("localize", measured)):
+        for name, fn in runs:
             peak.reset()
             t = time.perf_counter()
             fn()
@@ -185,10 +198,13 @@ def main():
     print(f"{'':10} {'time s':>9} {'peak MiB':>10} {'working MiB':>12}")
     for k, (t, p, w) in med.items():
         print(f"{k:10} {t:9.3f} {p / mib:10.1f} {w / mib:12.1f}")
-    (tp, pp, wp), (tl, pl, wl) = med["plain"], med["localize"]
-    print(f"ratio time localize/plain: {tl / tp:.3f}x (goal <= 1.10x)")
-    print(f"ratio peak memory localize/plain: {pl / pp:.3f}x (goal <= 1.05x); "
-          f"extra: {(pl - pp) / mib:+.1f} MiB")
+    n_blocks = len(get_adapter(pipe).block_names())
+    goals = {"contribution": "<= 1.10x", "patch": f"<= {n_blocks + 1}x (blocks + 1)", "attribution": "<= 3x"}
+    tp, pp, _ = med["plain"]
+    for m in methods:
+        tl, pl, _ = med[m]
+        print(f"ratio {m}/plain: time {tl / tp:.3f}x (goal {goals[m]}), peak memory {pl / pp:.3f}x "
+              f"(extra {(pl - pp) / mib:+.1f} MiB)")
 
 
 if __name__ == "__main__":
