@@ -23,7 +23,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 #: commands a rerun resumes (they say so when interrupted)
-RESUMABLE = ("bench", "personalize", "unlearn")
+RESUMABLE = ("bench", "ground-truth", "personalize", "unlearn")
 
 
 def _check_out_dir(out) -> None:
@@ -243,6 +243,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapter_option(p)
     p.add_argument("--out", required=True, help="run directory (rerun the same command to resume)")
 
+    p = sub.add_parser("ground-truth", help="toy world: withhold each concept from every block, pair and greedy "
+                                            "set (K <= 4) and judge each localization method against that")
+    p.add_argument("--out", required=True, help="run directory (rerun the same command to resume)")
+    p.add_argument("--model", default="toy", help="the toy model (default) or a directory of a toy-world pipeline")
+    p.add_argument("--categories", default=None, metavar="A,B", help="toy categories (default: all six)")
+    p.add_argument("--concepts", default=None, metavar="A,B", help="only these concepts (default: all of the categories)")
+    p.add_argument("--methods", default="contribution,patch,attribution", metavar="M,M",
+                   help="localization methods to judge (default contribution,patch,attribution)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    p.add_argument("--n-images", type=int, default=32, help="held-out images per condition (default 32)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per pipeline call (default 64)")
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the pipeline loads)")
+    p.add_argument("--report-only", action="store_true",
+                   help="only recompute summary.json and summary.md from the directory (no model)")
+
     p = sub.add_parser("report", help="HTML report and figures of a `ditloc bench` run")
     p.add_argument("run", metavar="RUN", help="the run directory of `ditloc bench`")
     p.add_argument("--k", type=int, default=None, help="K of the block-selection heat map (default: the largest)")
@@ -449,6 +464,38 @@ def cmd_report(args) -> None:
     print(f"wrote {report.html} and {len(report.figures)} figures in {report.html.parent}")
 
 
+def _names(text: str | None) -> tuple[str, ...]:
+    return tuple(x.strip() for x in (text or "").split(",") if x.strip())
+
+
+def cmd_ground_truth(args) -> None:
+    from .bench import GroundTruthSettings, check_ground_truth_dir, plan_ground_truth, run_ground_truth
+    from .bench.ground_truth import SUMMARY_MD, summarize_ground_truth
+
+    if args.report_only:
+        summary = summarize_ground_truth(args.out)
+    else:
+        settings = GroundTruthSettings(
+            model=args.model, categories=_names(args.categories), concepts=_names(args.concepts),
+            methods=_names(args.methods), steps=args.steps, n_images=args.n_images, batch_size=args.batch_size)
+        plan_ground_truth(settings)  # names and methods, before the model loads
+        check_ground_truth_dir(args.out, settings)
+        pipe = load_pipeline(args.model, device=args.device)
+        result = run_ground_truth(pipe, args.out, settings, progress=lambda m: print(m, file=sys.stderr, flush=True))
+        summary = result.summary
+        print(f"ground-truth: {result.conditions_run} condition(s) run, {result.conditions_reused} reused, "
+              f"{result.localizations_run} localization(s), {result.seconds:.0f}s")
+    for method, v in summary["summary"].items():
+        hit = v["hit_at_1"]
+        rate = "–" if hit["rate"] is None else f"{hit['rate']:.2f}"
+        regret = v["regret_2"]["mean"]
+        print(f"  {method:<13} hit@1 {rate} (n={hit['n']}), mean regret@2 "
+              f"{'–' if regret is None else f'{regret:.3f}'} (n={v['regret_2']['n']})")
+    if summary["incomplete"]:
+        print(f"  {len(summary['incomplete'])} concept/method result(s) incomplete; rerun the same command to finish")
+    print(f"wrote {Path(args.out) / SUMMARY_MD}")
+
+
 def _edit(args) -> None:
     from .edit import TrainConfig, personalize, unlearn
     from .errors import DitlocError
@@ -485,7 +532,8 @@ def _edit(args) -> None:
 
 
 COMMANDS = {"localize": cmd_localize, "intervene": cmd_intervene, "demo": cmd_demo,
-            "personalize": _edit, "unlearn": _edit, "bench": cmd_bench, "report": cmd_report}
+            "personalize": _edit, "unlearn": _edit, "bench": cmd_bench, "report": cmd_report,
+            "ground-truth": cmd_ground_truth}
 
 
 def _quiet_libraries() -> None:

@@ -15,12 +15,19 @@ its evaluation text.
     plan = plan_bench(BenchSettings(model="toy", probes="toy", ks=(1, 2), seeds=(0,), evaluator="toy"))
     run_bench(pipe, plan, "runs/bench")
     run = read_run("runs/bench")          # settings record, rows, rankings
+
+    ground_truth  the toy world's localization ground truth (method.md §7): every single
+            block and pair withheld, greedy to K = 4, each localization method judged
+            against it (`run_ground_truth`, `summarize_ground_truth`, `ditloc ground-truth`)
 """
 
 from __future__ import annotations
 
 from .plan import (BASELINE, CONTROLS, DEFAULT_METHOD, FORMAT, BenchPlan, BenchSettings, ConceptPlan, Unit, control_blocks,
                    derived_seed, localization_path, plan_bench, random_blocks, slugify)
+from .ground_truth import (GroundTruthResult, GroundTruthSettings, MethodMetrics, OracleResult,
+                           check_ground_truth_dir, method_metrics, oracle_result, plan_ground_truth,
+                           run_ground_truth, summarize_ground_truth)
 from .runner import (VLM_QUESTION, BenchResult, Workers, accelerate_workers, generate_scored, make_evaluator,
                      run_bench)
 from .store import (RESULTS_FILE, SETTINGS_FILE, BenchRow, BenchRun, ResultStore, check_run_dir, merge_results,
@@ -37,6 +44,10 @@ __all__ = [
     "DEFAULT_METHOD",
     "ConceptPlan",
     "FORMAT",
+    "GroundTruthResult",
+    "GroundTruthSettings",
+    "MethodMetrics",
+    "OracleResult",
     "RESULTS_FILE",
     "ResultStore",
     "SETTINGS_FILE",
@@ -44,6 +55,7 @@ __all__ = [
     "VLM_QUESTION",
     "Workers",
     "accelerate_workers",
+    "check_ground_truth_dir",
     "check_run_dir",
     "control_blocks",
     "derived_seed",
@@ -51,10 +63,15 @@ __all__ = [
     "localization_path",
     "make_evaluator",
     "merge_results",
+    "method_metrics",
+    "oracle_result",
+    "plan_ground_truth",
     "plan_bench",
     "random_blocks",
     "read_run",
     "read_units",
     "run_bench",
+    "run_ground_truth",
     "slugify",
+    "summarize_ground_truth",
 ]

@@ -1,0 +1,325 @@
+"""The ground-truth benchmark (method.md §7): its metrics on synthetic presences, and
+one tiny end-to-end run on the toy model (4 blocks, 2 steps, 2 images)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from bench_helpers import run_cli
+from ditloc.bench import ground_truth as gt
+from ditloc.bench.ground_truth import (GroundTruthSettings, greedy_sets, method_metrics, minimal_k_of_scores,
+                                       oracle_result, run_ground_truth, samples, spearman, summarize_ground_truth,
+                                       summarize_methods)
+from ditloc.errors import DitlocError
+
+BLOCKS = ("b0", "b1", "b2", "b3", "b4")
+
+
+def synthetic(baseline=1.0, single=None, pair_bonus=None, extra=None) -> dict:
+    """Presence of every condition up to size 5: baseline minus the blocks' additive
+    effects, plus an interaction for listed pairs (and `extra` overrides)."""
+    single = single or {"b0": 0.05, "b1": 0.40, "b2": 0.30, "b3": 0.10, "b4": 0.0}
+    pair_bonus = pair_bonus or {}
+    presence = {}
+    for k in range(len(BLOCKS) + 1):
+        for s in itertools.combinations(BLOCKS, k):
+            drop = sum(single[b] for b in s) + sum(v for p, v in pair_bonus.items() if set(p) <= set(s))
+            presence[frozenset(s)] = baseline - drop
+    presence.update(extra or {})
+    return presence
+
+
+def scores_for(order: list[str]) -> list[float]:
+    """Scores that rank BLOCKS as `order` (best first)."""
+    return [float(len(order) - order.index(b)) for b in BLOCKS]
+
+
+# --------------------------------------------------------------------------
+# Metrics on synthetic data
+# --------------------------------------------------------------------------
+
+
+def test_oracle_search_and_minimal_k():
+    presence = synthetic(pair_bonus={("b0", "b3"): 0.6})  # b0+b3 together drop 0.75: the best pair
+    o = oracle_result(presence, BLOCKS)
+    assert o.best_singles == ("b1",) and o.best_single_drop == pytest.approx(0.4)
+    assert o.best_pair == ("b0", "b3") and o.best_pair_drop == pytest.approx(0.75)
+    # greedy: b1 first, then b1 + b2 (0.70, the best pair *containing b1*), then + b3 (0.80), then + b0
+    assert o.greedy == (("b1",), ("b1", "b2"), ("b1", "b2", "b3"), ("b0", "b1", "b2", "b3"))
+    assert o.greedy_drops == pytest.approx((0.4, 0.7, 0.8, 1.45))
+    assert o.minimal_k == 2
+    assert oracle_result(presence, BLOCKS, threshold=0.28).minimal_k == 2  # the exhaustive pair (0.25), not greedy's (0.30)
+    assert oracle_result(presence, BLOCKS, threshold=0.22).minimal_k == 3  # greedy 3: 0.20
+    weak = synthetic(single={b: 0.01 for b in BLOCKS})
+    assert oracle_result(weak, BLOCKS).minimal_k is None  # > 4
+    assert oracle_result(synthetic(baseline=0.0), BLOCKS).minimal_k is None  # no positive baseline
+
+
+def test_method_metrics_hit_regret_rank_pair():
+    presence = synthetic(pair_bonus={("b0", "b3"): 0.6})
+    good = method_metrics("m", presence, BLOCKS, scores_for(["b1", "b2", "b3", "b0", "b4"]), auto_k=2)
+    assert good.top == ("b1", "b2", "b3", "b0") and good.top_drops == pytest.approx((0.4, 0.7, 0.8, 1.45))
+    assert good.hit_at_1 and good.regret[1] == pytest.approx(0.0)
+    assert good.regret[2] == pytest.approx(0.05)  # best pair b0+b3 (0.75) against its b1+b2 (0.70)
+    assert good.regret[4] == pytest.approx(0.0)  # its top-4 is the greedy set
+    assert good.pair_rank == 2 and good.n_pairs == 10
+    assert good.k_match is True and good.k_diff == 0 and good.oracle_k == 2
+    wrong = method_metrics("m", presence, BLOCKS, scores_for(["b4", "b0", "b3", "b2", "b1"]), auto_k=4)
+    assert not wrong.hit_at_1
+    assert wrong.regret[1] == pytest.approx(0.40)  # best 0.4 against b4's 0.0
+    assert wrong.regret[2] == pytest.approx(0.75 - 0.05)  # its pair b4+b0
+    assert wrong.regret[4] == pytest.approx(1.45 - 1.05)  # its top-4 b4, b0, b3, b2
+    assert wrong.pair_rank == 10  # b0+b4 (0.05) is the worst of the 10 pairs
+    assert wrong.spearman < 0 < good.spearman
+    assert wrong.k_match is False and wrong.k_diff == 2
+
+
+def test_hit_at_1_counts_ties():
+    presence = synthetic(single={"b0": 0.3, "b1": 0.3 + 5e-10, "b2": 0.1, "b3": 0.0, "b4": 0.0})
+    o = oracle_result(presence, BLOCKS)
+    assert set(o.best_singles) == {"b0", "b1"}
+    m = method_metrics("m", presence, BLOCKS, scores_for(["b0", "b1", "b2", "b3", "b4"]), auto_k=1, oracle=o)
+    assert m.hit_at_1 and m.regret[1] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_spearman_average_ranks():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 1], [1, 2, 3]) is None  # constant side
+    # ties: average ranks [1.5, 1.5, 3, 4] against [1, 2, 3, 4]; Pearson of the ranks
+    x, y = np.array([1.5, 1.5, 3, 4]), np.array([1, 2, 3, 4.0])
+    expected = np.corrcoef(x, y)[0, 1]
+    assert spearman([5, 5, 7, 9], [1, 2, 3, 4]) == pytest.approx(expected)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 4, 12).tolist(), rng.normal(size=12).tolist()
+    assert spearman(a, b) == pytest.approx(scipy_stats.spearmanr(a, b).statistic)
+
+
+def test_minimal_k_fallback_and_greedy_stops_where_data_ends():
+    assert minimal_k_of_scores([0.5, 0.3, 0.2, -1.0], 0.5) == 1
+    assert minimal_k_of_scores([0.2, 0.3, 0.5, 0.0], 0.6) == 2
+    assert minimal_k_of_scores([0.25, 0.25, 0.25, 0.25], 0.5) == 2  # exactly half counts
+    assert minimal_k_of_scores([-1.0, 0.0], 0.5) == 2  # nothing positive: every block
+    presence = synthetic()
+    partial = {s: v for s, v in presence.items() if len(s) <= 2}
+    assert len(greedy_sets(partial, BLOCKS, 4)) == 2
+    with pytest.raises(DitlocError, match="incomplete"):
+        oracle_result(partial, BLOCKS)
+    without_top3 = {s: v for s, v in presence.items() if s != frozenset({"b0", "b3", "b4"})}  # not a greedy set
+    with pytest.raises(DitlocError, match="top-3 set b0, b3, b4"):
+        method_metrics("m", without_top3, BLOCKS, scores_for(["b4", "b3", "b0", "b1", "b2"]), auto_k=1)
+
+
+def test_summary_over_concepts():
+    strong = synthetic(pair_bonus={("b0", "b3"): 0.6})
+    weak = synthetic(single={"b0": 0.1, "b1": 0.0, "b2": 0.0, "b3": 0.0, "b4": 0.0})
+    rows = []
+    for presence, order, k in ((strong, ["b1", "b2", "b3", "b0", "b4"], 2), (weak, ["b4", "b0", "b1", "b2", "b3"], 3)):
+        o = oracle_result(presence, BLOCKS)
+        rows.append((o, method_metrics("m", presence, BLOCKS, scores_for(order), auto_k=k, oracle=o)))
+    s = summarize_methods(rows)["m"]
+    assert s["concepts"] == 2
+    assert s["hit_at_1"] == {"rate": 1.0, "n": 1}  # only the strong concept (best drop >= 0.3) counts
+    assert s["regret_1"]["n"] == 2 and s["regret_1"]["mean"] == pytest.approx((0.0 + 0.1) / 2)
+    assert s["auto_k_match"] == {"rate": 1.0, "n": 1}  # the weak concept's oracle K is > 4
+    assert s["auto_k_miss"] == {"mean_abs": 0.0, "n": 1}
+
+
+def test_samples_fill_with_seeds():
+    assert samples(15, 32) == [(p, s) for p in range(15) for s in (0, 1)] + [(0, 2), (1, 2)]
+    assert samples(15, 4) == [(0, 0), (1, 0), (2, 0), (3, 0)]
+    assert len(set(samples(15, 32))) == 32
+
+
+def test_settings_validated():
+    with pytest.raises(DitlocError, match="unknown method 'nope'"):
+        GroundTruthSettings(methods=("nope",))
+    with pytest.raises(DitlocError, match="n-images"):
+        GroundTruthSettings(n_images=0)
+    with pytest.raises(DitlocError, match="no concept 'unicorn'"):
+        gt.plan_ground_truth(GroundTruthSettings(concepts=("unicorn",), methods=("contribution",)))
+    with pytest.raises(DitlocError, match="no concept 'red' of the categories shape"):
+        gt.plan_ground_truth(GroundTruthSettings(categories=("shape",), concepts=("red",), methods=("contribution",)))
+    with pytest.raises(DitlocError, match="unknown category 'animal'"):
+        gt.plan_ground_truth(GroundTruthSettings(categories=("animal",), methods=("contribution",)))
+    plan = gt.plan_ground_truth(GroundTruthSettings(methods=("contribution",)))
+    assert len(plan) == 28
+
+
+# --------------------------------------------------------------------------
+# End to end on the toy model
+# --------------------------------------------------------------------------
+
+TINY = dict(concepts=("triangle",), methods=("contribution",), steps=2, n_images=2,
+            blocks=("block.0", "block.1", "block.2", "block.3"))
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    import torch
+
+    import ditloc
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same arithmetic in every run of this module
+    pipe = ditloc.toy.load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    yield pipe
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(toy_pipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gt") / "run"
+    result = run_ground_truth(toy_pipe, out, GroundTruthSettings(**TINY))
+    return out, result
+
+
+def test_run_writes_every_condition_once(tiny_run):
+    out, result = tiny_run
+    lines = [json.loads(line) for line in (out / gt.STORE_FILE).read_text().splitlines()]
+    conditions = [frozenset(r["blocks"]) for r in lines]
+    assert len(conditions) == len(set(conditions)) == result.conditions_run
+    blocks = TINY["blocks"]
+    singles_pairs = {frozenset(s) for k in (0, 1, 2) for s in itertools.combinations(blocks, k)}
+    assert singles_pairs <= set(conditions)  # baseline, 4 singles, 6 pairs
+    assert frozenset(blocks) in set(conditions)  # greedy 4 (all four)
+    assert sum(len(s) == 3 for s in conditions) in (2, 3)  # 2 greedy triples, + the method's top-3 if other
+    for r in lines:
+        assert r["category"] == "shape" and r["concept"] == "triangle" and len(r["scores"]) == 2
+        assert r["presence"] == pytest.approx(np.mean(r["scores"]))
+    record = json.loads((out / gt.SETTINGS_FILE).read_text())
+    assert record["settings"]["steps"] == 2 and record["blocks"] == list(blocks)
+    assert record["concepts"][0]["samples"] == [[0, 0], [1, 0]]
+    assert record["model"]["pipeline"] == "PixArtAlphaPipeline"
+    assert (out / "localizations" / "shape" / "triangle.contribution.json").is_file()
+    assert result.localizations_run == 1
+    (loc,) = [json.loads(line) for line in (out / gt.LOCALIZATIONS_FILE).read_text().splitlines()]
+    assert loc["method"] == "contribution" and len(loc["scores"]) == 12 and 1 <= loc["auto_k"] <= 12
+
+
+def test_summary_files(tiny_run):
+    out, result = tiny_run
+    summary = json.loads((out / gt.SUMMARY_JSON).read_text())
+    assert summary == json.loads(json.dumps(result.summary))
+    (concept,) = summary["concepts"]
+    m = concept["methods"]["contribution"]
+    assert set(m["regret"]) == {"1", "2", "4"} and m["n_pairs"] == 6 and 1 <= m["pair_rank"] <= 6
+    assert summary["summary"]["contribution"]["regret_1"]["n"] == 1 and not summary["incomplete"]
+    md = (out / gt.SUMMARY_MD).read_text()
+    assert "| shape | triangle | contribution |" in md and "## Per method" in md
+    before = (out / gt.SUMMARY_JSON).read_text()
+    (out / gt.SUMMARY_JSON).unlink()
+    (out / gt.SUMMARY_MD).unlink()
+    code, stdout, err = run_cli(["ground-truth", "--out", str(out), "--report-only"])  # no model
+    assert code == 0, err
+    assert (out / gt.SUMMARY_JSON).read_text() == before and "summary.md" in stdout
+    import shutil
+
+    copy = out.parent / "committed"  # what is committed: all but the full localizations
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("localizations", "summary.*"))
+    code, _, err = run_cli(["ground-truth", "--out", str(copy), "--report-only"])
+    assert code == 0, err
+    assert (copy / gt.SUMMARY_JSON).read_text() == before
+    assert json.loads(json.dumps(summarize_ground_truth(copy))) == json.loads(before)
+
+
+def test_rerun_generates_nothing(tiny_run, toy_pipe, monkeypatch):
+    out, first = tiny_run
+    calls = []
+    real = gt.generate_scored
+    monkeypatch.setattr(gt, "generate_scored", lambda *a, **k: calls.append(1) or real(*a, **k))
+    result = run_ground_truth(toy_pipe, out, GroundTruthSettings(**TINY))
+    assert calls == [] and result.conditions_run == 0 and result.localizations_run == 0
+    assert result.conditions_reused == first.conditions_run
+
+
+def test_other_settings_refused(tiny_run, toy_pipe):
+    out, _ = tiny_run
+    store = (out / gt.STORE_FILE).read_bytes()
+    with pytest.raises(DitlocError, match="other settings .*steps: 2 there, 3 here"):
+        run_ground_truth(toy_pipe, out, GroundTruthSettings(**{**TINY, "steps": 3}))
+    code, _, err = run_cli(["ground-truth", "--out", str(out), "--concepts", "triangle", "--methods", "contribution"])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "other settings" in err
+    assert (out / gt.STORE_FILE).read_bytes() == store
+
+
+def test_torn_store_line_is_cut_and_recomputed(tiny_run, toy_pipe, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_run[0], out)
+    lines = (out / gt.STORE_FILE).read_text().splitlines(keepends=True)
+    (out / gt.STORE_FILE).write_text("".join(lines[:-1]) + lines[-1][:20])  # a kill mid-append
+    loc_record = (out / gt.LOCALIZATIONS_FILE).read_text()
+    (out / gt.LOCALIZATIONS_FILE).unlink()  # a kill between saving the localization and recording it
+    result = run_ground_truth(toy_pipe, out, GroundTruthSettings(**TINY))
+    assert result.conditions_run == 1 and result.localizations_run == 0
+    assert (out / gt.LOCALIZATIONS_FILE).read_text() == loc_record
+    assert (out / gt.STORE_FILE).read_text().splitlines(keepends=True) == lines  # the same numbers again
+
+
+def test_second_writer_refused(tiny_run, toy_pipe):
+    from ditloc._io import OutputLock
+
+    out, _ = tiny_run
+    with OutputLock(out):
+        with pytest.raises(DitlocError, match="another ditloc process"):
+            run_ground_truth(toy_pipe, out, GroundTruthSettings(**TINY))
+
+
+# --------------------------------------------------------------------------
+# CLI: bad input is one line, exit 2, before the model loads
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--concepts", "unicorn"], "no concept 'unicorn'"),
+    (["--categories", "animal"], "unknown category 'animal'"),
+    (["--methods", "contribution,vibes"], "unknown method 'vibes'"),
+    (["--methods", ""], "methods must be distinct"),
+    (["--steps", "0", "--methods", "contribution"], "steps must be at least 1"),
+    (["--n-images", "-1", "--methods", "contribution"], "n-images must be at least 1"),
+])
+def test_cli_bad_input(tmp_path, monkeypatch, extra, message):
+    import ditloc.cli
+
+    monkeypatch.setattr(ditloc.cli, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+    code, _, err = run_cli(["ground-truth", "--out", str(tmp_path / "gt"), *extra])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "gt").exists()
+
+
+def test_cli_report_only_without_a_run(tmp_path):
+    code, _, err = run_cli(["ground-truth", "--out", str(tmp_path), "--report-only"])
+    assert code == 2 and "not a ground-truth directory" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_unavailable_method_is_one_line(tmp_path, monkeypatch):
+    """Until localize takes method=, patch and attribution are refused before any work."""
+    import inspect
+
+    from ditloc.localize import localize
+
+    if "method" in inspect.signature(localize).parameters:
+        pytest.skip("localize has method=")
+    code, _, err = run_cli(["ground-truth", "--out", str(tmp_path / "gt"), "--concepts", "star"])
+    assert code == 2 and "pass --methods contribution" in err and len(err.strip().splitlines()) == 1
+
+
+def test_another_concept_adds_to_the_directory(tiny_run, toy_pipe, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_run[0], out)
+    result = run_ground_truth(toy_pipe, out, GroundTruthSettings(**{**TINY, "concepts": ("triangle", "hazard")}))
+    assert result.conditions_reused == tiny_run[1].conditions_run and result.localizations_run == 1
+    record = json.loads((out / gt.SETTINGS_FILE).read_text())
+    assert [c["concept"] for c in record["concepts"]] == ["triangle", "hazard"]
+    assert [e["concept"] for e in result.summary["concepts"]] == ["triangle", "hazard"]
+    assert result.summary["summary"]["contribution"]["concepts"] == 2
