@@ -11,10 +11,11 @@ import pytest
 
 from bench_helpers import run_cli
 from ditloc.bench import ground_truth as gt
-from ditloc.bench.ground_truth import (GroundTruthSettings, greedy_sets, method_metrics, minimal_k_of_scores,
+from ditloc.bench.ground_truth import (GroundTruthSettings, greedy_sets, method_metrics,
                                        oracle_result, run_ground_truth, samples, spearman, summarize_ground_truth,
                                        summarize_methods)
 from ditloc.errors import DitlocError
+from ditloc.localize import Localization
 
 BLOCKS = ("b0", "b1", "b2", "b3", "b4")
 
@@ -94,17 +95,9 @@ def test_spearman_average_ranks():
     x, y = np.array([1.5, 1.5, 3, 4]), np.array([1, 2, 3, 4.0])
     expected = np.corrcoef(x, y)[0, 1]
     assert spearman([5, 5, 7, 9], [1, 2, 3, 4]) == pytest.approx(expected)
-    scipy_stats = pytest.importorskip("scipy.stats")
-    rng = np.random.default_rng(0)
-    a, b = rng.integers(0, 4, 12).tolist(), rng.normal(size=12).tolist()
-    assert spearman(a, b) == pytest.approx(scipy_stats.spearmanr(a, b).statistic)
 
 
-def test_minimal_k_fallback_and_greedy_stops_where_data_ends():
-    assert minimal_k_of_scores([0.5, 0.3, 0.2, -1.0], 0.5) == 1
-    assert minimal_k_of_scores([0.2, 0.3, 0.5, 0.0], 0.6) == 2
-    assert minimal_k_of_scores([0.25, 0.25, 0.25, 0.25], 0.5) == 2  # exactly half counts
-    assert minimal_k_of_scores([-1.0, 0.0], 0.5) == 2  # nothing positive: every block
+def test_greedy_stops_where_data_ends():
     presence = synthetic()
     partial = {s: v for s, v in presence.items() if len(s) <= 2}
     assert len(greedy_sets(partial, BLOCKS, 4)) == 2
@@ -155,7 +148,7 @@ def test_settings_validated():
 # End to end on the toy model
 # --------------------------------------------------------------------------
 
-TINY = dict(concepts=("triangle",), methods=("contribution",), steps=2, n_images=2,
+TINY = dict(concepts=("triangle",), methods=("contribution", "patch", "attribution"), steps=2, n_images=2,
             blocks=("block.0", "block.1", "block.2", "block.3"))
 
 
@@ -189,7 +182,7 @@ def test_run_writes_every_condition_once(tiny_run):
     singles_pairs = {frozenset(s) for k in (0, 1, 2) for s in itertools.combinations(blocks, k)}
     assert singles_pairs <= set(conditions)  # baseline, 4 singles, 6 pairs
     assert frozenset(blocks) in set(conditions)  # greedy 4 (all four)
-    assert sum(len(s) == 3 for s in conditions) in (2, 3)  # 2 greedy triples, + the method's top-3 if other
+    assert 2 <= sum(len(s) == 3 for s in conditions) <= 2 + len(TINY["methods"])  # greedy triples + methods' top-3
     for r in lines:
         assert r["category"] == "shape" and r["concept"] == "triangle" and len(r["scores"]) == 2
         assert r["presence"] == pytest.approx(np.mean(r["scores"]))
@@ -197,10 +190,15 @@ def test_run_writes_every_condition_once(tiny_run):
     assert record["settings"]["steps"] == 2 and record["blocks"] == list(blocks)
     assert record["concepts"][0]["samples"] == [[0, 0], [1, 0]]
     assert record["model"]["pipeline"] == "PixArtAlphaPipeline"
-    assert (out / "localizations" / "shape" / "triangle.contribution.json").is_file()
-    assert result.localizations_run == 1
-    (loc,) = [json.loads(line) for line in (out / gt.LOCALIZATIONS_FILE).read_text().splitlines()]
-    assert loc["method"] == "contribution" and len(loc["scores"]) == 12 and 1 <= loc["auto_k"] <= 12
+    for method in TINY["methods"]:
+        assert (out / "localizations" / "shape" / f"triangle.{method}.json").is_file()
+    assert result.localizations_run == len(TINY["methods"])
+    locs = [json.loads(line) for line in (out / gt.LOCALIZATIONS_FILE).read_text().splitlines()]
+    assert [loc["method"] for loc in locs] == list(TINY["methods"])
+    for loc in locs:
+        assert len(loc["scores"]) == 12 and 1 <= loc["auto_k"] <= 12
+    patch = Localization.load(out / "localizations" / "shape" / "triangle.patch.json")
+    assert patch.method == "patch" and "triangle" not in " ".join(patch.settings["clean_prompts"])
 
 
 def test_summary_files(tiny_run):
@@ -300,25 +298,13 @@ def test_cli_report_only_without_a_run(tmp_path):
     assert code == 2 and "not a ground-truth directory" in err and len(err.strip().splitlines()) == 1
 
 
-def test_cli_unavailable_method_is_one_line(tmp_path, monkeypatch):
-    """Until localize takes method=, patch and attribution are refused before any work."""
-    import inspect
-
-    from ditloc.localize import localize
-
-    if "method" in inspect.signature(localize).parameters:
-        pytest.skip("localize has method=")
-    code, _, err = run_cli(["ground-truth", "--out", str(tmp_path / "gt"), "--concepts", "star"])
-    assert code == 2 and "pass --methods contribution" in err and len(err.strip().splitlines()) == 1
-
-
 def test_another_concept_adds_to_the_directory(tiny_run, toy_pipe, tmp_path):
     import shutil
 
     out = tmp_path / "copy"
     shutil.copytree(tiny_run[0], out)
     result = run_ground_truth(toy_pipe, out, GroundTruthSettings(**{**TINY, "concepts": ("triangle", "hazard")}))
-    assert result.conditions_reused == tiny_run[1].conditions_run and result.localizations_run == 1
+    assert result.conditions_reused == tiny_run[1].conditions_run and result.localizations_run == len(TINY["methods"])
     record = json.loads((out / gt.SETTINGS_FILE).read_text())
     assert [c["concept"] for c in record["concepts"]] == ["triangle", "hazard"]
     assert [e["concept"] for e in result.summary["concepts"]] == ["triangle", "hazard"]

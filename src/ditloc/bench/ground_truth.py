@@ -35,7 +35,6 @@ what is missing. The run directory:
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import itertools
 import json
 import math
@@ -147,16 +146,6 @@ def samples(n_prompts: int, n_images: int) -> list[tuple[int, int]]:
     return [(p, s) for p in range(n_prompts) for s in range(full)] + [(p, full) for p in range(rest)]
 
 
-def _check_methods_available(methods) -> None:
-    """Methods other than contribution need `localize(method=...)`: say so before any work."""
-    from ..localize import localize
-
-    if any(m != "contribution" for m in methods) and "method" not in inspect.signature(localize).parameters:
-        others = ", ".join(m for m in methods if m != "contribution")
-        raise DitlocError(f"this ditloc's localize has no method= yet, so it cannot localize by {others}; "
-                          "pass --methods contribution")
-
-
 def plan_ground_truth(settings: GroundTruthSettings, probes=None) -> tuple[ConceptPlan, ...]:
     """The toy concepts `settings` selects, with their prompts; every name is checked
     here (and the methods' availability), before any model runs."""
@@ -175,7 +164,6 @@ def plan_ground_truth(settings: GroundTruthSettings, probes=None) -> tuple[Conce
                 where = f"of the categories {', '.join(settings.categories)}" if settings.categories else "in the toy world"
                 raise DitlocError(f"no concept {name!r} {where}; choose among {', '.join(names)}")
         concepts = tuple(c for c in concepts if c.concept in set(settings.concepts))
-    _check_methods_available(settings.methods)
     return tuple(concepts)
 
 
@@ -258,25 +246,9 @@ def ranking(blocks: Sequence[str], scores: Sequence[float]) -> list[str]:
     return [blocks[i] for i in order]
 
 
-def minimal_k_of_scores(scores: Sequence[float], fraction: float = AUTO_K_FRACTION) -> int:
-    """The smallest K whose top-K blocks carry `fraction` of the positive scores (the
-    number of blocks when no score is positive).
-
-    Temporary: the same rule as `Localization.minimal_k`, which is being added to
-    localize.py; `auto_k` prefers the Localization's own method when it has one."""
-    pos = np.sort(np.clip(np.asarray(scores, dtype=np.float64), 0.0, None))[::-1]  # [blocks], descending
-    total = float(pos.sum())
-    if total <= 0:
-        return len(pos)
-    carried = np.cumsum(pos) / total
-    return int(np.argmax(carried >= fraction - 1e-12)) + 1
-
-
 def auto_k(loc, fraction: float = AUTO_K_FRACTION) -> int:
-    """A localization's automatic K: its `minimal_k(fraction)`, or (until every
-    Localization has one) `minimal_k_of_scores` of its scores."""
-    own = getattr(loc, "minimal_k", None)
-    return int(own(fraction)) if own is not None else minimal_k_of_scores(loc.scores.tolist(), fraction)
+    """A localization's automatic K (`Localization.minimal_k`)."""
+    return int(loc.minimal_k(fraction))
 
 
 def greedy_sets(presence: Mapping[frozenset, float], blocks: Sequence[str], max_k: int = MAX_K) -> list[frozenset]:
@@ -508,7 +480,7 @@ def _localization_record(c: ConceptPlan, method: str, loc) -> dict:
     return {"category": c.category, "concept": c.concept, "method": method,
             "file": localization_file(c.category, c.slug, method), "blocks": list(loc.blocks),
             "scores": [float(x) for x in loc.scores.tolist()], "ranking": list(loc.ranking), "auto_k": auto_k(loc),
-            "auto_k_rule": "Localization.minimal_k" if hasattr(loc, "minimal_k") else "minimal_k_of_scores (fallback)"}
+            "auto_k_rule": f"Localization.minimal_k({AUTO_K_FRACTION})"}
 
 
 def _presences(scores: Mapping[frozenset, list[float]]) -> dict[frozenset, float]:
@@ -570,9 +542,10 @@ class _Run:
             loc = Localization.load(path)
         else:
             s, t = self.settings, time.time()
-            extra = {"method": method} if method != "contribution" else {}  # older localize: contribution only
-            loc = localize(self.pipe, list(c.localization_prompts), c.concept, seed=s.localize_seed,
-                           batch_size=s.localize_batch_size, options=s.run_options, **extra)
+            # the causal methods compare with the probe set's clean prompts (grammatical, as in generation)
+            clean = list(c.localization_clean_prompts) if method != "contribution" else None
+            loc = localize(self.pipe, list(c.localization_prompts), c.concept, method=method, clean_prompts=clean,
+                           seed=s.localize_seed, batch_size=s.localize_batch_size, options=s.run_options)
             loc.save(path)
             self.localized += 1
             self.say(f"ground-truth {c.category}/{c.concept}: localized by {method} ({time.time() - t:.1f}s)")
