@@ -404,8 +404,24 @@ def method_metrics(method: str, presence: Mapping[frozenset, float], blocks: Seq
 
 
 def _mean(values) -> dict:
-    values = [v for v in values if v is not None]
-    return {"mean": float(np.mean(values)) if values else None, "n": len(values)}
+    """Mean over concepts with its 95% CI (normal approximation; the mean itself when n < 2)."""
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return {"mean": None, "low": None, "high": None, "n": 0}
+    mean, low, high = mean_ci(values)
+    return {"mean": mean, "low": low, "high": high, "n": len(values)}
+
+
+def _rate(hits) -> dict:
+    """A proportion over concepts with its 95% Wilson score interval."""
+    hits = [bool(h) for h in hits]
+    n = len(hits)
+    if not n:
+        return {"rate": None, "low": None, "high": None, "n": 0}
+    p = sum(hits) / n
+    centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
+    return {"rate": p, "low": max(0.0, centre - half), "high": min(1.0, centre + half), "n": n}
 
 
 def summarize_methods(rows: Sequence[tuple[OracleResult, MethodMetrics]]) -> dict:
@@ -421,12 +437,12 @@ def summarize_methods(rows: Sequence[tuple[OracleResult, MethodMetrics]]) -> dic
         known = [m for _, m in pairs if m.k_match is not None]
         out[method] = {
             "concepts": len(pairs),
-            "hit_at_1": {"rate": float(np.mean(strong)) if strong else None, "n": len(strong)},
+            "hit_at_1": _rate(strong),
             **{f"regret_{k}": _mean(m.regret.get(k) for _, m in pairs) for k in REGRET_KS},
             "spearman": _mean(m.spearman for _, m in pairs),
-            "auto_k_match": {"rate": float(np.mean([m.k_match for m in known])) if known else None, "n": len(known)},
-            "auto_k_miss": {"mean_abs": float(np.mean([abs(m.k_diff) for m in known])) if known else None,
-                            "n": len(known)},
+            "auto_k_match": _rate(m.k_match for m in known),
+            "auto_k_miss": {**{k: v for k, v in _mean(abs(m.k_diff) for m in known).items() if k != "mean"},
+                            "mean_abs": _mean(abs(m.k_diff) for m in known)["mean"]},
         }
     return out
 
@@ -805,14 +821,19 @@ def summary_markdown(summary: dict) -> str:
             methods.append(head + [m["top"][0], _f(m["hit_at_1"]), _f(r.get("1")), _f(r.get("2")), _f(r.get("4")),
                                    _f(m["spearman"], 2), f"{_f(m['pair_rank'])}/{m['n_pairs']}", _f(m["auto_k"]),
                                    _f(m["oracle_k"])])
+    def ci(v: dict, key: str, digits: int = 3) -> str:
+        if v.get(key) is None:
+            return f"– ({v['n']})"
+        if v.get("low") is None:
+            return f"{_f(v[key], digits)} ({v['n']})"
+        return f"{_f(v[key], digits)} [{_f(v['low'], digits)}, {_f(v['high'], digits)}] ({v['n']})"
+
     per_method = []
     for method, v in summary["summary"].items():
         per_method.append(
-            [method, str(v["concepts"]), f"{_f(v['hit_at_1']['rate'], 2)} ({v['hit_at_1']['n']})"]
-            + [f"{_f(v[f'regret_{k}']['mean'])} ({v[f'regret_{k}']['n']})" for k in REGRET_KS]
-            + [f"{_f(v['spearman']['mean'], 2)} ({v['spearman']['n']})",
-               f"{_f(v['auto_k_match']['rate'], 2)} ({v['auto_k_match']['n']})",
-               f"{_f(v['auto_k_miss']['mean_abs'], 2)} ({v['auto_k_miss']['n']})"])
+            [method, str(v["concepts"]), ci(v["hit_at_1"], "rate", 2)]
+            + [ci(v[f"regret_{k}"], "mean") for k in REGRET_KS]
+            + [ci(v["spearman"], "mean", 2), ci(v["auto_k_match"], "rate", 2), ci(v["auto_k_miss"], "mean_abs", 2)])
     lines = [
         "# Localization ground truth (toy world)", "", intro, "",
         "## The search, per concept", "",
@@ -823,7 +844,8 @@ def summary_markdown(summary: dict) -> str:
                  "pair rank", "auto K", "oracle K"], methods),
         "", "## Per method", "",
         (f"hit@1 over concepts whose best single block drops presence >= {STRONG_DROP}; auto-K match and mean "
-         f"|miss| over concepts whose oracle K is <= {MAX_K}; regret@4 against the greedy set."), "",
+         f"|miss| over concepts whose oracle K is <= {MAX_K}; regret@4 against the greedy set. Brackets: 95% "
+         "confidence interval over concepts (Wilson for rates, normal approximation for means); (n) concepts."), "",
         *_table(["method", "concepts", "hit@1 (n)", "regret@1 (n)", "regret@2 (n)", "regret@4 (n)", "spearman (n)",
                  "auto-K match (n)", "mean abs miss (n)"], per_method),
     ]
