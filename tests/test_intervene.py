@@ -10,7 +10,7 @@ from ditloc import DitlocError, derive_clean_prompt
 from conftest import RUN, plain
 
 PROMPTS = ["a photo of van gogh in the city", "van gogh painting of a dog"]
-CLEAN = ["a photo of in the city", "painting of a dog"]
+CLEAN = ["a photo in the city", "painting of a dog"]
 
 
 def gen(pipe, prompts=PROMPTS, **kw):
@@ -85,8 +85,12 @@ def test_bad_input(pixart):
 
 
 def test_derive_clean_prompt():
-    assert derive_clean_prompt("a photo of Snoopy, smiling", "snoopy") == "a photo of, smiling"
-    assert derive_clean_prompt("Snoopy and snoopy", "Snoopy") == "and"
-    assert derive_clean_prompt("a tower in the style of Van  Gogh.", "van gogh") == "a tower in the style of."
+    assert derive_clean_prompt("a photo of Snoopy, smiling", "snoopy") == "a photo, smiling"
+    assert derive_clean_prompt("Snoopy and snoopy", "Snoopy") == ""
+    assert derive_clean_prompt("a tower in the style of Van  Gogh.", "van gogh") == "a tower in the style."
+    assert derive_clean_prompt("a painting of a dog by Van Gogh", "van gogh") == "a painting of a dog"
+    assert derive_clean_prompt("an apple tree on a hill", "apple") == "a tree on a hill"
+    assert derive_clean_prompt("a cat, with a hat", "hat") == "a cat"
+    assert derive_clean_prompt("a cat and a dog", "a dog") == "a cat"
     with pytest.raises(DitlocError):
         derive_clean_prompt("a dog", "cat")

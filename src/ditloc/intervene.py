@@ -10,19 +10,23 @@ import torch
 from .engine import Session, instrument
 from .errors import DitlocError
 from .options import RunOptions, as_prompt_list, as_seed_list, chunks
-from .text import find_occurrences, substitute, tidy
+from .text import drop_dangling, find_occurrences, substitute, tidy
 
 
 def derive_clean_prompt(prompt: str, concept: str) -> str:
-    """The prompt with every occurrence of the concept removed, spacing tidied.
-    ("a photo of Snoopy, smiling" -> "a photo of, smiling"). Articles are left as
-    they are; category-specific rules that replace instead of remove (and fix
-    articles) belong to the probe set."""
+    """The prompt with every occurrence of the concept removed, kept grammatical
+    where a removal alone would not be: an article before it is fitted to the next
+    word or dropped, and a preposition, article or conjunction left governing
+    nothing is dropped ("a photo of Snoopy, smiling" -> "a photo, smiling", "a
+    painting of a dog by Van Gogh" -> "a painting of a dog"). A model reads broken
+    text differently, which would bias every comparison with the clean prompt.
+    Category-specific rules that replace instead of remove (a generic noun for a
+    removed noun) belong to the probe set."""
     if not find_occurrences(prompt, concept):
         raise DitlocError(
             f"concept {concept!r} is not in prompt {prompt!r}; give a clean prompt explicitly or fix the concept"
         )
-    return tidy(substitute(prompt, concept, articles=False))
+    return drop_dangling(tidy(substitute(prompt, concept, articles=True)))
 
 
 def clean_prompt_list(prompts: list[str], concept: str | None, clean_prompts=None) -> list[str]:
