@@ -25,6 +25,19 @@ from .options import RunOptions, as_prompt_list, as_seed_list, chunks, model_rec
 from .tokens import ConceptSpan
 
 
+def minimal_k_of(scores, fraction: float = 0.5) -> int:
+    """`Localization.minimal_k` of block scores [blocks] (a tensor or a sequence)."""
+    if not 0 < fraction <= 1:
+        raise DitlocError(f"fraction must be in (0, 1], got {fraction}")
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    positive = torch.sort(scores.clamp_min(0), descending=True, stable=True).values
+    total = float(positive.sum())
+    if total <= 0:
+        return 1
+    reached = (torch.cumsum(positive, 0) >= fraction * total - 1e-12 * total).nonzero()
+    return int(reached[0]) + 1
+
+
 @dataclass(frozen=True)
 class Localization:
     """Block scores for one concept.
@@ -77,14 +90,7 @@ class Localization:
         """Automatic K from the scores alone (no oracle, no evaluator): the smallest K
         whose top-K blocks hold `fraction` of the positive score mass. Blocks with
         negative scores (withholding them strengthens the concept) hold none."""
-        if not 0 < fraction <= 1:
-            raise DitlocError(f"fraction must be in (0, 1], got {fraction}")
-        positive = torch.sort(self.scores.clamp_min(0), descending=True, stable=True).values
-        total = float(positive.sum())
-        if total <= 0:
-            return 1
-        reached = (torch.cumsum(positive, 0) >= fraction * total - 1e-12 * total).nonzero()
-        return int(reached[0]) + 1
+        return minimal_k_of(self.scores, fraction)
 
     def top(self, k: int) -> list[str]:
         """The k highest-scoring blocks, best first."""

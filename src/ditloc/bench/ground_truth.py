@@ -48,6 +48,7 @@ import numpy as np
 from .._io import OutputLock, write_atomic, write_json
 from .._version import __version__
 from ..errors import DitlocError
+from ..localize import minimal_k_of
 from .plan import BenchSettings, ConceptPlan, plan_bench, slugify
 from .runner import generate_scored
 from .store import ResultStore
@@ -744,8 +745,11 @@ def summarize_ground_truth(out, *, threshold: float = HALF) -> dict:
                 entry["methods"][method] = None
                 continue
             try:
-                m = method_metrics(method, presence, blocks, _scores_of(loc, blocks, f"{category}/{concept}"),
-                                   auto_k=loc["auto_k"], oracle=oracle, threshold=threshold)
+                block_scores = _scores_of(loc, blocks, f"{category}/{concept}")
+                # the automatic K by the current rule, from the stored scores (the rule can change without a rerun)
+                m = method_metrics(method, presence, blocks, block_scores,
+                                   auto_k=minimal_k_of(loc["scores"], AUTO_K_FRACTION), oracle=oracle,
+                                   threshold=threshold)
             except DitlocError as e:
                 incomplete.append({"category": category, "concept": concept, "method": method, "missing": str(e)})
                 entry["methods"][method] = None
