@@ -313,3 +313,18 @@ def test_another_concept_adds_to_the_directory(tiny_run, toy_pipe, tmp_path):
     assert [c["concept"] for c in record["concepts"]] == ["triangle", "hazard"]
     assert [e["concept"] for e in result.summary["concepts"]] == ["triangle", "hazard"]
     assert result.summary["summary"]["contribution"]["concepts"] == 2
+
+
+def test_report_of_a_ground_truth_directory(tiny_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_run[0], out)
+    code, stdout, err = run_cli(["report", str(out)])
+    assert code == 0, err
+    page = (out / "report" / "index.html").read_text()
+    for method in TINY["methods"]:
+        assert (out / "report" / f"scores_{method}.png").is_file() and method in stdout
+    assert (out / "report" / "drops.png").is_file()
+    assert "Per method" in page and "triangle" in page and "hit@1" in page
+    assert page.count("<table>") == 3

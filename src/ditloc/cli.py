@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only recompute summary.json and summary.md from the directory (no model)")
 
     p = sub.add_parser("report", help="HTML report and figures of a `ditloc bench` run")
-    p.add_argument("run", metavar="RUN", help="the run directory of `ditloc bench`")
+    p.add_argument("run", metavar="RUN", help="the run directory of `ditloc bench` or `ditloc ground-truth`")
     p.add_argument("--k", type=int, default=None, help="K of the block-selection heat map (default: the largest)")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="minimal K: top-K presence below this fraction of the baseline (default 0.5)")
@@ -456,7 +456,17 @@ def cmd_bench(args) -> None:
 
 def cmd_report(args) -> None:
     from .report import build_report
+    from .report.ground_truth import build_ground_truth_report, is_ground_truth_dir
 
+    if is_ground_truth_dir(args.run):
+        gt = build_ground_truth_report(args.run)
+        for method, v in gt.summary["summary"].items():
+            hit = v["hit_at_1"]
+            print(f"  {method:<13} hit@1 {hit['rate'] if hit['rate'] is not None else '–'} (n={hit['n']}), "
+                  f"regret@2 {v['regret_2']['mean'] if v['regret_2']['mean'] is not None else '–'} "
+                  f"(n={v['regret_2']['n']})")
+        print(f"wrote {gt.html} and {len(gt.figures)} figures in {gt.html.parent}")
+        return
     report = build_report(args.run, k=args.k, threshold=args.threshold, grid_samples=args.grid_samples)
     print(f"minimal K (top-K presence < {args.threshold:g} x baseline):")
     for m in report.minimal_k:

@@ -799,8 +799,9 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), line(["---"] * len(header))] + [line(r) for r in rows]
 
 
-def summary_markdown(summary: dict) -> str:
-    """summary.md: the search per concept, every method per concept, and the per-method summary."""
+def summary_tables(summary: dict) -> tuple[str, list[tuple[str, str, list[str], list[list[str]]]]]:
+    """(intro, [(heading, text, header, rows)]): the search per concept, every method per
+    concept, and the per-method summary, as text cells (summary.md and the HTML report)."""
     s = summary["settings"]
     intro = (f"{s['n_images']} held-out images per condition, {s['steps']} steps, blocks searched: "
              f"{', '.join(summary['blocks'])}. Presence: mean toy-oracle score; drop = baseline - presence. "
@@ -838,21 +839,29 @@ def summary_markdown(summary: dict) -> str:
             [method, str(v["concepts"]), ci(v["hit_at_1"], "rate", 2)]
             + [ci(v[f"regret_{k}"], "mean") for k in REGRET_KS]
             + [ci(v["spearman"], "mean", 2), ci(v["auto_k_match"], "rate", 2), ci(v["auto_k_miss"], "mean_abs", 2)])
-    lines = [
-        "# Localization ground truth (toy world)", "", intro, "",
-        "## The search, per concept", "",
-        *_table(["category", "concept", "baseline (95% CI)", "best block", "drop", "best pair", "drop", "greedy 4",
-                 "drop", "oracle K"], search),
-        "", "## Methods, per concept", "",
-        *_table(["category", "concept", "method", "top-1", "hit@1", "regret@1", "regret@2", "regret@4", "spearman",
-                 "pair rank", "auto K", "oracle K"], methods),
-        "", "## Per method", "",
-        (f"hit@1 over concepts whose best single block drops presence >= {STRONG_DROP}; auto-K match and mean "
+    tables = [
+        ("The search, per concept", "",
+         ["category", "concept", "baseline (95% CI)", "best block", "drop", "best pair", "drop", "greedy 4", "drop",
+          "oracle K"], search),
+        ("Methods, per concept", "",
+         ["category", "concept", "method", "top-1", "hit@1", "regret@1", "regret@2", "regret@4", "spearman",
+          "pair rank", "auto K", "oracle K"], methods),
+        ("Per method",
+         f"hit@1 over concepts whose best single block drops presence >= {STRONG_DROP}; auto-K match and mean "
          f"|miss| over concepts whose oracle K is <= {MAX_K}; regret@4 against the greedy set. Brackets: 95% "
-         "confidence interval over concepts (Wilson for rates, normal approximation for means); (n) concepts."), "",
-        *_table(["method", "concepts", "hit@1 (n)", "regret@1 (n)", "regret@2 (n)", "regret@4 (n)", "spearman (n)",
-                 "auto-K match (n)", "mean abs miss (n)"], per_method),
+         "confidence interval over concepts (Wilson for rates, normal approximation for means); (n) concepts.",
+         ["method", "concepts", "hit@1 (n)", "regret@1 (n)", "regret@2 (n)", "regret@4 (n)", "spearman (n)",
+          "auto-K match (n)", "mean abs miss (n)"], per_method),
     ]
+    return intro, tables
+
+
+def summary_markdown(summary: dict) -> str:
+    """summary.md: the tables of `summary_tables`."""
+    intro, tables = summary_tables(summary)
+    lines = ["# Localization ground truth (toy world)", "", intro]
+    for heading, text, header, rows in tables:
+        lines += ["", f"## {heading}", ""] + ([text, ""] if text else []) + _table(header, rows)
     if summary["incomplete"]:
         lines += ["", f"Incomplete (not in the tables): {len(summary['incomplete'])}; rerun the same command to finish."]
     return "\n".join(lines) + "\n"
