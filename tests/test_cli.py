@@ -78,7 +78,7 @@ def test_intervene_explicit_blocks_inject(model_dir, tmp_path, capsys):
 BAD = [
     (["--concept", "snoopy", "--prompt", "a photo of van gogh"], "not in prompt"),
     (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--max-sequence-length", "4"], "cut off"),
-    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--top-k", "0"], "between 1 and 4"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--top-k", "0"], "--top-k must be at least 1"),
     (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--top-k", "9"], "between 1 and 4"),
     (["--concept", "van gogh"], "no prompts"),
     (["--concept", "van gogh", "--prompts-file", "/nonexistent/prompts.txt"], "cannot read prompts file"),
