@@ -10,7 +10,7 @@ from ditloc import DitlocError, derive_clean_prompt
 from conftest import RUN, plain
 
 PROMPTS = ["a photo of van gogh in the city", "van gogh painting of a dog"]
-CLEAN = ["a photo of in the city", "painting of a dog"]
+CLEAN = ["a photo in the city", "painting of a dog"]
 
 
 def gen(pipe, prompts=PROMPTS, **kw):
@@ -85,8 +85,16 @@ def test_bad_input(pixart):
 
 
 def test_derive_clean_prompt():
-    assert derive_clean_prompt("a photo of Snoopy, smiling", "snoopy") == "a photo of, smiling"
-    assert derive_clean_prompt("Snoopy and snoopy", "Snoopy") == "and"
-    assert derive_clean_prompt("a tower in the style of Van  Gogh.", "van gogh") == "a tower in the style of."
+    """The concept goes, and so do the words its removal leaves dangling, and only those."""
+    assert derive_clean_prompt("a photo of Snoopy, smiling", "snoopy") == "a photo, smiling"
+    assert derive_clean_prompt("Snoopy and snoopy", "Snoopy") == ""
+    assert derive_clean_prompt("a tower in the style of Van  Gogh.", "van gogh") == "a tower in the style."
+    assert derive_clean_prompt("a painting of a dog by van gogh", "van gogh") == "a painting of a dog"
+    assert derive_clean_prompt("a red on the beach", "red") == "on the beach"
+    assert derive_clean_prompt("a red car on the beach", "red") == "a car on the beach"
+    assert derive_clean_prompt("a photo of an owl", "owl") == "a photo"
+    assert derive_clean_prompt("Snoopy's house at night", "snoopy") == "house at night"
+    assert derive_clean_prompt("a dog, a cat and Snoopy", "snoopy") == "a dog, a cat"
+    assert derive_clean_prompt("Snoopy and a cat from under the bed", "snoopy") == "a cat from under the bed"
     with pytest.raises(DitlocError):
         derive_clean_prompt("a dog", "cat")

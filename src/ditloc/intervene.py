@@ -4,6 +4,8 @@ blocks (method.md §2). Cross-attention models swap the text conditioning that
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
@@ -13,16 +15,38 @@ from .options import RunOptions, as_prompt_list, as_seed_list, chunks
 from .text import find_occurrences, substitute, tidy
 
 
+#: words that need a word after them; removing the concept can leave one dangling ("a painting by")
+ARTICLES = ("a", "an", "the")
+LINKS = ("of", "by", "in", "on", "at", "with", "from", "for", "to", "into", "onto", "near", "under", "over",
+         "like", "as", "and", "or")
+_REMOVED = "\x00"  # where the concept was
+_WORD_END = r"(?![\w'-])"
+_FUNCTION = "|".join(ARTICLES + LINKS)
+#: a function word right before the removed concept, when nothing, a punctuation mark, another removal or
+#: a preposition / conjunction follows it ("of <> in the city", "a <> on the beach", "dog by <>.")
+_DANGLING_BEFORE = re.compile(rf"(?i)(?<![\w'-])(?:{_FUNCTION})\s*{_REMOVED}"
+                              rf"(?=\s*(?:$|[,.;:!?{_REMOVED}]|(?:{'|'.join(LINKS)}){_WORD_END}))")
+#: a possessive of the removed concept; a conjunction right after it at the start of a clause
+_DANGLING_AFTER = re.compile(rf"(?i){_REMOVED}'s{_WORD_END}|(?:^|(?<=[,.;:!?]))(\s*){_REMOVED}\s*(?:and|or){_WORD_END}")
+
+
 def derive_clean_prompt(prompt: str, concept: str) -> str:
-    """The prompt with every occurrence of the concept removed, spacing tidied.
-    ("a photo of Snoopy, smiling" -> "a photo of, smiling"). Articles are left as
-    they are; category-specific rules that replace instead of remove (and fix
-    articles) belong to the probe set."""
+    """The prompt with every occurrence of the concept removed, with the words the
+    removal leaves dangling, spacing tidied: "a painting of a dog by Van Gogh" ->
+    "a painting of a dog", "a photo of Snoopy, smiling" -> "a photo, smiling" (a model
+    reads a broken sentence differently, which would bias the comparison). Only words
+    next to a removal are touched. Category-specific rules that replace instead of
+    remove belong to the probe set."""
     if not find_occurrences(prompt, concept):
         raise DitlocError(
             f"concept {concept!r} is not in prompt {prompt!r}; give a clean prompt explicitly or fix the concept"
         )
-    return tidy(substitute(prompt, concept, articles=False))
+    text = substitute(prompt, concept, _REMOVED, articles=False)
+    while True:  # each pass removes a word or is the last
+        fixed = _DANGLING_AFTER.sub(lambda m: (m.group(1) or "") + _REMOVED, _DANGLING_BEFORE.sub(_REMOVED, text))
+        if fixed == text:
+            return tidy(text.replace(_REMOVED, " "))
+        text = fixed
 
 
 def _stack(outputs: list, output_type: str):
