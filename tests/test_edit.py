@@ -119,7 +119,7 @@ def test_fresh_adapter_noop_holds_with_avx2_blas():
 
     env = {**os.environ, "MKL_ENABLE_INSTRUCTIONS": "AVX2", "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-c", NOOP_CHECK, str(Path(__file__).parent)], env=env,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
 
 

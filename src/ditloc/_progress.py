@@ -57,7 +57,7 @@ class _Steps:
     def __init__(self, bar: tqdm, iterable=None):
         self.bar, self.iterable = bar, iterable
 
-    def __enter__(self) -> "_Steps":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> bool:

@@ -14,7 +14,6 @@ from .errors import DitlocError
 from .options import RunOptions, as_prompt_list, as_seed_list, chunks
 from .text import find_occurrences, substitute, tidy
 
-
 #: words that need a word after them; removing the concept can leave one dangling ("a painting by")
 ARTICLES = ("a", "an", "the")
 LINKS = ("of", "by", "in", "on", "at", "with", "from", "for", "to", "into", "onto", "near", "under", "over",

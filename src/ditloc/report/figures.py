@@ -4,6 +4,7 @@ returns a PIL image; the caller saves it."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -81,7 +82,7 @@ def _dashed(d: ImageDraw.ImageDraw, xy: list[tuple[float, float]], fill, width: 
     """A polyline drawn `dash` = (on, off) pixels at a time; the pattern runs on across vertices."""
     on, off = dash
     phase = 0.0  # position within the on+off period
-    for (x0, y0), (x1, y1) in zip(xy, xy[1:]):
+    for (x0, y0), (x1, y1) in itertools.pairwise(xy):
         length = math.hypot(x1 - x0, y1 - y0)
         pos = 0.0
         while pos < length:
