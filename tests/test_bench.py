@@ -222,6 +222,13 @@ def test_unknown_pipeline_arg_refused_before_any_unit(files, tmp_path):
     assert not (tmp_path / "bad/results.rank0.jsonl").exists()
 
 
+def test_image_size_the_evaluator_cannot_read_refused_before_any_unit(files, tmp_path):
+    model, probes = files
+    code, _, err = run_cli(bench_argv(model, probes, tmp_path / "size") + ["--height", "16", "--width", "24"])
+    assert code == 2 and err.count("\n") == 1 and "the toy oracle reads 32x32 images, got 24x16" in err
+    assert not (tmp_path / "size/results.rank0.jsonl").exists()  # no localization was run first
+
+
 def test_run_written_before_pipeline_args_resumes(files, reference, tmp_path):
     """bench.json of a run from before --pipeline-arg has no pipeline_kwargs: the same command resumes it."""
     model, probes = files

@@ -63,7 +63,7 @@ def test_intervene_from_localization(model_dir, tmp_path, capsys):
     rec = json.loads((iv / "intervention.json").read_text())
     top2 = json.loads((out / "localization.json").read_text())["ranking"][:2]
     assert rec["blocks"] == top2  # best first, as ranked
-    assert rec["clean_prompt"] == "a photo of" and rec["mode"] == "withhold"
+    assert rec["clean_prompt"] == "a photo" and rec["mode"] == "withhold"  # no dangling "of"
 
 
 def test_intervene_explicit_blocks_inject(model_dir, tmp_path, capsys):

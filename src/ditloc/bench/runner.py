@@ -114,6 +114,10 @@ def _validate(pipe, plan: BenchPlan, evaluator) -> list[str]:
         for p in c.localization_prompts + c.evaluation_prompts:
             adapter.concept_span(p, c.concept, kw)
         evaluator.check_text(c.eval_text)
+    check_size = getattr(evaluator, "check_image_size", None)  # (an evaluator of the caller's may lack it)
+    if check_size is not None:
+        native_h, native_w = adapter.image_size()
+        check_size(int(kw.get("width") or native_w), int(kw.get("height") or native_h))
     return blocks
 
 
