@@ -4,6 +4,7 @@ Tiny random PixArt (4 blocks, 32x32, 2 steps), 2 concepts, K in {1, 2}, 2 seeds.
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -238,3 +239,54 @@ def test_unknown_method_refused(files, tmp_path):
     model, probes = files
     code, _, err = run_cli(bench_argv(model, probes, tmp_path / "run") + ["--method", "contribution,gradient"])
     assert code == 2 and "methods must be" in err and len(err.strip().splitlines()) == 1
+
+
+# ---- pipeline arguments and progress -----------------------------------------------------------
+SMALL = ["--categories", "color", "--k", "1", "--seeds", "0"]  # 1 concept: localize, baseline, 3 controls
+
+
+def test_pipeline_args_recorded_used_and_bars_drawn(files, tmp_path, monkeypatch):
+    model, probes = files
+    argv = ["bench", str(model), "--probes", str(probes), "--concepts-per-category", "1", "--evaluator", "toy",
+            "--steps", "2", "--out", str(tmp_path / "hw"), *SMALL,
+            "--height", "32", "--width", "32", "--pipeline-arg", "clean_caption=false"]
+    monkeypatch.setenv("TQDM_DISABLE", "0")  # draw the bars although stderr is captured
+    code, _, err = run_cli(argv)
+    assert code == 0, err
+    expected = {"clean_caption": False, "height": 32, "width": 32}
+    assert json.loads((tmp_path / "hw/bench.json").read_text())["settings"]["pipeline_kwargs"] == expected
+    loc = json.loads((tmp_path / "hw/localizations/color/red.json").read_text())
+    assert expected.items() <= loc["settings"]["pipeline_kwargs"].items()  # what the pipeline was called with
+    frames = err.replace("\r", "\n")
+    assert "bench: 100%" in frames and "5/5" in frames  # the bar over units
+    assert "generate/color/red/top/k1:   0%|" in frames and "| 0/2 [" in frames  # a unit's bar: 1 call x 2 steps
+    assert "localize/color/red: done in" in err and "since the start" in err
+
+
+def test_unknown_pipeline_arg_refused_before_any_unit(files, tmp_path):
+    model, probes = files
+    code, _, err = run_cli(bench_argv(model, probes, tmp_path / "bad") + ["--pipeline-arg", "bogus=1"])
+    assert code == 2 and err.count("\n") == 1 and "takes no argument 'bogus'" in err
+    assert not (tmp_path / "bad/results.rank0.jsonl").exists()
+
+
+def test_image_size_the_evaluator_cannot_read_refused_before_any_unit(files, tmp_path):
+    model, probes = files
+    code, _, err = run_cli(bench_argv(model, probes, tmp_path / "size") + ["--height", "16", "--width", "24"])
+    assert code == 2 and err.count("\n") == 1 and "the toy oracle reads 32x32 images, got 24x16" in err
+    assert not (tmp_path / "size/results.rank0.jsonl").exists()  # no localization was run first
+
+
+def test_run_written_before_pipeline_args_resumes(files, reference, tmp_path):
+    """bench.json of a run from before --pipeline-arg has no pipeline_kwargs: the same command resumes it."""
+    model, probes = files
+    run = tmp_path / "old"
+    shutil.copytree(reference, run)
+    record = json.loads((run / "bench.json").read_text())
+    del record["settings"]["pipeline_kwargs"]
+    (run / "bench.json").write_text(json.dumps(record))
+    code, out, err = run_cli(bench_argv(model, probes, run))
+    assert code == 0, err
+    assert "0 unit(s) run" in out and f"{N_UNITS} reused" in out
+    code, _, err = run_cli(bench_argv(model, probes, run) + ["--height", "32"])  # other settings: refused
+    assert code == 2 and "pipeline_kwargs" in err

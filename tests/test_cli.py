@@ -63,7 +63,7 @@ def test_intervene_from_localization(model_dir, tmp_path, capsys):
     rec = json.loads((iv / "intervention.json").read_text())
     top2 = json.loads((out / "localization.json").read_text())["ranking"][:2]
     assert rec["blocks"] == top2  # best first, as ranked
-    assert rec["clean_prompt"] == "a photo" and rec["mode"] == "withhold"
+    assert rec["clean_prompt"] == "a photo" and rec["mode"] == "withhold"  # no dangling "of"
 
 
 def test_intervene_explicit_blocks_inject(model_dir, tmp_path, capsys):
@@ -105,7 +105,7 @@ BAD = [
     (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "patch", "--block-batch", "0"],
      "--block-batch"),
     (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--max-sequence-length", "4"], "cut off"),
-    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--top-k", "0"], "between 1 and 4"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--top-k", "0"], "--top-k must be at least 1"),
     (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--top-k", "9"], "between 1 and 4"),
     (["--concept", "van gogh"], "no prompts"),
     (["--concept", "van gogh", "--prompts-file", "/nonexistent/prompts.txt"], "cannot read prompts file"),

@@ -95,6 +95,7 @@ def _cli(args, tmp_path):
                           cwd=tmp_path, timeout=300)
 
 
+NO_MODEL = "./no_such_model"
 BAD = [
     # (argv, expected text in the one error line)
     (["localize", "toy", "--concept", "red", "--prompt", "a red star", "--out", "FILE"], "is a file"),
@@ -121,12 +122,52 @@ BAD = [
      "takes no argument 'bogus'"),
     (["intervene", "toy", "--concept", "red", "--prompt", "a red star", "--blocks", "block.1", "--height", "0",
       "--out", "o"], "--height must be positive"),
+    # the MODEL of these does not exist: each must be refused before a model would load
+    (["localize", NO_MODEL, "--concept", "red", "--prompt", "a red star", "--batch-size", "0", "--out", "o"],
+     "--batch-size must be at least 1, got 0"),
+    (["localize", NO_MODEL, "--concept", "red", "--prompt", "a red star", "--top-k", "-2", "--out", "o"],
+     "--top-k must be at least 1, got -2"),
+    (["localize", NO_MODEL, "--concept", "red", "--prompt", "a red star", "--steps", "0", "--out", "o"],
+     "--steps must be at least 1, got 0"),
+    (["localize", NO_MODEL, "--concept", "blue", "--prompt", "a red star", "--out", "o"],
+     "concept 'blue' is not in prompt 'a red star'"),
+    (["localize", NO_MODEL, "--concept", "red", "--prompt", "", "--out", "o"], "--prompt is empty"),
+    (["localize", NO_MODEL, "--concept", " ", "--prompt", "a red star", "--out", "o"], "--concept is empty"),
+    (["localize", NO_MODEL, "--concept", "red", "--prompts-file", "DIR", "--out", "o"],
+     "cannot read prompts file 'DIR'"),
+    (["localize", NO_MODEL, "--concept", "red", "--prompt", "a red star", "--out", "FILE/run"],
+     "lies under"),
+    (["localize", NO_MODEL, "--concept", "red", "--prompt", "a red star", "--device", "gpu0", "--out", "o"],
+     "unknown device 'gpu0'"),
+    (["localize", NO_MODEL, "--concept", "red", "--prompt", "a red star", "--pipeline-arg", "num_inference_steps=4",
+      "--out", "o"], "ditloc sets it itself; use --steps"),
+    (["intervene", NO_MODEL, "--concept", "red", "--prompt", "a red star", "--blocks", " , ", "--out", "o"],
+     "--blocks is empty"),
+    (["bench", NO_MODEL, "--probes", "toy", "--evaluator", "toy", "--k=-1", "--out", "o"],
+     "K values must be distinct positive integers"),
+    (["bench", NO_MODEL, "--probes", "toy", "--evaluator", "toy", "--seeds", "0,one", "--out", "o"],
+     "--seeds takes comma-separated integers"),
+    (["bench", NO_MODEL, "--probes", "toy", "--evaluator", "toy", "--width", "-8", "--out", "o"],
+     "--width must be positive"),
+    (["bench", NO_MODEL, "--probes", "toy", "--evaluator", "style", "--evaluator-model", "DIR", "--references",
+      "no_refs", "--out", "o"], "references directory 'no_refs' does not exist"),
+    (["bench", NO_MODEL, "--probes", "toy", "--evaluator", "clip", "--evaluator-model", "./no_clip", "--out", "o"],
+     "evaluator model directory './no_clip' does not exist"),
+    (["report", "DIR"], "DIR is not a `ditloc bench` run directory"),
+    (["personalize", NO_MODEL, "--images", "DIR", "--token", "sks", "--class-word", "star", "--out", "o"],
+     "no images"),
+    (["personalize", NO_MODEL, "--images", "DIR", "--token", "sks", "--class-word", "star", "--k", "0",
+      "--out", "o"], "--k must be at least 1"),
+    (["unlearn", NO_MODEL, "--concept", "snoopy", "--anchor", "a dog", "--prompt", "a red cat", "--out", "o"],
+     "prompt 1 ('a red cat') does not contain the concept 'snoopy'"),
+    (["demo", "--fast", "--steps", "0", "--out", "o"], "--steps must be at least 1"),
 ]
 
 
 @pytest.mark.parametrize("argv, expected", BAD, ids=[" ".join(a[:2]) + f" #{i}" for i, (a, _) in enumerate(BAD)])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, argv, expected):
     (tmp_path / "FILE").write_text("not a directory")
+    (tmp_path / "DIR").mkdir()  # an empty directory
     res = _cli(argv, tmp_path)
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert res.returncode == 2, res.stderr

@@ -14,7 +14,7 @@ from test_contribution import naive
 FLUX_RUN = dict(num_inference_steps=3, height=16, width=16, max_sequence_length=32)
 SD3_RUN = dict(num_inference_steps=3, height=8, width=8, max_sequence_length=32)
 PROMPTS = ["a photo of van gogh in the city", "van gogh painting of a dog"]
-CLEAN = ["a photo in the city", "painting of a dog"]
+CLEAN = ["a photo in the city", "painting of a dog"]  # derive_clean_prompt of PROMPTS
 
 
 def _quiet(p):

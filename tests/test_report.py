@@ -146,3 +146,50 @@ def test_damaged_run_files_are_one_line_errors(run, tmp_path, damage):
     code, _, err = run_cli(["report", str(copy)])
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "damaged" in lines[0] and "Traceback" not in err, err
+
+
+# ---- the presence-vs-K figure -------------------------------------------------------------
+def _curve(mean_of, ks=(1, 2, 4, 8), band=0.02) -> list:
+    from ditloc.report.data import CurvePoint
+
+    points = [CurvePoint("c", "baseline", 0, 0.5, 0.5 - band, 0.5 + band, 8)]
+    for control in ("top", "random", "bottom"):
+        points += [CurvePoint("c", control, k, mean_of(control, k), mean_of(control, k) - band,
+                              mean_of(control, k) + band, 8) for k in ks]
+    return points
+
+
+def _plot_pixels(image: Image.Image, color) -> int:
+    """Pixels of exactly `color` inside the plot frame (the legend, right of it, excluded)."""
+    a = np.asarray(image.convert("RGB"))[48:390, 78:560]  # curves_figure's plot area
+    return int((a == np.array(color, dtype=a.dtype)).all(axis=-1).sum())
+
+
+def test_presence_axis_is_fixed_from_0_to_1():
+    from ditloc.report.figures import presence_range
+
+    assert presence_range([0.497, 0.5, 0.503]) == (0.0, 1.0)  # a 0.003 drop is drawn as small as it is
+    assert presence_range([]) == (0.0, 1.0)
+    assert presence_range([-0.05, 1.2]) == (-0.05, 1.2)  # widened only to show values outside [0, 1]
+
+
+def test_presence_figure_draws_a_small_drop_small():
+    """Top-K 0.003 below the controls: on a fixed 0-1 axis the lines are within a few pixels
+    (an axis fitted to the data drew them apart, as if the drop were large)."""
+    from ditloc.report.figures import COLORS, curves_figure
+
+    img = curves_figure(_curve(lambda c, k: 0.497 if c == "top" else 0.5), [1, 2, 4, 8], title="t", y_label="p")
+    a = np.asarray(img.convert("RGB"))[48:390, 78:560]
+    rows = {c: np.nonzero((a == np.array(COLORS[c], dtype=a.dtype)).all(axis=-1).any(axis=1))[0]
+            for c in ("top", "bottom")}
+    assert abs(float(np.median(rows["top"])) - float(np.median(rows["bottom"]))) < 4
+
+
+def test_random_k_stays_visible_where_it_coincides_with_bottom_k():
+    from ditloc.report.figures import COLORS, curves_figure
+
+    same = curves_figure(_curve(lambda c, k: 0.2 if c == "top" else 0.8), [1, 2, 4, 8], title="t", y_label="p")
+    assert _plot_pixels(same, COLORS["random"]) > 300  # drawn over bottom-K, not hidden under it
+    assert _plot_pixels(same, COLORS["bottom"]) > 300
+    everything = curves_figure(_curve(lambda c, k: 0.5), [1, 2, 4, 8], title="t", y_label="p")  # all three coincide
+    assert all(_plot_pixels(everything, COLORS[c]) > 150 for c in ("top", "random", "bottom"))

@@ -44,11 +44,16 @@ def test_oracle_accuracy_on_fresh_renders(oracle):
         assert acc >= 0.98, (category, acc)
 
 
-def test_demo_fast_end_to_end(tmp_path, capsys):
+def test_demo_fast_end_to_end(tmp_path, capsys, monkeypatch):
     from ditloc.cli import main
 
+    monkeypatch.setenv("TQDM_DISABLE", "0")  # draw the progress bar although stderr is captured
     assert main(["demo", "--fast", "--out", str(tmp_path / "demo")]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    # one bar over every denoising step: 6 categories x (1 localize + 3 generate calls) x 4 steps, with an ETA
+    final = [line for line in err.replace("\r", "\n").splitlines() if "96/96" in line]
+    assert final and "<" in final[-1]  # [elapsed<remaining, rate]
+    assert "[6/6] hazard" in err and "since the start" in err
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert set(summary["categories"]) == {"shape", "color", "style", "place", "character", "hazard"}
     for category, e in summary["categories"].items():

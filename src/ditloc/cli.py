@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
+
+from . import _progress
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -27,10 +30,86 @@ RESUMABLE = ("bench", "ground-truth", "personalize", "unlearn")
 
 
 def _check_out_dir(out) -> None:
-    """An output directory must not be an existing file (checked before any work)."""
+    """An output directory must not be an existing file, nor lie under one (checked before any work)."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         _fail(f"--out {out} is a file; pass a directory (it is created if missing)")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                _fail(f"--out {out} lies under {parent}, which is a file; pass a directory path")
+            break
+
+
+#: flags that take a count (at least 1), by argparse destination
+COUNTS = {"steps": "--steps", "max_sequence_length": "--max-sequence-length", "batch_size": "--batch-size",
+          "top_k": "--top-k", "num_class_images": "--num-class-images", "images_per_prompt": "--images-per-prompt"}
+#: pipeline arguments ditloc sets itself, and the flag that sets each
+OWN_PIPELINE_ARGS = {"prompt": "--prompt", "num_inference_steps": "--steps", "guidance_scale": "--guidance",
+                     "max_sequence_length": "--max-sequence-length", "generator": "--seed",
+                     "output_type": None, "callback_on_step_end": None}
+
+
+def _check_args(args) -> None:
+    """Every check that needs no model, run before one loads."""
+    import torch
+
+    out = getattr(args, "out", None)
+    if out is not None and args.command != "report":
+        _check_out_dir(out)
+    for name, flag in COUNTS.items():
+        value = getattr(args, name, None)
+        if isinstance(value, int) and value < 1:
+            _fail(f"{flag} must be at least 1, got {value}")
+    if args.command in ("personalize", "unlearn") and args.k < 1:
+        _fail(f"--k must be at least 1, got {args.k}")
+    if getattr(args, "device", None) is not None:
+        try:
+            torch.device(args.device)
+        except (RuntimeError, ValueError):
+            _fail(f"unknown device {args.device!r}; use e.g. cpu, cuda, cuda:1, mps")
+    if hasattr(args, "pipeline_arg"):
+        given = dict(args.pipeline_arg)
+        for key in given:
+            if key in OWN_PIPELINE_ARGS:
+                flag = OWN_PIPELINE_ARGS[key]
+                _fail(f"--pipeline-arg {key}: ditloc sets it itself" + (f"; use {flag}" if flag else ""))
+            if key in ("height", "width") and getattr(args, key) is not None:
+                _fail(f"--pipeline-arg {key} and --{key} both given; pass --{key} only")
+        _pipeline_kwargs(args)  # --height / --width
+    for name in ("concept", "token", "class_word", "anchor"):
+        value = getattr(args, name, None)
+        if value is not None and not value.strip():
+            _fail(f"--{name.replace('_', '-')} is empty")
+    blocks = getattr(args, "blocks", None)
+    if blocks is not None and not [b for b in blocks.split(",") if b.strip()]:
+        _fail("--blocks is empty; name at least one block, e.g. --blocks block.3" +
+              (" (or auto, all)" if args.command in ("personalize", "unlearn") else ""))
+    if args.command in ("localize", "intervene") or (args.command == "unlearn" and (args.prompt or args.prompts_file)):
+        args.prompts = _read_prompts(args)
+        _check_concept(args.prompts, args.concept, exact=args.command == "unlearn")
+    if args.command == "personalize":
+        from .edit.data import image_files
+
+        image_files(args.images)
+
+
+def _words(text: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"\w+", text.lower()))
+
+
+def _check_concept(prompts: list[str], concept: str, *, exact: bool) -> None:
+    """Each prompt must hold the concept. `exact`: as training finds it (`ditloc.text`); otherwise
+    only its words, as the model may read the prompt cleaned (the adapter checks exactly later)."""
+    from .text import find_occurrences
+
+    for i, prompt in enumerate(prompts):
+        if exact and not find_occurrences(prompt, concept):
+            _fail(f"prompt {i + 1} ({prompt!r}) does not contain the concept {concept!r}")
+        if not exact and not _words(concept) <= _words(prompt):
+            _fail(f"concept {concept!r} is not in prompt {prompt!r}; use a prompt that contains it")
 
 
 def load_pipeline(model: str, *, device: str | None = None, dtype: str | None = None):
@@ -70,7 +149,10 @@ def load_pipeline(model: str, *, device: str | None = None, dtype: str | None = 
 def _read_prompts(args) -> list[str]:
     from .errors import DitlocError
 
-    prompts = list(args.prompt or [])
+    given = args.prompt if isinstance(args.prompt, list) else [args.prompt] if args.prompt is not None else []
+    if any(not p.strip() for p in given):
+        raise DitlocError("--prompt is empty; give the prompt's text")
+    prompts = list(given)
     if getattr(args, "prompts_file", None):
         path = Path(args.prompts_file)
         try:
@@ -241,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "accelerator under accelerate launch / torchrun")
     p.add_argument("--dtype", choices=DTYPES, default=None)
     _add_adapter_option(p)
+    _add_pipeline_args(p)
     p.add_argument("--out", required=True, help="run directory (rerun the same command to resume)")
 
     p = sub.add_parser("ground-truth", help="toy world: withhold each concept from every block, pair and greedy "
@@ -268,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole loop on the embedded toy model (a few minutes on a CPU)")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--k", type=int, default=3, help="blocks to withhold (default 3)")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 20; 4 with --fast)")
     p.add_argument("--fast", action="store_true", help="a smaller run (as in CI)")
     return parser
 
@@ -289,7 +372,7 @@ def _run_options(args):
 def cmd_localize(args) -> None:
     from .localize import localize
 
-    prompts = _read_prompts(args)
+    prompts = args.prompts
     if args.top_k is not None and args.auto_k:
         _fail("choose --top-k or --auto-k, not both")
     if args.clean_prompt is not None:
@@ -307,20 +390,18 @@ def cmd_localize(args) -> None:
         n_blocks = len(get_adapter(pipe, **_adapter_options(args)).block_names())
         if not 1 <= args.top_k <= n_blocks:
             _fail(f"--top-k must be between 1 and {n_blocks} (the number of blocks), got {args.top_k}")
-    loc = localize(
-        pipe,
-        prompts,
-        args.concept,
-        method=args.method,
-        clean_prompts=args.clean_prompt,
-        seed=args.seed,
-        variant=args.variant,
-        out_bias=args.out_bias,
-        batch_size=args.batch_size,
-        block_batch=args.block_batch,
-        options=_run_options(args),
-        progress=lambda done, total: print(f"localize: {done}/{total} prompts", file=sys.stderr, flush=True),
-    )
+    with _progress.bar(desc=f"localize ({args.method})", unit="step") as steps, \
+            _progress.count_steps(pipe, steps, calls=math.ceil(len(prompts) / args.batch_size)):
+
+        def progress(done: int, total: int) -> None:  # after each batch of prompts
+            if _progress.showing():
+                steps.set_postfix_str(f"{done}/{total} prompts")
+            else:
+                _progress.write(f"localize: {done}/{total} prompts")
+
+        loc = localize(pipe, prompts, args.concept, method=args.method, clean_prompts=args.clean_prompt,
+                       seed=args.seed, variant=args.variant, out_bias=args.out_bias, batch_size=args.batch_size,
+                       block_batch=args.block_batch, options=_run_options(args), progress=progress)
     top_k = loc.minimal_k() if args.auto_k else args.top_k
     if top_k is not None:
         loc.settings["top_k"] = top_k
@@ -403,12 +484,12 @@ def cmd_demo(args) -> None:
     cfg = DemoConfig.fast() if args.fast else DemoConfig()
     if not 1 <= args.k <= 12:
         _fail(f"--k must be between 1 and 12 (the toy model's blocks), got {args.k}")
-    cfg = dataclasses.replace(cfg, k=args.k, steps=args.steps if not args.fast else cfg.steps)
-    result = run_demo(args.out, cfg, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    cfg = dataclasses.replace(cfg, k=args.k, steps=args.steps if args.steps is not None else cfg.steps)
+    result = run_demo(args.out, cfg, progress=_progress.write)
     print("presence of each concept (oracle), before and after withholding it from K blocks:")
     print(format_table(result))
     print(f"wrote {args.out}/summary.json, heatmap.png and per-category localization.json + grid.png "
-          f"({result['settings']['seconds']}s)")
+          f"(in {result['settings']['seconds']:.0f} s)")
 
 
 def _int_list(text: str, flag: str) -> tuple[int, ...]:
@@ -434,6 +515,7 @@ def cmd_bench(args) -> None:
         max_sequence_length=args.max_sequence_length, localize_seed=args.localize_seed, variant=args.variant,
         batch_size=args.batch_size, dtype=args.dtype, adapter_options=_adapter_options(args),
         methods=tuple(m.strip() for m in args.method.split(",") if m.strip()),
+        pipeline_kwargs=_pipeline_kwargs(args),
     )
     plan = plan_bench(settings)
     check_run_dir(args.out, plan)  # before the model loads
@@ -446,11 +528,10 @@ def cmd_bench(args) -> None:
     workers, process_device = accelerate_workers(cpu=cpu)
     device = args.device if workers.world_size == 1 or cpu else str(process_device)
     pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
-    result = run_bench(pipe, plan, args.out, workers=workers, device=pipe._execution_device,
-                       progress=lambda m: print(m, file=sys.stderr, flush=True))
+    result = run_bench(pipe, plan, args.out, workers=workers, device=pipe._execution_device, progress=_progress.write)
     if workers.rank == 0:
-        print(f"bench: {result.units_run} unit(s) run, {result.units_reused} reused (process 0), "
-              f"{result.seconds:.0f}s; {len(result.rows)} rows")
+        print(f"bench: {result.units_run} unit(s) run, {result.units_reused} reused (process 0) in "
+              f"{result.seconds:.0f} s; {len(result.rows)} rows")
         print(f"wrote {result.path} (then: ditloc report {args.out})")
 
 
@@ -515,7 +596,7 @@ def _edit(args) -> None:
         seed=args.seed, gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=args.checkpoint_every,
     )
     common = dict(blocks=args.blocks, k=args.k, config=config, out=args.out, options=_run_options(args),
-                  progress=lambda m: print(m, file=sys.stderr, flush=True))
+                  progress=_progress.write)
     if args.command == "personalize":
         if args.num_class_images < 1:
             raise DitlocError(f"--num-class-images must be >= 1 (got {args.num_class_images})")
@@ -528,7 +609,7 @@ def _edit(args) -> None:
                           prior_preservation=args.prior_preservation, num_class_images=args.num_class_images,
                           **common)
     else:
-        prompts = _read_prompts(args) if (args.prompt or args.prompts_file) else None
+        prompts = getattr(args, "prompts", None)
         if args.images_per_prompt < 1:
             raise DitlocError(f"--images-per-prompt must be >= 1 (got {args.images_per_prompt})")
         pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
@@ -565,14 +646,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .errors import DitlocError, Interrupted
 
-    out = getattr(args, "out", None)
-    if out is not None and args.command != "report":
-        _check_out_dir(out)
     _quiet_libraries()
 
     try:
         import torch
 
+        _check_args(args)  # before any model loads
         try:
             COMMANDS[args.command](args)
         except torch.OutOfMemoryError:

@@ -4,29 +4,58 @@ blocks (method.md §2). Cross-attention models swap the text conditioning that
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
 from .engine import Session, instrument
 from .errors import DitlocError
 from .options import RunOptions, as_prompt_list, as_seed_list, chunks
-from .text import drop_dangling, find_occurrences, substitute, tidy
+from .text import find_occurrences, indefinite_article, substitute, tidy
+
+#: words that need a word after them; removing the concept can leave one dangling ("a painting by")
+ARTICLES = ("a", "an", "the")
+LINKS = ("of", "by", "in", "on", "at", "with", "from", "for", "to", "into", "onto", "near", "under", "over",
+         "like", "as", "and", "or")
+_REMOVED = "\x00"  # where the concept was
+_WORD_END = r"(?![\w'-])"
+_FUNCTION = "|".join(ARTICLES + LINKS)
+#: a function word right before the removed concept, when nothing, a punctuation mark, another removal or
+#: a preposition / conjunction follows it ("of <> in the city", "a <> on the beach", "dog by <>.")
+_DANGLING_BEFORE = re.compile(rf"(?i)(?<![\w'-])(?:{_FUNCTION})\s*{_REMOVED}"
+                              rf"(?=\s*(?:$|[,.;:!?{_REMOVED}]|(?:{'|'.join(LINKS)}){_WORD_END}))")
+#: a possessive of the removed concept; a conjunction right after it at the start of a clause
+_DANGLING_AFTER = re.compile(rf"(?i){_REMOVED}'s{_WORD_END}|(?:^|(?<=[,.;:!?]))(\s*){_REMOVED}\s*(?:and|or){_WORD_END}")
+
+
+#: "a"/"an" right before a removal and the word that now follows it
+_ARTICLE_BEFORE = re.compile(rf"(?i)(?<![\w'-])(a|an)(\s*(?:{_REMOVED}\s*)+)([\w'-]+)")
+
+
+def _fit(m: re.Match) -> str:
+    """The article made to agree with the word that now follows it ("an apple tree" - apple -> "a tree")."""
+    article = indefinite_article(m.group(3))
+    return (article.capitalize() if m.group(1)[0].isupper() else article) + m.group(2) + m.group(3)
 
 
 def derive_clean_prompt(prompt: str, concept: str) -> str:
-    """The prompt with every occurrence of the concept removed, kept grammatical
-    where a removal alone would not be: an article before it is fitted to the next
-    word or dropped, and a preposition, article or conjunction left governing
-    nothing is dropped ("a photo of Snoopy, smiling" -> "a photo, smiling", "a
-    painting of a dog by Van Gogh" -> "a painting of a dog"). A model reads broken
-    text differently, which would bias every comparison with the clean prompt.
-    Category-specific rules that replace instead of remove (a generic noun for a
-    removed noun) belong to the probe set."""
+    """The prompt with every occurrence of the concept removed, with the words the
+    removal leaves dangling, spacing tidied: "a painting of a dog by Van Gogh" ->
+    "a painting of a dog", "a photo of Snoopy, smiling" -> "a photo, smiling" (a model
+    reads a broken sentence differently, which would bias the comparison). Only words
+    next to a removal are touched. Category-specific rules that replace instead of
+    remove belong to the probe set."""
     if not find_occurrences(prompt, concept):
         raise DitlocError(
             f"concept {concept!r} is not in prompt {prompt!r}; give a clean prompt explicitly or fix the concept"
         )
-    return drop_dangling(tidy(substitute(prompt, concept, articles=True)))
+    text = substitute(prompt, concept, _REMOVED, articles=False)
+    while True:  # each pass removes a word or is the last
+        fixed = _DANGLING_AFTER.sub(lambda m: (m.group(1) or "") + _REMOVED, _DANGLING_BEFORE.sub(_REMOVED, text))
+        if fixed == text:
+            return tidy(_ARTICLE_BEFORE.sub(_fit, text).replace(_REMOVED, " "))
+        text = fixed
 
 
 def clean_prompt_list(prompts: list[str], concept: str | None, clean_prompts=None) -> list[str]:

@@ -17,14 +17,6 @@ _AN_PREFIXES = ("hour", "honest", "honor", "honour", "heir")
 _A_PREFIXES = ("uni", "use", "usu", "uti", "eu", "one", "once")
 _ARTICLE_AT_END = re.compile(r"(?<![\w'-])(a|an)(\s+)$", re.IGNORECASE)
 _FIRST_WORD = re.compile(r"\s*([\w'-]+)")
-_PREPOSITIONS = r"(?:of|by|in|at|on|with|from|for|to|into|near|under|over|beside|behind|through|across|along)"
-#: a preposition, article or conjunction left with nothing to govern: before punctuation or the end
-#: (prepositions, articles), or before another preposition (prepositions and articles only)
-_DANGLING = re.compile(
-    rf"(?<![\w'-])(?:(?:{_PREPOSITIONS}|a|an|the)(?=\s*(?:[,.;:!?]|$)|\s+{_PREPOSITIONS}(?![\w'-]))"
-    rf"|(?:and|or)(?=\s*(?:[,.;:!?]|$)))",
-    re.IGNORECASE,
-)
 
 
 def find_occurrences(text: str, concept: str) -> list[Span]:
@@ -52,17 +44,6 @@ def tidy(text: str) -> str:
     text = re.sub(r"\s+([,.;:!?])", r"\1", text)
     text = re.sub(r"([,;:])(\s*[,;:])+", r"\1", text)
     return text.strip().strip(",;:").strip()
-
-
-def drop_dangling(text: str) -> str:
-    """`text` without the prepositions, articles and conjunctions a removal left
-    governing nothing ("a painting of a dog by" -> "a painting of a dog", "a photo of
-    in the city" -> "a photo in the city", "a photo of, smiling" -> "a photo, smiling"),
-    tidied (see `tidy`)."""
-    previous = None
-    while previous != text:
-        previous, text = text, tidy(_DANGLING.sub("", text))
-    return text
 
 
 def indefinite_article(word: str) -> str:

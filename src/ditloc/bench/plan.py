@@ -31,6 +31,7 @@ from ..errors import DitlocError
 
 FORMAT = "ditloc.bench/1"
 BASELINE = "baseline"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 #: the withholding conditions compared for every K (method.md §4: top-K against random-K and bottom-K)
 CONTROLS = ("top", "random", "bottom")
 #: the method whose names carry no suffix (and the only one of runs made before `methods` existed)
@@ -67,6 +68,8 @@ class BenchSettings:
     dtype: str | None = None
     adapter_options: dict = dataclasses.field(default_factory=dict)  # model-family settings (--adapter-option)
     methods: tuple[str, ...] = (DEFAULT_METHOD,)  # localization methods compared (top/bottom-K per method)
+    #: other `pipe(...)` arguments (--height, --width, --pipeline-arg), checked against the pipeline before any unit
+    pipeline_kwargs: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         from ..evaluate import EVALUATORS
@@ -104,6 +107,19 @@ class BenchSettings:
                 raise DitlocError(f"{name.replace('_', '-')} must be at least 1, got {value}")
         if int(self.steps) < 1 or int(self.batch_size) < 1:
             raise DitlocError(f"steps and batch size must be positive, got {self.steps} and {self.batch_size}")
+        if not all(isinstance(key, str) for key in self.pipeline_kwargs):
+            raise DitlocError(f"pipeline arguments are named by strings, got {list(self.pipeline_kwargs)}")
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """The settings' default values (to_dict form): what a bench.json written before a setting existed ran with."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = list(f.default) if isinstance(f.default, tuple) else f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+        return out
 
     @property
     def run_options(self):
@@ -111,7 +127,8 @@ class BenchSettings:
         from ..options import RunOptions
 
         return RunOptions(num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
-                          max_sequence_length=self.max_sequence_length, adapter_options=dict(self.adapter_options))
+                          max_sequence_length=self.max_sequence_length, adapter_options=dict(self.adapter_options),
+                          pipeline_kwargs=dict(self.pipeline_kwargs))
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -253,7 +270,32 @@ def plan_bench(settings: BenchSettings, probes=None) -> BenchPlan:
             ))
     if not concepts:
         raise DitlocError("the selection has no concepts; check --categories and --concepts-per-category")
+    _check_evaluator_files(settings, concepts)
     return BenchPlan(settings, tuple(concepts), sha)
+
+
+def reference_folder(root: Path, concept: ConceptPlan) -> Path | None:
+    """A concept's folder of style references: `root/<name>` or `root/<file-name form>`."""
+    return next((root / n for n in (concept.concept, concept.slug) if (root / n).is_dir()), None)
+
+
+def _check_evaluator_files(settings: BenchSettings, concepts: list[ConceptPlan]) -> None:
+    """The evaluator's local files exist (before any model loads)."""
+    model = settings.evaluator_model
+    if model and Path(model).expanduser().exists() and not Path(model).expanduser().is_dir():
+        raise DitlocError(f"--evaluator-model {model} is a file; give the model's directory or a cached hub id")
+    if model and model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():
+        raise DitlocError(f"evaluator model directory {model!r} does not exist")
+    if settings.evaluator != "style" or not settings.references:
+        return
+    root = Path(settings.references)
+    if not root.is_dir():
+        raise DitlocError(f"references directory {str(root)!r} does not exist; give one folder of images per concept")
+    for c in concepts:
+        folder = reference_folder(root, c)
+        if folder is None or not any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()):
+            raise DitlocError(f"no reference images for {c.concept!r}: put them in {root / c.concept} "
+                              f"or {root / c.slug}")
 
 
 def derived_seed(*parts) -> int:

@@ -11,6 +11,7 @@ merges the stores into ``results.jsonl``.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,15 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import _progress
 from .._io import LOCK_FILE, OutputLock
 from ..errors import DitlocError
-from .plan import BASELINE, DEFAULT_METHOD, BenchPlan, BenchSettings, ConceptPlan, Unit, control_blocks
+from .plan import (BASELINE, DEFAULT_METHOD, IMAGE_SUFFIXES, BenchPlan, BenchSettings, ConceptPlan, Unit, control_blocks,
+                   reference_folder)
 from .store import (BenchRow, ResultStore, check_run_dir, merge_results, read_units, store_path,
                     write_settings)
 
 #: question the VLM judge is asked, filled with the concept's evaluation text ("an image showing X")
 VLM_QUESTION = "Is this {concept}? Answer yes or no."
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 # --------------------------------------------------------------------------
@@ -59,7 +61,7 @@ def make_evaluator(settings: BenchSettings, plan: BenchPlan, *, device=None):
         raise DitlocError(f"references directory {str(root)!r} does not exist; give one folder of images per concept")
     references = {}
     for c in plan.concepts:
-        folder = next((root / n for n in (c.concept, c.slug) if (root / n).is_dir()), None)
+        folder = reference_folder(root, c)
         images = _reference_images(folder) if folder is not None else []
         if not images:
             raise DitlocError(f"no reference images for {c.concept!r}: put them in {root / c.concept} "
@@ -112,6 +114,10 @@ def _validate(pipe, plan: BenchPlan, evaluator) -> list[str]:
         for p in c.localization_prompts + c.evaluation_prompts:
             adapter.concept_span(p, c.concept, kw)
         evaluator.check_text(c.eval_text)
+    check_size = getattr(evaluator, "check_image_size", None)  # (an evaluator of the caller's may lack it)
+    if check_size is not None:
+        native_h, native_w = adapter.image_size()
+        check_size(int(kw.get("width") or native_w), int(kw.get("height") or native_h))
     return blocks
 
 
@@ -171,6 +177,13 @@ def _generate_unit(pipe, plan: BenchPlan, unit: Unit, loc, evaluator, out: Path)
     return {"unit": unit.id, "kind": "generate", "rows": rows}
 
 
+def _pipeline_calls(settings: BenchSettings, unit: Unit) -> int:
+    """How many `pipe(...)` calls a unit makes: its images (localize: prompts x one seed) in batches."""
+    c = unit.concept
+    images = len(c.localization_prompts) if unit.kind == "localize" else len(c.evaluation_prompts) * len(settings.seeds)
+    return math.ceil(images / settings.batch_size)
+
+
 # --------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------
@@ -214,19 +227,26 @@ def _run_bench(pipe, plan: BenchPlan, out, *, resuming: bool, evaluator, workers
     tag = f"[{workers.rank}/{workers.world_size}] " if workers.world_size > 1 else ""
     ran = reused = 0
     localizations: dict[str, Localization] = {}
+    mine = [[u for n, u in enumerate(units) if n % workers.world_size == workers.rank]
+            for units in (plan.localize_units(), plan.generate_units())]
+    # bars on the first process only (the others would draw over them); a unit's bar counts its denoising steps
+    overall = _progress.bar(total=sum(u.id not in done for units in mine for u in units), desc="bench",
+                            unit="unit", off=workers.rank != 0)
 
     def phase(units: list[Unit], work) -> None:
         nonlocal ran, reused
-        for n, unit in enumerate(units):
-            if n % workers.world_size != workers.rank:
-                continue
+        for unit in units:
             if unit.id in done:
                 reused += 1
                 continue
             t = time.time()
-            store.append(work(unit))
+            with _progress.bar(desc=unit.id, unit="step", leave=False, off=workers.rank != 0) as steps, \
+                    _progress.count_steps(pipe, steps, calls=_pipeline_calls(plan.settings, unit)):
+                record = work(unit)
+            store.append(record)
             ran += 1
-            say(f"bench {tag}{unit.id} ({time.time() - t:.1f}s, {time.time() - t0:.0f}s in all)")
+            overall.update()
+            say(f"bench {tag}{unit.id}: done in {time.time() - t:.1f} s; {_progress.elapsed(t0)} since the start")
 
     def generate_unit(unit: Unit) -> dict:
         # random-K needs only the block names: any method's localization has them
@@ -235,9 +255,10 @@ def _run_bench(pipe, plan: BenchPlan, out, *, resuming: bool, evaluator, workers
             localizations[path] = Localization.load(out / path)
         return _generate_unit(pipe, plan, unit, localizations.get(path), evaluator, out)
 
-    phase(plan.localize_units(), lambda unit: _localize_unit(pipe, plan, unit, out))
-    workers.barrier()  # every localization is on disk before any generation needs it
-    phase(plan.generate_units(), generate_unit)
+    with overall:
+        phase(mine[0], lambda unit: _localize_unit(pipe, plan, unit, out))
+        workers.barrier()  # every localization is on disk before any generation needs it
+        phase(mine[1], generate_unit)
     workers.barrier()
     rows, path = (merge_results(out, plan) if workers.rank == 0 else ([], None))
     return BenchResult(tuple(rows), ran, reused, path, time.time() - t0)

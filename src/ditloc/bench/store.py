@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .._io import write_atomic
 from ..errors import DitlocError
-from .plan import CONTROLS, DEFAULT_METHOD, FORMAT, BenchPlan, localization_path, slugify
+from .plan import CONTROLS, DEFAULT_METHOD, FORMAT, BenchPlan, BenchSettings, localization_path, slugify
 
 SETTINGS_FILE = "bench.json"
 RESULTS_FILE = "results.jsonl"
@@ -79,6 +79,8 @@ def check_run_dir(out, plan: BenchPlan) -> bool:
     if "text_stream" in settings and "adapter_options" not in settings:  # written before --adapter-option
         stream = settings.pop("text_stream")
         settings["adapter_options"] = {"text_stream": stream} if stream else {}
+    for key, value in BenchSettings.defaults().items():  # settings added since the run was written
+        settings.setdefault(key, value)
     if old.get("format") != FORMAT:
         raise DitlocError(f"{path} is not a {FORMAT} settings file; use a new --out directory")
     diffs = [f"{k}: {old['settings'].get(k)!r} there, {v!r} here" for k, v in new["settings"].items()

@@ -20,11 +20,9 @@ def image_size(pipe) -> tuple[int, int]:
     return get_adapter(pipe).image_size()
 
 
-def load_image_folder(directory, size: tuple[int, int]) -> tuple[torch.Tensor, list[dict]]:
-    """RGB images of exactly `size` (h, w) -> ([N, 3, h, w] in [-1, 1], records
-    with file name and sha256). Every problem is one actionable line."""
-    from PIL import Image, UnidentifiedImageError
-
+def image_files(directory) -> list[Path]:
+    """The image files of a training folder, in name order; refuses a file, a missing or an empty folder
+    (checked before any model loads)."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise DitlocError(f"{directory} is a file; --images takes a folder of images")
@@ -33,6 +31,15 @@ def load_image_folder(directory, size: tuple[int, int]) -> tuple[torch.Tensor, l
     files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DitlocError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {directory}")
+    return files
+
+
+def load_image_folder(directory, size: tuple[int, int]) -> tuple[torch.Tensor, list[dict]]:
+    """RGB images of exactly `size` (h, w) -> ([N, 3, h, w] in [-1, 1], records
+    with file name and sha256). Every problem is one actionable line."""
+    from PIL import Image, UnidentifiedImageError
+
+    files = image_files(directory)
     arrays, records = [], []
     for path in files:
         try:

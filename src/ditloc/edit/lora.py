@@ -77,7 +77,9 @@ def add_lora(transformer: torch.nn.Module, spec: LoraSpec, adapter_name: str = A
     """Inject LoRA into exactly `spec.targets`; freezes everything else.
     Returns the names of the trainable parameters. ``A`` is drawn as peft draws
     it (Kaiming-uniform) but from a generator seeded with `seed`, not from the
-    global RNG, so the same seed gives the same adapter; ``B = 0``."""
+    global RNG, so the same seed gives the same adapter; ``B = 0``, so the adapted model computes
+    exactly what the frozen model does (freezing alone can move the last bit of a matmul on some
+    BLAS builds: PyTorch picks mm or bmm by whether the weight requires grad)."""
     from peft import inject_adapter_in_model
 
     if spec.rank < 1:

@@ -121,6 +121,10 @@ class Evaluator:
             raise DitlocError(f"{type(self).__name__} needs a non-empty text to score against, got {text!r}")
         return text
 
+    def check_image_size(self, width: int, height: int) -> None:
+        """A DitlocError if this evaluator cannot score images of this size (callers check
+        before generating any image); any size by default."""
+
     def _score_batch(self, images: list[Image.Image], texts: list[str]) -> np.ndarray:
         raise NotImplementedError
 

@@ -59,11 +59,14 @@ class ToyOracle(Evaluator):
         category, label = parse_toy_concept(text)
         return f"{category}: {label}"
 
-    def _score_batch(self, images: list[Image.Image], texts: list[str]) -> np.ndarray:
+    def check_image_size(self, width: int, height: int) -> None:
         size = world.IMAGE_SIZE
+        if (width, height) != (size, size):
+            raise DitlocError(f"the toy oracle reads {size}x{size} images, got {width}x{height}")
+
+    def _score_batch(self, images: list[Image.Image], texts: list[str]) -> np.ndarray:
         for im in images:
-            if im.size != (size, size):
-                raise DitlocError(f"the toy oracle reads {size}x{size} images, got {im.size[0]}x{im.size[1]}")
+            self.check_image_size(*im.size)
         pixels = np.stack([np.asarray(im, dtype=np.uint8) for im in images])  # [B, 32, 32, 3]
         probs = self.oracle.classify(pixels).probs  # category -> [B, n_labels]
         out = np.empty(len(images))

@@ -4,6 +4,7 @@ returns a PIL image; the caller saves it."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -15,6 +16,15 @@ WHITE, BLACK, GREY, LIGHT = (255, 255, 255), (20, 20, 20), (110, 110, 110), (225
 #: line colours of the conditions (colour-blind safe: vermillion, blue, bluish green)
 COLORS = {"top": (213, 94, 0), "random": (0, 114, 178), "bottom": (0, 158, 115)}
 LABELS = {"top": "top-K withheld", "random": "random-K withheld", "bottom": "bottom-K withheld"}
+#: how each condition is drawn, in drawing order (later on top). The controls often coincide (and top-K
+#: with them where withholding does nothing), so each line is narrower than the one under it: bottom-K wide
+#: and solid with large triangles, random-K dashed with squares, top-K thin with small circles; where lines
+#: coincide, every one stays visible
+STYLES = {
+    "bottom": {"width": 10, "dash": None, "marker": "triangle", "size": 8},
+    "random": {"width": 6, "dash": (10, 6), "marker": "square", "size": 5},
+    "top": {"width": 2, "dash": None, "marker": "circle", "size": 3},
+}
 HEAT = (178, 24, 43)  # the colour of 1.0 in the heat map (0.0 is white)
 
 
@@ -60,6 +70,51 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     if ticks[-1] < hi:
         ticks.append(round(ticks[-1] + step, 10))
     return ticks
+
+
+def presence_range(values: Sequence[float]) -> tuple[float, float]:
+    """The presence axis: 0 to 1 (presence is a fraction or a probability), widened only to
+    show values outside it. Fixed, so that a 0.003 drop looks as small as it is."""
+    return min([0.0, *values]), max([1.0, *values])
+
+
+def _dashed(d: ImageDraw.ImageDraw, xy: list[tuple[float, float]], fill, width: int, dash: tuple[int, int]) -> None:
+    """A polyline drawn `dash` = (on, off) pixels at a time; the pattern runs on across vertices."""
+    on, off = dash
+    phase = 0.0  # position within the on+off period
+    for (x0, y0), (x1, y1) in itertools.pairwise(xy):
+        length = math.hypot(x1 - x0, y1 - y0)
+        pos = 0.0
+        while pos < length:
+            in_on = phase < on
+            step = min((on - phase) if in_on else (on + off - phase), length - pos)
+            if in_on:
+                a, b = pos / length, (pos + step) / length
+                d.line([(x0 + (x1 - x0) * a, y0 + (y1 - y0) * a), (x0 + (x1 - x0) * b, y0 + (y1 - y0) * b)],
+                       fill=fill, width=width)
+            pos += step
+            phase = (phase + step) % (on + off)
+
+
+def _marker(d: ImageDraw.ImageDraw, x: float, y: float, shape: str, r: int, fill) -> None:
+    if shape == "square":
+        d.rectangle([x - r, y - r, x + r, y + r], fill=fill, outline=WHITE)
+    elif shape == "triangle":
+        d.polygon([(x, y - r - 1), (x - r, y + r - 1), (x + r, y + r - 1)], fill=fill, outline=WHITE)
+    else:
+        d.ellipse([x - r, y - r, x + r, y + r], fill=fill, outline=WHITE)
+
+
+def _series_line(d: ImageDraw.ImageDraw, xy: list[tuple[float, float]], control: str, markers=None) -> None:
+    """A condition's line in its style, with its markers at `markers` (default: every vertex)."""
+    style = STYLES[control]
+    if len(xy) > 1:
+        if style["dash"]:
+            _dashed(d, xy, COLORS[control], style["width"], style["dash"])
+        else:
+            d.line(xy, fill=COLORS[control], width=style["width"], joint="curve")
+    for x, y in xy if markers is None else markers:
+        _marker(d, x, y, style["marker"], style["size"], COLORS[control])
 
 
 def _format_tick(value: float) -> str:
@@ -114,7 +169,8 @@ def heatmap_figure(freq: dict[str, Sequence[float]], blocks: Sequence[str], *, t
 
 def curves_figure(points: Sequence[CurvePoint], ks: Sequence[int], *, title: str, y_label: str) -> Image.Image:
     """Presence vs K for one category: a line per control, each starting at the
-    baseline (K = 0), with its 95% confidence band. K values sit at even spacing."""
+    baseline (K = 0), with its 95% confidence band. K values sit at even spacing;
+    the presence axis is fixed (`presence_range`)."""
     f, small, title_font = font(14), font(12), font(16)
     width, height = 760, 460
     left, right, top, bottom = 78, 200, 48, 70
@@ -127,10 +183,7 @@ def curves_figure(points: Sequence[CurvePoint], ks: Sequence[int], *, title: str
     def x_of(k: int) -> float:
         return left + 20 + xs.index(k) * (plot_w - 40) / max(len(xs) - 1, 1)
 
-    values = [v for p in points for v in (p.low, p.high)]
-    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
-    pad = (hi - lo) * 0.08 or 0.05
-    ticks = _nice_ticks(lo - pad, hi + pad)
+    ticks = _nice_ticks(*presence_range([v for p in points for v in (p.low, p.high)]))
     y0, y1 = ticks[0], ticks[-1]
 
     def y_of(v: float) -> float:
@@ -159,7 +212,7 @@ def curves_figure(points: Sequence[CurvePoint], ks: Sequence[int], *, title: str
     # bands first (translucent), then lines and markers
     base = next((p for p in points if p.control == "baseline"), None)
     series = {}
-    for control in COLORS:
+    for control in STYLES:  # drawing order
         pts = sorted((p for p in points if p.control == control), key=lambda p: p.k)
         if pts:
             series[control] = ([base] if base is not None else []) + pts
@@ -173,20 +226,16 @@ def curves_figure(points: Sequence[CurvePoint], ks: Sequence[int], *, title: str
     img.paste(Image.alpha_composite(img.convert("RGBA"), overlay).convert("RGB"))
     d = ImageDraw.Draw(img)
     for control, pts in series.items():
-        xy = [(x_of(p.k), y_of(p.mean)) for p in pts]
-        if len(xy) > 1:
-            d.line(xy, fill=COLORS[control], width=3, joint="curve")
-        for x, y in xy:
-            d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=COLORS[control], outline=WHITE)
+        _series_line(d, [(x_of(p.k), y_of(p.mean)) for p in pts], control)
     if base is not None:
         x, y = x_of(0), y_of(base.mean)
         d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=BLACK)
 
-    # legend
+    # legend, in the order of COLORS
     lx, ly = left + plot_w + 16, top + 6
-    for control in series:
-        d.line([lx, ly + 8, lx + 28, ly + 8], fill=COLORS[control], width=3)
-        d.text((lx + 34, ly), LABELS[control], font=small, fill=BLACK)
+    for control in (c for c in COLORS if c in series):
+        _series_line(d, [(lx, ly + 8), (lx + 30, ly + 8)], control, markers=[(lx + 15, ly + 8)])
+        d.text((lx + 38, ly), LABELS[control], font=small, fill=BLACK)
         ly += 24
     d.ellipse([lx + 9, ly + 3, lx + 19, ly + 13], fill=BLACK)
     d.text((lx + 34, ly), "baseline", font=small, fill=BLACK)

@@ -12,12 +12,14 @@ its prompts (drawn from the toy world) and its summary. Writes
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .. import _progress
 from .._io import write_json
 from ..bench import ConceptPlan, generate_scored, random_blocks, slugify
 from ..evaluate.toy import ToyOracle
@@ -26,6 +28,7 @@ from ..options import RunOptions
 from ..report.figures import grid_figure, heatmap_figure
 from . import world
 
+LOCALIZE_BATCH = 8  # prompts per localize call (localize's default)
 #: one concept per category; the word the prompt contains and the oracle label it must produce
 DEMO_CONCEPTS = {
     "shape": ("star", "star"),
@@ -103,39 +106,48 @@ def run_demo(out_dir="runs/demo", config: DemoConfig | None = None, *, pipe=None
     # the toy prompts are < 32 tokens and padding is masked: 32 gives the same images as the default 120, faster
     options = RunOptions(num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, max_sequence_length=32,
                          pipeline_kwargs={"clean_caption": False})
+    options.resolve(pipe)  # settings the pipeline cannot take are refused before any work
     summary, heat = {}, {}
-    for n, (category, (concept, label)) in enumerate(DEMO_CONCEPTS.items(), 1):
-        c = _concept(rng, category, concept, label, cfg)
-        progress(f"[{n}/6] {category} {concept!r}: localize on {len(c.localization_prompts)} prompts "
-                 f"({time.time() - t0:.0f}s)")
-        loc = localize(pipe, list(c.localization_prompts), concept, seed=cfg.seed, options=options)
-        loc.save(out / category / "localization.json")
-        heat[category] = loc.scores.tolist()
-        top, blocks = loc.top(cfg.k), list(loc.blocks)
-        random_sets = [random_blocks(blocks, cfg.k, rng) for _ in range(cfg.n_random)]
-        progress(f"[{n}/6] {category}: generate {len(c.evaluation_prompts)}x{len(cfg.seeds)} held-out images, "
-                 f"withhold top-{cfg.k} {top} vs {cfg.n_random} random sets")
-        before, withheld, *randoms = [generate_scored(pipe, c, withhold, evaluator, seeds=cfg.seeds, options=options)
-                                      for withhold in [None, top, *random_sets]]  # (images, scores) each
-        summary[category] = {
-            "concept": concept,
-            "oracle_label": label,
-            "k": cfg.k,
-            "top_k_blocks": top,
-            "random_k_blocks": random_sets,
-            "presence_before": float(np.mean(before[1])),
-            "presence_top_k": float(np.mean(withheld[1])),
-            "presence_random_k": float(np.mean([np.mean(scores) for _, scores in randoms])),
-            "n_images": len(before[0]),
-            "localization_prompts": list(c.localization_prompts),
-            "eval_prompts": list(c.evaluation_prompts),
-            "clean_prompts": list(c.clean_prompts),
-        }
-        samples = [(i, seed) for i in range(len(c.evaluation_prompts)) for seed in cfg.seeds][:4]
-        grid_figure([[before[0][r], withheld[0][r], randoms[0][0][r]] for r in range(len(samples))],
-                    ["original", f"top-{cfg.k} withheld", f"random-{cfg.k} withheld"],
-                    [f"p{i} s{seed}" for i, seed in samples],
-                    title=f"{category} / {concept}: original and withheld").save(out / category / "grid.png")
+    # one bar over every denoising step: per category one localize call per batch, then one generate call per
+    # condition (original, top-K, each random set)
+    calls = len(DEMO_CONCEPTS) * (math.ceil(cfg.n_localize / LOCALIZE_BATCH) + 2 + cfg.n_random)
+    with _progress.bar(desc="demo", unit="step") as steps, _progress.count_steps(pipe, steps, calls=calls):
+        for n, (category, (concept, label)) in enumerate(DEMO_CONCEPTS.items(), 1):
+            c = _concept(rng, category, concept, label, cfg)
+            steps.set_description(f"demo [{n}/6] {category}: localize")
+            progress(f"[{n}/6] {category} {concept!r}: localize on {len(c.localization_prompts)} prompts "
+                     f"({_progress.elapsed(t0)} since the start)")
+            loc = localize(pipe, list(c.localization_prompts), concept, seed=cfg.seed, batch_size=LOCALIZE_BATCH,
+                           options=options)
+            loc.save(out / category / "localization.json")
+            heat[category] = loc.scores.tolist()
+            top, blocks = loc.top(cfg.k), list(loc.blocks)
+            random_sets = [random_blocks(blocks, cfg.k, rng) for _ in range(cfg.n_random)]
+            steps.set_description(f"demo [{n}/6] {category}: generate")
+            progress(f"[{n}/6] {category}: generate {len(c.evaluation_prompts)}x{len(cfg.seeds)} held-out images, "
+                     f"withhold top-{cfg.k} {top} vs {cfg.n_random} random sets")
+            before, withheld, *randoms = [generate_scored(pipe, c, withhold, evaluator, seeds=cfg.seeds,
+                                                          options=options)
+                                          for withhold in [None, top, *random_sets]]  # (images, scores) each
+            summary[category] = {
+                "concept": concept,
+                "oracle_label": label,
+                "k": cfg.k,
+                "top_k_blocks": top,
+                "random_k_blocks": random_sets,
+                "presence_before": float(np.mean(before[1])),
+                "presence_top_k": float(np.mean(withheld[1])),
+                "presence_random_k": float(np.mean([np.mean(scores) for _, scores in randoms])),
+                "n_images": len(before[0]),
+                "localization_prompts": list(c.localization_prompts),
+                "eval_prompts": list(c.evaluation_prompts),
+                "clean_prompts": list(c.clean_prompts),
+            }
+            samples = [(i, seed) for i in range(len(c.evaluation_prompts)) for seed in cfg.seeds][:4]
+            grid_figure([[before[0][r], withheld[0][r], randoms[0][0][r]] for r in range(len(samples))],
+                        ["original", f"top-{cfg.k} withheld", f"random-{cfg.k} withheld"],
+                        [f"p{i} s{seed}" for i, seed in samples],
+                        title=f"{category} / {concept}: original and withheld").save(out / category / "grid.png")
     heatmap_figure({category: _scaled(scores) for category, scores in heat.items()}, list(loc.blocks),
                    title="Attention contribution of each concept",
                    subtitle="per block; each row scaled to its own range (lowest white, highest red)").save(
