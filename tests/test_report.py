@@ -193,3 +193,25 @@ def test_random_k_stays_visible_where_it_coincides_with_bottom_k():
     assert _plot_pixels(same, COLORS["bottom"]) > 300
     everything = curves_figure(_curve(lambda c, k: 0.5), [1, 2, 4, 8], title="t", y_label="p")  # all three coincide
     assert all(_plot_pixels(everything, COLORS[c]) > 150 for c in ("top", "random", "bottom"))
+
+
+def test_several_methods_each_get_their_own_lines():
+    """Top-K of a second method is drawn in its own colour (not merged into the first's line)."""
+    from ditloc.report.data import CurvePoint
+    from ditloc.report.figures import COLORS, METHOD_COLORS, curves_figure
+
+    points = [CurvePoint("c", "baseline", 0, 0.9, 0.88, 0.92, 8)]
+    for method, level in (("contribution", 0.7), ("patch", 0.2)):
+        for control, mean in (("top", level), ("bottom", 0.9)):
+            points += [CurvePoint("c", control, k, mean, mean - 0.02, mean + 0.02, 8, method=method) for k in (1, 2)]
+    points += [CurvePoint("c", "random", k, 0.85, 0.83, 0.87, 8) for k in (1, 2)]
+    img = curves_figure(points, [1, 2], title="t", y_label="p")
+    a = np.asarray(img.convert("RGB"))
+    plot = a[48:390, 78:560]
+
+    def rows_of(color):
+        return np.nonzero((plot == np.array(color, dtype=plot.dtype)).all(axis=-1).any(axis=1))[0]
+
+    first, second = rows_of(COLORS["top"]), rows_of(METHOD_COLORS[0]["top"])
+    assert len(first) and len(second)
+    assert second.max() - first.max() > 100  # patch's top-K line ends far lower (presence 0.2 vs 0.7)

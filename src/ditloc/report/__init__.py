@@ -48,6 +48,12 @@ class Report:
         }
 
 
+def _method_name(data: BenchRun) -> str:
+    """The localization method of the heat map and grids (a bench run's first)."""
+    method = data.methods[0]
+    return f"attention contribution, {data.settings['variant']}" if method == "contribution" else method
+
+
 def _grid_samples(data: BenchRun, category: str, concept: str, n: int) -> list[tuple[int, int]]:
     """(prompt index, seed) of the grid's rows: distinct prompts first (first seed), then more seeds."""
     seeds = list(data.settings["seeds"])
@@ -64,7 +70,8 @@ def _load_image(path: Path) -> Image.Image:
 
 def _grids(data: BenchRun, out: Path, n: int) -> list[Figure]:
     """One grid per concept: rows = (prompt, seed) samples, columns = baseline then top-K withheld per K."""
-    images = {(r.category, r.concept, r.control, r.k, r.prompt_index, r.seed): r for r in data.rows}
+    images = {(r.category, r.concept, r.control, r.k, r.prompt_index, r.seed): r for r in data.rows
+              if r.ranked_by in ("", data.methods[0])}  # the first method's top-K
     missing = Image.new("RGB", (32, 32), (240, 240, 240))  # a unit not finished yet
     figures = []
     for category, concepts in data.record["concepts"].items():
@@ -106,8 +113,8 @@ def build_report(run, *, k: int | None = None, threshold: float = 0.5, grid_samp
     subtitle = f"fraction of each category's concepts whose top-{k} blocks include the block"
     heatmap_figure(selection, data.blocks, title=f"Top-{k} selection frequency", subtitle=subtitle).save(heat_path)
     heat = Figure(heat_path, f"top-{k} selection frequency",
-                  f"cell: fraction of the category's concepts whose top-{k} blocks (attention contribution, "
-                  f"{settings['variant']}) include the block")
+                  f"cell: fraction of the category's concepts whose top-{k} blocks ({_method_name(data)}) "
+                  "include the block")
 
     curves = presence_curves(data)
     curve_figures = []
@@ -123,10 +130,13 @@ def build_report(run, *, k: int | None = None, threshold: float = 0.5, grid_samp
                                     f"mean presence; bands: 95% CI, {CI_METHOD}"))
 
     minimal = minimal_k(data, threshold)
-    header = ["category", "concept", "baseline"] + [f"top-{k_} / baseline" for k_ in data.ks] + ["minimal K"]
+    several = len(data.methods) > 1
+    header = (["category", "concept"] + (["method"] if several else []) + ["baseline"]
+              + [f"top-{k_} / baseline" for k_ in data.ks] + ["minimal K"])
     rows = []
     for m in minimal:
-        cells = [(m.category, ""), (m.concept, ""), (f"{m.baseline:.4g}", "num")]
+        cells = [(m.category, ""), (m.concept, "")] + ([(m.method, "")] if several else [])
+        cells += [(f"{m.baseline:.4g}", "num")]
         cells += [(f"{m.relative[k_]:.3f}" if m.relative.get(k_) is not None else "–", "num") for k_ in data.ks]
         cells.append((str(m.minimal_k) if m.minimal_k is not None else "none", "num" if m.minimal_k else "none"))
         rows.append(cells)

@@ -25,6 +25,11 @@ STYLES = {
     "random": {"width": 6, "dash": (10, 6), "marker": "square", "size": 5},
     "top": {"width": 2, "dash": None, "marker": "circle", "size": 3},
 }
+#: top-K / bottom-K colours of a second and third localization method (the first uses COLORS)
+METHOD_COLORS = [
+    {"top": (204, 121, 167), "bottom": (86, 180, 233)},
+    {"top": (120, 60, 20), "bottom": (150, 150, 60)},
+]
 HEAT = (178, 24, 43)  # the colour of 1.0 in the heat map (0.0 is white)
 
 
@@ -105,16 +110,18 @@ def _marker(d: ImageDraw.ImageDraw, x: float, y: float, shape: str, r: int, fill
         d.ellipse([x - r, y - r, x + r, y + r], fill=fill, outline=WHITE)
 
 
-def _series_line(d: ImageDraw.ImageDraw, xy: list[tuple[float, float]], control: str, markers=None) -> None:
+def _series_line(d: ImageDraw.ImageDraw, xy: list[tuple[float, float]], control: str, markers=None,
+                 color=None) -> None:
     """A condition's line in its style, with its markers at `markers` (default: every vertex)."""
     style = STYLES[control]
+    color = color or COLORS[control]
     if len(xy) > 1:
         if style["dash"]:
-            _dashed(d, xy, COLORS[control], style["width"], style["dash"])
+            _dashed(d, xy, color, style["width"], style["dash"])
         else:
-            d.line(xy, fill=COLORS[control], width=style["width"], joint="curve")
+            d.line(xy, fill=color, width=style["width"], joint="curve")
     for x, y in xy if markers is None else markers:
-        _marker(d, x, y, style["marker"], style["size"], COLORS[control])
+        _marker(d, x, y, style["marker"], style["size"], color)
 
 
 def _format_tick(value: float) -> str:
@@ -168,12 +175,14 @@ def heatmap_figure(freq: dict[str, Sequence[float]], blocks: Sequence[str], *, t
 
 
 def curves_figure(points: Sequence[CurvePoint], ks: Sequence[int], *, title: str, y_label: str) -> Image.Image:
-    """Presence vs K for one category: a line per control, each starting at the
-    baseline (K = 0), with its 95% confidence band. K values sit at even spacing;
+    """Presence vs K for one category: a line per control (top-K and bottom-K per
+    localization method), each starting at the baseline (K = 0), with its 95% confidence band. K values sit at even spacing;
     the presence axis is fixed (`presence_range`)."""
     f, small, title_font = font(14), font(12), font(16)
-    width, height = 760, 460
-    left, right, top, bottom = 78, 200, 48, 70
+    n_methods = len({p.method for p in points if p.control in ("top", "bottom")})
+    extra = max(0, n_methods - 1)  # room for the other methods' legend lines
+    width, height = 760 + (110 if extra else 0), 460 + 48 * extra
+    left, right, top, bottom = 78, 200 + (110 if extra else 0), 48, 70
     img = Image.new("RGB", (width, height), WHITE)
     d = ImageDraw.Draw(img)
     d.text((12, 12), title, font=title_font, fill=BLACK)
@@ -211,32 +220,41 @@ def curves_figure(points: Sequence[CurvePoint], ks: Sequence[int], *, title: str
 
     # bands first (translucent), then lines and markers
     base = next((p for p in points if p.control == "baseline"), None)
+    # one series per (control, method): random-K has no method; top-K and bottom-K one per localization method
+    methods = list(dict.fromkeys(p.method for p in points if p.control in ("top", "bottom")))
+    colors = {(c, m): (COLORS[c] if i == 0 else METHOD_COLORS[(i - 1) % len(METHOD_COLORS)][c])
+              for i, m in enumerate(methods) for c in ("top", "bottom")}
+    colors[("random", "")] = COLORS["random"]
     series = {}
     for control in STYLES:  # drawing order
-        pts = sorted((p for p in points if p.control == control), key=lambda p: p.k)
-        if pts:
-            series[control] = ([base] if base is not None else []) + pts
+        for method in ([""] if control == "random" else methods):
+            pts = sorted((p for p in points if p.control == control and p.method == method), key=lambda p: p.k)
+            if pts:
+                series[control, method] = ([base] if base is not None else []) + pts
     overlay = Image.new("RGBA", img.size, (0, 0, 0, 0))
     od = ImageDraw.Draw(overlay)
-    for control, pts in series.items():
+    for key, pts in series.items():
         if len(pts) > 1:
             upper = [(x_of(p.k), y_of(p.high)) for p in pts]
             lower = [(x_of(p.k), y_of(p.low)) for p in reversed(pts)]
-            od.polygon(upper + lower, fill=COLORS[control] + (45,))
+            od.polygon(upper + lower, fill=colors[key] + (45,))
     img.paste(Image.alpha_composite(img.convert("RGBA"), overlay).convert("RGB"))
     d = ImageDraw.Draw(img)
-    for control, pts in series.items():
-        _series_line(d, [(x_of(p.k), y_of(p.mean)) for p in pts], control)
+    for (control, method), pts in series.items():
+        _series_line(d, [(x_of(p.k), y_of(p.mean)) for p in pts], control, color=colors[control, method])
     if base is not None:
         x, y = x_of(0), y_of(base.mean)
         d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=BLACK)
 
-    # legend, in the order of COLORS
+    # legend: top, random, bottom; a method's name where several are compared
     lx, ly = left + plot_w + 16, top + 6
-    for control in (c for c in COLORS if c in series):
-        _series_line(d, [(lx, ly + 8), (lx + 30, ly + 8)], control, markers=[(lx + 15, ly + 8)])
-        d.text((lx + 38, ly), LABELS[control], font=small, fill=BLACK)
-        ly += 24
+    for control in COLORS:
+        for (c, method) in (k for k in series if k[0] == control):
+            _series_line(d, [(lx, ly + 8), (lx + 30, ly + 8)], c, markers=[(lx + 15, ly + 8)],
+                         color=colors[c, method])
+            label = LABELS[c] + (f" ({method})" if method and len(methods) > 1 else "")
+            d.text((lx + 38, ly), label, font=small, fill=BLACK)
+            ly += 24
     d.ellipse([lx + 9, ly + 3, lx + 19, ly + 13], fill=BLACK)
     d.text((lx + 34, ly), "baseline", font=small, fill=BLACK)
     ly += 30
