@@ -390,7 +390,7 @@ def cmd_localize(args) -> None:
         n_blocks = len(get_adapter(pipe, **_adapter_options(args)).block_names())
         if not 1 <= args.top_k <= n_blocks:
             _fail(f"--top-k must be between 1 and {n_blocks} (the number of blocks), got {args.top_k}")
-    with _progress.bar(desc=f"localize ({args.method})", unit="step") as steps, \
+    with _progress.bar(desc="localize", unit="step") as steps, \
             _progress.count_steps(pipe, steps, calls=math.ceil(len(prompts) / args.batch_size)):
 
         def progress(done: int, total: int) -> None:  # after each batch of prompts
