@@ -49,6 +49,7 @@ from .._io import OutputLock, write_atomic, write_json
 from .._version import __version__
 from ..errors import DitlocError
 from ..localize import minimal_k_of
+from ..stats import mean_ci, wilson
 from .plan import BenchSettings, ConceptPlan, plan_bench, slugify
 from .runner import generate_scored
 from .store import ResultStore
@@ -67,7 +68,6 @@ HALF = 0.5  # the oracle's minimal K: presence below HALF x baseline
 AUTO_K_FRACTION = 0.5  # a method's automatic K: `minimal_k(AUTO_K_FRACTION)`
 STRONG_DROP = 0.3  # hit@1 is summarized over concepts whose best single block drops presence this much
 TIE = 1e-9  # drops this close count as equal
-Z95 = 1.959964  # two-sided 95% quantile of the standard normal
 
 
 # --------------------------------------------------------------------------
@@ -419,10 +419,8 @@ def _rate(hits) -> dict:
     n = len(hits)
     if not n:
         return {"rate": None, "low": None, "high": None, "n": 0}
-    p = sum(hits) / n
-    centre = (p + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
-    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
-    return {"rate": p, "low": max(0.0, centre - half), "high": min(1.0, centre + half), "n": n}
+    low, high = wilson(sum(hits), n)
+    return {"rate": sum(hits) / n, "low": low, "high": high, "n": n}
 
 
 def summarize_methods(rows: Sequence[tuple[OracleResult, MethodMetrics]]) -> dict:
@@ -446,16 +444,6 @@ def summarize_methods(rows: Sequence[tuple[OracleResult, MethodMetrics]]) -> dic
                             "mean_abs": _mean(abs(m.k_diff) for m in known)["mean"]},
         }
     return out
-
-
-def mean_ci(scores: Sequence[float]) -> tuple[float, float, float]:
-    """(mean, low, high): the 95% CI by the normal approximation, mean ± 1.96 s/√n."""
-    x = np.asarray(scores, dtype=np.float64)
-    mean = float(x.mean())
-    if len(x) < 2:
-        return mean, mean, mean
-    half = Z95 * float(x.std(ddof=1)) / math.sqrt(len(x))
-    return mean, mean - half, mean + half
 
 
 # --------------------------------------------------------------------------
@@ -847,9 +835,9 @@ def summary_tables(summary: dict) -> tuple[str, list[tuple[str, str, list[str], 
          ["category", "concept", "method", "top-1", "hit@1", "regret@1", "regret@2", "regret@4", "spearman",
           "pair rank", "auto K", "oracle K"], methods),
         ("Per method",
-         f"hit@1 over concepts whose best single block drops presence >= {STRONG_DROP}; auto-K match and mean "
-         f"|miss| over concepts whose oracle K is <= {MAX_K}; regret@4 against the greedy set. Brackets: 95% "
-         "confidence interval over concepts (Wilson for rates, normal approximation for means); (n) concepts.",
+         (f"hit@1 over concepts whose best single block drops presence >= {STRONG_DROP}; auto-K match and mean "
+          f"|miss| over concepts whose oracle K is <= {MAX_K}; regret@4 against the greedy set. Brackets: 95% "
+          "confidence interval over concepts (Wilson for rates, normal approximation for means); (n) concepts."),
          ["method", "concepts", "hit@1 (n)", "regret@1 (n)", "regret@2 (n)", "regret@4 (n)", "spearman (n)",
           "auto-K match (n)", "mean abs miss (n)"], per_method),
     ]

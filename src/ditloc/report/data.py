@@ -14,15 +14,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..bench import BASELINE, CONTROLS, DEFAULT_METHOD, BenchRun
 from ..errors import DitlocError
-
-Z95 = 1.959964  # two-sided 95% quantile of the standard normal
+from ..stats import Z95, mean_ci  # noqa: F401  (Z95: part of this module's documented interval)
 
 
 @dataclass(frozen=True)
@@ -53,15 +51,6 @@ class MinimalK:
         return {**self.__dict__, "relative": {str(k): v for k, v in self.relative.items()}}
 
 
-def _mean_ci(values: list[float]) -> tuple[float, float, float]:
-    x = np.asarray(values, dtype=np.float64)
-    mean = float(x.mean())
-    if len(x) < 2:
-        return mean, mean, mean
-    half = Z95 * float(x.std(ddof=1)) / math.sqrt(len(x))
-    return mean, mean - half, mean + half
-
-
 def presence_curves(data: BenchRun) -> list[CurvePoint]:
     """Baseline (K = 0) and every (control, K) with rows, per category."""
     groups: dict[tuple, list[float]] = {}
@@ -76,7 +65,7 @@ def presence_curves(data: BenchRun) -> list[CurvePoint]:
         for control, method, k in conditions:
             values = groups.get((category, control, method, k))
             if values:
-                points.append(CurvePoint(category, control, k, *_mean_ci(values), n=len(values), method=method))
+                points.append(CurvePoint(category, control, k, *mean_ci(values), n=len(values), method=method))
     return points
 
 
