@@ -275,9 +275,24 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--prompt", action="append", help="a training prompt containing the concept (repeatable)")
             p.add_argument("--prompts-file", help="text file, one training prompt per line")
             p.add_argument("--images-per-prompt", type=int, default=4, help="anchor images drawn per prompt")
+            p.add_argument("--preserve", action="append", default=None, metavar="PROMPT",
+                           help="closed-form: a prompt whose text states must not change (repeatable; "
+                                "default: the anchor prompts)")
+            p.add_argument("--preserve-file", default=None, help="closed-form: text file, one prompt to preserve per line")
+            p.add_argument("--preserve-weight", type=float, default=1.0,
+                           help="closed-form: weight of the preservation term (lambda, default 1)")
+            p.add_argument("--ridge", type=float, default=1e-3,
+                           help="closed-form: pull toward the original weights (mu, relative; default 1e-3)")
+            p.add_argument("--positions", choices=("all", "changed"), default="all",
+                           help="closed-form: edit every aligned token (default) or only the changed ones")
         p.add_argument("--blocks", default="auto", help="auto (localize, take the top --k), all, or block.3,block.7")
         p.add_argument("--k", type=int, default=4, help="blocks to train with --blocks auto (default 4)")
-        p.add_argument("--method", choices=("lora", "full"), default="lora")
+        if name == "unlearn":
+            p.add_argument("--method", choices=("lora", "full", "closed-form"), default="lora",
+                           help="lora / full: train; closed-form: solve the blocks' text key/value projections "
+                                "(no training, seconds)")
+        else:
+            p.add_argument("--method", choices=("lora", "full"), default="lora")
         p.add_argument("--rank", type=int, default=4)
         p.add_argument("--train-steps", type=int, default=200, help="optimizer steps (default 200)")
         p.add_argument("--lr", type=float, default=None, help="default 1e-4 (lora) / 1e-5 (full)")
@@ -587,14 +602,41 @@ def cmd_ground_truth(args) -> None:
     print(f"wrote {Path(args.out) / SUMMARY_MD}")
 
 
+def _preserve_prompts(args) -> list[str] | None:
+    """--preserve and --preserve-file, checked before the model loads (closed-form only)."""
+    given = list(args.preserve or [])
+    if args.preserve_file is not None:
+        path = Path(args.preserve_file)
+        if not path.is_file():
+            _fail(f"--preserve-file {path} is not a file")
+        given += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if args.preserve is None and args.preserve_file is None:
+        return None
+    from .errors import DitlocError
+
+    if args.method != "closed-form":
+        raise DitlocError("--preserve/--preserve-file are used by --method closed-form only")
+    if not given:
+        raise DitlocError("the preservation set is empty; pass prompts to keep (--preserve / --preserve-file) "
+                          "or leave both out to preserve the anchor prompts")
+    return given
+
+
 def _edit(args) -> None:
     from .edit import TrainConfig, personalize, unlearn
     from .errors import DitlocError
 
-    config = TrainConfig(
-        method=args.method, rank=args.rank, steps=args.train_steps, lr=args.lr, batch_size=args.batch_size,
-        seed=args.seed, gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=args.checkpoint_every,
-    )
+    if args.method == "closed-form":
+        from .edit import ClosedFormConfig
+
+        config = ClosedFormConfig(preserve_weight=args.preserve_weight, ridge=args.ridge, positions=args.positions,
+                                  seed=args.seed)
+    else:
+        config = TrainConfig(
+            method=args.method, rank=args.rank, steps=args.train_steps, lr=args.lr, batch_size=args.batch_size,
+            seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
+            checkpoint_every=args.checkpoint_every,
+        )
     common = dict(blocks=args.blocks, k=args.k, config=config, out=args.out, options=_run_options(args),
                   progress=_progress.write)
     if args.command == "personalize":
@@ -612,9 +654,17 @@ def _edit(args) -> None:
         prompts = getattr(args, "prompts", None)
         if args.images_per_prompt < 1:
             raise DitlocError(f"--images-per-prompt must be >= 1 (got {args.images_per_prompt})")
+        preserve = _preserve_prompts(args)
         pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
         res = unlearn(pipe, args.concept, args.anchor, prompts=prompts, images_per_prompt=args.images_per_prompt,
-                      **common)
+                      preserve=preserve, **common)
+    if res.config.get("method") == "closed-form":
+        n = len(res.config["projections"])
+        mem = f", peak {res.peak_memory_bytes / 2**20:.0f} MiB" if res.peak_memory_bytes else ""
+        print(f"unlearn: closed-form edit of {n} projection(s) in {', '.join(res.blocks)} "
+              f"({res.trainable_parameters:,} of {res.total_parameters:,} parameters), {res.wall_seconds:.1f}s{mem}")
+        print(f"wrote {args.out} (load with ditloc.edit.load_edit(pipe, OUT))")
+        return
     mem = f", peak {res.peak_memory_bytes / 2**20:.0f} MiB" if res.peak_memory_bytes else ""
     print(f"{res.kind}: trained {res.trainable_parameters:,} of {res.total_parameters:,} parameters in "
           f"{', '.join(res.blocks)}; {res.steps} steps, {res.wall_seconds:.1f}s{mem}; final loss {res.losses[-1]:.4f}")

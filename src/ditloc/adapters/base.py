@@ -35,6 +35,12 @@ class Adapter(ABC):
     )
     #: default LoRA targets: module names relative to a block (those a block lacks are skipped)
     lora_suffixes: ClassVar[tuple[str, ...]] = ()
+    #: per-block projections that read text states only (keys/values of the text): what a
+    #: closed-form edit (method.md section 8) rewrites; module names relative to a block
+    text_projection_suffixes: ClassVar[tuple[str, ...]] = ()
+    #: the text states a block reads depend on the image and the timestep (joint attention
+    #: updates the text stream), not only on the prompt
+    text_states_depend_on_image: ClassVar[bool] = False
 
     def __init__(self, pipe, **options):
         self.pipe = pipe
@@ -110,6 +116,24 @@ class Adapter(ABC):
     @abstractmethod
     def encode_text(self, prompts: list[str], call_kwargs: dict) -> dict:
         """Conditional text conditioning exactly as the pipeline computes it, by name."""
+
+    def text_token_ids(self, prompt: str, call_kwargs: dict) -> list[int]:
+        """The token id at every position of the text sequence the transformer
+        receives for `prompt` (padding included; -1 where no token sits), to align
+        a prompt with an edited version of it."""
+        raise DitlocError(f"token alignment is not implemented for {self.family}")
+
+    def text_projections(self, block: str) -> list[str]:
+        """Full module names of the projections in `block` that read only text states
+        (e.g. cross-attention ``to_k``/``to_v``); a block without them is refused."""
+        inner = dict(self.block_module(block).named_modules())
+        found = [s for s in self.text_projection_suffixes if isinstance(inner.get(s), torch.nn.Linear)]
+        if not found:
+            raise DitlocError(f"{block} has no text-only key/value projection "
+                              f"({', '.join(self.text_projection_suffixes) or 'none in ' + self.family}); "
+                              "choose blocks that read the prompt through their own projections")
+        path = self.block_path(block)
+        return [f"{path}.{s}" for s in found]
 
     # ---- training ---------------------------------------------------------------------
     def denoise(self, latents: torch.Tensor, timestep: torch.Tensor, text: dict) -> torch.Tensor:

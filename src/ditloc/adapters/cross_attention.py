@@ -25,6 +25,7 @@ class CrossAttentionAdapter(Adapter):
     qk_norm_before_split: bool = False
     #: transformer.config.sample_size values the pipeline's resolution binning accepts
     binned_sample_sizes: tuple[int, ...] = ()
+    text_projection_suffixes = ("attn2.to_k", "attn2.to_v")
 
     def block_names(self) -> list[str]:
         return [f"block.{i}" for i in range(len(self.transformer.transformer_blocks))]
@@ -99,6 +100,17 @@ class CrossAttentionAdapter(Adapter):
             positions=tuple(positions),
             tokens=tuple(tokens),
         )
+
+    def text_token_ids(self, prompt: str, call_kwargs: dict) -> list[int]:
+        text = self.preprocess(prompt, call_kwargs)
+        fed, _, length, shift = self._tokenized_text(text, call_kwargs)
+        ids = self.pipe.tokenizer(fed, add_special_tokens=True, truncation=True, max_length=length,
+                                  padding="max_length")["input_ids"]
+        at = {}
+        for t, token in enumerate(ids):
+            for p in self._to_embedding_positions([t], shift, length):
+                at[p] = token
+        return [at.get(p, -1) for p in range(max(at) + 1)]
 
     def _encode_kwargs(self, call_kwargs: dict) -> dict:
         return {

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..engine import sdpa_with_lse
+from ..errors import DitlocError
 from .joint_attention import JointAttentionAdapter, JointProcessor
 
 
@@ -45,6 +46,13 @@ class FluxAdapter(JointAttentionAdapter):
             dim = b.proj_out.in_features - b.mlp_hidden_dim
             return lambda: (b.proj_out.weight[:, :dim], b.proj_out.bias)
         return super().out_projection(block)
+
+    def text_projections(self, block: str) -> list[str]:
+        if block.startswith("single."):
+            raise DitlocError(f"{block} is a single-stream block: its key/value projections act on image and text "
+                              "tokens alike, so a text edit there would change image features too; choose "
+                              "double-stream blocks (double.N)")
+        return super().text_projections(block)
 
     def text_streams(self, prompt: str, call_kwargs: dict):
         text = call_kwargs.get("prompt_2") or prompt

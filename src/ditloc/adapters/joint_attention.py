@@ -20,6 +20,8 @@ from .base import Adapter
 
 class JointAttentionAdapter(Adapter):
     has_pooled_text = True
+    text_projection_suffixes = ("attn.add_k_proj", "attn.add_v_proj")
+    text_states_depend_on_image = True
     #: forward keyword arguments that carry the batch dimension
     batched_kwargs: tuple[str, ...] = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
 
@@ -75,6 +77,14 @@ class JointAttentionAdapter(Adapter):
                 spans, seen = occ, text
         return ConceptSpan(prompt=prompt, concept=concept, text=seen, char_spans=tuple(spans),
                            positions=tuple(sorted(set(positions))), tokens=tuple(tokens))
+
+    def text_token_ids(self, prompt: str, call_kwargs: dict) -> list[int]:
+        at = {}
+        for tokenizer, text, length, offset in self.text_streams(prompt, call_kwargs):
+            ids = tokenizer(text, truncation=True, max_length=length, padding="max_length")["input_ids"]
+            for t, token in enumerate(ids):
+                at.setdefault(offset + t, token)
+        return [at.get(p, -1) for p in range(max(at) + 1)]
 
     def text_inputs(self, text: dict) -> dict:
         return {"encoder_hidden_states": text["embeds"], "pooled_projections": text["pooled"]}

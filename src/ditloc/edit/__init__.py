@@ -7,14 +7,15 @@ only the localized blocks, with LoRA (peft) or the blocks' own weights.
     load_edit(pipe, "runs/unlearn")             # any supported pipeline
 """
 
+from .closed_form import ClosedFormConfig, closed_form_unlearn
 from .data import encode_images, image_size, load_image_folder
 from .jobs import anchor_prompt, choose_blocks, load_edit, personalize, unlearn
 from .lora import LoraSpec, add_lora, load_lora, lora_state_dict, lora_targets, read_lora, save_lora
 from .train import EditResult, LocalizedTrainer, NoiseRule, TrainConfig, no_grad_prefix
 
 __all__ = [
-    "EditResult", "LocalizedTrainer", "LoraSpec", "NoiseRule", "TrainConfig",
-    "add_lora", "anchor_prompt", "choose_blocks", "encode_images", "image_size", "load_edit",
+    "ClosedFormConfig", "EditResult", "LocalizedTrainer", "LoraSpec", "NoiseRule", "TrainConfig",
+    "add_lora", "anchor_prompt", "closed_form_unlearn", "choose_blocks", "encode_images", "image_size", "load_edit",
     "load_image_folder", "load_lora", "lora_state_dict", "lora_targets", "no_grad_prefix",
     "personalize", "read_lora", "save_lora", "unlearn",
 ]

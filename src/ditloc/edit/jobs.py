@@ -23,6 +23,7 @@ from .._io import OutputLock, write_json
 from ..options import RunOptions, generators, model_record
 from ..errors import DitlocError
 from ..text import find_occurrences, substitute
+from .closed_form import ClosedFormConfig, closed_form_unlearn
 from .data import encode_images, image_size, load_image_folder
 from .lora import save_lora
 from .train import EditResult, LocalizedTrainer, TrainConfig, peak_memory, reset_peak_memory, run_training
@@ -37,16 +38,21 @@ def _adapter(pipe):
     return get_adapter(pipe)
 
 
-def choose_blocks(pipe, blocks, k, localize_prompts, concept, *, seeds=(0, 1), progress=None, **localize_kw):
+def choose_blocks(pipe, blocks, k, localize_prompts, concept, *, seeds=(0, 1), progress=None, eligible=None,
+                  **localize_kw):
     """Block names to train: explicit names / "all", or "auto" = top-k of a
-    localization of `concept` on `localize_prompts`. -> (blocks, localization or None)."""
+    localization of `concept` on `localize_prompts`. `eligible`: the blocks an edit
+    can change (``auto`` takes the top k of those; ``all`` means all of those).
+    -> (blocks, localization or None)."""
     adapter = _adapter(pipe)
     if blocks != "auto":
+        if blocks == "all" and eligible is not None:
+            blocks = [b for b in adapter.block_names() if b in eligible]
         chosen = adapter.resolve_blocks(blocks)
         if not chosen:
             raise DitlocError("no blocks chosen; pass --blocks auto, all or block names")
         return chosen, None
-    n = len(adapter.block_names())
+    n = len(adapter.block_names()) if eligible is None else len(eligible)
     if k is None or not 1 <= int(k) <= n:
         raise DitlocError(f"--k must be between 1 and {n} (the number of blocks) with --blocks auto")
     from ..localize import localize
@@ -54,7 +60,9 @@ def choose_blocks(pipe, blocks, k, localize_prompts, concept, *, seeds=(0, 1), p
     if progress:
         progress(f"localizing {concept!r} on {len(localize_prompts)} prompt(s) x {len(seeds)} seed(s)")
     loc = localize(pipe, localize_prompts, concept, seed=list(seeds), **localize_kw)
-    return loc.top(int(k)), loc
+    if eligible is None:
+        return loc.top(int(k)), loc
+    return [b for b in loc.ranking if b in eligible][: int(k)], loc
 
 
 def category_prompts(category: str, word: str, probes: str = "lock") -> list[str]:
@@ -74,7 +82,7 @@ def run_options(options: RunOptions | None, run: dict) -> RunOptions:
 
 
 def _plan(pipe, blocks, k, localize_prompts, concept, config, out, *, options: RunOptions, progress,
-          require_concept=False):
+          require_concept=False, eligible=None):
     """What both jobs do before training: pipeline call arguments (native size
     unless given), the output folder, and the blocks (localized with those same
     arguments for ``auto``). -> (adapter, call kwargs, out, blocks, localization)."""
@@ -84,11 +92,15 @@ def _plan(pipe, blocks, k, localize_prompts, concept, config, out, *, options: R
     for p in localize_prompts if require_concept else ():  # the concept must reach the text encoder
         adapter.concept_span(p, concept, kw)
     out = _prepare_out(out)
-    chosen, loc = choose_blocks(pipe, blocks, k, list(localize_prompts), concept, progress=progress, options=options)
+    if eligible is not None:
+        eligible = eligible(adapter)
+    chosen, loc = choose_blocks(pipe, blocks, k, list(localize_prompts), concept, progress=progress, options=options,
+                                eligible=eligible)
     if loc is not None and out is not None:
         loc.save(out / "localization.json")
     if progress:
-        progress(f"training {config.method} in {len(chosen)} block(s): {', '.join(chosen)}")
+        verb = "editing" if config.method == "closed-form" else "training"
+        progress(f"{verb} {config.method} in {len(chosen)} block(s): {', '.join(chosen)}")
     return adapter, kw, out, chosen, loc
 
 
@@ -186,6 +198,32 @@ def load_edit(pipe, directory) -> dict:
         raise DitlocError(f"{directory} holds no edit ({WEIGHT_NAME} or {BLOCKS_FILE})")
     path = directory / RESULT_FILE
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _text_editable(adapter) -> list[str]:
+    """Blocks a closed-form text edit can change (FLUX single-stream blocks cannot)."""
+    ok = []
+    for b in adapter.block_names():
+        try:
+            adapter.text_projections(b)
+        except DitlocError:
+            continue
+        ok.append(b)
+    if not ok:
+        raise DitlocError(f"no block of this {adapter.family} model has text-only key/value projections; "
+                          "use --method lora or full")
+    return ok
+
+
+def _blank_latents(pipe, kw) -> torch.Tensor:
+    """Zero latents [1, C, h, w] at the call's size: the transformer input when the
+    text states do not depend on the image."""
+    h, w = kw.get("height"), kw.get("width")
+    if not (h and w):
+        h, w = image_size(pipe)
+    f = pipe.vae_scale_factor
+    c = pipe.vae.config.latent_channels
+    return torch.zeros(1, c, int(h) // f, int(w) // f, device=pipe.transformer.device, dtype=pipe.transformer.dtype)
 
 
 def _prepare_out(out) -> Path | None:
@@ -322,8 +360,9 @@ def unlearn(
     anchor_prompts=None,
     blocks="auto",
     k: int | None = 4,
-    config: TrainConfig = TrainConfig(),
+    config: TrainConfig | ClosedFormConfig = TrainConfig(),
     images_per_prompt: int = 4,
+    preserve=None,
     out=None,
     options: RunOptions | None = None,
     progress=None,
@@ -332,11 +371,22 @@ def unlearn(
     """Make prompts with `concept` behave like the same prompts with `anchor`
     (the frozen model's prediction is the target), training only `blocks`.
     `anchor_prompts` (one per prompt) replaces the word substitution, e.g. to
-    drop a whole phrase ("with a hazard sign"). `options`/`run`: as in :func:`personalize`."""
+    drop a whole phrase ("with a hazard sign"). `options`/`run`: as in :func:`personalize`.
+
+    With a :class:`~ditloc.edit.closed_form.ClosedFormConfig` there is no training: the
+    text key/value projections of `blocks` are solved in closed form (method.md section 8)
+    to map the prompts' text states to the anchors' while keeping those of `preserve`
+    (prompts without the concept; default: the anchor prompts)."""
     if not concept or not concept.strip():
         raise DitlocError("the concept is empty; pass --concept 'the words to forget'")
     if anchor_prompts is None and (not anchor or not anchor.strip()):
         raise DitlocError("the anchor is empty; pass --anchor 'what to show instead', e.g. 'a dog'")
+    if anchor and find_occurrences(anchor, concept):
+        raise DitlocError(f"the anchor {anchor!r} contains the concept {concept!r}; the anchor is what to show "
+                          "instead, without it")
+    closed_form = isinstance(config, ClosedFormConfig)
+    if preserve is not None and not closed_form:
+        raise DitlocError("preservation prompts are used by the closed-form method only (--method closed-form)")
     prompts = [p for p in (prompts or [f"a picture of {concept.strip()}", concept.strip()])]
     for i, p in enumerate(prompts):
         if not find_occurrences(p, concept):
@@ -347,9 +397,38 @@ def unlearn(
             raise DitlocError(f"{len(anchors)} anchor prompts for {len(prompts)} prompts; give one per prompt")
     else:
         anchors = [anchor_prompt(p, concept, anchor) for p in prompts]
+    for i, a in enumerate(anchors):
+        if find_occurrences(a, concept):
+            raise DitlocError(f"anchor prompt {i + 1} ({a!r}) still contains the concept {concept!r}")
+    if closed_form:
+        preserve = list(anchors) if preserve is None else [p for p in preserve]
+        if not preserve:
+            raise DitlocError("the preservation set is empty; pass prompts to keep (--preserve / --preserve-file) "
+                              "or leave it out to preserve the anchor prompts")
+        for i, p in enumerate(preserve):
+            if find_occurrences(p, concept):
+                raise DitlocError(f"preservation prompt {i + 1} ({p!r}) contains the concept {concept!r}; "
+                                  "preserve only prompts without it")
+    eligible = _text_editable if closed_form else None
     adapter, kw, out, chosen, loc = _plan(
         pipe, blocks, k, prompts, concept.strip(), config, out,
-        options=run_options(options, run), progress=progress, require_concept=True)
+        options=run_options(options, run), progress=progress, require_concept=True, eligible=eligible)
+    if closed_form:
+        for b in chosen:
+            adapter.text_projections(b)  # a block without text projections: one line, before any work
+        x0 = None
+        if adapter.text_states_depend_on_image:
+            if progress:
+                progress("drawing one anchor image per prompt (joint blocks read text states that depend on it)")
+            x0 = _cached_latents(out, "anchor_latents", lambda: _generate_latents(
+                pipe, anchors, 1, config.seed, kw)).to(pipe.transformer.dtype)
+        else:
+            x0 = _blank_latents(pipe, kw)
+        details = {"concept": concept, "anchor": anchor, "prompts": prompts, "anchor_prompts": anchors,
+                   "preserve": preserve, "localization": loc.to_dict() if loc is not None else None}
+        return closed_form_unlearn(pipe, adapter, chosen, prompts, anchors, preserve, kw, config, x0=x0, out=out,
+                                   progress=progress, details=details,
+                                   model=model_record(pipe).get("name_or_path") or type(pipe).__name__)
     if progress:
         progress(f"drawing {images_per_prompt} anchor image(s) per prompt")
     x0 = _cached_latents(out, "anchor_latents", lambda: _generate_latents(

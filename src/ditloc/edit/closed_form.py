@@ -1,0 +1,304 @@
+"""Closed-form localized unlearning (method.md section 8): no training.
+
+In each chosen block, the projections that read only text states ``W`` (cross-attention
+``to_k``/``to_v``; the text stream's ``add_k_proj``/``add_v_proj`` in joint blocks) are
+replaced by the least-squares solution
+
+    W' = argmin  mean_i |W' c_i - W a_i|^2 + lam * mean_j |W' d_j - W d_j|^2 + mu' |W' - W|^2
+       = W (A_ca + lam D + mu' I) (C + lam D + mu' I)^-1
+
+with ``c_i`` the text states the block receives for the prompts with the concept,
+``a_i`` the states at the aligned positions of the anchor prompts, ``d_j`` the states
+of the prompts to preserve, ``C = mean c c^T``, ``A_ca = mean a c^T``, ``D = mean d d^T``.
+The sums of method.md are means here (so ``lam`` weighs the two sets whatever their
+sizes) and ``mu' = mu * trace(C + lam D) / dim``, so both weights are scale-free. The
+key and value projections of a block read the same states, so one solve per block
+serves both.
+
+The states are what the block actually receives, recorded by forward pre-hooks on the
+projections during the transformer's own forward: after caption projection and norms
+(PixArt/SANA: the same for every timestep and image, so one forward suffices); in
+joint blocks the text stream has been updated by the blocks before and modulated by
+the timestep, so the states are recorded at several noise levels of the frozen
+model's own anchor images.
+
+Positions: a prompt and its anchor prompt are aligned token by token (``difflib`` on
+the token ids the transformer's text sequence carries): replaced tokens map in order,
+deleted ones (a phrase the anchor drops) map to the token at the deletion point, equal
+tokens map to their counterparts. ``positions="changed"`` edits only the replaced and
+deleted tokens; ``"all"`` (default) also maps the unchanged context tokens, whose
+states a bidirectional text encoder has mixed with the concept.
+"""
+
+from __future__ import annotations
+
+import difflib
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .._io import write_json
+from ..errors import DitlocError
+from .train import EditResult, NoiseRule, peak_memory, reset_peak_memory
+
+POSITIONS = ("all", "changed")
+
+
+@dataclass(frozen=True)
+class ClosedFormConfig:
+    """How to solve. ``preserve_weight`` is lambda, ``ridge`` mu (relative, see the module doc);
+    ``timesteps``: noise levels per anchor image at which joint blocks' text states are
+    recorded (families whose text states do not depend on the image use one forward);
+    ``batch_size``: prompts per forward."""
+
+    preserve_weight: float = 1.0
+    ridge: float = 1e-3
+    positions: str = "all"
+    timesteps: int = 8
+    batch_size: int = 16
+    seed: int = 0
+    method: str = "closed-form"
+
+    def __post_init__(self):
+        if self.positions not in POSITIONS:
+            raise DitlocError(f"positions must be one of {', '.join(POSITIONS)} (got {self.positions!r})")
+        if not self.preserve_weight >= 0:
+            raise DitlocError(f"--preserve-weight must be >= 0 (got {self.preserve_weight})")
+        if not self.ridge > 0:
+            raise DitlocError(f"--ridge must be > 0 (got {self.ridge}); it keeps the solve well posed")
+        for name in ("timesteps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise DitlocError(f"{name} must be >= 1 (got {getattr(self, name)})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def align(ids: list[int], anchor_ids: list[int]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(changed, unchanged) position pairs (prompt position, anchor position) from a
+    token-level diff of two id sequences."""
+    changed, same = [], []
+    matcher = difflib.SequenceMatcher(None, ids, anchor_ids, autojunk=False)
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal":
+            same += [(i1 + k, j1 + k) for k in range(i2 - i1)]
+        elif tag in ("replace", "delete"):
+            m = j2 - j1
+            for k in range(i2 - i1):
+                j = j1 + (k * m) // (i2 - i1) if m else min(j1, len(anchor_ids) - 1)
+                changed.append((i1 + k, j))
+    return changed, same
+
+
+def _readable(mask: torch.Tensor | None, row: int, length: int) -> list[bool]:
+    if mask is None:  # the family attends every position (FLUX, SD3)
+        return [True] * length
+    return [bool(v) for v in mask[row, :length].tolist()]
+
+
+def _nearest_readable(j: int, readable: list[bool]) -> int | None:
+    for jj in range(min(j, len(readable) - 1), -1, -1):
+        if readable[jj]:
+            return jj
+    return None
+
+
+def position_pairs(adapter, prompts, anchors, kw, masks, positions: str) -> list[list[tuple[int, int]]]:
+    """Per prompt: the (prompt position, anchor position) rows to edit."""
+    out = []
+    for i, (p, a) in enumerate(zip(prompts, anchors)):
+        ids, aids = adapter.text_token_ids(p, kw), adapter.text_token_ids(a, kw)
+        changed, same = align(ids, aids)
+        if not changed:
+            raise DitlocError(f"prompt {i + 1} ({p!r}) and its anchor prompt ({a!r}) read as the same tokens; "
+                              "the anchor must differ where the concept is")
+        pc, pa = _readable(masks[0], i, len(ids)), _readable(masks[1], i, len(aids))
+        rows = []
+        for ci, aj in changed + (same if positions == "all" else []):
+            aj = _nearest_readable(aj, pa)
+            if pc[ci] and aj is not None:
+                rows.append((ci, aj))
+        out.append(rows)
+    return out
+
+
+class _Recorder:
+    """Forward pre-hooks on each block's first text projection: keep its input."""
+
+    def __init__(self, transformer, modules: dict[str, str]):
+        named = dict(transformer.named_modules())
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.handles = [named[path].register_forward_pre_hook(self._hook(block)) for block, path in modules.items()]
+
+    def _hook(self, block):
+        def hook(module, args):
+            self.inputs[block] = args[0].detach()
+
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+class _Moments:
+    """Running means C = c c^T, A = a c^T, D = d d^T of one block (float64)."""
+
+    def __init__(self, dim: int, device):
+        z = lambda: torch.zeros(dim, dim, dtype=torch.float64, device=device)  # noqa: E731
+        self.C, self.A, self.AA, self.D = z(), z(), z(), z()
+        self.nc = self.nd = 0
+
+    def add_pairs(self, c: torch.Tensor, a: torch.Tensor):  # [N, dim] each
+        c, a = c.double(), a.double()
+        self.C += c.T @ c
+        self.A += a.T @ c
+        self.AA += a.T @ a  # only for the fit report
+        self.nc += c.shape[0]
+
+    def add_preserve(self, d: torch.Tensor):
+        d = d.double()
+        self.D += d.T @ d
+        self.nd += d.shape[0]
+
+    def solve(self, lam: float, mu: float) -> torch.Tensor:
+        """M with W' = W M."""
+        C, A = self.C / self.nc, self.A / self.nc
+        D = self.D / self.nd if self.nd else torch.zeros_like(C)
+        lhs = C + lam * D
+        eye = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+        ridge = mu * float(torch.trace(lhs)) / C.shape[0]
+        lhs = lhs + ridge * eye
+        rhs = A + lam * D + ridge * eye
+        # W' = W rhs lhs^-1; lhs is symmetric, so M = (lhs^-1 rhs^T)^T
+        return torch.linalg.solve(lhs, rhs.T).T
+
+
+@torch.no_grad()
+def closed_form_unlearn(pipe, adapter, blocks, prompts, anchors, preserve, kw, config: ClosedFormConfig, *,
+                        x0: torch.Tensor | None, out: Path | None, progress=None, details: dict | None = None,
+                        model: str | None = None) -> EditResult:
+    """Rewrite the text projections of `blocks` in place (see the module doc); with
+    `out`, save the changed weights (``blocks.safetensors``, loaded by ``load_edit``)
+    and ``ditloc_edit.json``. `x0`: latents [N, C, h, w] the text states are recorded
+    on (the anchor images for joint families; any latents otherwise)."""
+    from .jobs import BLOCKS_FILE, RESULT_FILE
+
+    t0 = time.perf_counter()
+    transformer = pipe.transformer
+    projections = {b: adapter.text_projections(b) for b in blocks}  # refuses ineligible blocks
+    named = dict(transformer.named_modules())
+    text = {k: v.detach() for k, v in adapter.encode_text(list(prompts) + list(anchors) + list(preserve),
+                                                          kw).items()}
+    n, r = len(prompts), len(preserve)
+    mask = text.get("mask")
+    masks = (mask[:n], mask[n : 2 * n]) if mask is not None else (None, None)
+    pairs = position_pairs(adapter, prompts, anchors, kw, masks, config.positions)
+    if not any(pairs):
+        raise DitlocError("no readable text position differs between the prompts and their anchors")
+    preserve_rows = [[j for j, ok in enumerate(_readable(mask[2 * n:] if mask is not None else None, i,
+                                                          text["embeds"].shape[1])) if ok] for i in range(r)]
+
+    reset_peak_memory(transformer.device)
+    noise = NoiseRule.from_scheduler(pipe.scheduler)
+    g = torch.Generator("cpu").manual_seed(config.seed)
+    draws = (config.timesteps * len(x0)) if adapter.text_states_depend_on_image else 1
+    recorder = _Recorder(transformer, {b: p[0] for b, p in projections.items()})
+    moments: dict[str, _Moments] = {}
+    rows_c = rows_d = 0
+    try:
+        for s in range(draws):
+            x_t, t, _ = noise.sample(x0[s % len(x0)][None], g)  # [1, C, h, w], [1]
+
+            def run(index: list[int]):
+                sub = {k: v[index] for k, v in text.items()}
+                b = len(index)
+                adapter.denoise(x_t.expand(b, *x_t.shape[1:]), t.expand(b), sub)
+                return recorder.inputs
+
+            for lo in range(0, n, config.batch_size):
+                idx = list(range(lo, min(n, lo + config.batch_size)))
+                states = run(idx + [i + n for i in idx])
+                for block, x in states.items():  # x [2b, L, dim]
+                    m = moments.setdefault(block, _Moments(x.shape[-1], x.device))
+                    for k, i in enumerate(idx):
+                        if not pairs[i]:
+                            continue
+                        ci = torch.tensor([c for c, _ in pairs[i]], device=x.device)
+                        ai = torch.tensor([a for _, a in pairs[i]], device=x.device)
+                        m.add_pairs(x[k, ci], x[len(idx) + k, ai])
+                rows_c += sum(len(pairs[i]) for i in idx)
+            for lo in range(0, r, config.batch_size):
+                idx = list(range(lo, min(r, lo + config.batch_size)))
+                states = run([2 * n + i for i in idx])
+                for block, x in states.items():
+                    m = moments[block]
+                    for k, i in enumerate(idx):
+                        m.add_preserve(x[k, torch.tensor(preserve_rows[i], device=x.device)])
+                rows_d += sum(len(preserve_rows[i]) for i in idx)
+            if progress and draws > 1:
+                progress(f"recorded text states at noise level {s + 1}/{draws}")
+    finally:
+        recorder.close()
+
+    changed: dict[str, torch.Tensor] = {}
+    fit = {}
+    for block, paths in projections.items():
+        m = moments[block]
+        M = m.solve(config.preserve_weight, config.ridge)
+        for path in paths:
+            linear = named[path]
+            w = linear.weight
+            fit[path] = _fit(m, M, w)
+            new = (w.double() @ M).to(w.dtype)
+            w.copy_(new)
+            changed[f"{path}.weight"] = new.detach().cpu().contiguous()
+    wall = time.perf_counter() - t0
+    result = EditResult(
+        kind="unlearn",
+        model=model or type(pipe).__name__,
+        blocks=tuple(blocks),
+        config={**config.to_dict(), "projections": [p for ps in projections.values() for p in ps]},
+        trainable_parameters=sum(v.numel() for v in changed.values()),
+        total_parameters=sum(p.numel() for p in transformer.parameters()),
+        steps=0,
+        losses=(),
+        wall_seconds=wall,
+        peak_memory_bytes=peak_memory(transformer.device),
+        details={**(details or {}), "rows": {"concept": rows_c, "preserve": rows_d, "draws": draws}, "fit": fit},
+        out_dir=str(out) if out is not None else None,
+    )
+    if out is not None:
+        from safetensors.torch import save_file
+
+        save_file(changed, str(out / BLOCKS_FILE), metadata={"ditloc": "closed-form unlearning"})
+        write_json(out / RESULT_FILE, result.to_dict())
+    if progress:
+        worst = max(f["concept_residual"] for f in fit.values())
+        drift = max((f.get("preserve_change", 0.0) for f in fit.values()), default=0.0)
+        progress(f"solved {len(projections)} block(s) in {wall:.1f}s: concept rows keep at most {worst:.1%} of "
+                 f"their distance to the anchor; preserved rows move at most {drift:.2%}")
+    return result
+
+
+def _fit(m: _Moments, M: torch.Tensor, w: torch.Tensor) -> dict:
+    """How well the solve meets its two aims for a projection `w` (before the edit):
+    the concept rows' mean squared distance to their anchors' outputs, relative to
+    before (``|W' c - W a|^2 / |W c - W a|^2``), and the preserved rows' mean squared
+    change relative to their mean squared output (``|W' d - W d|^2 / |W d|^2``)."""
+    w = w.double()
+    C, A, AA = m.C / m.nc, m.A / m.nc, m.AA / m.nc
+
+    def energy(S):  # mean |W x|^2 for second moment S of x
+        return float(torch.trace(w @ S @ w.T))
+
+    before = energy(C - A.T - A + AA)
+    after = energy(M @ C @ M.T - M @ A.T - A @ M.T + AA)
+    out = {"concept_residual": after / before if before > 0 else 0.0}
+    if m.nd:
+        D = m.D / m.nd
+        E = M - torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+        out["preserve_change"] = energy(E @ D @ E.T) / max(energy(D), 1e-30)
+    return out

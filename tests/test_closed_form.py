@@ -1,0 +1,213 @@
+"""Closed-form localized unlearning (method.md section 8): the solve is the stated
+least-squares optimum, only the chosen blocks' text projections change, the edit
+saves and loads, every family, and bad input is refused before any work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ditloc.adapters import get_adapter
+from ditloc.cli import main as cli_main
+from ditloc.edit import ClosedFormConfig, load_edit, unlearn
+from ditloc.edit.closed_form import _Moments, align
+from ditloc.errors import DitlocError
+from ditloc.testing import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sana_pipeline, tiny_sd3_pipeline
+
+PROMPTS = ["a red dog on the beach", "a photo of a dog", "a blue dog in the forest"]
+PRESERVE = ["a red cat on the beach", "a blue bird in the forest", "a photo of a car"]
+
+
+def _weights(pipe):
+    return {k: v.detach().clone() for k, v in pipe.transformer.state_dict().items()}
+
+
+def test_align_maps_replaced_deleted_and_equal_tokens():
+    changed, same = align([1, 2, 3, 4, 0, 0], [1, 7, 3, 4, 0, 0])  # one word replaced
+    assert changed == [(1, 1)] and same == [(0, 0), (2, 2), (3, 3), (4, 4), (5, 5)]
+    changed, same = align([1, 2, 8, 9, 3, 0, 0], [1, 2, 3, 0, 0, 0, 0])  # a phrase dropped
+    assert changed == [(2, 2), (3, 2)]  # both map to the token now at the deletion point
+    assert (4, 2) in same
+    changed, _ = align([1, 5, 6, 3], [1, 7, 3])  # two tokens replaced by one
+    assert changed == [(1, 1), (2, 1)]
+
+
+def test_solve_is_the_least_squares_optimum():
+    """W' = W M satisfies the normal equations of
+    mean|W'c - Wa|^2 + lam mean|W'd - Wd|^2 + mu'|W' - W|^2 (gradient zero), and is
+    better than nearby matrices."""
+    g = torch.Generator().manual_seed(0)
+    dim, out = 6, 5
+    c, a, d = (torch.randn(n, dim, generator=g, dtype=torch.float64) for n in (9, 9, 20))
+    w = torch.randn(out, dim, generator=g, dtype=torch.float64)
+    m = _Moments(dim, "cpu")
+    m.add_pairs(c, a)
+    m.add_preserve(d)
+    lam, mu = 0.7, 1e-2
+    M = m.solve(lam, mu)
+    ridge = mu * float(torch.trace(c.T @ c / 9 + lam * d.T @ d / 20)) / dim
+
+    def objective(wp):
+        return ((c @ wp.T - a @ w.T).pow(2).sum(1).mean() + lam * (d @ wp.T - d @ w.T).pow(2).sum(1).mean()
+                + ridge * (wp - w).pow(2).sum())
+
+    wp = (w @ M).requires_grad_(True)
+    grad, = torch.autograd.grad(objective(wp), wp)
+    assert grad.abs().max() < 1e-10
+    for _ in range(5):
+        assert objective(wp.detach() + 1e-3 * torch.randn(out, dim, generator=g, dtype=torch.float64)) > objective(wp)
+
+
+@pytest.mark.parametrize("make, blocks, kw", [
+    (tiny_pixart_pipeline, "block.1,block.2", {}),
+    (tiny_sana_pipeline, "block.1", {"height": 32, "width": 32, "use_resolution_binning": False}),
+    (tiny_flux_pipeline, "double.0,double.1", {"height": 16, "width": 16}),
+    (tiny_sd3_pipeline, "block.0,block.2", {"height": 8, "width": 8}),
+])
+def test_closed_form_edits_only_text_projections_and_maps_concept_to_anchor(tmp_path, make, blocks, kw):
+    pipe = make()
+    adapter = get_adapter(pipe)
+    before = _weights(pipe)
+    call = {"max_sequence_length": 16}
+    text = {k: v.detach() for k, v in adapter.encode_text([PROMPTS[0], "a red cat on the beach", PRESERVE[1]],
+                                                          call).items()}
+    chosen = adapter.resolve_blocks(blocks)
+    projections = [p for b in chosen for p in adapter.text_projections(b)]
+    res = unlearn(pipe, "dog", "cat", prompts=PROMPTS, preserve=PRESERVE, blocks=blocks, out=tmp_path,
+                  config=ClosedFormConfig(timesteps=2, preserve_weight=1.0), num_inference_steps=2,
+                  pipeline_kwargs=kw, **call)
+    after = _weights(pipe)
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved == {f"{p}.weight" for p in projections}  # nothing else, not even biases
+    # the fit: concept rows land near their anchors, preserved rows barely move
+    for path, fit in res.details["fit"].items():
+        assert fit["concept_residual"] < 0.5, (path, fit)
+        assert fit["preserve_change"] < 0.05, (path, fit)
+    # the edit as the block reads it: the projected concept states approach the anchor's
+    named = dict(pipe.transformer.named_modules())
+    first = projections[0]
+    if not adapter.text_states_depend_on_image:  # cross-attention: the states are the projected embeddings
+        block = adapter.block_module(chosen[0])
+        states = _cross_states(pipe, adapter, block, text)
+        w0 = before[f"{first}.weight"]
+        w1 = named[first].weight.detach()
+        span_c = adapter.concept_span(PROMPTS[0], "dog", call).positions
+        span_a = adapter.concept_span("a red cat on the beach", "cat", call).positions
+        c, a = states[0, list(span_c)], states[1, list(span_a)]
+        gap0 = (c @ w0.T - a @ w0.T).norm()
+        gap1 = (c @ w1.T - a @ w0.T).norm()
+        assert gap1 < 0.5 * gap0
+    # saved as the changed weights only; load_edit reproduces them on a fresh pipeline
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "blocks.safetensors"))
+    assert set(saved) == moved
+    fresh = make()
+    record = load_edit(fresh, tmp_path)
+    assert record["config"]["method"] == "closed-form"
+    for k, v in _weights(fresh).items():
+        assert torch.equal(v, after[k]), k
+
+
+def _cross_states(pipe, adapter, block, text):
+    """What attn2.to_k of `block` reads for `text` (one forward, recorded)."""
+    seen = {}
+    handle = block.attn2.to_k.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0].detach()))
+    try:
+        from ditloc.edit.jobs import _blank_latents
+
+        x = _blank_latents(pipe, {"height": 32, "width": 32}).expand(len(text["embeds"]), -1, -1, -1)
+        with torch.no_grad():
+            adapter.denoise(x, torch.full((len(x),), 500.0), text)
+    finally:
+        handle.remove()
+    return seen["x"]
+
+
+def test_closed_form_is_deterministic_and_fast_path_needs_no_images(tmp_path):
+    runs = []
+    for i in range(2):
+        pipe = tiny_pixart_pipeline()
+        unlearn(pipe, "dog", "cat", prompts=PROMPTS, blocks="block.0", config=ClosedFormConfig(),
+                out=tmp_path / str(i), num_inference_steps=2)
+        runs.append(pipe.transformer.transformer_blocks[0].attn2.to_v.weight.detach().clone())
+        assert not (tmp_path / str(i) / "anchor_latents.safetensors").exists()  # cross-attention: no sampling
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_auto_blocks_skip_flux_single_stream(tmp_path):
+    pipe = tiny_flux_pipeline()
+    res = unlearn(pipe, "dog", "cat", prompts=PROMPTS[:2], blocks="auto", k=2, out=tmp_path,
+                  config=ClosedFormConfig(timesteps=1), num_inference_steps=2, height=16, width=16,
+                  max_sequence_length=16)
+    assert all(b.startswith("double.") for b in res.blocks) and len(res.blocks) == 2
+    loc = json.loads((tmp_path / "localization.json").read_text())
+    assert len(loc["blocks"]) == 4  # localized over every block, chose among the editable ones
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(blocks="single.0"), "single-stream block"),
+    (dict(anchor="a dog"), "contains the concept"),
+    (dict(preserve=[]), "preservation set is empty"),
+    (dict(preserve=["a dog at night"]), "preservation prompt 1"),
+    (dict(anchor_prompts=["a dog", "a photo of a dog"]), "still contains the concept"),
+])
+def test_bad_input_refused_before_work(tmp_path, kwargs, message, monkeypatch):
+    pipe = tiny_flux_pipeline()
+    before = _weights(pipe)
+    import ditloc.edit.jobs as jobs
+
+    monkeypatch.setattr(jobs, "_generate_latents", lambda *a, **k: pytest.fail("sampled before refusing"))
+    args = dict(anchor="cat", prompts=PROMPTS[:2], blocks="double.0", config=ClosedFormConfig(), out=tmp_path)
+    args.update(kwargs)
+    anchor = args.pop("anchor")
+    with pytest.raises(DitlocError, match=message):
+        unlearn(pipe, "dog", anchor, **args)
+    assert all(torch.equal(v, before[k]) for k, v in _weights(pipe).items())
+
+
+def test_config_checks():
+    with pytest.raises(DitlocError, match="--ridge must be > 0"):
+        ClosedFormConfig(ridge=0)
+    with pytest.raises(DitlocError, match="positions must be one of"):
+        ClosedFormConfig(positions="some")
+    with pytest.raises(DitlocError, match="closed-form method only"):
+        unlearn(tiny_pixart_pipeline(), "dog", "cat", prompts=PROMPTS, preserve=PRESERVE)
+
+
+@pytest.fixture(scope="module")
+def pixart_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pixart")
+    tiny_pixart_pipeline().save_pretrained(d)
+    return d
+
+
+def _cli(argv):
+    try:
+        return cli_main(argv)
+    except SystemExit as e:
+        return int(e.code)
+
+
+def test_cli_closed_form(tmp_path, capsys, pixart_dir):
+    pres = tmp_path / "keep.txt"
+    pres.write_text("\n".join(PRESERVE) + "\n")
+    code = _cli(["unlearn", str(pixart_dir), "--concept", "dog", "--anchor", "cat", "--prompt", PROMPTS[0],
+                 "--prompt", PROMPTS[1], "--method", "closed-form", "--blocks", "block.1", "--preserve-file", str(pres),
+                 "--out", str(tmp_path / "ok")])
+    out = capsys.readouterr().out
+    assert code == 0 and "unlearn: closed-form edit of 2 projection(s) in block.1" in out, out
+    rec = json.loads((tmp_path / "ok" / "ditloc_edit.json").read_text())
+    assert rec["details"]["preserve"] == PRESERVE
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    code = _cli(["unlearn", str(pixart_dir), "--concept", "dog", "--anchor", "cat", "--prompt", PROMPTS[0],
+                 "--method", "closed-form", "--preserve-file", str(empty), "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert code == 2 and "preservation set is empty" in err and len(err.strip().splitlines()) == 1
+    code = _cli(["unlearn", str(pixart_dir), "--concept", "dog", "--anchor", "cat", "--prompt", PROMPTS[0],
+                 "--preserve", "a cat", "--out", str(tmp_path / "l")])
+    err = capsys.readouterr().err
+    assert code == 2 and "closed-form only" in err
