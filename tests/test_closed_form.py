@@ -211,3 +211,51 @@ def test_cli_closed_form(tmp_path, capsys, pixart_dir):
                  "--preserve", "a cat", "--out", str(tmp_path / "l")])
     err = capsys.readouterr().err
     assert code == 2 and "closed-form only" in err
+
+
+def test_auto_k_keeps_the_smallest_top_k_that_closes_the_gap(tmp_path):
+    pipe = tiny_pixart_pipeline()
+    before = _weights(pipe)
+    res = unlearn(pipe, "dog", "cat", prompts=PROMPTS, preserve=PRESERVE, blocks="auto", k="auto",
+                  config=ClosedFormConfig(auto_k_fraction=0.8), out=tmp_path, num_inference_steps=2)
+    gaps = res.details["k_gaps"]  # block (in ranking order) -> gap with the top K up to it edited
+    ranking = list(gaps)
+    assert len(ranking) == 4 and sorted(ranking) == sorted(get_adapter(pipe).block_names())
+    values = list(gaps.values())
+    k = len(res.blocks)
+    assert list(res.blocks) == ranking[:k]
+    best = max(1 - v for v in values)
+    assert best > 0  # editing moves the prediction toward the anchor
+    assert 1 - values[k - 1] >= 0.8 * best
+    assert all(1 - v < 0.8 * best for v in values[: k - 1])
+    moved = {n for n, v in _weights(pipe).items() if not torch.equal(v, before[n])}
+    adapter = get_adapter(pipe)
+    assert moved == {f"{p}.weight" for b in res.blocks for p in adapter.text_projections(b)}
+    assert (tmp_path / "probe_latents.safetensors").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--auto-k"], "--auto-k works with --method closed-form"),
+    (["--auto-k", "--method", "closed-form", "--blocks", "block.1"], "pass --blocks auto"),
+    (["--preserve", "a cat"], "closed-form only"),
+    (["--method", "closed-form", "--auto-k-fraction", "2"], "--auto-k-fraction must be in (0, 1]"),
+])
+def test_cli_closed_form_bad_input_before_load(tmp_path, capsys, monkeypatch, extra, message):
+    import ditloc.cli as cli
+
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    code = _cli(["unlearn", "toy", "--concept", "dog", "--anchor", "cat", "--prompt", PROMPTS[0],
+                 "--out", str(tmp_path / "x"), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+
+
+def test_cli_anchor_with_the_concept_refused_before_load(tmp_path, capsys, monkeypatch):
+    import ditloc.cli as cli
+
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    code = _cli(["unlearn", "toy", "--concept", "dog", "--anchor", "a small dog", "--prompt", PROMPTS[0],
+                 "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "contains the concept" in err

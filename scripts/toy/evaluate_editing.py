@@ -1,12 +1,13 @@
-"""Unlearning on the toy model, scored by the oracle in model-editing terms
-(method.md section 4): localized LoRA (top-K blocks) vs all-block LoRA vs full
-fine-tuning of every block.
+"""Editing the toy model, scored by the oracle in model-editing terms
+(method.md section 4), every rate with its 95% interval: closed-form localized
+unlearning (method.md section 8) in the top-K blocks and in all blocks, localized
+LoRA (top-K blocks), all-block LoRA and full fine-tuning of every block.
 
-    python scripts/toy/evaluate_editing.py --out runs/editing            # both concepts
-    python scripts/toy/evaluate_editing.py --concepts hazard --train-steps 100
+    python scripts/toy/evaluate_editing.py --out runs/editing --n 64 --n-quality 128
+    python scripts/toy/evaluate_editing.py --concepts hazard --methods "closed-form localized,localized LoRA"
 
 Per concept (hazard mark -> the prompt without its phrase; the character
-"zibbit" -> its base shape "triangle"):
+"zibbit" -> its base shape "triangle"; the style "striped" -> "solid"):
   reliability  presence of the concept on the training prompts (lower is better)
   generality   presence on held-out-template prompts with the concept
   locality     oracle labels unchanged vs the unedited model (same prompts, same
@@ -14,13 +15,16 @@ Per concept (hazard mark -> the prompt without its phrase; the character
                scenes; for the character, other characters, triangles (the anchor)
                and other shapes
   quality      oracle prompt fidelity over all categories on general held-out prompts
-plus training time, seconds per step and trainable parameters.
+plus edit time, peak extra memory (process RSS above its level before the edit,
+sampled every 5 ms), seconds per step and changed parameters. Intervals: Wilson for
+rates, normal approximation over images for quality.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -28,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ditloc.edit import TrainConfig, personalize, unlearn
+from ditloc.edit import ClosedFormConfig, TrainConfig, personalize, unlearn
+from ditloc.stats import mean_ci, wilson
 from ditloc.text import find_occurrences, substitute
 from ditloc.toy import load_pipeline, world
 from ditloc.toy.oracle import load_oracle
@@ -43,15 +48,69 @@ def scenes_prompts(rng, n, split, **pinned):
     return scenes, [world.make_prompt(s, rng, split, drop_prob=0.0) for s in scenes]
 
 
-def variants(args):
-    """(name, blocks, fresh toy pipeline, TrainConfig) of the three compared edits."""
-    for name, blocks, method, lr in (("localized LoRA", "auto", "lora", args.lr_lora),
-                                     ("all-block LoRA", "all", "lora", args.lr_lora),
-                                     ("full fine-tuning", "all", "full", args.lr_full)):
+METHODS = {  # name -> (blocks, method)
+    "closed-form localized": ("auto", "closed-form"),
+    "closed-form all-block": ("all", "closed-form"),
+    "localized LoRA": ("auto", "lora"),
+    "all-block LoRA": ("all", "lora"),
+    "full fine-tuning": ("all", "full"),
+}
+TRAINED = ("localized LoRA", "all-block LoRA", "full fine-tuning")
+
+
+def variants(args, names):
+    """(name, blocks, fresh toy pipeline, config) of the compared edits."""
+    for name in names:
+        blocks, method = METHODS[name]
         pipe = load_pipeline()
         pipe.set_progress_bar_config(disable=True)
-        yield name, blocks, pipe, TrainConfig(method=method, steps=args.train_steps, batch_size=args.batch_size,
-                                              lr=lr, seed=args.seed, checkpoint_every=args.train_steps)
+        if method == "closed-form":
+            cfg = ClosedFormConfig(seed=args.seed, preserve_weight=args.preserve_weight, ridge=args.ridge,
+                                   positions=args.positions)
+        else:
+            lr = args.lr_full if method == "full" else args.lr_lora
+            cfg = TrainConfig(method=method, steps=args.train_steps, batch_size=args.batch_size, lr=lr,
+                              seed=args.seed, checkpoint_every=args.train_steps)
+        yield name, blocks, pipe, cfg
+
+
+def rate(flags) -> dict:
+    """A proportion with its 95% Wilson interval."""
+    flags = [bool(f) for f in flags]
+    k, n = sum(flags), len(flags)
+    lo, hi = wilson(k, n)
+    return {"value": k / n, "lo": lo, "hi": hi, "n": n}
+
+
+def average(values) -> dict:
+    m, lo, hi = mean_ci(values)
+    return {"value": m, "lo": lo, "hi": hi, "n": len(list(values))}
+
+
+class PeakRSS:
+    """Peak resident memory of this process above its level at entry (Linux /proc)."""
+
+    def __enter__(self):
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    def _watch(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+        self.extra = self.peak - self.base
 
 
 @torch.no_grad()
@@ -70,25 +129,27 @@ def labels(oracle, images):
 
 
 def evaluate(pipe, oracle, sets, args, reference=None):
-    """Oracle metrics of `pipe` on the fixed evaluation sets (same seeds for every model)."""
+    """Oracle metrics of `pipe` on the fixed evaluation sets (same seeds for every model),
+    each with its 95% interval."""
     res, labs = {}, {}
     for name, (scenes, prompts, concept_cat, concept_label) in sets.items():
         imgs = generate(pipe, prompts, seed=zlib.crc32(name.encode()) % 997, steps=args.steps, guidance=args.guidance)
         lab = labels(oracle, imgs)
         labs[name] = lab
         if concept_cat is not None:  # presence of the concept
-            res[f"{name}_presence"] = float(np.mean([l == concept_label for l in lab[concept_cat]]))
+            res[f"{name}_presence"] = rate(l == concept_label for l in lab[concept_cat])
         if name == "quality":
-            hits = [lab[k][i] == v for i, s in enumerate(scenes) for k, v in expected(s).items()]
-            res["quality_fidelity"] = float(np.mean(hits))
+            res["quality_fidelity"] = average([np.mean([lab[k][i] == v for k, v in expected(s).items()])
+                                               for i, s in enumerate(scenes)])
         if reference is not None and name.startswith("locality"):
             ref = reference[name]
-            same = [all(lab[c][i] == ref[c][i] for c in CATS) for i in range(len(prompts))]
-            res[f"{name}_unchanged"] = float(np.mean(same))
+            res[f"{name}_unchanged"] = rate(all(lab[c][i] == ref[c][i] for c in CATS) for i in range(len(prompts)))
     return res, labs
 
 
 def build_sets(concept, rng, n):
+    """-> (evaluation sets, training prompts, anchor prompts or None, concept word, anchor word,
+    preservation prompts for the closed-form edit: training-template prompts without the concept)."""
     if concept == "hazard":
         tr_s, tr_p = scenes_prompts(rng, n, "train", hazard=True)
         ge_s, ge_p = scenes_prompts(rng, n, "heldout", hazard=True)
@@ -97,7 +158,23 @@ def build_sets(concept, rng, n):
                 "generality": (ge_s, ge_p, "hazard", "present"),
                 "locality": (lo_s, lo_p, None, None)}
         anchors = [world.clean_prompt(p, "hazard", "hazard") for p in tr_p]
-        return sets, tr_p, anchors, "hazard", None
+        _, keep = scenes_prompts(rng, n, "train", hazard=False)
+        return sets, tr_p, anchors, "hazard", None, keep
+    if concept in world.STYLES:
+        anchor = "solid"
+        tr_s, tr_p = scenes_prompts(rng, n, "train", style=concept, character=None)
+        ge_s, ge_p = scenes_prompts(rng, n, "heldout", style=concept, character=None)
+        others = [s for s in world.STYLES if s not in (concept, anchor)]
+        os_ = [world.sample_scene(rng, style=others[i % len(others)], character=None) for i in range(n)]
+        os_p = [world.make_prompt(s, rng, "heldout", drop_prob=0.0) for s in os_]
+        an_s, an_p = scenes_prompts(rng, n, "heldout", style=anchor, character=None)
+        sets = {"reliability": (tr_s, tr_p, "style", concept),
+                "generality": (ge_s, ge_p, "style", concept),
+                "locality_other_styles": (os_, os_p, None, None),
+                "locality_anchor": (an_s, an_p, None, None)}
+        keep = [world.make_prompt(world.sample_scene(rng, style=([anchor] + others)[i % (len(others) + 1)],
+                                                     character=None), rng, "train", drop_prob=0.0) for i in range(n)]
+        return sets, tr_p, None, concept, anchor, keep
     char = concept
     shape = world.CHARACTER_LOOK[char][0]
     tr_s, tr_p = scenes_prompts(rng, n, "train", character=char)
@@ -112,7 +189,9 @@ def build_sets(concept, rng, n):
             "locality_other_characters": (oc, oc_p, None, None),
             "locality_anchor": (an_s, an_p, None, None),
             "locality_shapes": (sh_s, sh_p, None, None)}
-    return sets, tr_p, None, char, shape
+    keep = [world.make_prompt(world.sample_scene(rng, character=(others + [None])[i % (len(others) + 1)]), rng,
+                              "train", drop_prob=0.0) for i in range(n)]
+    return sets, tr_p, None, char, shape, keep
 
 
 # ---------------------------------------------------------------------------------------
@@ -182,21 +261,22 @@ def run_personalization(args, oracle, out):
     def measure(pipe, reference=None):
         r = {}
         imgs = generate(pipe, [train_prompt] * args.n, seed=1, steps=args.steps, guidance=args.guidance)
-        r["reliability_glyph"] = float((detect(imgs) > 0.5).mean())
+        r["reliability_glyph"] = rate(detect(imgs) > 0.5)
         imgs = generate(pipe, ge_p, seed=2, steps=args.steps, guidance=args.guidance)
         lab = labels(oracle, imgs)
-        r["generality_glyph"] = float((detect(imgs) > 0.5).mean())
-        r["generality_color"] = float(np.mean([lab["color"][i] == s.color for i, s in enumerate(ge_s)]))
-        r["generality_place"] = float(np.mean([lab["place"][i] == s.place for i, s in enumerate(ge_s)]))
+        r["generality_glyph"] = rate(detect(imgs) > 0.5)
+        r["generality_color"] = rate(lab["color"][i] == s.color for i, s in enumerate(ge_s))
+        r["generality_place"] = rate(lab["place"][i] == s.place for i, s in enumerate(ge_s))
         imgs = generate(pipe, lo_p, seed=3, steps=args.steps, guidance=args.guidance)
         lab = labels(oracle, imgs)
-        r["locality_glyph"] = float((detect(imgs) > 0.5).mean())  # should stay ~0
+        r["locality_glyph"] = rate(detect(imgs) > 0.5)  # should stay ~0
         if reference is not None:
-            r["locality_unchanged"] = float(np.mean([all(lab[c][i] == reference[c][i] for c in CATS)
-                                                     for i in range(len(lo_p))]))
+            r["locality_unchanged"] = rate(all(lab[c][i] == reference[c][i] for c in CATS)
+                                           for i in range(len(lo_p)))
         imgs = generate(pipe, q_p, seed=4, steps=args.steps, guidance=args.guidance)
         ql = labels(oracle, imgs)
-        r["quality_fidelity"] = float(np.mean([ql[k][i] == v for i, s in enumerate(q_s) for k, v in expected(s).items()]))
+        r["quality_fidelity"] = average([np.mean([ql[k][i] == v for k, v in expected(s).items()])
+                                         for i, s in enumerate(q_s)])
         return r, lab
 
     base = load_pipeline()
@@ -204,7 +284,7 @@ def run_personalization(args, oracle, out):
     base_res, base_lab = measure(base)
     rows = {"original": base_res}
     print(f"[glyph] original: {json.dumps(base_res)}", flush=True)
-    for name, blocks, pipe, cfg in variants(args):
+    for name, blocks, pipe, cfg in variants(args, TRAINED):
         res = personalize(pipe, images, token, class_word, blocks=blocks, k=args.k, config=cfg,
                           prior_preservation=True, num_class_images=8, num_inference_steps=args.steps,
                           guidance_scale=args.guidance, max_sequence_length=32,
@@ -221,71 +301,118 @@ def run_personalization(args, oracle, out):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--concepts", default="hazard,zibbit", help="unlearning concepts ('' for none)")
+    ap.add_argument("--concepts", default="hazard,zibbit,striped", help="unlearning concepts ('' for none)")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
     ap.add_argument("--personalize", action="store_true", help="also teach the unseen glyph (token sks)")
     ap.add_argument("--out", default="runs/editing")
-    ap.add_argument("--n", type=int, default=32, help="prompts per evaluation set")
-    ap.add_argument("--n-quality", type=int, default=64)
-    ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--n", type=int, default=64, help="prompts per evaluation set")
+    ap.add_argument("--n-quality", type=int, default=128)
+    ap.add_argument("--k", type=int, default=3, help="K of localized LoRA when no closed-form localized row exists")
+    ap.add_argument("--closed-form-k", default="auto", help="K of closed-form localized: auto (its own rule) or a number")
+    ap.add_argument("--localize-method", default="attribution", choices=("contribution", "patch", "attribution"),
+                    help="how the localized methods rank blocks")
     ap.add_argument("--train-steps", type=int, default=150)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr-lora", type=float, default=1e-3)
     ap.add_argument("--lr-full", type=float, default=1e-4)
+    ap.add_argument("--preserve-weight", type=float, default=1.0, help="closed-form lambda")
+    ap.add_argument("--ridge", type=float, default=1e-3, help="closed-form mu (relative)")
+    ap.add_argument("--positions", default="all", choices=("all", "changed"), help="closed-form rows")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=4.5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     oracle = load_oracle()
-    report = {"settings": vars(args), "concepts": {}}
-    if args.personalize:
+    path = out / "editing.json"
+    settings = {k: v for k, v in vars(args).items() if k not in ("concepts", "methods", "personalize", "out", "threads")}
+    report = json.loads(path.read_text()) if path.exists() else {}
+    if report.get("settings") != settings:  # a run with other settings starts over
+        report = {"settings": settings, "concepts": {}}
+
+    def save():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(path)
+
+    if args.personalize and "glyph (personalization)" not in report["concepts"]:
         rows, det_acc = run_personalization(args, oracle, out)
         report["concepts"]["glyph (personalization)"] = rows
         report["glyph_detector_accuracy"] = det_acc
-        (out / "editing.json").write_text(json.dumps(report, indent=1))
+        save()
     for concept in [c for c in args.concepts.split(",") if c]:
         rng = np.random.default_rng([args.seed, 11, sum(map(ord, concept))])
-        sets, train_prompts, anchor_prompts, word, anchor = build_sets(concept, rng, args.n)
+        sets, train_prompts, anchor_prompts, word, anchor, keep = build_sets(concept, rng, args.n)
         q_s = [world.sample_scene(rng, p_character=0.25, p_hazard=0.5) for _ in range(args.n_quality)]
         sets["quality"] = (q_s, [world.make_prompt(s, rng, "heldout", drop_prob=0.0) for s in q_s], None, None)
+        rows = report["concepts"].setdefault(concept, {})
         base = load_pipeline()
         base.set_progress_bar_config(disable=True)
-        base_res, base_labs = evaluate(base, oracle, sets, args)
-        rows = {"original": base_res}
-        print(f"[{concept}] original: {json.dumps(base_res)}", flush=True)
-        for name, blocks, pipe, cfg in variants(args):
+        base_res, base_labs = evaluate(base, oracle, sets, args)  # the reference labels (deterministic)
+        rows["original"] = base_res
+        print(f"[{concept}] original: {_short(base_res)}", flush=True)
+        for name, blocks, pipe, cfg in variants(args, [m for m in methods if m not in rows]):
             t0 = time.perf_counter()
-            res = unlearn(pipe, word, anchor, prompts=train_prompts, anchor_prompts=anchor_prompts,
-                          blocks=blocks, k=args.k, config=cfg, images_per_prompt=1,
-                          num_inference_steps=args.steps, guidance_scale=args.guidance,
-                          out=out / concept / name.split()[0].replace("-", "_"))
+            k = args.k
+            if name == "closed-form localized":
+                k = "auto" if args.closed_form_k == "auto" else int(args.closed_form_k)
+            if name == "localized LoRA" and "closed-form localized" in rows:  # the same blocks: only the method differs
+                blocks = ",".join(rows["closed-form localized"]["blocks"])
+            extra = dict(preserve=keep) if isinstance(cfg, ClosedFormConfig) else dict(images_per_prompt=1)
+            with PeakRSS() as mem:
+                res = unlearn(pipe, word, anchor, prompts=train_prompts, anchor_prompts=anchor_prompts,
+                              blocks=blocks, k=k, config=cfg, num_inference_steps=args.steps,
+                              guidance_scale=args.guidance, out=out / concept / name.replace(" ", "_"),
+                              localize_method=args.localize_method, **extra)
             total = time.perf_counter() - t0
             metrics, _ = evaluate(pipe, oracle, sets, args, reference=base_labs)
-            metrics.update(blocks=list(res.blocks), trainable_parameters=res.trainable_parameters,
-                           train_seconds=round(res.wall_seconds, 1), seconds_per_step=round(res.wall_seconds / max(1, args.train_steps), 4),
-                           job_seconds=round(total, 1))
+            metrics.update(blocks=list(res.blocks), changed_parameters=res.trainable_parameters,
+                           edit_seconds=round(res.wall_seconds, 2), job_seconds=round(total, 1),
+                           peak_extra_rss_mib=round(mem.extra / 2**20, 1),
+                           seconds_per_step=round(res.wall_seconds / max(1, res.steps), 4) if res.steps else None)
+            if isinstance(cfg, ClosedFormConfig):
+                metrics["fit"] = res.details["fit"]
             rows[name] = metrics
-            print(f"[{concept}] {name}: {json.dumps(metrics)}", flush=True)
-        report["concepts"][concept] = rows
-        (out / "editing.json").write_text(json.dumps(report, indent=1))
-    print(format_table(report))
+            save()
+            print(f"[{concept}] {name}: {_short(metrics)}", flush=True)
     (out / "editing.md").write_text(format_table(report))
+    print(format_table(report))
+
+
+def _short(metrics) -> str:
+    return json.dumps({k: (round(v["value"], 3) if isinstance(v, dict) and "value" in v else v)
+                       for k, v in metrics.items() if k != "fit"})
+
+
+def _cell(m) -> str:
+    if not isinstance(m, dict):
+        return "-"
+    return f"{m['value']:.3f} [{m['lo']:.2f}, {m['hi']:.2f}]"
 
 
 def format_table(report) -> str:
+    """One markdown table per concept; every rate with its 95% interval and n."""
     lines = []
     for concept, rows in report["concepts"].items():
         keys = [k for k in rows["original"]]
         loc_keys = sorted({k for r in rows.values() for k in r if k.endswith("_unchanged")})
-        head = ["model"] + keys + loc_keys + ["trainable", "train s", "s/step", "blocks"]
+        ns = {k: rows["original"][k]["n"] for k in keys}
+        ns.update({k: next(r[k]["n"] for r in rows.values() if k in r) for k in loc_keys})
+        head = ["model"] + [f"{k} (n={ns[k]})" for k in keys + loc_keys] + [
+            "changed params", "edit s", "peak extra RSS MiB", "blocks"]
         lines += [f"\n### {concept}\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name, r in rows.items():
-            cells = [name] + [f"{r.get(k, float('nan')):.3f}" for k in keys + loc_keys]
-            cells += [f"{r.get('trainable_parameters', 0):,}", str(r.get("train_seconds", "")),
-                      str(r.get("seconds_per_step", "")), ",".join(r.get("blocks", [])) if len(r.get("blocks", [])) < 12 else "all"]
+            cells = [name] + [_cell(r.get(k)) for k in keys + loc_keys]
+            blocks = r.get("blocks", [])
+            cells += [f"{r.get('changed_parameters', 0):,}", str(r.get("edit_seconds", "")),
+                      str(r.get("peak_extra_rss_mib", "")), ",".join(blocks) if len(blocks) < 12 else "all"]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -88,6 +88,18 @@ def _check_args(args) -> None:
     if args.command in ("localize", "intervene") or (args.command == "unlearn" and (args.prompt or args.prompts_file)):
         args.prompts = _read_prompts(args)
         _check_concept(args.prompts, args.concept, exact=args.command == "unlearn")
+    if args.command == "unlearn":
+        from .text import find_occurrences
+
+        if args.auto_k and args.method != "closed-form":
+            _fail("--auto-k works with --method closed-form: it measures each K's edit")
+        if args.auto_k and args.blocks != "auto":
+            _fail("--auto-k ranks the blocks by a localization; pass --blocks auto")
+        if (args.preserve is not None or args.preserve_file is not None) and args.method != "closed-form":
+            _fail("--preserve/--preserve-file are used by --method closed-form only")
+        if find_occurrences(args.anchor, args.concept):
+            _fail(f"the anchor {args.anchor!r} contains the concept {args.concept!r}; the anchor is what to show "
+                  "instead, without it")
     if args.command == "personalize":
         from .edit.data import image_files
 
@@ -285,8 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
                            help="closed-form: pull toward the original weights (mu, relative; default 1e-3)")
             p.add_argument("--positions", choices=("all", "changed"), default="all",
                            help="closed-form: edit every aligned token (default) or only the changed ones")
+            p.add_argument("--auto-k", action="store_true",
+                           help="closed-form with --blocks auto: solve every block, keep the smallest top K whose edit "
+                                "closes --auto-k-fraction of the largest achievable gap reduction between the prompts' "
+                                "and the anchors' predictions")
+            p.add_argument("--auto-k-fraction", type=float, default=0.9,
+                           help="with --auto-k: share of the best gap reduction the chosen K must reach (default 0.9)")
         p.add_argument("--blocks", default="auto", help="auto (localize, take the top --k), all, or block.3,block.7")
         p.add_argument("--k", type=int, default=4, help="blocks to train with --blocks auto (default 4)")
+        p.add_argument("--localize-method", choices=("contribution", "patch", "attribution"), default="contribution",
+                       help="how --blocks auto ranks the blocks (default contribution; patch and attribution are "
+                            "causal, see docs/recipes.md)")
         if name == "unlearn":
             p.add_argument("--method", choices=("lora", "full", "closed-form"), default="lora",
                            help="lora / full: train; closed-form: solve the blocks' text key/value projections "
@@ -630,15 +651,16 @@ def _edit(args) -> None:
         from .edit import ClosedFormConfig
 
         config = ClosedFormConfig(preserve_weight=args.preserve_weight, ridge=args.ridge, positions=args.positions,
-                                  seed=args.seed)
+                                  seed=args.seed, auto_k_fraction=args.auto_k_fraction)
     else:
         config = TrainConfig(
             method=args.method, rank=args.rank, steps=args.train_steps, lr=args.lr, batch_size=args.batch_size,
             seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
             checkpoint_every=args.checkpoint_every,
         )
-    common = dict(blocks=args.blocks, k=args.k, config=config, out=args.out, options=_run_options(args),
-                  progress=_progress.write)
+    k = "auto" if getattr(args, "auto_k", False) else args.k
+    common = dict(blocks=args.blocks, k=k, config=config, out=args.out, options=_run_options(args),
+                  progress=_progress.write, localize_method=args.localize_method)
     if args.command == "personalize":
         if args.num_class_images < 1:
             raise DitlocError(f"--num-class-images must be >= 1 (got {args.num_class_images})")

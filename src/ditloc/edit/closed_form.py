@@ -58,6 +58,7 @@ class ClosedFormConfig:
     positions: str = "all"
     timesteps: int = 8
     batch_size: int = 16
+    auto_k_fraction: float = 0.9
     seed: int = 0
     method: str = "closed-form"
 
@@ -68,6 +69,8 @@ class ClosedFormConfig:
             raise DitlocError(f"--preserve-weight must be >= 0 (got {self.preserve_weight})")
         if not self.ridge > 0:
             raise DitlocError(f"--ridge must be > 0 (got {self.ridge}); it keeps the solve well posed")
+        if not 0 < self.auto_k_fraction <= 1:
+            raise DitlocError(f"--auto-k-fraction must be in (0, 1] (got {self.auto_k_fraction})")
         for name in ("timesteps", "batch_size"):
             if getattr(self, name) < 1:
                 raise DitlocError(f"{name} must be >= 1 (got {getattr(self, name)})")
@@ -179,11 +182,21 @@ class _Moments:
 @torch.no_grad()
 def closed_form_unlearn(pipe, adapter, blocks, prompts, anchors, preserve, kw, config: ClosedFormConfig, *,
                         x0: torch.Tensor | None, out: Path | None, progress=None, details: dict | None = None,
-                        model: str | None = None) -> EditResult:
+                        model: str | None = None, auto_k: float | None = None,
+                        probe_x0: torch.Tensor | None = None) -> EditResult:
     """Rewrite the text projections of `blocks` in place (see the module doc); with
     `out`, save the changed weights (``blocks.safetensors``, loaded by ``load_edit``)
     and ``ditloc_edit.json``. `x0`: latents [N, C, h, w] the text states are recorded
-    on (the anchor images for joint families; any latents otherwise)."""
+    on (the anchor images for joint families; any latents otherwise).
+
+    `auto_k` (a fraction, e.g. 0.9): `blocks` is a ranking, best first; every block is
+    solved, and the edit keeps the smallest top K that achieves `auto_k` of the largest
+    reduction any K achieves in the gap between the model's prediction for the prompts
+    and the unedited model's for the anchors (mean squared, relative to the unedited
+    gap, on noisy versions of `probe_x0`, the frozen model's anchor images;
+    :func:`prediction_gaps`). A relative target, not an absolute one: prompts that differ
+    from their anchors beyond the concept keep a gap no edit closes. Every K's gap is in
+    ``details["k_gaps"]``."""
     from .jobs import BLOCKS_FILE, RESULT_FILE
 
     t0 = time.perf_counter()
@@ -243,18 +256,34 @@ def closed_form_unlearn(pipe, adapter, blocks, prompts, anchors, preserve, kw, c
     finally:
         recorder.close()
 
-    changed: dict[str, torch.Tensor] = {}
+    solved: dict[str, dict[str, torch.Tensor]] = {}  # block -> path -> new weight
     fit = {}
     for block, paths in projections.items():
         m = moments[block]
         M = m.solve(config.preserve_weight, config.ridge)
+        solved[block] = {}
         for path in paths:
-            linear = named[path]
-            w = linear.weight
+            w = named[path].weight
             fit[path] = _fit(m, M, w)
-            new = (w.double() @ M).to(w.dtype)
-            w.copy_(new)
+            solved[block][path] = (w.double() @ M).to(w.dtype)
+    extra = {}
+    if auto_k is not None:
+        gaps = prediction_gaps(pipe, adapter, list(blocks), solved, prompts, anchors, text_fn=lambda p: adapter.encode_text(p, kw),
+                               x0=probe_x0, seed=config.seed)
+        best = max(1.0 - gap for gap in gaps)
+        k = next(i + 1 for i, gap in enumerate(gaps) if 1.0 - gap >= auto_k * best)
+        extra = {"auto_k": auto_k, "k_gaps": {b: g for b, g in zip(blocks, gaps)}}
+        if progress:
+            progress(f"automatic K = {k}: prediction gap to the anchor "
+                     + ", ".join(f"K={i + 1} {g:.3f}" for i, g in enumerate(gaps)))
+        blocks = list(blocks)[:k]
+        fit = {p: f for p, f in fit.items() if any(p in solved[b] for b in blocks)}
+    changed: dict[str, torch.Tensor] = {}
+    for block in blocks:
+        for path, new in solved[block].items():
+            named[path].weight.copy_(new)
             changed[f"{path}.weight"] = new.detach().cpu().contiguous()
+    projections = {b: projections[b] for b in blocks}
     wall = time.perf_counter() - t0
     result = EditResult(
         kind="unlearn",
@@ -267,7 +296,8 @@ def closed_form_unlearn(pipe, adapter, blocks, prompts, anchors, preserve, kw, c
         losses=(),
         wall_seconds=wall,
         peak_memory_bytes=peak_memory(transformer.device),
-        details={**(details or {}), "rows": {"concept": rows_c, "preserve": rows_d, "draws": draws}, "fit": fit},
+        details={**(details or {}), "rows": {"concept": rows_c, "preserve": rows_d, "draws": draws}, "fit": fit,
+                 **extra},
         out_dir=str(out) if out is not None else None,
     )
     if out is not None:
@@ -281,6 +311,43 @@ def closed_form_unlearn(pipe, adapter, blocks, prompts, anchors, preserve, kw, c
         progress(f"solved {len(projections)} block(s) in {wall:.1f}s: concept rows keep at most {worst:.1%} of "
                  f"their distance to the anchor; preserved rows move at most {drift:.2%}")
     return result
+
+
+@torch.no_grad()
+def prediction_gaps(pipe, adapter, ranking, solved, prompts, anchors, *, text_fn, x0, seed=0, draws=4,
+                    max_prompts=16) -> list[float]:
+    """For K = 1 .. len(ranking): the mean squared distance between the model's
+    prediction for the prompts with the top-K blocks edited (`solved`) and the unedited
+    model's prediction for the anchor prompts, relative to the unedited distance.
+    Measured on `draws` noisy versions (the scheduler's own noising, seeded) of each of
+    `x0`'s latents, up to `max_prompts` prompt pairs; the weights are restored after."""
+    named = dict(pipe.transformer.named_modules())
+    original = {p: named[p].weight.detach().clone() for b in ranking for p in solved[b]}
+    n = min(len(prompts), max_prompts)
+    text = {k: v.detach() for k, v in text_fn(list(prompts[:n]) + list(anchors[:n])).items()}
+    concept_text = {k: v[:n] for k, v in text.items()}
+    anchor_text = {k: v[n:] for k, v in text.items()}
+    noise = NoiseRule.from_scheduler(pipe.scheduler)
+    g = torch.Generator("cpu").manual_seed(seed)
+    inputs = []
+    for d in range(draws):
+        x = x0[torch.arange(n) % len(x0)]  # [n, C, h, w]
+        x_t, t, _ = noise.sample(x, g)
+        inputs.append((x_t, t))
+    predict = lambda text_: [adapter.denoise(x_t, t, text_).float() for x_t, t in inputs]  # noqa: E731
+    target = predict(anchor_text)
+    distance = lambda preds: sum((c - a).pow(2).mean() for c, a in zip(preds, target))  # noqa: E731
+    base = distance(predict(concept_text))
+    gaps = []  # device scalars: one transfer at the end
+    try:
+        for k in range(1, len(ranking) + 1):
+            for path, new in solved[ranking[k - 1]].items():
+                named[path].weight.copy_(new)
+            gaps.append(distance(predict(concept_text)) / base.clamp_min(1e-30))
+    finally:
+        for path, w in original.items():
+            named[path].weight.copy_(w)
+    return torch.stack(gaps).tolist()
 
 
 def _fit(m: _Moments, M: torch.Tensor, w: torch.Tensor) -> dict:

@@ -82,7 +82,7 @@ def run_options(options: RunOptions | None, run: dict) -> RunOptions:
 
 
 def _plan(pipe, blocks, k, localize_prompts, concept, config, out, *, options: RunOptions, progress,
-          require_concept=False, eligible=None):
+          require_concept=False, eligible=None, localize_method="contribution"):
     """What both jobs do before training: pipeline call arguments (native size
     unless given), the output folder, and the blocks (localized with those same
     arguments for ``auto``). -> (adapter, call kwargs, out, blocks, localization)."""
@@ -95,7 +95,7 @@ def _plan(pipe, blocks, k, localize_prompts, concept, config, out, *, options: R
     if eligible is not None:
         eligible = eligible(adapter)
     chosen, loc = choose_blocks(pipe, blocks, k, list(localize_prompts), concept, progress=progress, options=options,
-                                eligible=eligible)
+                                eligible=eligible, method=localize_method)
     if loc is not None and out is not None:
         loc.save(out / "localization.json")
     if progress:
@@ -264,6 +264,7 @@ def personalize(
     config: TrainConfig = TrainConfig(),
     instance_prompt: str = "a {token} {class_word}",
     localize_prompts=None,
+    localize_method: str = "contribution",
     prior_preservation: bool = False,
     class_prompt: str | None = None,
     num_class_images: int = 16,
@@ -279,7 +280,8 @@ def personalize(
     pipeline is called (localization, class images); pipeline arguments such as
     ``height``/``width`` then also fix the training resolution.
     `localize_prompts` (with ``blocks="auto"``): prompts containing the class
-    word to localize it on (default: the class prompt); see
+    word to localize it on (default: the class prompt), with `localize_method`
+    (``contribution``, ``patch`` or ``attribution``, method.md section 7); see
     :func:`category_prompts` for a probe-set category's."""
     if not token or not token.strip() or not class_word or not class_word.strip():
         raise DitlocError("pass both --token (a rare word, e.g. sks) and --class-word (e.g. dog)")
@@ -302,7 +304,7 @@ def personalize(
         class_word=class_word.strip())
     adapter, kw, out, chosen, loc = _plan(
         pipe, blocks, k, localize_prompts or [class_prompt], class_word.strip(), config, out,
-        options=options, progress=progress)
+        options=options, progress=progress, localize_method=localize_method)
 
     instance = encode_images(pipe, pixels).to(pipe.transformer.dtype)  # [N, C, h, w]
     prior = None
@@ -359,10 +361,11 @@ def unlearn(
     prompts=None,
     anchor_prompts=None,
     blocks="auto",
-    k: int | None = 4,
+    k: int | str | None = 4,
     config: TrainConfig | ClosedFormConfig = TrainConfig(),
     images_per_prompt: int = 4,
     preserve=None,
+    localize_method: str = "contribution",
     out=None,
     options: RunOptions | None = None,
     progress=None,
@@ -371,12 +374,16 @@ def unlearn(
     """Make prompts with `concept` behave like the same prompts with `anchor`
     (the frozen model's prediction is the target), training only `blocks`.
     `anchor_prompts` (one per prompt) replaces the word substitution, e.g. to
-    drop a whole phrase ("with a hazard sign"). `options`/`run`: as in :func:`personalize`.
+    drop a whole phrase ("with a hazard sign"). `localize_method`: how ``blocks="auto"``
+    ranks the blocks (see :func:`personalize`). `options`/`run`: as in :func:`personalize`.
 
     With a :class:`~ditloc.edit.closed_form.ClosedFormConfig` there is no training: the
     text key/value projections of `blocks` are solved in closed form (method.md section 8)
     to map the prompts' text states to the anchors' while keeping those of `preserve`
-    (prompts without the concept; default: the anchor prompts)."""
+    (prompts without the concept; default: the anchor prompts). ``k="auto"`` (closed form,
+    ``blocks="auto"``): every editable block is solved and the smallest top K whose edit
+    reaches ``config.auto_k_fraction`` of the best reduction of the gap to the anchors'
+    prediction is kept."""
     if not concept or not concept.strip():
         raise DitlocError("the concept is empty; pass --concept 'the words to forget'")
     if anchor_prompts is None and (not anchor or not anchor.strip()):
@@ -410,9 +417,18 @@ def unlearn(
                 raise DitlocError(f"preservation prompt {i + 1} ({p!r}) contains the concept {concept!r}; "
                                   "preserve only prompts without it")
     eligible = _text_editable if closed_form else None
+    auto_k = None
+    if k == "auto":
+        if not closed_form:
+            raise DitlocError("automatic K (--auto-k) works with --method closed-form: it measures each K's edit")
+        if blocks != "auto":
+            raise DitlocError("automatic K (--auto-k) ranks the blocks by a localization; pass --blocks auto")
+        auto_k = config.auto_k_fraction
+        k = len(_text_editable(_adapter(pipe)))  # solve every editable block, keep the smallest K that works
     adapter, kw, out, chosen, loc = _plan(
         pipe, blocks, k, prompts, concept.strip(), config, out,
-        options=run_options(options, run), progress=progress, require_concept=True, eligible=eligible)
+        options=run_options(options, run), progress=progress, require_concept=True, eligible=eligible,
+        localize_method=localize_method)
     if closed_form:
         for b in chosen:
             adapter.text_projections(b)  # a block without text projections: one line, before any work
@@ -426,8 +442,17 @@ def unlearn(
             x0 = _blank_latents(pipe, kw)
         details = {"concept": concept, "anchor": anchor, "prompts": prompts, "anchor_prompts": anchors,
                    "preserve": preserve, "localization": loc.to_dict() if loc is not None else None}
+        probe = None
+        if auto_k is not None:
+            if adapter.text_states_depend_on_image:
+                probe = x0
+            else:
+                if progress:
+                    progress(f"drawing {min(len(anchors), 16)} anchor image(s) to measure each K's edit")
+                probe = _cached_latents(out, "probe_latents", lambda: _generate_latents(
+                    pipe, anchors[:16], 1, config.seed, kw)).to(pipe.transformer.dtype)
         return closed_form_unlearn(pipe, adapter, chosen, prompts, anchors, preserve, kw, config, x0=x0, out=out,
-                                   progress=progress, details=details,
+                                   progress=progress, details=details, auto_k=auto_k, probe_x0=probe,
                                    model=model_record(pipe).get("name_or_path") or type(pipe).__name__)
     if progress:
         progress(f"drawing {images_per_prompt} anchor image(s) per prompt")
