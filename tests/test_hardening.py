@@ -15,7 +15,11 @@ from ditloc import _state
 from ditloc._io import LOCK_FILE, OutputLock, write_atomic
 from ditloc.errors import DitlocError
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+SRC = Path(__file__).resolve().parents[1] / "src"
+#: subprocesses run in tmp_path: this checkout's src first (a relative PYTHONPATH=src, or an editable install of
+#: another checkout, would otherwise test other code)
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1",
+       "PYTHONPATH": os.pathsep.join([str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
 def test_concurrent_atomic_writes_never_collide(tmp_path):
@@ -107,7 +111,7 @@ BAD = [
     (["localize", "toy", "--concept", "red", "--prompt", "a red star", "--adapter-option", "oops", "--out", "o"],
      "KEY=VALUE"),
     (["localize", "toy", "--concept", "red", "--prompt", "a red star", "--adapter-option", "x=1", "--out", "o"],
-     "has no option 'x'"),
+     "pixart has no option 'x' (its options: none)"),
     (["localize", "toy", "--concept", "blue", "--prompt", "a red star", "--out", "o"], "is not in prompt"),
     (["localize", "toy", "--concept", "red", "--out", "o"], "no prompts"),
     (["unlearn", "toy", "--concept", "red", "--anchor", "blue", "--train-steps", "0", "--out", "o"],
@@ -161,16 +165,64 @@ BAD = [
     (["unlearn", NO_MODEL, "--concept", "snoopy", "--anchor", "a dog", "--prompt", "a red cat", "--out", "o"],
      "prompt 1 ('a red cat') does not contain the concept 'snoopy'"),
     (["demo", "--fast", "--steps", "0", "--out", "o"], "--steps must be at least 1"),
+    # adapter options, checked against the family its model_index.json names before the model loads (SD3: a
+    # directory holding only that file, so a load would fail with another message; a hub id not in the cache:
+    # against every family's options)
+    (["localize", "SD3", "--concept", "red", "--prompt", "a red star", "--adapter-option", "text_stream=bogus",
+      "--out", "o"], "sd3 option text_stream must be one of both, clip, t5; got 'bogus'"),
+    (["intervene", "SD3", "--concept", "red", "--prompt", "a red star", "--blocks", "block.1", "--adapter-option",
+      "stream=t5", "--out", "o"], "sd3 has no option 'stream' (its options: text_stream (both, clip, t5))"),
+    (["bench", "SD3", "--probes", "toy", "--evaluator", "toy", "--adapter-option", "stream=t5", "--out", "o"],
+     "sd3 has no option 'stream'"),
+    (["unlearn", "toy", "--concept", "red", "--anchor", "blue", "--prompt", "a red star", "--adapter-option",
+      "text_stream=t5", "--out", "o"], "pixart has no option 'text_stream' (its options: none)"),
+    (["personalize", "SD3", "--images", "DIR", "--token", "sks", "--class-word", "star", "--adapter-option",
+      "text_stream=", "--out", "o"], "expected KEY=VALUE"),
+    (["localize", "nobody/not-cached", "--concept", "red", "--prompt", "a red star", "--adapter-option", "x=1",
+      "--out", "o"], "no model family has option 'x' (options by family: sd3: text_stream)"),
+    (["localize", "nobody/not-cached", "--concept", "red", "--prompt", "a red star", "--adapter-option",
+      "text_stream=t6", "--out", "o"], "option text_stream must be one of both, clip, t5; got 't6'"),
 ]
+SD3_INDEX = '{"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]}'
 
 
 @pytest.mark.parametrize("argv, expected", BAD, ids=[" ".join(a[:2]) + f" #{i}" for i, (a, _) in enumerate(BAD)])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, argv, expected):
     (tmp_path / "FILE").write_text("not a directory")
     (tmp_path / "DIR").mkdir()  # an empty directory
+    (tmp_path / "SD3").mkdir()  # a model directory with only its model_index.json: no weights to load
+    (tmp_path / "SD3" / "model_index.json").write_text(SD3_INDEX)
     res = _cli(argv, tmp_path)
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr
     assert len(lines) == 1 and lines[0].startswith("ditloc: error:"), res.stderr
     assert expected in lines[0]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["localize", "toy", "--concept", "red", "--prompt", "a red star", "--adapter-option", "x=1"],
+     "pixart has no option 'x'"),
+    (["intervene", "toy", "--concept", "red", "--prompt", "a red star", "--blocks", "block.1", "--adapter-option",
+      "text_stream=t5"], "pixart has no option 'text_stream'"),
+    (["bench", "SD3", "--probes", "toy", "--evaluator", "toy", "--adapter-option", "text_stream=bogus"],
+     "sd3 option text_stream must be one of"),
+    (["unlearn", "SD3", "--concept", "red", "--anchor", "blue", "--prompt", "a red star", "--adapter-option",
+      "stream=t5"], "sd3 has no option 'stream'"),
+], ids=["localize", "intervene", "bench", "unlearn"])
+def test_adapter_options_are_refused_before_the_model_loads(tmp_path, monkeypatch, capsys, argv, expected):
+    from ditloc import cli
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the adapter options were checked")
+
+    monkeypatch.setattr(cli, "load_pipeline", no_load)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "SD3").mkdir()
+    (tmp_path / "SD3" / "model_index.json").write_text(SD3_INDEX)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*argv, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exit_.value.code == 2 and len(lines) == 1 and expected in lines[0], err
+    assert not (tmp_path / "o").exists()

@@ -148,7 +148,7 @@ def test_damaged_run_files_are_one_line_errors(run, tmp_path, damage):
     assert code == 2 and len(lines) == 1 and "damaged" in lines[0] and "Traceback" not in err, err
 
 
-# ---- the presence-vs-K figure -------------------------------------------------------------
+# ---- the figures (matplotlib Figure objects, inspected before they are saved) ------------------
 def _curve(mean_of, ks=(1, 2, 4, 8), band=0.02) -> list:
     from ditloc.report.data import CurvePoint
 
@@ -159,10 +159,10 @@ def _curve(mean_of, ks=(1, 2, 4, 8), band=0.02) -> list:
     return points
 
 
-def _plot_pixels(image: Image.Image, color) -> int:
-    """Pixels of exactly `color` inside the plot frame (the legend, right of it, excluded)."""
-    a = np.asarray(image.convert("RGB"))[48:390, 78:560]  # curves_figure's plot area
-    return int((a == np.array(color, dtype=a.dtype)).all(axis=-1).sum())
+def _series(fig) -> dict:
+    """label -> the Line2D of each series (the legend's entries), baseline excluded."""
+    ax = fig.axes[0]
+    return {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
 
 
 def test_presence_axis_is_fixed_from_0_to_1():
@@ -173,45 +173,135 @@ def test_presence_axis_is_fixed_from_0_to_1():
     assert presence_range([-0.05, 1.2]) == (-0.05, 1.2)  # widened only to show values outside [0, 1]
 
 
-def test_presence_figure_draws_a_small_drop_small():
-    """Top-K 0.003 below the controls: on a fixed 0-1 axis the lines are within a few pixels
-    (an axis fitted to the data drew them apart, as if the drop were large)."""
+def test_presence_figure_has_the_same_0_to_1_axis_for_a_small_and_a_large_drop():
+    """Top-K 0.003 below the controls, and 0.4 below: the same presence axis, covering 0-1
+    (an axis fitted to the data drew the small drop as if it were large)."""
+    from ditloc.report.figures import curves_figure
+
+    small = curves_figure(_curve(lambda c, k: 0.497 if c == "top" else 0.5), [1, 2, 4, 8], title="t", y_label="p")
+    large = curves_figure(_curve(lambda c, k: 0.1 if c == "top" else 0.5), [1, 2, 4, 8], title="t", y_label="p")
+    lo, hi = small.axes[0].get_ylim()
+    assert lo <= 0.0 and hi >= 1.0 and hi - lo < 1.2
+    assert small.axes[0].get_ylim() == large.axes[0].get_ylim()
+    assert small.axes[0].get_ylabel() == "p" and "K" in small.axes[0].get_xlabel()
+    assert [t.get_text() for t in small.axes[0].get_xticklabels()] == ["0", "1", "2", "4", "8"]
+
+
+def test_coinciding_series_each_stay_visible():
+    """All three controls at one value: each has its own legend entry, a different marker and line
+    style, a horizontal offset, and random-K is drawn over bottom-K; rendered, each colour shows."""
+    from matplotlib.colors import to_rgb
+
     from ditloc.report.figures import COLORS, curves_figure
 
-    img = curves_figure(_curve(lambda c, k: 0.497 if c == "top" else 0.5), [1, 2, 4, 8], title="t", y_label="p")
-    a = np.asarray(img.convert("RGB"))[48:390, 78:560]
-    rows = {c: np.nonzero((a == np.array(COLORS[c], dtype=a.dtype)).all(axis=-1).any(axis=1))[0]
-            for c in ("top", "bottom")}
-    assert abs(float(np.median(rows["top"])) - float(np.median(rows["bottom"]))) < 4
+    fig = curves_figure(_curve(lambda c, k: 0.5), [1, 2, 4, 8], title="t", y_label="p")
+    lines = _series(fig)
+    names = {"top": "top-K withheld", "random": "random-K withheld", "bottom": "bottom-K withheld"}
+    assert set(names.values()) <= set(lines)
+    styles = {(lines[n].get_marker(), lines[n].get_linestyle()) for n in names.values()}
+    assert len(styles) == 3
+    xs = {c: tuple(lines[n].get_xdata()) for c, n in names.items()}
+    assert len(set(xs.values())) == 3  # dodged: not drawn at the same x
+    assert lines[names["random"]].get_zorder() > lines[names["bottom"]].get_zorder()
+    legend = fig.axes[0].get_legend()
+    assert legend is not None and {t.get_text() for t in legend.get_texts()} >= {*names.values(), "baseline (K = 0)"}
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int)
+    for control in names:
+        target = np.array([round(255 * v) for v in to_rgb(COLORS[control])])
+        assert (np.abs(pixels - target).sum(axis=-1) < 30).sum() > 50, control
 
 
-def test_random_k_stays_visible_where_it_coincides_with_bottom_k():
-    from ditloc.report.figures import COLORS, curves_figure
+def test_confidence_intervals_are_drawn_as_error_bars():
+    from matplotlib.collections import LineCollection
 
-    same = curves_figure(_curve(lambda c, k: 0.2 if c == "top" else 0.8), [1, 2, 4, 8], title="t", y_label="p")
-    assert _plot_pixels(same, COLORS["random"]) > 300  # drawn over bottom-K, not hidden under it
-    assert _plot_pixels(same, COLORS["bottom"]) > 300
-    everything = curves_figure(_curve(lambda c, k: 0.5), [1, 2, 4, 8], title="t", y_label="p")  # all three coincide
-    assert all(_plot_pixels(everything, COLORS[c]) > 150 for c in ("top", "random", "bottom"))
+    from ditloc.report.figures import curves_figure
+
+    fig = curves_figure(_curve(lambda c, k: 0.5, band=0.1), [1, 2], title="t", y_label="p")
+    bars = [c for c in fig.axes[0].collections if isinstance(c, LineCollection)]
+    spans = sorted({round(float(abs(seg[1][1] - seg[0][1])), 6) for c in bars for seg in c.get_segments()})
+    assert spans == [0.2]  # every interval: low 0.4 to high 0.6
 
 
 def test_several_methods_each_get_their_own_lines():
-    """Top-K of a second method is drawn in its own colour (not merged into the first's line)."""
+    """Top-K of a second method is its own series, own colour (not merged into the first's line)."""
     from ditloc.report.data import CurvePoint
-    from ditloc.report.figures import COLORS, METHOD_COLORS, curves_figure
+    from ditloc.report.figures import curves_figure
 
     points = [CurvePoint("c", "baseline", 0, 0.9, 0.88, 0.92, 8)]
     for method, level in (("contribution", 0.7), ("patch", 0.2)):
         for control, mean in (("top", level), ("bottom", 0.9)):
             points += [CurvePoint("c", control, k, mean, mean - 0.02, mean + 0.02, 8, method=method) for k in (1, 2)]
     points += [CurvePoint("c", "random", k, 0.85, 0.83, 0.87, 8) for k in (1, 2)]
-    img = curves_figure(points, [1, 2], title="t", y_label="p")
-    a = np.asarray(img.convert("RGB"))
-    plot = a[48:390, 78:560]
+    lines = _series(curves_figure(points, [1, 2], title="t", y_label="p"))
+    first, second = lines["top-K withheld (contribution)"], lines["top-K withheld (patch)"]
+    assert first.get_color() != second.get_color()
+    assert list(first.get_ydata()) == [0.9, 0.7, 0.7] and list(second.get_ydata()) == [0.9, 0.2, 0.2]
+    assert {"bottom-K withheld (contribution)", "bottom-K withheld (patch)", "random-K withheld"} <= set(lines)
 
-    def rows_of(color):
-        return np.nonzero((plot == np.array(color, dtype=plot.dtype)).all(axis=-1).any(axis=1))[0]
 
-    first, second = rows_of(COLORS["top"]), rows_of(METHOD_COLORS[0]["top"])
-    assert len(first) and len(second)
-    assert second.max() - first.max() > 100  # patch's top-K line ends far lower (presence 0.2 vs 0.7)
+def test_heatmap_names_its_axes_colour_bar_and_marks_the_top_k():
+    from ditloc.report.figures import heatmap_figure, top_k_of
+
+    blocks = [f"block.{i}" for i in range(6)]
+    values = {"shape": [0.1, 0.9, 0.2, 0.8, 0.0, 0.3], "color": [0.5, 0.0, 0.0, 0.1, 0.7, 0.6]}
+    marked = {row: top_k_of(v, blocks, 2) for row, v in values.items()}
+    assert marked == {"shape": ["block.1", "block.3"], "color": ["block.4", "block.5"]}
+    fig = heatmap_figure(values, blocks, title="Top-2", subtitle="s", quantity="attention contribution",
+                         marked=marked, mark_label="top-2 blocks")
+    ax, bar = fig.axes
+    assert ax.get_xlabel() == "block" and ax.get_ylabel() == "category"
+    assert bar.get_ylabel() == "attention contribution"
+    assert fig.get_suptitle() == "Top-2"
+    ticks = ax.get_xticklabels()
+    assert [t.get_text() for t in ticks] == blocks
+    assert sorted(t.get_text() for t in ticks if t.get_fontweight() == "bold") == [
+        "block.1", "block.3", "block.4", "block.5"]
+    outlines = {(round(p.get_y() + 0.5), round(p.get_x() + 0.5)) for p in ax.patches}
+    assert outlines == {(0, 1), (0, 3), (1, 4), (1, 5)}  # (row, block) of each outlined cell
+    (legend,) = fig.legends
+    assert "top-2 blocks" in legend.get_texts()[0].get_text()
+
+
+def test_top_k_of_includes_ties_and_skips_zeros():
+    from ditloc.report.figures import top_k_of
+
+    blocks = ["a", "b", "c", "d"]
+    assert top_k_of([0.5, 0.5, 0.2, 0.5], blocks, 2) == ["a", "b", "d"]
+    assert top_k_of([0.0, 0.0, 0.3, 0.0], blocks, 2) == ["c"]
+    assert top_k_of([0.1, 0.2, 0.3, 0.4], blocks, 9) == ["a", "b", "c", "d"]
+
+
+def test_grid_labels_each_row_with_its_prompt_and_seed():
+    from PIL import Image as PILImage
+
+    from ditloc.report.figures import grid_figure
+
+    images = [[PILImage.new("RGB", (32, 32), (255, 0, 0)), PILImage.new("RGB", (32, 32), (0, 0, 255))]
+              for _ in range(2)]
+    long_prompt = "a small red star with a striped pattern on the sunny beach near the blue sea at noon"
+    fig = grid_figure(images, ["baseline", "top-2 withheld"], [f"p0: {long_prompt}\nseed 0", "p1: a cat\nseed 7"],
+                      title="grid")
+    axes = fig.axes
+    assert len(axes) == 4
+    assert [a.get_title() for a in axes[:2]] == ["baseline", "top-2 withheld"]
+    first, second = axes[0].get_ylabel(), axes[2].get_ylabel()
+    assert first.replace("\n", " ").startswith("p0: a small red star") and first.endswith("seed 0")
+    assert max(len(line) for line in first.split("\n")) <= 30  # wrapped
+    assert second == "p1: a cat\nseed 7"
+    for ax in axes:
+        (image,) = ax.get_images()
+        assert image.get_interpolation() == "nearest" and image.get_array().shape[:2] == (128, 128)
+        assert list(ax.get_xticks()) == [] and list(ax.get_yticks()) == []
+
+
+def test_saved_png_is_deterministic_and_undated(tmp_path):
+    from ditloc.report.figures import curves_figure, save_figure
+
+    paths = [save_figure(curves_figure(_curve(lambda c, k: 0.4), [1, 2], title="t", y_label="p"), tmp_path / f"{i}.png")
+             for i in range(2)]
+    data = [p.read_bytes() for p in paths]
+    assert data[0] == data[1]
+    assert b"tIME" not in data[0] and b"Software" not in data[0] and b"matplotlib" not in data[0]
+    with Image.open(paths[0]) as im:
+        assert im.format == "PNG" and 600 < im.width < 1400 and 300 < im.height < 800

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import ditloc
 from ditloc.toy import load_pipeline, world
@@ -65,3 +66,6 @@ def test_demo_fast_end_to_end(tmp_path, capsys, monkeypatch):
         assert all(e["concept"] not in c.split() for c in e["clean_prompts"])
         assert category in out
     assert (tmp_path / "demo" / "heatmap.png").is_file()
+    for png in [tmp_path / "demo" / "heatmap.png", *(tmp_path / "demo").glob("*/grid.png")]:
+        with Image.open(png) as im:
+            assert im.format == "PNG" and 400 < im.width < 2500 and 200 < im.height < 1500, (png, im.size)

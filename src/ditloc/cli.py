@@ -77,6 +77,10 @@ def _check_args(args) -> None:
             if key in ("height", "width") and getattr(args, key) is not None:
                 _fail(f"--pipeline-arg {key} and --{key} both given; pass --{key} only")
         _pipeline_kwargs(args)  # --height / --width
+    if getattr(args, "adapter_option", None):
+        from .adapters import check_adapter_options
+
+        check_adapter_options(_adapter_options(args), _transformer_class(args.model))
     for name in ("concept", "token", "class_word", "anchor"):
         value = getattr(args, name, None)
         if value is not None and not value.strip():
@@ -124,6 +128,37 @@ def _check_concept(prompts: list[str], concept: str, *, exact: bool) -> None:
             _fail(f"concept {concept!r} is not in prompt {prompt!r}; use a prompt that contains it")
 
 
+def _is_local(model: str) -> bool:
+    """MODEL names a directory (not a hub id `owner/name`)."""
+    return Path(model).expanduser().exists() or model.startswith((".", "/", "~")) or model.count("/") != 1
+
+
+def _transformer_class(model: str) -> str | None:
+    """The transformer class MODEL declares in its model_index.json, read without loading the model
+    (a hub id: from the local cache only, never the network); None where it cannot be read."""
+    import json
+
+    if model == "toy":
+        from .toy import MODEL_DIR
+
+        model = str(MODEL_DIR)
+    try:
+        if _is_local(model):
+            index = json.loads((Path(model).expanduser() / "model_index.json").read_text(encoding="utf-8"))
+        else:
+            import warnings
+
+            from diffusers import DiffusionPipeline
+
+            with warnings.catch_warnings():  # huggingface_hub's deprecation notes would break the one error line
+                warnings.simplefilter("ignore")
+                index = DiffusionPipeline.load_config(model, local_files_only=True)
+    except (OSError, ValueError):  # no such directory or file, not cached, not JSON: known after loading
+        return None
+    entry = index.get("transformer") if isinstance(index, dict) else None  # ["diffusers", "<class name>"]
+    return entry[1] if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str) else None
+
+
 def load_pipeline(model: str, *, device: str | None = None, dtype: str | None = None):
     """A diffusers pipeline from `toy`, a local directory or a hub id (offline works from the cache)."""
     import torch
@@ -139,7 +174,7 @@ def load_pipeline(model: str, *, device: str | None = None, dtype: str | None = 
         from diffusers import DiffusionPipeline
 
         path = Path(model).expanduser()
-        looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1
+        looks_local = _is_local(model)
         if looks_local and not path.is_dir():
             raise DitlocError(f"model directory {model!r} does not exist; give a diffusers pipeline directory, a hub id or 'toy'")
         try:

@@ -43,13 +43,23 @@ class Adapter(ABC):
     text_states_depend_on_image: ClassVar[bool] = False
 
     def __init__(self, pipe, **options):
+        self.check_options(options)
         self.pipe = pipe
         self.transformer = pipe.transformer
-        for name, valid in self.options.items():
-            value = options.get(name)
-            if value is not None and value not in valid:
-                raise DitlocError(f"{self.family} option {name} must be one of {', '.join(valid)}; got {value!r}")
-            setattr(self, name, value)
+        for name in self.options:
+            setattr(self, name, options.get(name))
+
+    @classmethod
+    def check_options(cls, options) -> None:
+        """Refuse an option the family does not have, or a value it does not take (naming the
+        valid ones); needs no model, so a caller can check before one loads."""
+        for name, value in dict(options).items():
+            if name not in cls.options:
+                valid = "; ".join(f"{k} ({', '.join(v)})" for k, v in cls.options.items()) or "none"
+                raise DitlocError(f"{cls.family} has no option {name!r} (its options: {valid})")
+            if value is not None and value not in cls.options[name]:
+                raise DitlocError(f"{cls.family} option {name} must be one of {', '.join(cls.options[name])}; "
+                                  f"got {value!r}")
 
     # ---- structure -------------------------------------------------------------------
     @abstractmethod

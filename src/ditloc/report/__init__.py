@@ -5,7 +5,7 @@
 
 Figures: a heat map of how often each block is in a concept's top-K, per
 category (categories x blocks); presence-vs-K curves per category (top-K,
-random-K, bottom-K, 95% confidence bands by the normal approximation); image
+random-K, bottom-K, 95% confidence intervals by the normal approximation); image
 grids per concept (baseline, then top-K withheld for each K). A table gives
 each concept's minimal K. Definitions: `ditloc.report.data`.
 """
@@ -21,7 +21,7 @@ from PIL import Image
 from ..bench import BASELINE, BenchRun, read_run, slugify
 from ..errors import DitlocError
 from .data import CurvePoint, MinimalK, minimal_k, presence_curves, selection_frequency
-from .figures import curves_figure, grid_figure, heatmap_figure
+from .figures import curves_figure, grid_figure, heatmap_figure, save_figure, top_k_of
 from .html import Figure, render_page, table
 
 CI_METHOD = "normal approximation: mean ± 1.96 s / sqrt(n) over every image (concept x prompt x seed)"
@@ -86,12 +86,12 @@ def _grids(data: BenchRun, out: Path, n: int) -> list[Figure]:
                     for p, s in samples]
             baseline = [images[(category, concept, BASELINE, 0, p, s)] for p, s in samples]
             prompts = tuple(dict.fromkeys(f"p{r.prompt_index}: {r.prompt}" for r in baseline))
-            fig = grid_figure(rows, [c[2] for c in columns], [f"p{p} s{s}" for p, s in samples],
+            fig = grid_figure(rows, [c[2] for c in columns],
+                              [f"p{r.prompt_index}: {r.prompt}\nseed {r.seed}" for r in baseline],
                               title=f"{category} / {concept}: baseline and top-K withheld")
-            path = out / f"grid_{slugify(category)}_{slugify(concept)}.png"
-            fig.save(path)
+            path = save_figure(fig, out / f"grid_{slugify(category)}_{slugify(concept)}.png")
             figures.append(Figure(path, f"{category} / {concept}",
-                                  f"rows: prompt p and seed s; withheld blocks from the concept's localization; "
+                                  f"rows: prompt p and its seed; withheld blocks from the concept's localization; "
                                   f"evaluation text {baseline[0].eval_text!r}", prompts))
     return figures
 
@@ -111,10 +111,13 @@ def build_report(run, *, k: int | None = None, threshold: float = 0.5, grid_samp
     selection = selection_frequency(data, k)
     heat_path = out / "heatmap.png"
     subtitle = f"fraction of each category's concepts whose top-{k} blocks include the block"
-    heatmap_figure(selection, data.blocks, title=f"Top-{k} selection frequency", subtitle=subtitle).save(heat_path)
+    marked = {category: top_k_of(row, data.blocks, k) for category, row in selection.items()}
+    save_figure(heatmap_figure(selection, data.blocks, title=f"Top-{k} selection frequency", subtitle=subtitle,
+                               quantity=f"fraction of concepts with the block in their top-{k}", marked=marked,
+                               mark_label=f"the category's {k} most often selected blocks"), heat_path)
     heat = Figure(heat_path, f"top-{k} selection frequency",
                   f"cell: fraction of the category's concepts whose top-{k} blocks ({_method_name(data)}) "
-                  "include the block")
+                  f"include the block; outlined: the category's {k} most often selected blocks (ties included)")
 
     curves = presence_curves(data)
     curve_figures = []
@@ -124,10 +127,10 @@ def build_report(run, *, k: int | None = None, threshold: float = 0.5, grid_samp
             continue
         n_concepts = len(data.record["concepts"][category])
         path = out / f"curves_{slugify(category)}.png"
-        curves_figure(pts, data.ks, title=f"{category}: presence vs K ({n_concepts} concept(s))",
-                      y_label=f"presence ({settings['evaluator']})").save(path)
+        save_figure(curves_figure(pts, data.ks, title=f"{category}: presence vs K ({n_concepts} concept(s))",
+                                  y_label=f"presence ({settings['evaluator']})"), path)
         curve_figures.append(Figure(path, f"{category}: presence vs K",
-                                    f"mean presence; bands: 95% CI, {CI_METHOD}"))
+                                    f"mean presence; error bars: 95% CI, {CI_METHOD}"))
 
     minimal = minimal_k(data, threshold)
     several = len(data.methods) > 1

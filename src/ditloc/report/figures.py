@@ -1,300 +1,252 @@
-"""The report's figures, drawn with PIL (no plotting library needed): a heat map,
-presence-vs-K curves with confidence bands, and image grids. Each function
-returns a PIL image; the caller saves it."""
+"""The report's and the demo's figures, drawn with matplotlib: a heat map
+(rows x blocks, marked cells), presence-vs-K curves with 95% confidence
+intervals, and image grids.
+
+Each function returns a `matplotlib.figure.Figure` (inspectable: its axes,
+tick labels and artists); `save_figure` writes it as a PNG. Figures are built
+on the non-interactive Agg canvas directly, never through `pyplot`: nothing is
+shown, nothing touches the user's backend or pyplot's figure registry, so there
+is nothing to close and a figure is freed with its last reference (matplotlib's
+advice for figures made in a library or server). Every figure is drawn and saved
+under matplotlib's default style at a fixed dpi and without a date in the PNG,
+so one run's figures are the same bytes each time, whatever the user's
+matplotlibrc says.
+"""
 
 from __future__ import annotations
 
-import itertools
-import math
-from collections.abc import Sequence
+import io
+import textwrap
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+import matplotlib.style
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch, Rectangle
+from PIL import Image
 
+from .._io import write_atomic
 from .data import CurvePoint
 
-WHITE, BLACK, GREY, LIGHT = (255, 255, 255), (20, 20, 20), (110, 110, 110), (225, 225, 225)
+DPI = 100
+#: PNG text chunks: none (matplotlib would write its version; no date is written either way)
+PNG_METADATA = {"Software": None}
 #: line colours of the conditions (colour-blind safe: vermillion, blue, bluish green)
-COLORS = {"top": (213, 94, 0), "random": (0, 114, 178), "bottom": (0, 158, 115)}
+COLORS = {"top": "#D55E00", "random": "#0072B2", "bottom": "#009E73"}
 LABELS = {"top": "top-K withheld", "random": "random-K withheld", "bottom": "bottom-K withheld"}
-#: how each condition is drawn, in drawing order (later on top). The controls often coincide (and top-K
-#: with them where withholding does nothing), so each line is narrower than the one under it: bottom-K wide
-#: and solid with large triangles, random-K dashed with squares, top-K thin with small circles; where lines
-#: coincide, every one stays visible
+#: how each condition is drawn. The controls often coincide (and top-K with them where withholding does
+#: nothing), so each differs in marker, line style and width, is drawn over the wider one (zorder) and is
+#: shifted slightly along K: where lines coincide, every one stays visible
 STYLES = {
-    "bottom": {"width": 10, "dash": None, "marker": "triangle", "size": 8},
-    "random": {"width": 6, "dash": (10, 6), "marker": "square", "size": 5},
-    "top": {"width": 2, "dash": None, "marker": "circle", "size": 3},
+    "bottom": {"marker": "^", "linestyle": "-", "linewidth": 3.5, "markersize": 9, "zorder": 2},
+    "random": {"marker": "s", "linestyle": "--", "linewidth": 2.5, "markersize": 7, "zorder": 3},
+    "top": {"marker": "o", "linestyle": "-", "linewidth": 1.6, "markersize": 5, "zorder": 4},
 }
-#: top-K / bottom-K colours of a second and third localization method (the first uses COLORS)
-METHOD_COLORS = [
-    {"top": (204, 121, 167), "bottom": (86, 180, 233)},
-    {"top": (120, 60, 20), "bottom": (150, 150, 60)},
+#: top-K / bottom-K colour, marker and line style of a second and third localization method (the first: COLORS)
+METHOD_STYLES = [
+    {"top": ("#CC79A7", "D", ":"), "bottom": ("#56B4E9", "v", "-.")},
+    {"top": ("#783C14", "P", (0, (5, 1.5))), "bottom": ("#96963C", "X", (0, (1, 1)))},
 ]
-HEAT = (178, 24, 43)  # the colour of 1.0 in the heat map (0.0 is white)
+HEAT_CMAP = "Reds"  # white (0) to red (1)
+MARK_COLOR = "#111111"  # outline of a marked heat-map cell
+CI_NOTE = "error bars: 95% CI, normal approximation\n(mean ± 1.96 s / √n)\nover prompts × seeds × concepts"
 
 
-def font(size: int = 14) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)  # scalable (Pillow >= 10.1 with FreeType)
-    except TypeError:
-        return ImageFont.load_default()
+@contextmanager
+def _style():
+    """matplotlib's defaults (not the user's matplotlibrc), so a figure looks the same everywhere."""
+    with matplotlib.style.context("default"):
+        yield
 
 
-def _text_size(draw: ImageDraw.ImageDraw, text: str, f) -> tuple[int, int]:
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=f)
-    return right - left, bottom - top
+def _figure(width: float, height: float) -> Figure:
+    """An empty figure on the Agg canvas (inches at `DPI`), laid out by the constrained-layout engine."""
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained", facecolor="white")
+    FigureCanvasAgg(fig)
+    return fig
 
 
-def _vertical_text(text: str, f, fill=BLACK) -> Image.Image:
-    """`text` rotated to read bottom-up, on a transparent tile."""
-    probe = ImageDraw.Draw(Image.new("RGBA", (1, 1)))
-    w, h = _text_size(probe, text, f)
-    tile = Image.new("RGBA", (w + 4, h + 6), (0, 0, 0, 0))
-    ImageDraw.Draw(tile).text((2, 0), text, font=f, fill=fill)
-    return tile.rotate(90, expand=True)
+def save_figure(fig: Figure, path) -> Path:
+    """Write `fig` as a PNG at `path` (atomically); the same figure gives the same bytes."""
+    buf = io.BytesIO()
+    with _style():
+        fig.savefig(buf, format="png", dpi=DPI, metadata=PNG_METADATA, facecolor="white",
+                    bbox_inches="tight", pad_inches=0.15)
+    return write_atomic(path, buf.getvalue())
 
 
-def _mix(color: tuple[int, int, int], v: float) -> tuple[int, int, int]:
-    """White (v = 0) to `color` (v = 1)."""
-    v = min(max(v, 0.0), 1.0)
-    return tuple(int(round(255 + (c - 255) * v)) for c in color)
+def _wrap(text: str, width: int, max_lines: int | None = None) -> str:
+    """Each line of `text` wrapped to `width` characters (at most `max_lines` lines each, then '…')."""
+    return "\n".join(textwrap.fill(line, width, max_lines=max_lines, placeholder=" …") if line else ""
+                     for line in text.split("\n"))
 
 
-def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """About `n` round tick values covering [lo, hi]."""
-    if hi <= lo:
-        hi = lo + 1.0
-    raw = (hi - lo) / max(n - 1, 1)
-    step = 10 ** math.floor(math.log10(raw))
-    step *= next(m for m in (1, 2, 2.5, 5, 10) if step * m >= raw)
-    start = math.floor(lo / step) * step
-    ticks, t = [], start
-    while t <= hi + step * 1e-6:
-        ticks.append(round(t, 10))
-        t += step
-    if ticks[-1] < hi:
-        ticks.append(round(ticks[-1] + step, 10))
-    return ticks
+# ---- heat map ---------------------------------------------------------------------------
+def heatmap_figure(values: Mapping[str, Sequence[float]], blocks: Sequence[str], *, title: str, subtitle: str = "",
+                   quantity: str, marked: Mapping[str, Sequence[str]] | None = None, mark_label: str = "top-K block",
+                   row_axis: str = "category", col_axis: str = "block") -> Figure:
+    """Rows x blocks, each cell a value in [0, 1] (white 0, red 1; the colour bar names `quantity`).
+
+    `marked`: row -> blocks outlined in that row (e.g. its top-K); a block marked in any row gets a
+    bold tick label, and the outline is explained by a legend entry `mark_label`."""
+    marked = {row: set(bs) for row, bs in (marked or {}).items()}
+    unknown = sorted({b for bs in marked.values() for b in bs} - set(blocks))
+    if unknown:
+        raise ValueError(f"marked blocks {unknown} are not among the heat map's blocks")
+    rows = list(values)
+    data = np.array([list(values[r]) for r in rows], dtype=float).reshape(len(rows), len(blocks))  # [rows, blocks]
+    label_chars = max((len(r) for r in rows), default=4)
+    block_chars = max((len(b) for b in blocks), default=4)
+    width = min(max(3.2 + 0.08 * label_chars + 0.3 * len(blocks), 6.0), 24.0)
+    height = 1.9 + 0.36 * len(rows) + 0.07 * block_chars
+    with _style():
+        fig = _figure(width, height)
+        ax = fig.add_subplot()
+        image = ax.imshow(data, cmap=HEAT_CMAP, vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+        ax.set_xticks(range(len(blocks)), list(blocks), rotation=90, fontsize=8)
+        ax.set_yticks(range(len(rows)), rows, fontsize=9)
+        ax.set_xlabel(col_axis)
+        ax.set_ylabel(row_axis)
+        ax.tick_params(length=2)
+        if len(blocks) <= 24:  # values written in the cells while they fit
+            for i, j in np.ndindex(*data.shape):
+                v = data[i, j]
+                if v > 0:
+                    ax.text(j, i, "1" if v >= 1 else f"{v:.2f}".lstrip("0"), ha="center", va="center",
+                            fontsize=7, color="white" if v > 0.55 else "black")
+        for i, row in enumerate(rows):
+            for j, block in enumerate(blocks):
+                if block in marked.get(row, ()):
+                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor=MARK_COLOR,
+                                           linewidth=2.0, zorder=3))
+        bold = {b for bs in marked.values() for b in bs}
+        for label in ax.get_xticklabels():
+            if label.get_text() in bold:
+                label.set_fontweight("bold")
+        bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, shrink=min(1.0, 0.4 + 0.1 * len(rows)))
+        bar.set_label(_wrap(quantity, 40), fontsize=9)
+        bar.ax.tick_params(labelsize=8)
+        if marked:  # below the plot, clear of the title and the colour bar
+            fig.legend(handles=[Patch(facecolor="none", edgecolor=MARK_COLOR, linewidth=2.0,
+                                      label=f"{mark_label} (bold tick: marked in a row)")],
+                       loc="outside lower left", frameon=False, fontsize=8)
+        fig.suptitle(title, fontsize=12, x=0.02, ha="left")
+        if subtitle:
+            ax.set_title(_wrap(subtitle, int(width * 14)), fontsize=9, color="0.35", loc="left")
+    return fig
 
 
+def top_k_of(row: Sequence[float], blocks: Sequence[str], k: int) -> list[str]:
+    """The blocks of `row`'s k largest values, ties at the k-th value included; none of value <= 0."""
+    if k < 1 or not len(row):
+        return []
+    kth = sorted(row, reverse=True)[min(k, len(row)) - 1]
+    return [b for b, v in zip(blocks, row) if v >= kth and v > 0]
+
+
+# ---- presence vs K ------------------------------------------------------------------------
 def presence_range(values: Sequence[float]) -> tuple[float, float]:
     """The presence axis: 0 to 1 (presence is a fraction or a probability), widened only to
     show values outside it. Fixed, so that a 0.003 drop looks as small as it is."""
     return min([0.0, *values]), max([1.0, *values])
 
 
-def _dashed(d: ImageDraw.ImageDraw, xy: list[tuple[float, float]], fill, width: int, dash: tuple[int, int]) -> None:
-    """A polyline drawn `dash` = (on, off) pixels at a time; the pattern runs on across vertices."""
-    on, off = dash
-    phase = 0.0  # position within the on+off period
-    for (x0, y0), (x1, y1) in itertools.pairwise(xy):
-        length = math.hypot(x1 - x0, y1 - y0)
-        pos = 0.0
-        while pos < length:
-            in_on = phase < on
-            step = min((on - phase) if in_on else (on + off - phase), length - pos)
-            if in_on:
-                a, b = pos / length, (pos + step) / length
-                d.line([(x0 + (x1 - x0) * a, y0 + (y1 - y0) * a), (x0 + (x1 - x0) * b, y0 + (y1 - y0) * b)],
-                       fill=fill, width=width)
-            pos += step
-            phase = (phase + step) % (on + off)
-
-
-def _marker(d: ImageDraw.ImageDraw, x: float, y: float, shape: str, r: int, fill) -> None:
-    if shape == "square":
-        d.rectangle([x - r, y - r, x + r, y + r], fill=fill, outline=WHITE)
-    elif shape == "triangle":
-        d.polygon([(x, y - r - 1), (x - r, y + r - 1), (x + r, y + r - 1)], fill=fill, outline=WHITE)
+def _series_style(control: str, method_index: int) -> dict:
+    style = dict(STYLES[control])
+    if method_index == 0 or control == "random":
+        style["color"] = COLORS[control]
     else:
-        d.ellipse([x - r, y - r, x + r, y + r], fill=fill, outline=WHITE)
+        color, marker, linestyle = METHOD_STYLES[(method_index - 1) % len(METHOD_STYLES)][control]
+        style.update(color=color, marker=marker, linestyle=linestyle)
+    return style
 
 
-def _series_line(d: ImageDraw.ImageDraw, xy: list[tuple[float, float]], control: str, markers=None,
-                 color=None) -> None:
-    """A condition's line in its style, with its markers at `markers` (default: every vertex)."""
-    style = STYLES[control]
-    color = color or COLORS[control]
-    if len(xy) > 1:
-        if style["dash"]:
-            _dashed(d, xy, color, style["width"], style["dash"])
-        else:
-            d.line(xy, fill=color, width=style["width"], joint="curve")
-    for x, y in xy if markers is None else markers:
-        _marker(d, x, y, style["marker"], style["size"], color)
-
-
-def _format_tick(value: float) -> str:
-    return f"{value:.3g}" if abs(value) >= 1e-9 else "0"
-
-
-def heatmap_figure(freq: dict[str, Sequence[float]], blocks: Sequence[str], *, title: str,
-                   subtitle: str) -> Image.Image:
-    """Rows (e.g. categories) x blocks, each cell a value in [0, 1] (white 0, red 1)."""
-    f, small, title_font = font(14), font(11), font(16)
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    n = len(blocks)
-    cell_w = max(18, min(44, 1000 // max(n, 1)))
-    cell_h = 34
-    label_w = max(_text_size(probe, c, f)[0] for c in freq) + 16
-    block_labels = [_vertical_text(b, small) for b in blocks]
-    label_h = max(t.height for t in block_labels) + 8
-    left, top = label_w, 60
-    bar_x = left + n * cell_w + 24
-    text_w = max(_text_size(probe, title, title_font)[0], _text_size(probe, subtitle, small)[0]) + 20
-    width, height = max(bar_x + 60, text_w), top + len(freq) * cell_h + label_h + 40
-    img = Image.new("RGB", (width, height), WHITE)
-    d = ImageDraw.Draw(img)
-    d.text((10, 8), title, font=title_font, fill=BLACK)
-    d.text((10, 30), subtitle, font=small, fill=GREY)
-    for i, (category, values) in enumerate(freq.items()):
-        y = top + i * cell_h
-        tw, th = _text_size(d, category, f)
-        d.text((label_w - tw - 8, y + (cell_h - th) // 2 - 2), category, font=f, fill=BLACK)
-        for j, v in enumerate(values):
-            x = left + j * cell_w
-            d.rectangle([x, y, x + cell_w - 2, y + cell_h - 2], fill=_mix(HEAT, v), outline=LIGHT)
-            if cell_w >= 30:
-                text = f"{v:.2f}".lstrip("0") if v < 1 else "1"
-                text = text if v > 0 else ""
-                tw, th = _text_size(d, text, small)
-                d.text((x + (cell_w - 2 - tw) // 2, y + (cell_h - 2 - th) // 2 - 2), text, font=small,
-                       fill=WHITE if v > 0.55 else BLACK)
-    y_labels = top + len(freq) * cell_h + 4
-    for j, tile in enumerate(block_labels):
-        img.paste(tile, (left + j * cell_w + (cell_w - tile.width) // 2, y_labels), tile)
-    d.text((left, y_labels + label_h), "block", font=f, fill=GREY)
-    # colour bar: 1 at the top, 0 at the bottom
-    bar_top, bar_h = top, max(len(freq) * cell_h - 2, 60)
-    for y in range(bar_h):
-        d.line([bar_x, bar_top + y, bar_x + 16, bar_top + y], fill=_mix(HEAT, 1 - y / max(bar_h - 1, 1)))
-    d.rectangle([bar_x, bar_top, bar_x + 16, bar_top + bar_h], outline=GREY)
-    d.text((bar_x + 22, bar_top - 6), "1", font=small, fill=BLACK)
-    d.text((bar_x + 22, bar_top + bar_h - 8), "0", font=small, fill=BLACK)
-    return img
-
-
-def curves_figure(points: Sequence[CurvePoint], ks: Sequence[int], *, title: str, y_label: str) -> Image.Image:
-    """Presence vs K for one category: a line per control (top-K and bottom-K per
-    localization method), each starting at the baseline (K = 0), with its 95% confidence band. K values sit at even spacing;
-    the presence axis is fixed (`presence_range`)."""
-    f, small, title_font = font(14), font(12), font(16)
-    n_methods = len({p.method for p in points if p.control in ("top", "bottom")})
-    extra = max(0, n_methods - 1)  # room for the other methods' legend lines
-    width, height = 760 + (110 if extra else 0), 460 + 48 * extra
-    left, right, top, bottom = 78, 200 + (110 if extra else 0), 48, 70
-    img = Image.new("RGB", (width, height), WHITE)
-    d = ImageDraw.Draw(img)
-    d.text((12, 12), title, font=title_font, fill=BLACK)
-    xs = [0] + list(ks)
-    plot_w, plot_h = width - left - right, height - top - bottom
-
-    def x_of(k: int) -> float:
-        return left + 20 + xs.index(k) * (plot_w - 40) / max(len(xs) - 1, 1)
-
-    ticks = _nice_ticks(*presence_range([v for p in points for v in (p.low, p.high)]))
-    y0, y1 = ticks[0], ticks[-1]
-
-    def y_of(v: float) -> float:
-        return top + plot_h - (v - y0) / (y1 - y0) * plot_h
-
-    # axes, grid and ticks
-    for t in ticks:
-        y = y_of(t)
-        d.line([left, y, left + plot_w, y], fill=LIGHT)
-        label = _format_tick(t)
-        tw, th = _text_size(d, label, small)
-        d.text((left - tw - 8, y - th // 2 - 2), label, font=small, fill=BLACK)
-    for k in xs:
-        x = x_of(k)
-        d.line([x, top + plot_h, x, top + plot_h + 5], fill=BLACK)
-        label = str(k)
-        tw, _ = _text_size(d, label, small)
-        d.text((x - tw / 2, top + plot_h + 8), label, font=small, fill=BLACK)
-    d.rectangle([left, top, left + plot_w, top + plot_h], outline=BLACK)
-    x_title = "K = blocks withheld (0: baseline)"
-    tw, _ = _text_size(d, x_title, f)
-    d.text((left + (plot_w - tw) / 2, top + plot_h + 32), x_title, font=f, fill=BLACK)
-    tile = _vertical_text(y_label, f)
-    img.paste(tile, (8, top + (plot_h - tile.height) // 2), tile)
-
-    # bands first (translucent), then lines and markers
+def curves_figure(points: Sequence[CurvePoint], ks: Sequence[int], *, title: str, y_label: str) -> Figure:
+    """Presence vs K for one category: a line per (control, localization method), each starting at
+    the baseline (K = 0), with 95% confidence intervals as error bars. K values sit at even
+    spacing; the presence axis is fixed (`presence_range`); the legend sits right of the plot."""
+    xs = [0, *ks]
     base = next((p for p in points if p.control == "baseline"), None)
-    # one series per (control, method): random-K has no method; top-K and bottom-K one per localization method
     methods = list(dict.fromkeys(p.method for p in points if p.control in ("top", "bottom")))
-    colors = {(c, m): (COLORS[c] if i == 0 else METHOD_COLORS[(i - 1) % len(METHOD_COLORS)][c])
-              for i, m in enumerate(methods) for c in ("top", "bottom")}
-    colors[("random", "")] = COLORS["random"]
-    series = {}
-    for control in STYLES:  # drawing order
+    series = {}  # (control, method) -> points by K, in drawing order
+    for control in STYLES:
         for method in ([""] if control == "random" else methods):
-            pts = sorted((p for p in points if p.control == control and p.method == method), key=lambda p: p.k)
+            pts = sorted((p for p in points if p.control == control and p.method == method and p.k in ks),
+                         key=lambda p: p.k)
             if pts:
-                series[control, method] = ([base] if base is not None else []) + pts
-    overlay = Image.new("RGBA", img.size, (0, 0, 0, 0))
-    od = ImageDraw.Draw(overlay)
-    for key, pts in series.items():
-        if len(pts) > 1:
-            upper = [(x_of(p.k), y_of(p.high)) for p in pts]
-            lower = [(x_of(p.k), y_of(p.low)) for p in reversed(pts)]
-            od.polygon(upper + lower, fill=colors[key] + (45,))
-    img.paste(Image.alpha_composite(img.convert("RGBA"), overlay).convert("RGB"))
-    d = ImageDraw.Draw(img)
-    for (control, method), pts in series.items():
-        _series_line(d, [(x_of(p.k), y_of(p.mean)) for p in pts], control, color=colors[control, method])
-    if base is not None:
-        x, y = x_of(0), y_of(base.mean)
-        d.ellipse([x - 5, y - 5, x + 5, y + 5], fill=BLACK)
+                series[control, method] = pts
+    n = len(series)
+    dodge = min(0.07, 0.35 / max(n, 1))  # in K positions: coinciding series sit side by side
+    lo, hi = presence_range([v for p in points for v in (p.low, p.high)])
+    pad = 0.04 * (hi - lo)
+    with _style():
+        fig = _figure(8.6, 4.6)
+        ax = fig.add_subplot()
+        ax.grid(axis="y", color="0.9", zorder=0)
+        for j, ((control, method), pts) in enumerate(series.items()):
+            style = _series_style(control, methods.index(method) if method in methods else 0)
+            shift = (j - (n - 1) / 2) * dodge
+            line = ([base] if base is not None else []) + pts
+            label = LABELS[control] + (f" ({method})" if method and len(methods) > 1 else "")
+            ax.plot([xs.index(p.k) + shift for p in line], [p.mean for p in line], label=label,
+                    markeredgecolor="white", markeredgewidth=0.8, **style)
+            x = [xs.index(p.k) + shift for p in pts]
+            y = np.array([p.mean for p in pts])
+            err = np.array([[p.mean - p.low for p in pts], [p.high - p.mean for p in pts]])  # [2, points]
+            ax.errorbar(x, y, yerr=np.clip(err, 0, None), fmt="none", ecolor=style["color"], elinewidth=1.2,
+                        capsize=3, zorder=style["zorder"])
+        if base is not None:
+            ax.errorbar([0], [base.mean], yerr=[[base.mean - base.low], [base.high - base.mean]], fmt="o",
+                        color="black", markersize=8, capsize=4, zorder=5, label="baseline (K = 0)")
+        ax.set_xlim(-0.5, len(xs) - 0.5)
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_xticks(range(len(xs)), [str(k) for k in xs])
+        ax.set_xlabel("K = blocks withheld (0: baseline)")
+        ax.set_ylabel(y_label)
+        ax.set_title(title, fontsize=12, loc="left")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False, fontsize=9)
+        ax.text(1.02, 0.0, CI_NOTE, transform=ax.transAxes, fontsize=8, color="0.35", va="bottom", ha="left")
+    return fig
 
-    # legend: top, random, bottom; a method's name where several are compared
-    lx, ly = left + plot_w + 16, top + 6
-    for control in COLORS:
-        for (c, method) in (k for k in series if k[0] == control):
-            _series_line(d, [(lx, ly + 8), (lx + 30, ly + 8)], c, markers=[(lx + 15, ly + 8)],
-                         color=colors[c, method])
-            label = LABELS[c] + (f" ({method})" if method and len(methods) > 1 else "")
-            d.text((lx + 38, ly), label, font=small, fill=BLACK)
-            ly += 24
-    d.ellipse([lx + 9, ly + 3, lx + 19, ly + 13], fill=BLACK)
-    d.text((lx + 34, ly), "baseline", font=small, fill=BLACK)
-    ly += 30
-    notes = ("bands: 95% CI,", "normal approximation", "(mean ± 1.96 s / sqrt(n))", "over prompts x seeds",
-             "x concepts")
-    for line in notes:
-        d.text((lx, ly), line, font=small, fill=GREY)
-        ly += 17
-    return img
 
-
-def _tile(image: Image.Image, size: int) -> Image.Image:
-    """An image scaled to `size` px on its long side (nearest for pixel art, Lanczos to shrink)."""
+# ---- image grid -----------------------------------------------------------------------------
+def _tile(image, size: int) -> Image.Image:
+    """An image scaled to `size` px on its long side (nearest to enlarge pixel art, Lanczos to shrink)."""
+    image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
     w, h = image.size
     scale = size / max(w, h)
     method = Image.NEAREST if scale >= 1 else Image.LANCZOS
     return image.convert("RGB").resize((max(1, round(w * scale)), max(1, round(h * scale))), method)
 
 
-def grid_figure(rows: Sequence[Sequence[Image.Image]], column_titles: Sequence[str], row_titles: Sequence[str],
-                *, title: str, tile: int = 128) -> Image.Image:
-    """A table of images: one row per sample, one column per condition."""
-    f, small = font(14), font(12)
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    pad = 6
-    label_w = max(_text_size(probe, t, small)[0] for t in row_titles) + 2 * pad
-    head = 52
-    width = label_w + len(column_titles) * (tile + pad) + pad
-    height = head + len(rows) * (tile + pad) + pad
-    img = Image.new("RGB", (width, height), WHITE)
-    d = ImageDraw.Draw(img)
-    d.text((pad, 6), title, font=f, fill=BLACK)
-    for c, name in enumerate(column_titles):
-        tw, _ = _text_size(d, name, small)
-        d.text((label_w + c * (tile + pad) + (tile - tw) // 2, 32), name, font=small, fill=BLACK)
-    for r, (images, name) in enumerate(zip(rows, row_titles)):
-        y = head + r * (tile + pad)
-        _, th = _text_size(d, name, small)
-        d.text((pad, y + (tile - th) // 2), name, font=small, fill=BLACK)
-        for c, image in enumerate(images):
-            t = _tile(image, tile)
-            img.paste(t, (label_w + c * (tile + pad) + (tile - t.width) // 2, y + (tile - t.height) // 2))
-    return img
+def grid_figure(rows: Sequence[Sequence], column_titles: Sequence[str], row_titles: Sequence[str],
+                *, title: str, tile: int = 128) -> Figure:
+    """A table of images: one row per sample, one column per condition. `row_titles`: each row's
+    label, e.g. its prompt and seed (long lines are wrapped; a newline starts a new line)."""
+    if len(row_titles) != len(rows):
+        raise ValueError(f"{len(rows)} image rows but {len(row_titles)} row titles")
+    n_rows, n_cols = len(rows), len(column_titles)
+    side = tile / DPI  # inches per image
+    with _style():
+        fig = _figure(1.9 + n_cols * (side + 0.08), 0.7 + n_rows * (side + 0.1))
+        axes = fig.subplots(n_rows, n_cols, squeeze=False)
+        for r, (images, label) in enumerate(zip(rows, row_titles)):
+            for c in range(n_cols):
+                ax = axes[r][c]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c < len(images):
+                    ax.imshow(np.asarray(_tile(images[c], tile)), interpolation="nearest")
+                if r == 0:
+                    ax.set_title(_wrap(column_titles[c], 18), fontsize=9)
+            axes[r][0].set_ylabel(_wrap(label, 30, max_lines=5), rotation=0, ha="right", va="center",
+                                  fontsize=8, labelpad=6)
+        fig.suptitle(title, fontsize=11)
+    return fig
+
+
+__all__ = ["COLORS", "DPI", "curves_figure", "grid_figure", "heatmap_figure", "presence_range", "save_figure",
+           "top_k_of"]

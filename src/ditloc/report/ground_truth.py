@@ -1,11 +1,11 @@
 """Report of a `ditloc ground-truth` directory: one self-contained HTML page.
 
 Figures: a heat map of the presence drop when each single block is withheld
-(concepts x blocks, the ground truth), and one of each method's block scores
-scaled to [0, 1] per concept (so the rows can be compared with the ground
-truth by eye). Tables: the search per concept, every method per concept, and
-the per-method summary with 95% confidence intervals
-(`ditloc.bench.ground_truth.summary_tables`).
+(concepts x blocks, the ground truth; the best single block outlined), and one
+of each method's block scores scaled to [0, 1] per concept (its top block
+outlined, so the rows can be compared with the ground truth by eye). Tables:
+the search per concept, every method per concept, and the per-method summary
+with 95% confidence intervals (`ditloc.bench.ground_truth.summary_tables`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._io import write_atomic
-from ..bench.ground_truth import SETTINGS_FILE, summarize_ground_truth, summary_tables
-from .figures import heatmap_figure
+from ..bench.ground_truth import (
+    SETTINGS_FILE,
+    ranking,
+    summarize_ground_truth,
+    summary_tables,
+)
+from .figures import heatmap_figure, save_figure
 from .html import Figure, render_page, table
 
 
@@ -50,24 +55,31 @@ def build_ground_truth_report(run) -> GroundTruthReport:
     drops = {label[e["category"], e["concept"]]: [max(0.0, min(1.0, d)) for d in e["oracle"]["single_drops"]]
              for e in summary["concepts"]}
     if drops:
-        path = out / "drops.png"
-        heatmap_figure(drops, blocks, title="Ground truth: presence drop with one block withheld",
-                       subtitle="baseline presence - presence with the block withheld (oracle, held-out images)"
-                       ).save(path)
+        best = {label[e["category"], e["concept"]]: e["oracle"]["best_singles"] for e in summary["concepts"]}
+        path = save_figure(heatmap_figure(
+            drops, blocks, title="Ground truth: presence drop with one block withheld",
+            subtitle="baseline presence - presence with the block withheld (oracle, held-out images)",
+            quantity="presence drop (negative shown as 0)", marked=best, mark_label="best single block",
+            row_axis="concept"), out / "drops.png")
         figures.append(Figure(path, "single-block drops", "cell: presence drop when the concept is withheld from "
-                              "that block alone (negative drops shown as 0)"))
+                              "that block alone (negative drops shown as 0); outlined: the best single block(s)"))
     locs = read_localizations(run)
     for method in summary["methods"]:
-        rows = {}
+        rows, top = {}, {}
         for key, name in label.items():
             rec = locs.get((*key, method))
             if rec is not None:
-                rows[name] = _scaled([float(rec["scores"][rec["blocks"].index(b)]) for b in blocks])
+                scores = [float(rec["scores"][rec["blocks"].index(b)]) for b in blocks]
+                rows[name] = _scaled(scores)
+                top[name] = ranking(blocks, scores)[:1]
         if rows:
-            path = out / f"scores_{method}.png"
-            heatmap_figure(rows, blocks, title=f"{method}: block scores, scaled per concept",
-                           subtitle="score / the concept's largest score (negative scores shown as 0)").save(path)
-            figures.append(Figure(path, f"{method} scores", "compare with the ground truth's drops above"))
+            path = save_figure(heatmap_figure(
+                rows, blocks, title=f"{method}: block scores, scaled per concept",
+                subtitle="score / the concept's largest score (negative scores shown as 0)",
+                quantity="score / the concept's largest", marked=top, mark_label=f"{method}'s top block",
+                row_axis="concept"), out / f"scores_{method}.png")
+            figures.append(Figure(path, f"{method} scores", "compare with the ground truth's drops above; "
+                                  "outlined: the method's top block"))
     intro, tables = summary_tables(summary)
     sections = [("Ground truth and methods", intro, figures)]
     for heading, text, header, rows in tables:

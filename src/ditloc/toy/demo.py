@@ -25,7 +25,7 @@ from ..bench import ConceptPlan, generate_scored, random_blocks, slugify
 from ..evaluate.toy import ToyOracle
 from ..localize import localize
 from ..options import RunOptions
-from ..report.figures import grid_figure, heatmap_figure
+from ..report.figures import grid_figure, heatmap_figure, save_figure
 from . import world
 
 LOCALIZE_BATCH = 8  # prompts per localize call (localize's default)
@@ -144,14 +144,18 @@ def run_demo(out_dir="runs/demo", config: DemoConfig | None = None, *, pipe=None
                 "clean_prompts": list(c.clean_prompts),
             }
             samples = [(i, seed) for i in range(len(c.evaluation_prompts)) for seed in cfg.seeds][:4]
-            grid_figure([[before[0][r], withheld[0][r], randoms[0][0][r]] for r in range(len(samples))],
-                        ["original", f"top-{cfg.k} withheld", f"random-{cfg.k} withheld"],
-                        [f"p{i} s{seed}" for i, seed in samples],
-                        title=f"{category} / {concept}: original and withheld").save(out / category / "grid.png")
-    heatmap_figure({category: _scaled(scores) for category, scores in heat.items()}, list(loc.blocks),
-                   title="Attention contribution of each concept",
-                   subtitle="per block; each row scaled to its own range (lowest white, highest red)").save(
-        out / "heatmap.png")
+            save_figure(grid_figure([[before[0][r], withheld[0][r], randoms[0][0][r]] for r in range(len(samples))],
+                                    ["original", f"top-{cfg.k} withheld", f"random-{cfg.k} withheld"],
+                                    [f"p{i}: {c.evaluation_prompts[i]}\nseed {seed}" for i, seed in samples],
+                                    title=f"{category} / {concept}: original and withheld"),
+                        out / category / "grid.png")
+    rows = {f"{category}: {summary[category]['concept']}": _scaled(scores) for category, scores in heat.items()}
+    marked = {f"{category}: {e['concept']}": e["top_k_blocks"] for category, e in summary.items()}
+    save_figure(heatmap_figure(rows, list(loc.blocks), title="Attention contribution of each concept",
+                               subtitle="each row scaled to its own range (lowest white, highest red)",
+                               quantity="attention contribution (scaled per row)", marked=marked,
+                               mark_label=f"top-{cfg.k} blocks (withheld)", row_axis="category: concept"),
+                out / "heatmap.png")
     result = {
         "categories": summary,
         "blocks": list(loc.blocks),
