@@ -15,6 +15,7 @@ Per concept (hazard mark -> the prompt without its phrase; the character
                scenes; for the character, other characters, triangles (the anchor)
                and other shapes
   quality      oracle prompt fidelity over all categories on general held-out prompts
+               without the erased concept
 plus edit time, peak extra memory (process RSS above its level before the edit,
 sampled every 5 ms), seconds per step and changed parameters. Intervals: Wilson for
 rates, normal approximation over images for quality.
@@ -145,6 +146,18 @@ def evaluate(pipe, oracle, sets, args, reference=None):
             ref = reference[name]
             res[f"{name}_unchanged"] = rate(all(lab[c][i] == ref[c][i] for c in CATS) for i in range(len(prompts)))
     return res, labs
+
+
+def quality_scenes(rng, n, concept):
+    """General held-out scenes over all six categories, without the erased concept (an
+    image that no longer shows it is the edit working, not a loss of quality)."""
+    out = []
+    while len(out) < n:
+        s = world.sample_scene(rng, p_character=0.25, p_hazard=0.5)
+        if concept == "hazard" and s.hazard or concept in (s.character, s.style):
+            continue
+        out.append(s)
+    return out
 
 
 def build_sets(concept, rng, n):
@@ -350,7 +363,7 @@ def main():
     for concept in [c for c in args.concepts.split(",") if c]:
         rng = np.random.default_rng([args.seed, 11, sum(map(ord, concept))])
         sets, train_prompts, anchor_prompts, word, anchor, keep = build_sets(concept, rng, args.n)
-        q_s = [world.sample_scene(rng, p_character=0.25, p_hazard=0.5) for _ in range(args.n_quality)]
+        q_s = quality_scenes(rng, args.n_quality, concept)
         sets["quality"] = (q_s, [world.make_prompt(s, rng, "heldout", drop_prob=0.0) for s in q_s], None, None)
         rows = report["concepts"].setdefault(concept, {})
         base = load_pipeline()
