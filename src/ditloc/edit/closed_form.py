@@ -56,7 +56,7 @@ class ClosedFormConfig:
     preserve_weight: float = 1.0
     ridge: float = 1e-3
     positions: str = "all"
-    timesteps: int = 8
+    timesteps: int = 8  # (anchor image, noise level) draws for joint families
     batch_size: int = 16
     auto_k_fraction: float = 0.9
     seed: int = 0
@@ -150,19 +150,21 @@ class _Moments:
     """Running means C = c c^T, A = a c^T, D = d d^T of one block (float64)."""
 
     def __init__(self, dim: int, device):
-        z = lambda: torch.zeros(dim, dim, dtype=torch.float64, device=device)  # noqa: E731
+        device = torch.device(device)
+        dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        z = lambda: torch.zeros(dim, dim, dtype=dtype, device=device)  # noqa: E731
         self.C, self.A, self.AA, self.D = z(), z(), z(), z()
         self.nc = self.nd = 0
 
     def add_pairs(self, c: torch.Tensor, a: torch.Tensor):  # [N, dim] each
-        c, a = c.double(), a.double()
+        c, a = c.to(self.C.dtype), a.to(self.C.dtype)
         self.C += c.T @ c
         self.A += a.T @ c
         self.AA += a.T @ a  # only for the fit report
         self.nc += c.shape[0]
 
     def add_preserve(self, d: torch.Tensor):
-        d = d.double()
+        d = d.to(self.D.dtype)
         self.D += d.T @ d
         self.nd += d.shape[0]
 
@@ -217,7 +219,7 @@ def closed_form_unlearn(pipe, adapter, blocks, prompts, anchors, preserve, kw, c
     reset_peak_memory(transformer.device)
     noise = NoiseRule.from_scheduler(pipe.scheduler)
     g = torch.Generator("cpu").manual_seed(config.seed)
-    draws = (config.timesteps * len(x0)) if adapter.text_states_depend_on_image else 1
+    draws = config.timesteps if adapter.text_states_depend_on_image else 1  # draw s: anchor image s mod N
     recorder = _Recorder(transformer, {b: p[0] for b, p in projections.items()})
     moments: dict[str, _Moments] = {}
     rows_c = rows_d = 0
@@ -265,7 +267,7 @@ def closed_form_unlearn(pipe, adapter, blocks, prompts, anchors, preserve, kw, c
         for path in paths:
             w = named[path].weight
             fit[path] = _fit(m, M, w)
-            solved[block][path] = (w.double() @ M).to(w.dtype)
+            solved[block][path] = (w.to(M.dtype) @ M).to(w.dtype)
     extra = {}
     if auto_k is not None:
         gaps = prediction_gaps(pipe, adapter, list(blocks), solved, prompts, anchors, text_fn=lambda p: adapter.encode_text(p, kw),
@@ -355,7 +357,7 @@ def _fit(m: _Moments, M: torch.Tensor, w: torch.Tensor) -> dict:
     the concept rows' mean squared distance to their anchors' outputs, relative to
     before (``|W' c - W a|^2 / |W c - W a|^2``), and the preserved rows' mean squared
     change relative to their mean squared output (``|W' d - W d|^2 / |W d|^2``)."""
-    w = w.double()
+    w = w.to(M.dtype)
     C, A, AA = m.C / m.nc, m.A / m.nc, m.AA / m.nc
 
     def energy(S):  # mean |W x|^2 for second moment S of x

@@ -434,10 +434,11 @@ def unlearn(
             adapter.text_projections(b)  # a block without text projections: one line, before any work
         x0 = None
         if adapter.text_states_depend_on_image:
+            n_images = min(len(anchors), config.timesteps)
             if progress:
-                progress("drawing one anchor image per prompt (joint blocks read text states that depend on it)")
+                progress(f"drawing {n_images} anchor image(s): joint blocks read text states that depend on the image")
             x0 = _cached_latents(out, "anchor_latents", lambda: _generate_latents(
-                pipe, anchors, 1, config.seed, kw)).to(pipe.transformer.dtype)
+                pipe, anchors[:n_images], 1, config.seed, kw)).to(pipe.transformer.dtype)
         else:
             x0 = _blank_latents(pipe, kw)
         details = {"concept": concept, "anchor": anchor, "prompts": prompts, "anchor_prompts": anchors,
