@@ -226,3 +226,27 @@ def test_adapter_options_are_refused_before_the_model_loads(tmp_path, monkeypatc
     lines = [line for line in err.splitlines() if line.strip()]
     assert exit_.value.code == 2 and len(lines) == 1 and expected in lines[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_second_bench_on_the_same_out_is_refused(tmp_path):
+    """Two `ditloc bench` processes on one --out: the second is refused with one line naming the
+    first's PID (and writes nothing); the first keeps running."""
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "ditloc.cli", "bench", "toy", "--probes", "toy", "--evaluator", "toy",
+            "--categories", "shape,color,style", "--k", "1,2", "--steps", "4", "--out", str(out)]
+    first = subprocess.Popen(argv, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = out / f"{LOCK_FILE}.rank0"
+        deadline = time.monotonic() + 300
+        while not (lock.exists() and lock.read_text().strip() == str(first.pid)):
+            assert first.poll() is None, first.stderr.read()
+            assert time.monotonic() < deadline, "the first bench never took its lock"
+            time.sleep(0.2)
+        second = subprocess.run(argv, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+        lines = [line for line in second.stderr.splitlines() if line.strip()]
+        assert second.returncode == 2 and len(lines) == 1, second.stderr
+        assert f"another ditloc process (PID {first.pid})" in lines[0] and "Traceback" not in second.stderr
+        assert first.poll() is None  # the holder is unaffected
+    finally:
+        first.kill()
+        first.wait()
