@@ -108,6 +108,44 @@ def _check_args(args) -> None:
         from .edit.data import image_files
 
         image_files(args.images)
+    if args.command in ("personalize", "unlearn"):
+        _check_training(args)
+
+
+def _check_training(args) -> None:
+    """Launch and precision checks of personalize/unlearn (resolves ``args.mixed_precision``)."""
+    from .edit import precision
+    from .edit.processes import launched
+
+    if args.method == "closed-form":
+        if launched():
+            _fail("--method closed-form runs in one process (seconds); run it without accelerate launch")
+        if args.mixed_precision not in (None, "no"):
+            _fail("--mixed-precision applies to training (--method lora or full), not to --method closed-form")
+        args.mixed_precision = "no"
+        return
+    for engine in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):  # set by accelerate launch --use_fsdp etc.
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true":
+            _fail(f"ditloc trains data-parallel (one whole model per process), not with {engine.lower()}; "
+                  "launch without it (accelerate launch --multi_gpu)")
+    if args.mixed_precision is None:  # accelerate launch --mixed_precision X exports it
+        args.mixed_precision = (os.environ.get("ACCELERATE_MIXED_PRECISION") or "no").lower()
+    precision.check_mode(args.mixed_precision)  # a DitlocError: one line, exit 2
+    if args.mixed_precision == "bf16":
+        if args.dtype == "float16":
+            _fail("--mixed-precision bf16 trains over bfloat16 (or float32) base weights; drop --dtype float16")
+        precision.check_device(args.mixed_precision, _train_device(args) or "cpu")
+
+
+def _train_device(args) -> str | None:
+    """Where training runs: --device (None: where the pipeline loads, the CPU); under accelerate
+    launch, each process's own accelerator, or the CPU (gloo) with --device cpu or on a machine without one."""
+    from .edit.processes import current, launched
+
+    if not launched():
+        return args.device
+    procs = current(args.device)
+    return str(procs.device)
 
 
 def _words(text: str) -> set[str]:
@@ -352,7 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--rank", type=int, default=4)
         p.add_argument("--train-steps", type=int, default=200, help="optimizer steps (default 200)")
         p.add_argument("--lr", type=float, default=None, help="default 1e-4 (lora) / 1e-5 (full)")
-        p.add_argument("--batch-size", type=int, default=4)
+        p.add_argument("--batch-size", type=int, default=4,
+                       help="rows per step (default 4); under accelerate launch, per process")
+        p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
+                       help="bf16: float32 trainable weights and optimizer state over bfloat16 base weights, "
+                            "bf16 autocast (default: accelerate launch's --mixed_precision, else no; fp16 is refused)")
         p.add_argument("--gradient-checkpointing", action="store_true")
         p.add_argument("--checkpoint-every", type=int, default=50)
         p.add_argument("--steps", type=int, default=None, help="sampling steps for localization/anchor images")
@@ -691,18 +733,24 @@ def _edit(args) -> None:
         config = TrainConfig(
             method=args.method, rank=args.rank, steps=args.train_steps, lr=args.lr, batch_size=args.batch_size,
             seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
-            checkpoint_every=args.checkpoint_every,
+            checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
         )
+    from .edit.processes import current
+
+    main_process = current(args.device).is_main  # under accelerate launch only process 0 reports
+    device = _train_device(args)
+    # mixed precision: the base weights in bfloat16 unless --dtype says otherwise
+    dtype = args.dtype or ("bfloat16" if args.mixed_precision == "bf16" else None)
     k = "auto" if getattr(args, "auto_k", False) else args.k
     common = dict(blocks=args.blocks, k=k, config=config, out=args.out, options=_run_options(args),
-                  progress=_progress.write, localize_method=args.localize_method)
+                  progress=_progress.write if main_process else None, localize_method=args.localize_method)
     if args.command == "personalize":
         if args.num_class_images < 1:
             raise DitlocError(f"--num-class-images must be >= 1 (got {args.num_class_images})")
         from .edit.jobs import category_prompts
 
         loc_prompts = category_prompts(args.category, args.class_word, args.probes) if args.category else None
-        pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+        pipe = load_pipeline(args.model, device=device, dtype=dtype)
         res = personalize(pipe, args.images, args.token, args.class_word, instance_prompt=args.instance_prompt,
                           localize_prompts=loc_prompts,
                           prior_preservation=args.prior_preservation, num_class_images=args.num_class_images,
@@ -712,9 +760,11 @@ def _edit(args) -> None:
         if args.images_per_prompt < 1:
             raise DitlocError(f"--images-per-prompt must be >= 1 (got {args.images_per_prompt})")
         preserve = _preserve_prompts(args)
-        pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+        pipe = load_pipeline(args.model, device=device, dtype=dtype)
         res = unlearn(pipe, args.concept, args.anchor, prompts=prompts, images_per_prompt=args.images_per_prompt,
                       preserve=preserve, **common)
+    if not main_process:
+        return
     if res.config.get("method") == "closed-form":
         n = len(res.config["projections"])
         mem = f", peak {res.peak_memory_bytes / 2**20:.0f} MiB" if res.peak_memory_bytes else ""

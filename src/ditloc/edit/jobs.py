@@ -26,6 +26,7 @@ from ..text import find_occurrences, substitute
 from .closed_form import ClosedFormConfig, closed_form_unlearn
 from .data import encode_images, image_size, load_image_folder
 from .lora import save_lora
+from .processes import current as current_processes
 from .train import EditResult, LocalizedTrainer, TrainConfig, peak_memory, reset_peak_memory, run_training
 
 RESULT_FILE = "ditloc_edit.json"
@@ -94,9 +95,11 @@ def _plan(pipe, blocks, k, localize_prompts, concept, config, out, *, options: R
     out = _prepare_out(out)
     if eligible is not None:
         eligible = eligible(adapter)
-    chosen, loc = choose_blocks(pipe, blocks, k, list(localize_prompts), concept, progress=progress, options=options,
-                                eligible=eligible, method=localize_method)
-    if loc is not None and out is not None:
+    procs = current_processes()
+    chosen, loc = procs.share(lambda: choose_blocks(  # the main process localizes; every process gets its blocks
+        pipe, blocks, k, list(localize_prompts), concept, progress=progress, options=options, eligible=eligible,
+        method=localize_method))
+    if loc is not None and out is not None and procs.is_main:
         loc.save(out / "localization.json")
     if progress:
         verb = "editing" if config.method == "closed-form" else "training"
@@ -111,13 +114,17 @@ def _identity(kind: str, pipe, blocks, config: TrainConfig, data: dict) -> dict:
 
 def _cached_latents(out: Path | None, name: str, make):
     """Latents a job draws once (class / anchor images): generated, then kept in
-    ``out`` so a resumed run trains on exactly the same data."""
-    if out is not None and _state.state_exists(out / name):
-        return _state.load_state(out / name)[0]["latents"]
-    latents = make()
-    if out is not None:
-        _state.save_state(out / name, {"latents": latents}, {})
-    return latents
+    ``out`` so a resumed run trains on exactly the same data. Under ``accelerate launch``
+    the main process draws (or reads) and writes them, and every process gets them."""
+    def load_or_make():
+        if out is not None and _state.state_exists(out / name):
+            return _state.load_state(out / name)[0]["latents"]
+        latents = make()
+        if out is not None:
+            _state.save_state(out / name, {"latents": latents}, {})
+        return latents
+
+    return current_processes().share(load_or_make)
 
 
 @torch.no_grad()
@@ -149,13 +156,19 @@ def _encode(adapter, prompts: list[str], kw: dict) -> dict:
         return {k: v.detach() for k, v in adapter.encode_text(prompts, kw).items()}
 
 
+def _data_dtype(pipe, config) -> torch.dtype:
+    """Training latents' dtype: the model's, float32 under mixed precision (autocast casts)."""
+    return torch.float32 if getattr(config, "mixed_precision", "no") != "no" else pipe.transformer.dtype
+
+
 def _finish(kind, pipe, trainer, out, wall, details) -> EditResult:
     transformer = pipe.transformer
     result = EditResult(
         kind=kind,
         model=model_record(pipe).get("name_or_path") or type(pipe).__name__,
         blocks=tuple(trainer.blocks),
-        config={**trainer.config.to_dict(), **({"lora": trainer.spec.to_dict()} if trainer.spec else {})},
+        config={**trainer.config.to_dict(), **({"lora": trainer.spec.to_dict()} if trainer.spec else {}),
+                **trainer.record()},
         trainable_parameters=sum(p.numel() for p in trainer.params),
         total_parameters=sum(p.numel() for p in transformer.parameters()),
         steps=trainer.step,
@@ -166,7 +179,7 @@ def _finish(kind, pipe, trainer, out, wall, details) -> EditResult:
         out_dir=str(out) if out is not None else None,
     )
     transformer.eval()
-    if out is not None:
+    if out is not None and trainer.processes.is_main:  # the others wait for its files
         state = trainer.trainable_state()
         if trainer.spec is not None:
             save_lora(pipe, out, state, trainer.spec)
@@ -175,6 +188,8 @@ def _finish(kind, pipe, trainer, out, wall, details) -> EditResult:
 
             save_file(state, str(out / BLOCKS_FILE))
         write_json(out / RESULT_FILE, result.to_dict())
+    trainer.close()
+    trainer.processes.wait()
     return result
 
 
@@ -242,6 +257,9 @@ def _one_writer(job):
 
     @functools.wraps(job)
     def locked(*args, **kwargs):
+        procs = current_processes(args[0].transformer.device if args else None)
+        if not procs.is_main:  # under accelerate launch: the main process locks, writes and reports
+            return job(*args, **dict(kwargs, progress=None))
         out = _prepare_out(kwargs.get("out"))
         if out is None:
             return job(*args, **kwargs)
@@ -306,7 +324,7 @@ def personalize(
         pipe, blocks, k, localize_prompts or [class_prompt], class_word.strip(), config, out,
         options=options, progress=progress, localize_method=localize_method)
 
-    instance = encode_images(pipe, pixels).to(pipe.transformer.dtype)  # [N, C, h, w]
+    instance = encode_images(pipe, pixels).to(_data_dtype(pipe, config))  # [N, C, h, w]
     prior = None
     if prior_preservation:
         if progress:
@@ -320,7 +338,7 @@ def personalize(
             "prior_weight": prior_weight}
     reset_peak_memory(pipe.transformer.device)
     trainer = LocalizedTrainer(pipe, adapter, chosen, config)
-    b = config.batch_size
+    b = trainer.global_batch  # every process draws the global batch and trains on its rows
 
     def rows(index: int, n: int) -> dict:
         return {k: v[index : index + 1].expand(n, *v.shape[1:]) for k, v in text.items()}
@@ -328,13 +346,13 @@ def personalize(
     def loss_fn() -> torch.Tensor:
         g = trainer.generator
         idx = torch.randint(len(instance), (b,), generator=g)
-        x_t, t, target = trainer.noise.sample(instance[idx], g)
-        pred = adapter.denoise(x_t, t, rows(0, b))
+        x_t, t, target = trainer.shard(*trainer.noise.sample(instance[idx], g))
+        pred = adapter.denoise(x_t, t, rows(0, len(x_t)))
         loss = torch.nn.functional.mse_loss(pred.float(), target.float())
         if prior is not None:
             idx = torch.randint(len(prior), (b,), generator=g)
-            x_t, t, target = trainer.noise.sample(prior[idx], g)
-            pred = adapter.denoise(x_t, t, rows(1, b))
+            x_t, t, target = trainer.shard(*trainer.noise.sample(prior[idx], g))
+            pred = adapter.denoise(x_t, t, rows(1, len(x_t)))
             loss = loss + prior_weight * torch.nn.functional.mse_loss(pred.float(), target.float())
         return loss
 
@@ -392,6 +410,8 @@ def unlearn(
         raise DitlocError(f"the anchor {anchor!r} contains the concept {concept!r}; the anchor is what to show "
                           "instead, without it")
     closed_form = isinstance(config, ClosedFormConfig)
+    if closed_form and current_processes().world > 1:
+        raise DitlocError("--method closed-form runs in one process (seconds); run it without accelerate launch")
     if preserve is not None and not closed_form:
         raise DitlocError("preservation prompts are used by the closed-form method only (--method closed-form)")
     prompts = [p for p in (prompts or [f"a picture of {concept.strip()}", concept.strip()])]
@@ -458,20 +478,22 @@ def unlearn(
     if progress:
         progress(f"drawing {images_per_prompt} anchor image(s) per prompt")
     x0 = _cached_latents(out, "anchor_latents", lambda: _generate_latents(
-        pipe, anchors, images_per_prompt, config.seed, kw)).to(pipe.transformer.dtype)  # [P*n, C, h, w]
+        pipe, anchors, images_per_prompt, config.seed, kw))
+    x0 = x0.to(pipe.transformer.device, _data_dtype(pipe, config))  # [P*n, C, h, w]
     n = len(prompts)
     text = _encode(adapter, prompts + anchors, kw)  # rows [0, n): concept prompts, [n, 2n): anchors
     data = {"concept": concept, "anchor": anchor, "prompts": prompts, "anchor_prompts": anchors,
             "images_per_prompt": images_per_prompt}
     reset_peak_memory(pipe.transformer.device)
     trainer = LocalizedTrainer(pipe, adapter, chosen, config)
-    b = config.batch_size
+    b = trainer.global_batch  # every process draws the global batch and trains on its rows
 
     def loss_fn() -> torch.Tensor:
         g = trainer.generator
         img = torch.randint(len(x0), (b,), generator=g)  # anchor image, and its prompt
         which = img // images_per_prompt  # [B]
         x_t, t, _ = trainer.noise.sample(x0[img], g)
+        x_t, t, which = trainer.shard(x_t, t, which)
         target = trainer.teacher(x_t, t, {k: v[which + n] for k, v in text.items()})
         pred = adapter.denoise(x_t, t, {k: v[which] for k, v in text.items()})
         return torch.nn.functional.mse_loss(pred.float(), target.float())

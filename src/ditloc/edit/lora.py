@@ -73,13 +73,15 @@ def lora_targets(adapter, blocks, suffixes=None) -> list[str]:
 
 
 def add_lora(transformer: torch.nn.Module, spec: LoraSpec, adapter_name: str = ADAPTER_NAME,
-             seed: int = 0) -> list[str]:
+             seed: int = 0, upcast: bool = False) -> list[str]:
     """Inject LoRA into exactly `spec.targets`; freezes everything else.
     Returns the names of the trainable parameters. ``A`` is drawn as peft draws
     it (Kaiming-uniform) but from a generator seeded with `seed`, not from the
     global RNG, so the same seed gives the same adapter; ``B = 0``, so the adapted model computes
     exactly what the frozen model does (freezing alone can move the last bit of a matmul on some
-    BLAS builds: PyTorch picks mm or bmm by whether the weight requires grad)."""
+    BLAS builds: PyTorch picks mm or bmm by whether the weight requires grad).
+    `upcast`: the adapter in float32 over a bf16/fp16 base (mixed precision; peft's
+    ``cast_adapter_dtype``), before ``A`` is drawn."""
     from peft import inject_adapter_in_model
 
     if spec.rank < 1:
@@ -92,6 +94,10 @@ def add_lora(transformer: torch.nn.Module, spec: LoraSpec, adapter_name: str = A
         raise DitlocError("the transformer already carries LoRA layers; load a fresh pipeline")
     transformer.requires_grad_(False)
     inject_adapter_in_model(spec.config(), transformer, adapter_name=adapter_name)
+    if upcast:
+        from peft.tuners.tuners_utils import cast_adapter_dtype
+
+        cast_adapter_dtype(transformer, adapter_name, autocast_adapter_dtype=True)
     names = [n for n, p in transformer.named_parameters() if "lora_" in n]
     generator = torch.Generator("cpu").manual_seed(seed)
     with torch.no_grad():

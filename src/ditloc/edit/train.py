@@ -10,6 +10,16 @@ Cost, by construction:
 The loop is family-agnostic: the adapter supplies the transformer call
 (`Adapter.denoise`) and the text conditioning (`Adapter.encode_text`); the
 scheduler's config supplies the noising rule (DDPM epsilon / v, or flow matching).
+
+Scale (accelerate): under ``accelerate launch`` / ``torchrun`` every process
+draws the same global batch of ``batch_size x processes`` rows from the same
+seeded generator and computes its own slice (:meth:`LocalizedTrainer.shard`);
+after the backward, accelerate averages the trainable gradients (and the loss)
+over the processes, so every process applies the gradient of the global batch's
+mean loss: N processes with ``batch_size`` B train exactly (up to float
+summation order) what one process with ``batch_size`` N x B trains. With
+``mixed_precision="bf16"`` the trainable weights and optimizer state are float32
+and the loss runs under bf16 autocast (`precision`).
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import torch
 
 from .. import _state
 from ..errors import DitlocError, Interrupted
+from . import precision, processes
 from .lora import LoraSpec, add_lora, lora_state_dict, lora_targets
 
 METHODS = ("lora", "full")
@@ -34,7 +45,9 @@ CKPT = "checkpoint"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How to train. ``lr=None`` -> 1e-4 for LoRA, 1e-5 for full weights."""
+    """How to train. ``lr=None`` -> 1e-4 for LoRA, 1e-5 for full weights.
+    ``batch_size``: rows per process (the global batch is ``batch_size`` x processes).
+    ``mixed_precision``: ``"no"`` or ``"bf16"`` (see :mod:`ditloc.edit.precision`)."""
 
     method: str = "lora"
     rank: int = 4
@@ -46,10 +59,12 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     no_grad_prefix: bool = True
     checkpoint_every: int = 50
+    mixed_precision: str = "no"
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise DitlocError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        precision.check_mode(self.mixed_precision)
         flags = {"steps": "--train-steps", "batch_size": "--batch-size", "rank": "--rank",
                  "checkpoint_every": "--checkpoint-every"}
         for name, flag in flags.items():
@@ -178,19 +193,31 @@ class LocalizedTrainer:
         if not self.blocks:
             raise DitlocError("no blocks to train; pass --blocks auto|all|block.N,...")
         transformer = pipe.transformer
+        self.base_dtype = transformer.dtype  # the frozen weights'
+        mixed = config.mixed_precision != "no"
+        if mixed:  # before the model is touched
+            precision.check_device(config.mixed_precision, transformer.device)
+            precision.check_base_dtype(config.mixed_precision, self.base_dtype)
+        self.processes = processes.current(transformer.device)
+        self.accelerator = _accelerator()
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
             module = getattr(pipe, name, None)
             if isinstance(module, torch.nn.Module):
                 module.requires_grad_(False)
         self.spec = None
+        self._upcast: list[tuple[torch.nn.Parameter, torch.dtype]] = []  # full + mixed: back in close()
         if config.method == "lora":
             self.spec = LoraSpec(tuple(self.blocks), tuple(lora_targets(adapter, self.blocks, targets)),
                                  config.rank, config.alpha)
-            add_lora(transformer, self.spec, seed=config.seed)
+            add_lora(transformer, self.spec, seed=config.seed, upcast=mixed)
         else:
             transformer.requires_grad_(False)
             for block in self.blocks:
                 adapter.block_module(block).requires_grad_(True)
+                for p in adapter.block_module(block).parameters() if mixed else ():
+                    if p.dtype != torch.float32:  # float32 master weights
+                        self._upcast.append((p, p.dtype))
+                        p.data = p.data.float()
         self.names = [n for n, p in transformer.named_parameters() if p.requires_grad]
         self.params = [p for p in transformer.parameters() if p.requires_grad]
         # the frozen model's values of the trainable tensors (teacher in unlearning):
@@ -198,7 +225,9 @@ class LocalizedTrainer:
         self.frozen = {n: (torch.zeros_like(p) if self.spec else p.detach().clone())
                        for n, p in transformer.named_parameters()
                        if p.requires_grad and (self.spec is None or "lora_B" in n)}
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=0.0)
+        # accelerate wraps the optimizer (device placement off: the pipeline stays where it is)
+        self.optimizer = self.accelerator.prepare(
+            torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=0.0))
         self.generator = torch.Generator("cpu").manual_seed(config.seed)
         self.noise = NoiseRule.from_scheduler(pipe.scheduler)
         self.step = 0
@@ -208,6 +237,32 @@ class LocalizedTrainer:
                 raise DitlocError(f"{type(transformer).__name__} does not support gradient checkpointing")
             transformer.enable_gradient_checkpointing()
         transformer.train()
+
+    @property
+    def global_batch(self) -> int:
+        """Rows drawn per step, by every process: ``batch_size`` x processes."""
+        return self.config.batch_size * self.processes.world
+
+    def shard(self, *tensors) -> tuple:
+        """This process's rows of tensors of the global batch [global_batch, ...]:
+        rows ``rank * batch_size`` to ``(rank + 1) * batch_size`` (all of them in one process)."""
+        if self.processes.world == 1:
+            return tensors
+        b, r = self.config.batch_size, self.processes.rank
+        return tuple(t[r * b : (r + 1) * b] for t in tensors)
+
+    def record(self) -> dict:
+        """How this run trained, beyond its config: processes, global batch, the base weights' dtype."""
+        return {"processes": self.processes.world, "global_batch_size": self.global_batch,
+                "base_dtype": str(self.base_dtype).removeprefix("torch.")}
+
+    def close(self) -> None:
+        """Hand the pipeline back in its own dtype: trained full blocks leave their
+        float32 master weights (LoRA stays float32; peft computes it in its dtype)."""
+        with torch.no_grad():
+            for p, dtype in self._upcast:
+                p.data = p.data.to(dtype)
+        self._upcast = []
 
     @property
     def device(self):
@@ -238,23 +293,50 @@ class LocalizedTrainer:
             return self.adapter.denoise(latents, timestep, text)
 
     def train_step(self, loss_fn: Callable[[], torch.Tensor]) -> float:
+        """One optimizer step on this process's share of the batch; returns the
+        global batch's mean loss."""
         self.optimizer.zero_grad(set_to_none=True)
-        with self.context():
+        with self.context(), precision.autocast(self.config.mixed_precision, self.device):
             loss = loss_fn()
-        loss.backward()
+        self.accelerator.backward(loss)
+        value = self._average(loss)
         self.optimizer.step()
         self.step += 1
-        value = float(loss.detach())
         self.losses.append(value)
         return value
 
+    def _average(self, loss: torch.Tensor) -> float:
+        """Mean of the trainable gradients and of the loss over the processes
+        (accelerate's all-reduce, in buckets of one dtype). -> the mean loss."""
+        if self.processes.world == 1:
+            return float(loss.detach())
+        grads = [p.grad for p in self.params if p.grad is not None]  # [same order on every process]
+        for bucket in _buckets(grads):
+            flat = torch.cat([g.reshape(-1) for g in bucket])  # [sum of numel]
+            flat = self.accelerator.reduce(flat, reduction="mean")
+            for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+                g.copy_(part.view_as(g))
+        return float(self.accelerator.reduce(loss.detach().float().reshape(1), reduction="mean"))
+
+    def broadcast_parameters(self) -> None:
+        """Every process starts from the main process's trainable weights (as DDP does)."""
+        if self.processes.world > 1:
+            from accelerate.utils import broadcast
+
+            with torch.no_grad():
+                broadcast([p.data for p in self.params], from_process=0)
+
     # ---- checkpoints (resumable) ------------------------------------------------------
     def save_checkpoint(self, out: Path, identity: dict) -> None:
+        """Written by the main process only (every process holds the same state)."""
+        if not self.processes.is_main:
+            return
         tensors = {f"param.{n}": p.detach() for n, p in zip(self.names, self.params)}
         opt_tensors, opt_meta = _state.flatten_optimizer(self.optimizer.state_dict())
         tensors.update(opt_tensors)
         tensors["rng.generator"] = self.generator.get_state()
-        meta = {"step": self.step, "losses": self.losses, "identity": identity, "optimizer": opt_meta}
+        meta = {"step": self.step, "losses": self.losses, "identity": identity, "optimizer": opt_meta,
+                "processes": self.processes.world}
         _state.save_state(out / CKPT, tensors, meta)
 
     def load_checkpoint(self, out: Path, identity: dict) -> bool:
@@ -269,6 +351,12 @@ class LocalizedTrainer:
             raise DitlocError(
                 f"{out} holds a checkpoint of a different job; use another --out or delete {stem}.*"
             )
+        n = int(meta.get("processes", 1))
+        if n != self.processes.world:
+            raise DitlocError(
+                f"{stem}.safetensors was written by a run of {n} process(es), this one has {self.processes.world}; "
+                f"resume with the same number (accelerate launch --num_processes {n}) or delete {stem}.*"
+            )
         with torch.no_grad():
             for n, p in zip(self.names, self.params):
                 p.copy_(tensors[f"param.{n}"])
@@ -276,6 +364,37 @@ class LocalizedTrainer:
         self.generator.set_state(tensors["rng.generator"])
         self.step, self.losses = int(meta["step"]), list(meta["losses"])
         return True
+
+
+def _accelerator():
+    """accelerate's Accelerator for the process group, the backward and the gradient all-reduce.
+    Its own mixed precision stays off: ditloc applies ``TrainConfig.mixed_precision`` itself,
+    since accelerate fixes the precision once per process. Plain data parallelism only."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    try:
+        accelerator = Accelerator(mixed_precision="no", device_placement=False, dynamo_backend="no")
+    except ValueError as e:
+        raise DitlocError(f"accelerate is already set up differently in this process ({str(e).splitlines()[0]}); "
+                          "set the precision with TrainConfig(mixed_precision=...) only") from None
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM):
+        raise DitlocError(f"ditloc trains data-parallel (one whole model per process), not with "
+                          f"{accelerator.distributed_type.value}; launch without it (accelerate launch --multi_gpu)")
+    return accelerator
+
+
+def _buckets(tensors: list[torch.Tensor], size: int = 1 << 24):
+    """Consecutive runs of one dtype and device, up to `size` elements each (one all-reduce per run)."""
+    bucket, n = [], 0
+    for t in tensors:
+        if bucket and (t.dtype != bucket[0].dtype or t.device != bucket[0].device or n + t.numel() > size):
+            yield bucket
+            bucket, n = [], 0
+        bucket.append(t)
+        n += t.numel()
+    if bucket:
+        yield bucket
 
 
 @contextlib.contextmanager
@@ -321,10 +440,13 @@ def synchronize(device) -> None:
 
 def run_training(trainer: LocalizedTrainer, loss_fn, out: Path | None, identity: dict, progress=None) -> float:
     """The loop: resume from ``out/checkpoint`` if present, train to ``config.steps``,
-    checkpoint every ``checkpoint_every`` steps and on interruption. Returns wall seconds."""
-    cfg = trainer.config
+    checkpoint every ``checkpoint_every`` steps and on interruption (the main process
+    writes, and alone reports `progress`). Returns wall seconds."""
+    cfg, procs = trainer.config, trainer.processes
+    progress = progress if procs.is_main else None
     if out is not None and trainer.load_checkpoint(out, identity) and progress:
         progress(f"resumed at step {trainer.step}/{cfg.steps}")
+    trainer.broadcast_parameters()
     start = time.perf_counter()
     try:
         while trainer.step < cfg.steps:
@@ -339,7 +461,8 @@ def run_training(trainer: LocalizedTrainer, loss_fn, out: Path | None, identity:
             if progress and (trainer.step % max(1, cfg.steps // 20) == 0 or trainer.step == cfg.steps):
                 progress(f"step {trainer.step}/{cfg.steps} loss {loss:.4f}")
             if out is not None and (trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps):
-                trainer.save_checkpoint(out, identity)
+                trainer.save_checkpoint(out, identity)  # the main process; the others wait for it
+                procs.wait()
     except KeyboardInterrupt:
         if out is not None:
             trainer.save_checkpoint(out, identity)

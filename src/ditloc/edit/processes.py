@@ -1,0 +1,75 @@
+"""The processes of one training run: this one alone (``python``, ``ditloc``), or the
+several that ``accelerate launch`` / ``torchrun`` started (data-parallel training).
+
+Read from accelerate's ``PartialState`` (which sets up the process group: NCCL
+on GPUs, gloo on CPUs); a plain run never touches it. Process 0 is the main
+process: it alone holds the output lock, localizes, draws the frozen model's
+class/anchor images, prints progress and writes files; the others receive what
+it made (:meth:`Processes.share`) and wait for its writes (:meth:`Processes.wait`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+#: environment variables through which launchers give the number of processes
+WORLD_ENV = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in the run: ``rank`` of ``world`` processes, and its
+    ``device`` (None in a plain run: wherever the pipeline is)."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wait(self) -> None:
+        """Every process waits here until all have arrived."""
+        if self.world > 1:
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()
+
+    def share(self, make):
+        """``make()`` on the main process only; its result (picklable) on every process.
+        Tensors travel through the CPU; they arrive there on the other processes."""
+        if self.world == 1:
+            return make()
+        from accelerate.utils import broadcast_object_list, send_to_device
+
+        box = [send_to_device(make(), "cpu") if self.is_main else None]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+
+def launched() -> bool:
+    """Whether this process is one of several started by a launcher."""
+    from accelerate.utils import get_int_from_env
+
+    return get_int_from_env(list(WORLD_ENV), 1) > 1
+
+
+def current(device=None) -> Processes:
+    """This run's processes. The first call in a launched process sets up the
+    process group (`device`: a CPU device -> gloo, one CPU per process; otherwise
+    one accelerator per process; None -> an accelerator if the machine has one)."""
+    if not launched():
+        return Processes()
+    from accelerate import PartialState
+
+    if device is None:
+        cpu = not torch.accelerator.is_available()
+    else:
+        cpu = torch.device(device).type == "cpu"
+    # collectives wait for the slowest process (e.g. the main one drawing anchor images): a day, not 30 min
+    state = PartialState(cpu=cpu, timeout=timedelta(hours=24))
+    return Processes(state.process_index, state.num_processes, torch.device(state.device))
