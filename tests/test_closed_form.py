@@ -14,7 +14,12 @@ from ditloc.cli import main as cli_main
 from ditloc.edit import ClosedFormConfig, load_edit, unlearn
 from ditloc.edit.closed_form import _Moments, align
 from ditloc.errors import DitlocError
-from ditloc.testing import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sana_pipeline, tiny_sd3_pipeline
+from ditloc.testing import (
+    tiny_flux_pipeline,
+    tiny_pixart_pipeline,
+    tiny_sana_pipeline,
+    tiny_sd3_pipeline,
+)
 
 PROMPTS = ["a red dog on the beach", "a photo of a dog", "a blue dog in the forest"]
 PRESERVE = ["a red cat on the beach", "a blue bird in the forest", "a photo of a car"]
@@ -157,7 +162,7 @@ def test_auto_blocks_skip_flux_single_stream(tmp_path):
 def test_bad_input_refused_before_work(tmp_path, kwargs, message, monkeypatch):
     pipe = tiny_flux_pipeline()
     before = _weights(pipe)
-    import ditloc.edit.jobs as jobs
+    from ditloc.edit import jobs
 
     monkeypatch.setattr(jobs, "_generate_latents", lambda *a, **k: pytest.fail("sampled before refusing"))
     args = dict(anchor="cat", prompts=PROMPTS[:2], blocks="double.0", config=ClosedFormConfig(), out=tmp_path)
@@ -241,7 +246,7 @@ def test_auto_k_keeps_the_smallest_top_k_that_closes_the_gap(tmp_path):
     (["--method", "closed-form", "--auto-k-fraction", "2"], "--auto-k-fraction must be in (0, 1]"),
 ])
 def test_cli_closed_form_bad_input_before_load(tmp_path, capsys, monkeypatch, extra, message):
-    import ditloc.cli as cli
+    from ditloc import cli
 
     monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model before refusing"))
     code = _cli(["unlearn", "toy", "--concept", "dog", "--anchor", "cat", "--prompt", PROMPTS[0],
@@ -252,7 +257,7 @@ def test_cli_closed_form_bad_input_before_load(tmp_path, capsys, monkeypatch, ex
 
 
 def test_cli_anchor_with_the_concept_refused_before_load(tmp_path, capsys, monkeypatch):
-    import ditloc.cli as cli
+    from ditloc import cli
 
     monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model before refusing"))
     code = _cli(["unlearn", "toy", "--concept", "dog", "--anchor", "a small dog", "--prompt", PROMPTS[0],

@@ -152,7 +152,7 @@ class _Moments:
     def __init__(self, dim: int, device):
         device = torch.device(device)
         dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-        z = lambda: torch.zeros(dim, dim, dtype=dtype, device=device)  # noqa: E731
+        z = lambda: torch.zeros(dim, dim, dtype=dtype, device=device)
         self.C, self.A, self.AA, self.D = z(), z(), z(), z()
         self.nc = self.nd = 0
 
@@ -227,7 +227,7 @@ def closed_form_unlearn(pipe, adapter, blocks, prompts, anchors, preserve, kw, c
         for s in range(draws):
             x_t, t, _ = noise.sample(x0[s % len(x0)][None], g)  # [1, C, h, w], [1]
 
-            def run(index: list[int]):
+            def run(index: list[int], x_t=x_t, t=t):
                 sub = {k: v[index] for k, v in text.items()}
                 b = len(index)
                 adapter.denoise(x_t.expand(b, *x_t.shape[1:]), t.expand(b), sub)
@@ -270,8 +270,8 @@ def closed_form_unlearn(pipe, adapter, blocks, prompts, anchors, preserve, kw, c
             solved[block][path] = (w.to(M.dtype) @ M).to(w.dtype)
     extra = {}
     if auto_k is not None:
-        gaps = prediction_gaps(pipe, adapter, list(blocks), solved, prompts, anchors, text_fn=lambda p: adapter.encode_text(p, kw),
-                               x0=probe_x0, seed=config.seed)
+        gaps = prediction_gaps(pipe, adapter, list(blocks), solved, prompts, anchors,
+                               text_fn=lambda p: adapter.encode_text(p, kw), x0=probe_x0, seed=config.seed)
         best = max(1.0 - gap for gap in gaps)
         k = next(i + 1 for i, gap in enumerate(gaps) if 1.0 - gap >= auto_k * best)
         extra = {"auto_k": auto_k, "k_gaps": {b: g for b, g in zip(blocks, gaps)}}
@@ -336,9 +336,9 @@ def prediction_gaps(pipe, adapter, ranking, solved, prompts, anchors, *, text_fn
         x = x0[torch.arange(n) % len(x0)]  # [n, C, h, w]
         x_t, t, _ = noise.sample(x, g)
         inputs.append((x_t, t))
-    predict = lambda text_: [adapter.denoise(x_t, t, text_).float() for x_t, t in inputs]  # noqa: E731
+    predict = lambda text_: [adapter.denoise(x_t, t, text_).float() for x_t, t in inputs]
     target = predict(anchor_text)
-    distance = lambda preds: sum((c - a).pow(2).mean() for c, a in zip(preds, target))  # noqa: E731
+    distance = lambda preds: sum((c - a).pow(2).mean() for c, a in zip(preds, target))
     base = distance(predict(concept_text))
     gaps = []  # device scalars: one transfer at the end
     try:
