@@ -304,8 +304,8 @@ def run_personalization(args, oracle, out):
                           pipeline_kwargs=dict(clean_caption=False),
                           out=out / "glyph" / name.split()[0].replace("-", "_"))
         metrics, _ = measure(pipe, reference=base_lab)
-        metrics.update(blocks=list(res.blocks), trainable_parameters=res.trainable_parameters,
-                       train_seconds=round(res.wall_seconds, 1),
+        metrics.update(blocks=list(res.blocks), changed_parameters=res.trainable_parameters,
+                       edit_seconds=round(res.wall_seconds, 1),
                        seconds_per_step=round(res.wall_seconds / max(1, args.train_steps), 4))
         rows[name] = metrics
         print(f"[glyph] {name}: {json.dumps(metrics)}", flush=True)
