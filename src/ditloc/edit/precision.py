@@ -11,9 +11,9 @@ float32's exponent range, so no loss scaling is needed.
 resumable checkpoint would also have to hold), and every accelerator that
 trains models of this size has bf16.
 
-"Supports bf16" (:func:`bf16_supported`): on CUDA, native bf16
-(``torch.cuda.is_bf16_supported(including_emulation=False)``, Ampere or newer);
-elsewhere (CPU, MPS, XPU), a tiny matmul under bf16 autocast runs and gives a
+"Supports bf16" (:func:`bf16_supported`): where the device's backend has a query
+(``torch.cuda``/``torch.xpu``: ``is_bf16_supported``), native bf16 (CUDA: Ampere or
+newer); elsewhere (CPU, MPS), a tiny matmul under bf16 autocast runs and gives a
 bf16 result that matches float32 to bf16 precision. On x86 CPUs without
 AVX512-BF16/AMX, PyTorch still computes bf16 (converting inside its kernels):
 it halves the weights' memory but is not faster than float32.
@@ -43,15 +43,19 @@ def check_mode(mode: str) -> None:
 def bf16_supported(device) -> str | None:
     """None if `device` computes bf16 autocast; otherwise why not (one line)."""
     device = torch.device(device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            return "CUDA is not available"
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        with torch.cuda.device(index):
-            if torch.cuda.is_bf16_supported(including_emulation=False):
-                return None
-        major, minor = torch.cuda.get_device_capability(index)
-        return f"{torch.cuda.get_device_name(index)} (sm_{major}{minor}) has no native bf16 (Ampere or newer has)"
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.xpu, ...: the device's own query, if any
+    native = getattr(backend, "is_bf16_supported", None) if device.type != "cpu" else None
+    if native is not None:
+        if not backend.is_available():
+            return f"{device.type} is not available"
+        try:
+            ok = native(including_emulation=False)  # native bf16 (CUDA: Ampere or newer), not emulated
+        except TypeError:  # backends whose query has no emulation flag
+            ok = native()
+        if ok:
+            return None
+        name = getattr(backend, "get_device_name", lambda *a: device.type)(device.index)
+        return f"{name} has no native bf16"
     try:
         g = torch.Generator().manual_seed(0)
         a = torch.randn(8, 8, generator=g)
