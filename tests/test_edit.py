@@ -448,3 +448,21 @@ def test_category_prompts_for_auto_blocks():
         category_prompts("animl", "cat")
     toy = category_prompts("shape", "object", probes="toy")
     assert toy and all("object" in p for p in toy)
+
+
+def test_non_finite_loss_stops_before_any_checkpoint(tmp_path):
+    """Losses reach the host in batches (no per-step sync), but a NaN is still caught, named by its
+    step, before a checkpoint could save it."""
+    from ditloc.edit.train import LocalizedTrainer, run_training
+
+    pipe = tiny_pixart_pipeline()
+    adapter = get_adapter(pipe)
+    trainer = LocalizedTrainer(pipe, adapter, ["block.1"], TrainConfig(steps=100, checkpoint_every=4))  # losses checked every 5 steps
+
+    def loss_fn():
+        loss = sum(p.float().pow(2).sum() for p in trainer.params) * 1e-3
+        return loss * float("nan") if trainer.step == 2 else loss
+
+    with pytest.raises(DitlocError, match="loss became nan at step 3; lower --lr"):
+        run_training(trainer, loss_fn, tmp_path, {"job": "nan"})
+    assert not any(tmp_path.iterdir())  # the step-4 checkpoint was never written

@@ -231,7 +231,8 @@ class LocalizedTrainer:
         self.generator = torch.Generator("cpu").manual_seed(config.seed)
         self.noise = NoiseRule.from_scheduler(pipe.scheduler)
         self.step = 0
-        self.losses: list[float] = []
+        self.losses: list[float] = []  # on the host, up to the last flush_losses()
+        self._pending: list[torch.Tensor] = []  # per-step losses still on the device
         if config.gradient_checkpointing:
             if not getattr(transformer, "_supports_gradient_checkpointing", False):
                 raise DitlocError(f"{type(transformer).__name__} does not support gradient checkpointing")
@@ -292,9 +293,10 @@ class LocalizedTrainer:
         with _substituted(self.pipe.transformer, self.frozen):
             return self.adapter.denoise(latents, timestep, text)
 
-    def train_step(self, loss_fn: Callable[[], torch.Tensor]) -> float:
+    def train_step(self, loss_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         """One optimizer step on this process's share of the batch; returns the
-        global batch's mean loss."""
+        global batch's mean loss as a 0-d tensor on the device (no host transfer:
+        :meth:`flush_losses` moves the pending losses in one go)."""
         self.optimizer.zero_grad(set_to_none=True)
         with self.context(), precision.autocast(self.config.mixed_precision, self.device):
             loss = loss_fn()
@@ -302,21 +304,28 @@ class LocalizedTrainer:
         value = self._average(loss)
         self.optimizer.step()
         self.step += 1
-        self.losses.append(value)
+        self._pending.append(value)
         return value
 
-    def _average(self, loss: torch.Tensor) -> float:
+    def flush_losses(self) -> list[float]:
+        """Move the losses of the steps since the last flush to the host (one transfer) -> all losses."""
+        if self._pending:
+            self.losses.extend(torch.stack(self._pending).tolist())
+            self._pending = []
+        return self.losses
+
+    def _average(self, loss: torch.Tensor) -> torch.Tensor:
         """Mean of the trainable gradients and of the loss over the processes
         (accelerate's all-reduce, in buckets of one dtype). -> the mean loss."""
         if self.processes.world == 1:
-            return float(loss.detach())
+            return loss.detach().float()
         grads = [p.grad for p in self.params if p.grad is not None]  # [same order on every process]
         for bucket in _buckets(grads):
             flat = torch.cat([g.reshape(-1) for g in bucket])  # [sum of numel]
             flat = self.accelerator.reduce(flat, reduction="mean")
             for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
                 g.copy_(part.view_as(g))
-        return float(self.accelerator.reduce(loss.detach().float().reshape(1), reduction="mean"))
+        return self.accelerator.reduce(loss.detach().float().reshape(1), reduction="mean").reshape(())
 
     def broadcast_parameters(self) -> None:
         """Every process starts from the main process's trainable weights (as DDP does)."""
@@ -329,6 +338,7 @@ class LocalizedTrainer:
     # ---- checkpoints (resumable) ------------------------------------------------------
     def save_checkpoint(self, out: Path, identity: dict) -> None:
         """Written by the main process only (every process holds the same state)."""
+        self.flush_losses()
         if not self.processes.is_main:
             return
         tensors = {f"param.{n}": p.detach() for n, p in zip(self.names, self.params)}
@@ -449,18 +459,24 @@ def run_training(trainer: LocalizedTrainer, loss_fn, out: Path | None, identity:
     trainer.broadcast_parameters()
     start = time.perf_counter()
     try:
+        every = max(1, cfg.steps // 20)  # losses reach the host (and are checked) this often, not every step
         while trainer.step < cfg.steps:
             try:
-                loss = trainer.train_step(loss_fn)
+                trainer.train_step(loss_fn)
             except torch.OutOfMemoryError:
                 raise DitlocError(
                     "out of memory; lower --batch-size, add --gradient-checkpointing or train fewer blocks (--k)"
                 ) from None
-            if not math.isfinite(loss):
-                raise DitlocError(f"loss became {loss} at step {trainer.step}; lower --lr")
-            if progress and (trainer.step % max(1, cfg.steps // 20) == 0 or trainer.step == cfg.steps):
-                progress(f"step {trainer.step}/{cfg.steps} loss {loss:.4f}")
-            if out is not None and (trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps):
+            checkpoint = out is not None and (trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps)
+            if checkpoint or trainer.step % every == 0 or trainer.step == cfg.steps:  # never checkpoint a NaN
+                first = len(trainer.losses)
+                losses = trainer.flush_losses()
+                bad = next((i for i in range(first, len(losses)) if not math.isfinite(losses[i])), None)
+                if bad is not None:
+                    raise DitlocError(f"loss became {losses[bad]} at step {bad + 1}; lower --lr")
+                if progress and (trainer.step % every == 0 or trainer.step == cfg.steps):
+                    progress(f"step {trainer.step}/{cfg.steps} loss {losses[-1]:.4f}")
+            if checkpoint:
                 trainer.save_checkpoint(out, identity)  # the main process; the others wait for it
                 procs.wait()
     except KeyboardInterrupt:
@@ -468,4 +484,5 @@ def run_training(trainer: LocalizedTrainer, loss_fn, out: Path | None, identity:
             trainer.save_checkpoint(out, identity)
             raise Interrupted(f"interrupted at step {trainer.step}; rerun the same command to resume") from None
         raise
+    trainer.flush_losses()
     return time.perf_counter() - start
