@@ -701,22 +701,19 @@ def cmd_ground_truth(args) -> None:
 
 
 def _preserve_prompts(args) -> list[str] | None:
-    """--preserve and --preserve-file, checked before the model loads (closed-form only)."""
+    """--preserve and --preserve-file as one list (None: neither given); `unlearn` checks the prompts."""
+    if args.preserve is None and args.preserve_file is None:
+        return None
     given = list(args.preserve or [])
     if args.preserve_file is not None:
         path = Path(args.preserve_file)
         if not path.is_file():
             _fail(f"--preserve-file {path} is not a file")
         given += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if args.preserve is None and args.preserve_file is None:
-        return None
-    from .errors import DitlocError
+    if not given:  # before the model loads
+        from .edit.jobs import EMPTY_PRESERVE
 
-    if args.method != "closed-form":
-        raise DitlocError("--preserve/--preserve-file are used by --method closed-form only")
-    if not given:
-        raise DitlocError("the preservation set is empty; pass prompts to keep (--preserve / --preserve-file) "
-                          "or leave both out to preserve the anchor prompts")
+        _fail(EMPTY_PRESERVE)
     return given
 
 

@@ -30,6 +30,8 @@ from .processes import current as current_processes
 from .train import EditResult, LocalizedTrainer, TrainConfig, peak_memory, reset_peak_memory, run_training
 
 RESULT_FILE = "ditloc_edit.json"
+EMPTY_PRESERVE = ("the preservation set is empty; pass prompts to keep (--preserve / --preserve-file) "
+                  "or leave both out to preserve the anchor prompts")
 BLOCKS_FILE = "blocks.safetensors"
 
 
@@ -430,8 +432,7 @@ def unlearn(
     if closed_form:
         preserve = list(anchors) if preserve is None else [p for p in preserve]
         if not preserve:
-            raise DitlocError("the preservation set is empty; pass prompts to keep (--preserve / --preserve-file) "
-                              "or leave it out to preserve the anchor prompts")
+            raise DitlocError(EMPTY_PRESERVE)
         for i, p in enumerate(preserve):
             if find_occurrences(p, concept):
                 raise DitlocError(f"preservation prompt {i + 1} ({p!r}) contains the concept {concept!r}; "
