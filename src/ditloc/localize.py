@@ -211,7 +211,7 @@ def localize(
                 total = measure.stacked(n_blocks, session.forwards)  # [blocks, steps, n]
                 per_head = total.new_zeros(*total.shape, 0)
             else:
-                probe = Probe.for_spans([spans[i] for i, _ in chunk], variant, out_bias)
+                probe = Probe.for_spans([spans[i] for i, _ in chunk], variant, out_bias).to(pipe._execution_device)
                 session.begin_call(len(chunk), probe=probe)
                 pipe(**call)
                 total, per_head = probe.stacked(n_blocks, session.forwards)  # [blocks, steps, n], [.., H]

@@ -6,9 +6,8 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 
-from ..engine import CrossSwap, ForwardContext, Session, concept_contribution
+from ..engine import CrossSwap, ForwardContext, Session, concept_contribution, sdpa_with_lse
 from ..errors import DitlocError
 from ..tokens import ConceptSpan, find_occurrences, token_positions
 from .base import Adapter
@@ -181,11 +180,23 @@ class CrossAttentionAdapter(Adapter):
         key_limit = None
         mask = kwargs.get("encoder_attention_mask")  # [B, L] keep-mask (right-padded text)
         if session.probe is not None and mask is not None and mask.ndim == 2:
-            used = mask.to(torch.bool).any(0)  # [L]: key read by some row
-            if swapping:
-                used = used | session.swap.clean["mask"].to(device=used.device, dtype=torch.bool).any(0)
-            key_limit = int(used.nonzero().max()) + 1 if bool(used.any()) else None
+            key_limit = self._key_limit(session, mask, session.swap.clean["mask"] if swapping else None)
         session.context = ForwardContext(step=step, rows=rows, key_limit=key_limit)
+
+    @staticmethod
+    def _key_limit(session: Session, mask: torch.Tensor, clean_mask: torch.Tensor | None) -> int | None:
+        """Text keys at and after this are padding in every row (None: no key is read).
+        Read from the device once per pipeline call (the pipelines pass the same mask
+        tensor at every step), not once per forward."""
+        cache_key = ("key_limit", mask.data_ptr(), tuple(mask.shape),
+                     None if clean_mask is None else clean_mask.data_ptr())
+        if cache_key not in session.call_cache:
+            used = mask.to(torch.bool).any(0)  # [L]: key read by some row
+            if clean_mask is not None:
+                used = used | clean_mask.to(device=used.device, dtype=torch.bool).any(0)
+            last = int(torch.where(used, torch.arange(used.shape[0], device=used.device), -1).max())
+            session.call_cache[cache_key] = last + 1 if last >= 0 else None
+        return session.call_cache[cache_key]
 
     def _prepare_swap(self, swap: CrossSwap, rows: slice, args: tuple, kwargs: dict) -> None:
         hidden_states = args[0] if args else kwargs["hidden_states"]
@@ -292,8 +303,9 @@ class CrossAttentionProcessor:
             if attn.norm_k is not None:
                 key = attn.norm_k(key)
 
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
-        self._record(attn, query, key, value, attention_mask)
+        # the kernel F.scaled_dot_product_attention would run (same bits), and its softmax normalizer
+        out, lse = sdpa_with_lse(query, key, value, attention_mask)  # [B, H, N, d], [B, H, N] or None
+        self._record(attn, query, key, value, attention_mask, lse)
 
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)  # [B, N, H*d]
         out = attn.to_out[0](out)
@@ -305,7 +317,7 @@ class CrossAttentionProcessor:
         return out / attn.rescale_output_factor
 
     @torch.no_grad()
-    def _record(self, attn, query, key, value, mask) -> None:
+    def _record(self, attn, query, key, value, mask, lse) -> None:
         probe, ctx = self.session.probe, self.session.context
         rows = ctx.rows
         proj = attn.to_out[0]
@@ -320,5 +332,7 @@ class CrossAttentionProcessor:
             out_bias=proj.bias if probe.out_bias else None,
             variant=probe.variant,
             key_limit=ctx.key_limit,
+            lse=None if lse is None else lse[rows],
+            max_position=probe.max_position,
         )
         probe.record(self.index, ctx.step, total, per_head)

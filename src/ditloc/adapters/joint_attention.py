@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import ForwardContext, JointSwap, Session, concept_contribution
+from ..engine import ForwardContext, JointSwap, Session, StopForward, concept_contribution
 from ..errors import DitlocError
 from ..tokens import ConceptSpan, find_occurrences, token_positions
 from .base import Adapter
@@ -125,16 +125,33 @@ class JointAttentionAdapter(Adapter):
             clean_kwargs["pooled_projections"] = clean["pooled"].to(device=embeds.device, dtype=embeds.dtype)
             swap.text_kv = {}
             swap.capturing = True
+            swap.stop_after = self._last_withheld(swap.blocks, clean_kwargs)
             try:
                 with torch.no_grad():
                     self.transformer(*clean_args, **clean_kwargs)
+            except StopForward:  # the clean pass ran up to the last withheld block
+                pass
             finally:
                 swap.capturing = False
+                swap.stop_after = None
         if swap.pooled_clean:
             pooled = kwargs["pooled_projections"].clone()
             pooled[rows] = clean["pooled"].to(device=pooled.device, dtype=pooled.dtype)
             kwargs["pooled_projections"] = pooled
         return args, kwargs
+
+
+    def _last_withheld(self, blocks, kwargs: dict) -> str | None:
+        """The block after which the clean pass may stop (model order), or None to run
+        it whole: when a LoRA scale rides in the attention kwargs, the transformer's
+        forward must reach its end to unscale the LoRA layers (diffusers unscales in a
+        `finally` only since its `apply_lora_scale` decorator; earlier versions did not)."""
+        for name in ("joint_attention_kwargs", "attention_kwargs"):
+            extra = kwargs.get(name)
+            if isinstance(extra, dict) and extra.get("scale", 1.0) != 1.0:
+                return None
+        order = self.block_names()
+        return max(blocks, key=order.index) if blocks else None
 
 
 class JointProcessor:
@@ -179,6 +196,8 @@ class JointProcessor:
         txt, img = self._segments(k.shape[2], n_text)
         if swap is not None and swap.capturing:
             swap.text_kv[self.block] = (k[:, :, txt], v[:, :, txt])  # [n, H, L, d] of the clean prompts
+            if getattr(swap, "stop_after", None) == self.block:
+                raise StopForward  # nothing after this block is read: end the clean pass here
             return None
         rows = ctx.rows
         if session.probe is not None:
@@ -195,6 +214,7 @@ class JointProcessor:
                     out_bias=bias if probe.out_bias else None,
                     variant=probe.variant,
                     lse=None if lse is None else lse[rows][:, :, img],
+                    max_position=probe.max_position + txt.start,
                 )
             probe.record(self.index, ctx.step, total, per_head)
         if swap is not None and self.block in swap.blocks:

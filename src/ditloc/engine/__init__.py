@@ -5,9 +5,10 @@ processors and the per-forward context.
 """
 
 from .causal import CAUSAL_METHODS, METHODS, CausalProbe
-from .contribution import CHUNK_ELEMENTS, VARIANTS, concept_contribution, sdpa_with_lse
+from .contribution import CHUNK_ELEMENTS, VARIANTS, chunk_elements_for, concept_contribution
 from .instrument import instrument
-from .state import CrossSwap, ForwardContext, JointSwap, Probe, Session
+from .kernels import sdpa_with_lse
+from .state import CrossSwap, ForwardContext, JointSwap, Probe, Session, StopForward
 
 __all__ = [
     "CAUSAL_METHODS",
@@ -20,6 +21,8 @@ __all__ = [
     "JointSwap",
     "Probe",
     "Session",
+    "StopForward",
+    "chunk_elements_for",
     "concept_contribution",
     "instrument",
     "sdpa_with_lse",

@@ -13,7 +13,6 @@ The block's own output still comes from the fused kernel.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 VARIANTS = ("attn", "attn_value", "attn_value_out")
 
@@ -21,25 +20,30 @@ VARIANTS = ("attn", "attn_value", "attn_value_out")
 CHUNK_ELEMENTS = 1 << 22
 
 
-def sdpa_with_lse(query, key, value):
-    """F.scaled_dot_product_attention(query, key, value) ([B, H, S, d], no mask) and,
-    where the kernel PyTorch would pick exposes it, each row's logsumexp [B, H, Sq].
-
-    On CPU PyTorch runs its flash kernel, which computes the softmax normalizer
-    anyway: calling that kernel directly gives the same output bits plus the
-    normalizer for free. Elsewhere (CUDA, MATH fallback) the normalizer is None
-    and the measurement computes it from q·k (not yet measured on a GPU).
-    """
-    if query.device.type == "cpu" and not torch.is_grad_enabled():
+def chunk_elements_for(device: torch.device) -> int:
+    """The chunk bound for `device`: `CHUNK_ELEMENTS` on the CPU (cache-sized); on an
+    accelerator 1/256 of its memory in float32 elements, between 4M and 256M (a few
+    large kernels instead of many small ones). Host-side, cached."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return CHUNK_ELEMENTS
+    key = (device.type, device.index)
+    if key not in _CHUNKS:
+        total = None
         try:
-            from torch.nn.attention import SDPBackend
+            module = torch.get_device_module(device.type)
+            total = module.get_device_properties(device.index or 0).total_memory
+        except (AttributeError, RuntimeError, AssertionError, TypeError):
+            try:
+                total = torch.mps.recommended_max_memory() if device.type == "mps" else None
+            except (AttributeError, RuntimeError):
+                total = None
+        elements = (total // 256 // 4) if total else 1 << 24
+        _CHUNKS[key] = int(min(max(elements, CHUNK_ELEMENTS), 1 << 28))
+    return _CHUNKS[key]
 
-            if torch._fused_sdp_choice(query, key, value, None, 0.0, False) == SDPBackend.FLASH_ATTENTION.value:
-                out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False)
-                return out, lse
-        except (AttributeError, RuntimeError, TypeError):  # private API moved: use the public path
-            pass
-    return F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False), None
+
+_CHUNKS: dict[tuple, int] = {}
 
 
 def concept_contribution(
@@ -55,7 +59,8 @@ def concept_contribution(
     scale: float | None = None,
     key_limit: int | None = None,
     lse: torch.Tensor | None = None,
-    chunk_elements: int = CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
+    max_position: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean over image queries of the concept's contribution, total and per head.
 
@@ -65,7 +70,11 @@ def concept_contribution(
     `key_limit`: keys at and after it are masked in every row (text padding), so
     they add exactly 0 to the softmax normalizer and are skipped. `lse` [n, H, N]:
     each row's softmax normalizer when the attention kernel already computed it;
-    then only the |S| concept keys are touched.
+    then only the |S| concept keys are touched. `max_position`: the largest entry of
+    `positions`, known on the host (`Probe.max_position`); without it it is read from
+    `positions`, which synchronises when they live on an accelerator.
+    `chunk_elements`: bound on a transient chunk (default `chunk_elements_for` the device).
+    Nothing else here reads a tensor value on the host.
     Returns total [n] and per_head [n, H] (float32). Per-head values of
     `attn_value_out` are ‖W_o[:, head] y_head‖ and never include the bias.
 
@@ -82,7 +91,7 @@ def concept_contribution(
     S = positions.shape[1]
     scale = d**-0.5 if scale is None else scale
     f32 = torch.float32
-    pos = positions.to(query.device)  # [n, S]
+    pos = positions.to(query.device)  # [n, S] (a no-op for a probe already on the device)
     keep = valid.to(device=query.device, dtype=f32)[:, None, None, :]  # [n, 1, 1, S]
     idx = pos[:, None, :, None].expand(n, H, S, d)
     k_all = key[:, :, :L].to(f32)  # [n, H, L_eff, d]
@@ -90,7 +99,9 @@ def concept_contribution(
     # Without a kernel normalizer we need the logits over the unpadded keys anyway, and
     # concept keys are never padding: gather their columns from those logits (one
     # matmul per chunk) unless a caller's limit cut them off.
-    from_logits = int(positions.max()) < L and lse is None
+    if lse is None and max_position is None:
+        max_position = int(positions.max())
+    from_logits = lse is None and max_position < L
     if not from_logits:
         k_s = key.gather(2, idx).to(f32)  # [n, H, S, d]
     if mask is not None:
@@ -110,6 +121,8 @@ def concept_contribution(
     total = query.new_zeros(n, dtype=f32)
     per_head = query.new_zeros(n, H, dtype=f32)
     width = max(S, d) if lse is not None else max(L, S, d)
+    if chunk_elements is None:
+        chunk_elements = chunk_elements_for(query.device)
     chunk = max(1, chunk_elements // max(1, n * H * width))
     for start in range(0, N, chunk):
         q = query[:, :, start : start + chunk].to(f32)  # [n, H, c, d]

@@ -50,6 +50,8 @@ class Probe:
         self.out_bias = out_bias
         self.positions = positions  # [n, S]
         self.valid = valid  # [n, S]
+        #: the largest concept position, on the host (the per-block path never reads device values)
+        self.max_position = int(positions.max()) if positions.numel() else 0
         #: (block index, step) -> (total [n], per_head [n, H]), kept on the model's device
         self.records: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -63,6 +65,12 @@ class Probe:
             pos[i, : len(s.positions)] = torch.tensor(s.positions)
             valid[i, : len(s.positions)] = True
         return cls(variant, out_bias, pos, valid)
+
+    def to(self, device) -> "Probe":
+        """Positions and validity moved to `device` once per call, not once per block."""
+        self.positions = self.positions.to(device)
+        self.valid = self.valid.to(device)
+        return self
 
     def record(self, block_index: int, step: int, total: torch.Tensor, per_head: torch.Tensor) -> None:
         self.records[(block_index, step)] = (total, per_head)
@@ -129,6 +137,11 @@ class CrossSwap(Swap):
         self.states = self.mask = None
 
 
+class StopForward(Exception):
+    """Raised by a processor to end ditloc's own clean-prompt pass early: the blocks
+    after the last withheld one cannot change what the withheld blocks read."""
+
+
 @dataclass
 class JointSwap(Swap):
     """Joint-attention withholding: in `blocks`, the image queries of the conditional
@@ -140,6 +153,8 @@ class JointSwap(Swap):
     """
 
     pooled_clean: bool = True
+    #: the clean-prompt pass stops after this block has kept its keys/values (None: runs to the end)
+    stop_after: str | None = None
 
 
 @dataclass
@@ -153,6 +168,8 @@ class Session:
     forwards: int = 0  # counted transformer forwards of the current call
     call_key: object = None  # identifies the conditional text input of the current call (set by the adapter)
     nested: ForwardContext | None = None  # set while ditloc runs its own extra forwards (causal methods)
+    #: per call: values an adapter derives once from the call's inputs (e.g. the text key limit)
+    call_cache: dict = field(default_factory=dict)
 
     @property
     def busy(self) -> bool:
@@ -164,6 +181,7 @@ class Session:
         self.forwards = 0
         self.call_key = None
         self.context = None
+        self.call_cache = {}
         if probe is not None:
             self.probe = probe
         elif self.probe is not None:
