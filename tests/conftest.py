@@ -1,3 +1,4 @@
+import functools
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,15 +13,42 @@ from diffusers.utils import logging as dlogging  # noqa: E402
 
 dlogging.set_verbosity_error()
 
+from diffusers import DiffusionPipeline  # noqa: E402
+
 from ditloc.testing import tiny_pixart_pipeline, tiny_sana_pipeline  # noqa: E402
 
 # Small sampling settings shared by the tests: 32x32 images, 3 steps.
 RUN = dict(num_inference_steps=3, height=32, width=32, use_resolution_binning=False)
 
+#: Where the tiny pipelines run (float32). DITLOC_TEST_DEVICE=cuda (benchmarks/gpu_check.sh) moves every
+#: pipeline a fixture returns there, also those the test modules build in their own fixtures; generators
+#: stay CPU ones (diffusers draws on the CPU and moves the noise). Default cpu: nothing is moved.
+DEVICE = os.environ.get("DITLOC_TEST_DEVICE", "cpu")
+
 
 def _quiet(pipe):
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+if DEVICE != "cpu":
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_fixture_setup(fixturedef, request):
+        value = yield
+        if isinstance(value, DiffusionPipeline):
+            value.to(DEVICE)  # in place: the cached fixture value is this same object
+        return value
+
+    @pytest.fixture(autouse=True)
+    def _compare_on_cpu():
+        """A `Localization` holds CPU tensors; the naive reference maps are computed on the device.
+        assert_close compares them on the CPU (its own check_device=False) instead of refusing.
+        A private MonkeyPatch: tests that call `monkeypatch.undo()` do not undo this."""
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.testing, "assert_close",
+                       functools.partial(torch.testing.assert_close, check_device=False))
+            yield
 
 
 @pytest.fixture(scope="session")
