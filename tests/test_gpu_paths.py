@@ -348,3 +348,17 @@ def test_clean_pass_runs_whole_under_a_lora_scale(flux):
     assert adapter._last_withheld(chosen, {}) == names[2]
     assert adapter._last_withheld(chosen, {"joint_attention_kwargs": {"scale": 1.0}}) == names[2]
     assert adapter._last_withheld(chosen, {"joint_attention_kwargs": {"scale": 0.5}}) is None
+
+
+def test_no_caption_cleaning_warning_when_the_caller_chose(pixart, monkeypatch):
+    """The bs4/ftfy warning is for a default the caller did not choose; passing
+    clean_caption explicitly silences it (the benchmark and CLI pass it)."""
+    from ditloc.adapters import cross_attention
+
+    monkeypatch.setattr(cross_attention, "_caption_cleaning_available", lambda: False)
+    adapter = get_adapter(pixart)
+    with pytest.warns(UserWarning, match="caption-cleaned"):
+        adapter.default_call_kwargs({})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "clean_caption" not in adapter.default_call_kwargs({"clean_caption": False})

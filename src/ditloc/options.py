@@ -132,7 +132,7 @@ def call_kwargs(adapter, options: RunOptions) -> dict:
                 f"{type(adapter.pipe).__name__} takes no argument {name!r}; valid ones: "
                 + ", ".join(n for n, v in accepted.items() if v.kind is not inspect.Parameter.VAR_KEYWORD and n not in ours)
             )
-    kw = {k: v for k, v in adapter.default_call_kwargs().items() if k in accepted}
+    kw = {k: v for k, v in adapter.default_call_kwargs(extra).items() if k in accepted}
     kw.update(extra)
     if steps is not None:
         kw["num_inference_steps"] = int(steps)

@@ -106,9 +106,10 @@ class Adapter(ABC):
             return None
         return param.default
 
-    def default_call_kwargs(self) -> dict:
+    def default_call_kwargs(self, given: dict | None = None) -> dict:
         """Call arguments a user would need to run this checkpoint at all (e.g. no
-        resolution binning for non-standard sample sizes)."""
+        resolution binning for non-standard sample sizes). `given`: the arguments the
+        user passes; those win, and no default is worked out (or warned about) for them."""
         return {}
 
     def check_call(self, call_kwargs: dict) -> None:

@@ -39,11 +39,12 @@ class CrossAttentionAdapter(Adapter):
             raise DitlocError(f"{block} has no cross-attention; this checkpoint does not read text there")
         return attn
 
-    def default_call_kwargs(self) -> dict:
+    def default_call_kwargs(self, given: dict | None = None) -> dict:
+        given = given or {}
         kw = {}
         if self.transformer.config.sample_size not in self.binned_sample_sizes:
             kw["use_resolution_binning"] = False
-        if self.call_default("clean_caption") and not _caption_cleaning_available():
+        if "clean_caption" not in given and self.call_default("clean_caption") and not _caption_cleaning_available():
             # what the pipeline falls back to anyway, said once here instead of a log warning per prompt
             warnings.warn("beautifulsoup4/ftfy are not installed, so prompts are not caption-cleaned "
                           "(clean_caption=False); install both to clean them", stacklevel=2)
