@@ -59,6 +59,9 @@ TESTS=(
   tests/test_joint.py::test_inject_everywhere_is_plain
   tests/test_joint.py::test_streaming_matches_naive_joint_maps
   tests/test_contribution.py::test_localize_matches_naive_maps
+  tests/test_gpu_paths.py::test_kernel_on_the_test_device
+  tests/test_gpu_paths.py::test_host_reads_do_not_grow_with_steps
+  tests/test_gpu_paths.py::test_clean_pass_stops_after_the_last_withheld_block
 )
 if [[ "$RUN_TESTS" != 0 ]]; then
   start=$SECONDS

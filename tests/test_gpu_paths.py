@@ -31,7 +31,7 @@ from ditloc.engine import chunk_elements_for, concept_contribution, sdpa_with_ls
 from ditloc.engine import kernels
 from ditloc.testing import tiny_flux_pipeline, tiny_sd3_pipeline
 
-from conftest import RUN
+from conftest import DEVICE, RUN
 from test_contribution import naive
 
 FLUX_RUN = dict(num_inference_steps=3, height=16, width=16, max_sequence_length=32)
@@ -85,6 +85,28 @@ def test_cpu_kernel_output_bits_and_normalizer(dtype, masked):
     assert lse is not None and lse.shape == (2, 3, 37) and lse.dtype == torch.float32
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(lse.double(), _exact_lse(q, k, mask), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_kernel_on_the_test_device(dtype, masked):
+    """On the test device (DITLOC_TEST_DEVICE; benchmarks/gpu_check.sh sets cuda): the output
+    has F.sdpa's bits and a fused kernel's normalizer is exact; on CUDA in half precision one
+    of the fused kernels must apply (flash without a mask, memory-efficient with one)."""
+    device = torch.device(DEVICE)
+    if device.type == "cpu" and dtype == torch.float16:
+        dtype = torch.bfloat16  # the CPU flash kernel's half type here
+    q, k, v = (x.to(device) for x in _qkv(n=2, H=4, N=256, L=77, d=64, dtype=dtype))
+    mask = _text_mask(2, 4, 77, [20, 77], dtype).to(device) if masked else None
+    with torch.no_grad():
+        out, lse = sdpa_with_lse(q, k, v, mask)
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.equal(out, want)
+    if q.is_cuda and dtype != torch.float32:
+        assert lse is not None, kernels.backend_choice(q, k, v, mask)
+    if lse is not None:
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(lse.double().cpu(), _exact_lse(q, k, mask).cpu(), rtol=tol, atol=tol)
 
 
 def test_no_normalizer_when_gradients_flow():
