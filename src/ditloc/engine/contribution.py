@@ -94,7 +94,7 @@ def concept_contribution(
     pos = positions.to(query.device)  # [n, S] (a no-op for a probe already on the device)
     keep = valid.to(device=query.device, dtype=f32)[:, None, None, :]  # [n, 1, 1, S]
     idx = pos[:, None, :, None].expand(n, H, S, d)
-    k_all = key[:, :, :L].to(f32)  # [n, H, L_eff, d]
+    k_all = key[:, :, :L].to(f32) if lse is None else None  # [n, H, L_eff, d]; not needed with the kernel's normalizer
     v_s = value.gather(2, idx).to(f32)  # [n, H, S, d]
     # Without a kernel normalizer we need the logits over the unpadded keys anyway, and
     # concept keys are never padding: gather their columns from those logits (one
