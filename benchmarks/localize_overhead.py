@@ -306,11 +306,27 @@ def build_pipeline(family: str, shape: Shape, device, dtype):
 
 
 # ---- measuring ----------------------------------------------------------------------------------
+def accelerator_module(device):
+    """The torch module of `device`'s type (torch.cuda, torch.xpu, ...) when it keeps allocator
+    peak statistics; None for the CPU, meta and devices without them."""
+    kind = torch.device(device).type
+    if kind in ("cpu", "meta"):
+        return None
+    try:
+        module = torch.get_device_module(kind)
+    except (AttributeError, RuntimeError):
+        return None
+    needed = ("synchronize", "reset_peak_memory_stats", "memory_allocated", "max_memory_allocated")
+    return module if all(hasattr(module, n) for n in needed) else None
+
+
 class Peak:
-    """Peak memory of one run: the CUDA allocator's, else the process's resident set."""
+    """Peak memory of one run: the accelerator allocator's (the device's own torch module,
+    e.g. torch.cuda), else the process's resident set."""
 
     def __init__(self, device):
-        self.cuda = torch.device(device).type == "cuda"
+        self.backend = accelerator_module(device)
+        self.accelerated = self.backend is not None
 
     def _rss(self, field):
         with open("/proc/self/status") as f:
@@ -320,14 +336,14 @@ class Peak:
         raise RuntimeError(field)
 
     def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
+        if self.accelerated:
+            self.backend.synchronize()
 
     def reset(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
+        if self.accelerated:
+            self.backend.synchronize()
+            self.backend.reset_peak_memory_stats()
+            self.base = self.backend.memory_allocated()
         else:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -335,9 +351,9 @@ class Peak:
 
     def read(self):
         """(peak bytes, peak above the start of the run)."""
-        if self.cuda:
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
+        if self.accelerated:
+            self.backend.synchronize()
+            peak = self.backend.max_memory_allocated()
         else:
             peak = self._rss("VmHWM")
         return peak, peak - self.base
@@ -382,7 +398,8 @@ def measure(args) -> dict:
     k = max(1, round(args.withhold_fraction * n_blocks))
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
     shape_text = describe(family, shape, pipe)
-    device_name = torch.cuda.get_device_name(args.device) if torch.device(args.device).type == "cuda" else args.device
+    backend = accelerator_module(args.device)
+    device_name = backend.get_device_name(args.device) if hasattr(backend, "get_device_name") else args.device
     print(f"{shape_text}, {n_params / 1e6:.1f}M params; {n_prompts} prompts x {steps} steps, {device_name} "
           f"{args.dtype}, torch threads {torch.get_num_threads()}")
 
@@ -455,7 +472,7 @@ def measure(args) -> dict:
         "goal_met": {name: met[name] for name in (args.methods[0], "withhold")},
         # the targets are stated for the released shapes in bfloat16 on a GPU
         "targets_apply": args.size == "xl" and not args.depth and args.dtype == "bfloat16"
-        and torch.device(args.device).type == "cuda",
+        and accelerator_module(args.device) is not None,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "ditloc": ditloc.__version__},
     }
 
