@@ -23,35 +23,21 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICE, RUN
+from test_contribution import naive
+
+# the tiny joint-attention pipelines and their settings, shared with the joint tests
+from test_joint import FLUX_RUN, PROMPTS, SD3_RUN, flux, sd3  # noqa: F401  (flux, sd3: fixtures)
 from torch.overrides import TorchFunctionMode
 
 import ditloc
 from ditloc.adapters import get_adapter
-from ditloc.engine import chunk_elements_for, concept_contribution, sdpa_with_lse
-from ditloc.engine import kernels
-from ditloc.testing import tiny_flux_pipeline, tiny_sd3_pipeline
-
-from conftest import DEVICE, RUN
-from test_contribution import naive
-
-FLUX_RUN = dict(num_inference_steps=3, height=16, width=16, max_sequence_length=32)
-SD3_RUN = dict(num_inference_steps=3, height=8, width=8, max_sequence_length=32)
-PROMPTS = ["a photo of van gogh in the city", "van gogh painting of a dog"]
-
-
-def _quiet(p):
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
-@pytest.fixture(scope="module")
-def flux():
-    return _quiet(tiny_flux_pipeline())
-
-
-@pytest.fixture(scope="module")
-def sd3():
-    return _quiet(tiny_sd3_pipeline())
+from ditloc.engine import (
+    chunk_elements_for,
+    concept_contribution,
+    kernels,
+    sdpa_with_lse,
+)
 
 
 def _qkv(n=2, H=3, N=37, L=13, d=8, dtype=torch.float32, seed=0):
@@ -230,9 +216,8 @@ def test_a_wrong_normalizer_is_caught_once_and_not_used(monkeypatch):
     monkeypatch.setattr(kernels, "_TRUSTED", {})
     monkeypatch.setattr(kernels, "kernel_for", lambda query, choice: ("flash_cpu", log2_kernel))
     q, k, v = _qkv()
-    with pytest.warns(RuntimeWarning, match="normalizer off"):
-        with torch.no_grad():
-            out, lse = sdpa_with_lse(q, k, v)
+    with pytest.warns(RuntimeWarning, match="normalizer off"), torch.no_grad():
+        out, lse = sdpa_with_lse(q, k, v)
     assert lse is None and torch.equal(out, F.scaled_dot_product_attention(q, k, v))
     n = len(calls)
     with warnings.catch_warnings():
@@ -253,9 +238,8 @@ def test_a_kernel_with_other_output_bits_is_not_used(monkeypatch):
     monkeypatch.setattr(kernels, "kernel_for",
                         lambda query, choice: ("flash_cpu", nudged) if query.device.type == "cpu" else None)
     q, k, v = _qkv()
-    with pytest.warns(RuntimeWarning, match="differs"):
-        with torch.no_grad():
-            out, lse = sdpa_with_lse(q, k, v)
+    with pytest.warns(RuntimeWarning, match="differs"), torch.no_grad():
+        out, lse = sdpa_with_lse(q, k, v)
     assert lse is None and torch.equal(out, F.scaled_dot_product_attention(q, k, v))
 
 
