@@ -196,7 +196,7 @@ class JointProcessor:
         txt, img = self._segments(k.shape[2], n_text)
         if swap is not None and swap.capturing:
             swap.text_kv[self.block] = (k[:, :, txt], v[:, :, txt])  # [n, H, L, d] of the clean prompts
-            if getattr(swap, "stop_after", None) == self.block:
+            if swap.stop_after == self.block:
                 raise StopForward  # nothing after this block is read: end the clean pass here
             return None
         rows = ctx.rows

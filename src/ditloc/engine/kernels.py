@@ -150,9 +150,13 @@ def _check(name: str, kernel: Kernel, query: torch.Tensor, masked: bool) -> str 
     return None
 
 
+def _trust_key(name: str, query: torch.Tensor, masked: bool) -> tuple:
+    return name, query.device.type, query.device.index, query.dtype, query.shape[-1], masked
+
+
 def trusted(name: str, kernel: Kernel, query: torch.Tensor, masked: bool) -> bool:
     """Whether `kernel`'s normalizer can be used for inputs like `query` (checked once)."""
-    key = (name, query.device.type, query.device.index, query.dtype, query.shape[-1], masked)
+    key = _trust_key(name, query, masked)
     ok = _TRUSTED.get(key)
     if ok is None:
         why = _check(name, kernel, query, masked)
@@ -182,6 +186,5 @@ def sdpa_with_lse(query, key, value, attn_mask=None):
             try:
                 return found[1](query, key, value, attn_mask)
             except (RuntimeError, TypeError, NotImplementedError):  # inputs the check did not cover
-                _TRUSTED[(found[0], query.device.type, query.device.index, query.dtype, query.shape[-1],
-                          attn_mask is not None)] = False
+                _TRUSTED[_trust_key(found[0], query, attn_mask is not None)] = False
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=False), None
