@@ -466,3 +466,133 @@ def test_non_finite_loss_stops_before_any_checkpoint(tmp_path):
     with pytest.raises(DitlocError, match="loss became nan at step 3; lower --lr"):
         run_training(trainer, loss_fn, tmp_path, {"job": "nan"})
     assert not any(tmp_path.iterdir())  # the step-4 checkpoint was never written
+
+
+# ---- captions, class prompts, LoRA modules -------------------------------------------------
+def test_personalize_captions_condition_each_image_on_its_own_text(tmp_path):
+    """Each image trains on its caption; the class images on the captions without the
+    token; LoRA sits only in the named modules; identical captions = one instance prompt."""
+    pipe = tiny_pixart_pipeline()
+    adapter = get_adapter(pipe)
+    captions = ["a red sks cat on the beach", "a sks cat in the snow", "a blue sks cat"]
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["encoder_hidden_states"].detach().clone()) if m.training else None,
+        with_kwargs=True)
+    cfg = TrainConfig(steps=12, batch_size=2, lr=3e-3, lora_modules="attn2.to_k, attn2.to_v")
+    res = personalize(pipe, _images(pipe), "sks", "cat", blocks="block.1,block.3", config=cfg, captions=captions,
+                      prior_preservation=True, num_class_images=4, num_inference_steps=2, out=tmp_path / "cap",
+                      pipeline_kwargs=dict(clean_caption=False))
+    hook.remove()
+    rec = json.loads((tmp_path / "cap" / "ditloc_edit.json").read_text())["details"]
+    assert rec["captions"] == captions and rec["instance_prompt"] is None
+    assert rec["class_prompts"] == ["a red cat on the beach", "a cat in the snow", "a blue cat"]
+    assert rec["num_class_images"] == 6  # ceil(4 / 3) per class prompt
+    # the text rows the transformer saw in training are exactly the captions' and class prompts'
+    with torch.no_grad():
+        encoded = adapter.encode_text(captions + rec["class_prompts"], {"clean_caption": False})
+    states = next(v for v in encoded.values() if v.ndim == 3)[:, : seen[0].shape[1]]
+    used = {min(range(len(states)), key=lambda j: float((row - states[j]).abs().max()))
+            for batch in seen for row in batch}
+    assert used == set(range(6))
+    assert all(min(float((row - s).abs().max()) for s in states) < 1e-5 for batch in seen for row in batch)
+    # LoRA only in the chosen blocks' text keys/values
+    names = {n.rsplit(".lora_", 1)[0] for n, _ in pipe.transformer.named_parameters() if "lora_" in n}
+    assert names == {f"transformer_blocks.{b}.attn2.to_{kv}" for b in (1, 3) for kv in "kv"}
+    assert res.trainable_parameters == sum(p.numel() for n, p in pipe.transformer.named_parameters() if "lora_" in n)
+    # captions that all equal the instance prompt train what the instance prompt trains
+    runs = []
+    for caps in (None, ["a sks cat"] * 3):
+        p = tiny_pixart_pipeline()
+        personalize(p, _images(p), "sks", "cat", blocks="block.2", captions=caps, prior_preservation=True,
+                    num_class_images=2, num_inference_steps=2, config=TrainConfig(steps=4, batch_size=2, lr=1e-3),
+                    pipeline_kwargs=dict(clean_caption=False))
+        runs.append(lora_state_dict(p.transformer))
+    assert runs[0].keys() == runs[1].keys()
+    assert all(torch.allclose(runs[0][k], runs[1][k], atol=1e-6) for k in runs[0])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(captions=["a sks cat", "a cat"]), "2 caption(s) for 3 image(s)"),
+    (dict(captions=["a sks cat", "a cat", "a sks dog"]), "the caption 'a cat' does not contain the token 'sks'"),
+    (dict(class_prompts=["a sks cat"], prior_preservation=True), "contains the token 'sks'"),
+    (dict(class_prompts=[], prior_preservation=True), "the class prompts are empty"),
+    (dict(prior_weight=-1.0), "--prior-weight must be >= 0"),
+    (dict(prior_target="frozen"), "--prior-target must be noise or teacher"),
+])
+def test_personalize_bad_prompts_refused_before_work(kwargs, message, monkeypatch):
+    pipe = tiny_pixart_pipeline()
+    from ditloc.edit import jobs
+
+    monkeypatch.setattr(jobs, "_plan", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(DitlocError) as e:
+        personalize(pipe, _images(pipe), "sks", "cat", blocks="block.1", **kwargs)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_lora_modules_config_refusals():
+    with pytest.raises(DitlocError, match="--lora-modules is empty"):
+        TrainConfig(lora_modules=" , ")
+    with pytest.raises(DitlocError, match="applies to --method lora"):
+        TrainConfig(method="full", lora_modules="attn2.to_k")
+    assert TrainConfig(lora_modules="attn2.to_k,attn2.to_v").lora_modules == ("attn2.to_k", "attn2.to_v")
+
+
+@pytest.mark.parametrize("case, extra, message", [
+    ("missing caption", ["--captions"], "b.png has no caption file b.txt next to it"),
+    ("no token", ["--captions"], "does not contain the token 'sks'"),
+    ("class prompt token", ["--prior-preservation", "--class-prompt", "a sks cat"], "contains the token 'sks'"),
+    ("class prompt alone", ["--class-prompt", "a cat"], "--class-prompt is used by --prior-preservation"),
+    ("modules with full", ["--method", "full", "--lora-modules", "attn2.to_k"], "applies to --method lora"),
+    ("prior weight", ["--prior-weight", "-2"], "--prior-weight must be >= 0"),
+])
+def test_cli_caption_and_module_errors(tmp_path, capsys, case, extra, message):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rgb = (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)
+    for name in ("a", "b"):
+        _save(folder / f"{name}.png", rgb)
+    (folder / "a.txt").write_text("a sks cat on the beach\n")
+    if case == "no token":
+        (folder / "b.txt").write_text("a cat")
+    code = _cli(["personalize", str(tmp_path / "no-model"), "--images", str(folder), "--token", "sks",
+                 "--class-word", "cat", "--blocks", "block.1", "--out", str(tmp_path / "out")] + extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_personalize_with_captions_runs(tmp_path, capsys, pixart_dir):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, caption in (("a", "a sks cat on the beach"), ("b", "a green sks cat")):
+        _save(folder / f"{name}.png", (rng.random((32, 32, 3)) * 255).astype(np.uint8))
+        (folder / f"{name}.txt").write_text(caption)
+    code = _cli(["personalize", str(pixart_dir), "--images", str(folder), "--token", "sks", "--class-word", "cat",
+                 "--captions", "--prior-preservation", "--num-class-images", "2", "--prior-weight", "0.5",
+                 "--prior-target", "teacher",
+                 "--lora-modules", "attn2.to_k,attn2.to_v", "--blocks", "block.1", "--train-steps", "2",
+                 "--steps", "2", "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    rec = json.loads((tmp_path / "out" / "ditloc_edit.json").read_text())
+    assert rec["details"]["captions"] == ["a sks cat on the beach", "a green sks cat"]
+    assert rec["details"]["class_prompts"] == ["a cat on the beach", "a green cat"]
+    assert rec["details"]["prior_weight"] == 0.5 and rec["details"]["prior_target"] == "teacher"
+    assert rec["config"]["lora"]["targets"] == ["transformer_blocks.1.attn2.to_k", "transformer_blocks.1.attn2.to_v"]
+
+
+def test_teacher_prior_costs_nothing_until_the_class_predictions_move():
+    """prior_target="teacher": the class images are fitted to the frozen model's own
+    prediction, so at the first step (LoRA B = 0) the prior term is exactly zero and
+    the loss is the instance term's; the DreamBooth noise target is not."""
+    first = {}
+    for name, kw in (("none", dict()), ("noise", dict(prior_preservation=True)),
+                     ("teacher", dict(prior_preservation=True, prior_target="teacher"))):
+        pipe = tiny_pixart_pipeline()
+        res = personalize(pipe, _images(pipe), "sks", "cat", blocks="block.1", num_class_images=2,
+                          num_inference_steps=2, config=TrainConfig(steps=3, batch_size=2, lr=1e-2),
+                          pipeline_kwargs=dict(clean_caption=False), **kw)
+        first[name] = res.losses
+    assert first["teacher"][0] == pytest.approx(first["none"][0], rel=1e-6)
+    assert first["noise"][0] > first["none"][0] * 1.05

@@ -35,7 +35,7 @@ import torch
 
 from ditloc.edit import ClosedFormConfig, TrainConfig, personalize, unlearn
 from ditloc.stats import mean_ci, wilson
-from ditloc.text import find_occurrences, substitute
+from ditloc.text import find_occurrences, substitute, tidy
 from ditloc.toy import load_pipeline, world
 from ditloc.toy.oracle import load_oracle
 from evaluate_fidelity import expected  # same directory: the expected oracle label per attribute
@@ -71,7 +71,8 @@ def variants(args, names):
         else:
             lr = args.lr_full if method == "full" else args.lr_lora
             cfg = TrainConfig(method=method, steps=args.train_steps, batch_size=args.batch_size, lr=lr,
-                              seed=args.seed, checkpoint_every=args.train_steps)
+                              seed=args.seed, checkpoint_every=args.train_steps, rank=args.rank,
+                              lora_modules=args.lora_modules or None if method == "lora" else None)
         yield name, blocks, pipe, cfg
 
 
@@ -258,14 +259,31 @@ def composed_prompts(rng, n, split, token, class_word):
     return scenes, prompts
 
 
-def run_personalization(args, oracle, out):
+def run_personalization(args, oracle, out, methods):
     token, class_word = world.RESERVED_WORDS[0], world.GENERIC_SHAPE
     detect, det_acc = glyph_detector(oracle)
     print(f"[glyph] detector held-out accuracy {det_acc:.3f}", flush=True)
     rng = np.random.default_rng([args.seed, 21])
-    inst = [world.glyph_scene(rng, color="red", style="solid", hazard=False) for _ in range(6)]
-    images = torch.from_numpy(np.stack([world.render(s) for s in inst])).permute(0, 3, 1, 2).float() / 127.5 - 1
     train_prompt = f"a {token} {class_word}"
+    if args.p_captions:  # the glyph in varied colors, styles and places, each image with its caption
+        inst = [world.glyph_scene(rng, hazard=False) for _ in range(args.p_images)]
+        captions = [substitute(world.scene_prompt(s, world.TRAIN_TEMPLATES[int(rng.integers(len(world.TRAIN_TEMPLATES)))],
+                                                  show_shape=False), class_word, f"{token} {class_word}")
+                    for s in inst]
+        captions[0] = train_prompt  # the plain prompt the reliability set asks for is one of them
+        inst[0] = world.glyph_scene(rng, color="red", style="solid", hazard=False)
+    else:  # session 4's recipe: red solid renders, one prompt
+        inst = [world.glyph_scene(rng, color="red", style="solid", hazard=False) for _ in range(args.p_images)]
+        captions = None
+    images = torch.from_numpy(np.stack([world.render(s) for s in inst])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    class_prompts = None
+    if args.p_prior_general:  # the class prompts plus ordinary training-template scenes of every kind
+        base_class = ([tidy(substitute(c, token, "")) for c in captions] if captions else [f"a {class_word}"])
+        general = [world.make_prompt(world.sample_scene(rng), rng, "train", drop_prob=0.0)
+                   for _ in range(args.p_prior_general)]
+        class_prompts = list(dict.fromkeys(base_class + general))
+    # reliability: the training prompts (each caption in turn, or the one prompt)
+    reliability_prompts = [(captions or [train_prompt])[i % len(captions or [train_prompt])] for i in range(args.n)]
     ge_s, ge_p = composed_prompts(rng, args.n, "heldout", token, class_word)
     lo_s, lo_p = scenes_prompts(rng, args.n, "heldout", character=None)
     q_s = [world.sample_scene(rng, p_character=0.25, p_hazard=0.5) for _ in range(args.n_quality)]
@@ -273,7 +291,7 @@ def run_personalization(args, oracle, out):
 
     def measure(pipe, reference=None):
         r = {}
-        imgs = generate(pipe, [train_prompt] * args.n, seed=1, steps=args.steps, guidance=args.guidance)
+        imgs = generate(pipe, reliability_prompts, seed=1, steps=args.steps, guidance=args.guidance)
         r["reliability_glyph"] = rate(detect(imgs) > 0.5)
         imgs = generate(pipe, ge_p, seed=2, steps=args.steps, guidance=args.guidance)
         lab = labels(oracle, imgs)
@@ -286,6 +304,8 @@ def run_personalization(args, oracle, out):
         if reference is not None:
             r["locality_unchanged"] = rate(all(lab[c][i] == reference[c][i] for c in CATS)
                                            for i in range(len(lo_p)))
+            r["locality_changed_by_category"] = {c: int(sum(lab[c][i] != reference[c][i] for i in range(len(lo_p))))
+                                                 for c in CATS}
         imgs = generate(pipe, q_p, seed=4, steps=args.steps, guidance=args.guidance)
         ql = labels(oracle, imgs)
         r["quality_fidelity"] = average([np.mean([ql[k][i] == v for k, v in expected(s).items()])
@@ -297,15 +317,19 @@ def run_personalization(args, oracle, out):
     base_res, base_lab = measure(base)
     rows = {"original": base_res}
     print(f"[glyph] original: {json.dumps(base_res)}", flush=True)
-    for name, blocks, pipe, cfg in variants(args, TRAINED):
-        res = personalize(pipe, images, token, class_word, blocks=blocks, k=args.k, config=cfg,
-                          prior_preservation=True, num_class_images=8, num_inference_steps=args.steps,
-                          guidance_scale=args.guidance, max_sequence_length=32,
-                          pipeline_kwargs=dict(clean_caption=False),
-                          out=out / "glyph" / name.split()[0].replace("-", "_"))
+    for name, blocks, pipe, cfg in variants(args, [m for m in methods if m in TRAINED]):
+        with PeakRSS() as mem:
+            res = personalize(pipe, images, token, class_word, blocks=blocks, k=args.k, config=cfg, captions=captions,
+                              prior_preservation=args.p_class_images > 0, num_class_images=max(1, args.p_class_images),
+                              prior_weight=args.prior_weight, localize_method=args.p_localize_method,
+                              class_prompts=class_prompts, prior_target=args.prior_target,
+                              num_inference_steps=args.steps,
+                              guidance_scale=args.guidance, max_sequence_length=32,
+                              pipeline_kwargs=dict(clean_caption=False),
+                              out=out / "glyph" / name.split()[0].replace("-", "_"))
         metrics, _ = measure(pipe, reference=base_lab)
         metrics.update(blocks=list(res.blocks), changed_parameters=res.trainable_parameters,
-                       edit_seconds=round(res.wall_seconds, 1),
+                       edit_seconds=round(res.wall_seconds, 1), peak_extra_rss_mib=round(mem.extra / 2**20, 1),
                        seconds_per_step=round(res.wall_seconds / max(1, args.train_steps), 4))
         rows[name] = metrics
         print(f"[glyph] {name}: {json.dumps(metrics)}", flush=True)
@@ -331,6 +355,19 @@ def main():
     ap.add_argument("--preserve-weight", type=float, default=1.0, help="closed-form lambda")
     ap.add_argument("--ridge", type=float, default=1e-3, help="closed-form mu (relative)")
     ap.add_argument("--positions", default="all", choices=("all", "changed"), help="closed-form rows")
+    ap.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    ap.add_argument("--lora-modules", default="", help="LoRA targets relative to a block (default: all projections + MLP)")
+    ap.add_argument("--p-images", type=int, default=6, help="personalization: glyph training images")
+    ap.add_argument("--p-captions", action="store_true",
+                    help="personalization: varied glyph renders, each with its caption (default: red solid, one prompt)")
+    ap.add_argument("--p-class-images", type=int, default=8, help="prior-preservation images (0: none)")
+    ap.add_argument("--prior-weight", type=float, default=1.0)
+    ap.add_argument("--prior-target", default="noise", choices=("noise", "teacher"),
+                    help="personalization: fit the class images to the noise (DreamBooth) or to the frozen model's prediction")
+    ap.add_argument("--p-prior-general", type=int, default=0,
+                    help="personalization: also preserve this many ordinary training-template prompts of any kind")
+    ap.add_argument("--p-localize-method", default="contribution", choices=("contribution", "patch", "attribution"),
+                    help="how localized LoRA ranks blocks for the class word in personalization")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=4.5)
     ap.add_argument("--seed", type=int, default=0)
@@ -356,7 +393,7 @@ def main():
         tmp.replace(path)
 
     if args.personalize and "glyph (personalization)" not in report["concepts"]:
-        rows, det_acc = run_personalization(args, oracle, out)
+        rows, det_acc = run_personalization(args, oracle, out, methods)
         report["concepts"]["glyph (personalization)"] = rows
         report["glyph_detector_accuracy"] = det_acc
         save()

@@ -105,9 +105,28 @@ def _check_args(args) -> None:
             _fail(f"the anchor {args.anchor!r} contains the concept {args.concept!r}; the anchor is what to show "
                   "instead, without it")
     if args.command == "personalize":
-        from .edit.data import image_files
+        from .edit.data import image_files, read_captions
+        from .text import find_occurrences
 
         image_files(args.images)
+        args.caption_texts = read_captions(args.images) if args.captions else None
+        for caption in args.caption_texts or ():
+            if not find_occurrences(caption, args.token):
+                _fail(f"the caption {caption!r} does not contain the token {args.token!r}; every caption names the "
+                      "subject with it")
+        for prompt in args.class_prompt or ():
+            if find_occurrences(prompt, args.token):
+                _fail(f"the class prompt {prompt!r} contains the token {args.token!r}; class prompts show the class "
+                      "without the subject")
+        if not args.prior_weight >= 0:
+            _fail(f"--prior-weight must be >= 0 (got {args.prior_weight})")
+        if args.class_prompt is not None and not args.prior_preservation:
+            _fail("--class-prompt is used by --prior-preservation; pass it too")
+    if args.command in ("personalize", "unlearn") and args.lora_modules is not None:
+        if args.method != "lora":
+            _fail(f"--lora-modules applies to --method lora (got --method {args.method})")
+        if not [m for m in args.lora_modules.split(",") if m.strip()]:
+            _fail("--lora-modules is empty; pass module names relative to a block, e.g. attn2.to_k,attn2.to_v")
     if args.command in ("personalize", "unlearn"):
         _check_training(args)
 
@@ -349,8 +368,19 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--token", required=True, help="rare word to bind the subject to (e.g. sks)")
             p.add_argument("--class-word", required=True, help="the subject's class (e.g. dog)")
             p.add_argument("--instance-prompt", default="a {token} {class_word}")
+            p.add_argument("--captions", action="store_true",
+                           help="train each image on its own caption, read from the .txt file of the same name "
+                                "(each caption contains --token); default: --instance-prompt for every image")
             p.add_argument("--prior-preservation", action="store_true", help="also fit the frozen model's class images")
             p.add_argument("--num-class-images", type=int, default=16)
+            p.add_argument("--class-prompt", action="append", default=None, metavar="PROMPT",
+                           help="prior preservation: a class prompt without the token (repeatable; default: the "
+                                "instance prompt, or the captions, without the token)")
+            p.add_argument("--prior-weight", type=float, default=1.0,
+                           help="prior preservation: weight of the class images' loss (default 1)")
+            p.add_argument("--prior-target", choices=("noise", "teacher"), default="noise",
+                           help="prior preservation: fit the class images to the noise (DreamBooth, default) or to "
+                                "the frozen model's own prediction (stronger preservation, one extra forward a step)")
             p.add_argument("--category", default=None,
                            help="with --blocks auto: localize the class word on this probe category's prompts")
             p.add_argument("--probes", default="lock", help="probe set for --category: lock, toy or a file")
@@ -388,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--method", choices=("lora", "full"), default="lora")
         p.add_argument("--rank", type=int, default=4)
+        p.add_argument("--lora-modules", default=None,
+                       help="LoRA targets inside each chosen block, comma-separated (e.g. attn2.to_k,attn2.to_v: "
+                            "the text keys/values only); default: every attention projection and the MLP")
         p.add_argument("--train-steps", type=int, default=200, help="optimizer steps (default 200)")
         p.add_argument("--lr", type=float, default=None, help="default 1e-4 (lora) / 1e-5 (full)")
         p.add_argument("--batch-size", type=int, default=4,
@@ -731,6 +764,7 @@ def _edit(args) -> None:
             method=args.method, rank=args.rank, steps=args.train_steps, lr=args.lr, batch_size=args.batch_size,
             seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
             checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
+            lora_modules=args.lora_modules,
         )
     from .edit.processes import current
 
@@ -749,7 +783,8 @@ def _edit(args) -> None:
         loc_prompts = category_prompts(args.category, args.class_word, args.probes) if args.category else None
         pipe = load_pipeline(args.model, device=device, dtype=dtype)
         res = personalize(pipe, args.images, args.token, args.class_word, instance_prompt=args.instance_prompt,
-                          localize_prompts=loc_prompts,
+                          localize_prompts=loc_prompts, captions=args.caption_texts, class_prompts=args.class_prompt,
+                          prior_weight=args.prior_weight, prior_target=args.prior_target,
                           prior_preservation=args.prior_preservation, num_class_images=args.num_class_images,
                           **common)
     else:

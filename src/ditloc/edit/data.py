@@ -34,6 +34,22 @@ def image_files(directory) -> list[Path]:
     return files
 
 
+def read_captions(directory) -> list[str]:
+    """One caption per training image: the text file of the same name (``dog1.png`` ->
+    ``dog1.txt``, the folder convention of kohya's and diffusers' scripts), in the
+    images' order; refuses a missing or empty one (before any model loads)."""
+    captions = []
+    for path in image_files(directory):
+        text_file = path.with_suffix(".txt")
+        if not text_file.is_file():
+            raise DitlocError(f"--captions: {path.name} has no caption file {text_file.name} next to it")
+        text = " ".join(text_file.read_text(encoding="utf-8", errors="replace").split())
+        if not text:
+            raise DitlocError(f"--captions: {text_file} is empty; write the image's caption in it")
+        captions.append(text)
+    return captions
+
+
 def load_image_folder(directory, size: tuple[int, int]) -> tuple[torch.Tensor, list[dict]]:
     """RGB images of exactly `size` (h, w) -> ([N, 3, h, w] in [-1, 1], records
     with file name and sha256). Every problem is one actionable line."""

@@ -22,7 +22,7 @@ from .. import _state
 from .._io import OutputLock, write_json
 from ..options import RunOptions, generators, model_record
 from ..errors import DitlocError
-from ..text import find_occurrences, substitute
+from ..text import find_occurrences, substitute, tidy
 from .closed_form import ClosedFormConfig, closed_form_unlearn
 from .data import encode_images, image_size, load_image_folder
 from .lora import save_lora
@@ -289,6 +289,9 @@ def personalize(
     class_prompt: str | None = None,
     num_class_images: int = 16,
     prior_weight: float = 1.0,
+    captions=None,
+    class_prompts=None,
+    prior_target: str = "noise",
     out=None,
     options: RunOptions | None = None,
     progress=None,
@@ -302,7 +305,19 @@ def personalize(
     `localize_prompts` (with ``blocks="auto"``): prompts containing the class
     word to localize it on (default: the class prompt), with `localize_method`
     (``contribution``, ``patch`` or ``attribution``, method.md section 7); see
-    :func:`category_prompts` for a probe-set category's."""
+    :func:`category_prompts` for a probe-set category's.
+
+    `captions` (one per image, each containing `token`; as diffusers' DreamBooth
+    scripts' ``caption_column``): image i is trained on its own caption, e.g.
+    "a blue sks object on the beach", instead of the single `instance_prompt`.
+    `class_prompts`: the prior-preservation prompts (default: `class_prompt`, or
+    with captions, the captions without the token); the `num_class_images` frozen
+    images are drawn evenly over them and each is fitted with its own prompt.
+    `prior_weight` weighs the prior term. `prior_target`: what the class images are
+    fitted to: ``noise`` (DreamBooth: the sampled noise / flow target) or ``teacher``
+    (the frozen model's own prediction at the same noisy latents: zero at the start and
+    free of the noise's variance, so any drift of the class prompts' predictions costs;
+    one extra forward without gradients per step)."""
     if not token or not token.strip() or not class_word or not class_word.strip():
         raise DitlocError("pass both --token (a rare word, e.g. sks) and --class-word (e.g. dog)")
     for slot in ("{token}", "{class_word}"):
@@ -322,45 +337,88 @@ def personalize(
     prompt = instance_prompt.format(token=token.strip(), class_word=class_word.strip())
     class_prompt = class_prompt or instance_prompt.replace("{token} ", "").replace("{token}", "").format(
         class_word=class_word.strip())
+    prompts, class_prompts = _personalize_prompts(token.strip(), len(pixels), prompt, class_prompt, captions,
+                                                  class_prompts, prior_weight)
+    if prior_target not in ("noise", "teacher"):
+        raise DitlocError(f"--prior-target must be noise or teacher (got {prior_target!r})")
     adapter, kw, out, chosen, loc = _plan(
         pipe, blocks, k, localize_prompts or [class_prompt], class_word.strip(), config, out,
         options=options, progress=progress, localize_method=localize_method)
 
     instance = encode_images(pipe, pixels).to(_data_dtype(pipe, config))  # [N, C, h, w]
-    prior = None
+    # text row of each instance image, of each class image (rows of `text`: prompts, then class prompts)
+    # (host tensors, indexed by the host generator's draws like the latents themselves)
+    inst_rows = torch.arange(len(pixels)) if len(prompts) > 1 else torch.zeros(len(pixels), dtype=torch.long)
+    prior = prior_rows = None
     if prior_preservation:
+        per_prompt = -(-num_class_images // len(class_prompts))  # ceil: every class prompt gets images
         if progress:
-            progress(f"drawing {num_class_images} class images for prior preservation: {class_prompt!r}")
+            shown = class_prompts[0] if len(class_prompts) == 1 else f"{len(class_prompts)} class prompts"
+            progress(f"drawing {per_prompt * len(class_prompts)} class images for prior preservation: {shown!r}")
         prior = _cached_latents(out, "class_latents", lambda: _generate_latents(
-            pipe, [class_prompt], num_class_images, config.seed, kw)).to(instance)
-    text = _encode(adapter, [prompt, class_prompt], kw)  # row 0 instance, row 1 class
+            pipe, class_prompts, per_prompt, config.seed, kw)).to(instance)
+        prior_rows = len(prompts) + torch.arange(len(class_prompts)).repeat_interleave(per_prompt)
+    text = _encode(adapter, prompts + class_prompts, kw)
 
-    data = {"images": records, "instance_prompt": prompt, "class_prompt": class_prompt,
-            "prior_preservation": prior_preservation, "num_class_images": num_class_images if prior is not None else 0,
-            "prior_weight": prior_weight}
+    data = {"images": records, "instance_prompt": prompt if captions is None else None,
+            "captions": list(prompts) if captions is not None else None,
+            "class_prompt": class_prompts[0] if len(class_prompts) == 1 else None,
+            "class_prompts": list(class_prompts) if len(class_prompts) > 1 else None,
+            "prior_preservation": prior_preservation, "num_class_images": len(prior) if prior is not None else 0,
+            "prior_weight": prior_weight, "prior_target": prior_target}
     reset_peak_memory(pipe.transformer.device)
     trainer = LocalizedTrainer(pipe, adapter, chosen, config)
     b = trainer.global_batch  # every process draws the global batch and trains on its rows
 
-    def rows(index: int, n: int) -> dict:
-        return {k: v[index : index + 1].expand(n, *v.shape[1:]) for k, v in text.items()}
+    def rows(index: torch.Tensor) -> dict:
+        return {k: v[index] for k, v in text.items()}
 
     def loss_fn() -> torch.Tensor:
         g = trainer.generator
         idx = torch.randint(len(instance), (b,), generator=g)
-        x_t, t, target = trainer.shard(*trainer.noise.sample(instance[idx], g))
-        pred = adapter.denoise(x_t, t, rows(0, len(x_t)))
-        loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+        x_t, t, target, cond = trainer.shard(*trainer.noise.sample(instance[idx], g), inst_rows[idx])
         if prior is not None:
             idx = torch.randint(len(prior), (b,), generator=g)
-            x_t, t, target = trainer.shard(*trainer.noise.sample(prior[idx], g))
-            pred = adapter.denoise(x_t, t, rows(1, len(x_t)))
-            loss = loss + prior_weight * torch.nn.functional.mse_loss(pred.float(), target.float())
+            px_t, pt, ptarget, pcond = trainer.shard(*trainer.noise.sample(prior[idx], g), prior_rows[idx])
+            if prior_target == "teacher":  # before any forward with gradients: it swaps the trainable tensors
+                ptarget = trainer.teacher(px_t, pt, rows(pcond))
+        pred = adapter.denoise(x_t, t, rows(cond))
+        loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+        if prior is not None:
+            pred = adapter.denoise(px_t, pt, rows(pcond))
+            loss = loss + prior_weight * torch.nn.functional.mse_loss(pred.float(), ptarget.float())
         return loss
 
     wall = run_training(trainer, loss_fn, out, _identity("personalize", pipe, chosen, config, data), progress)
     details = dict(data, localization=loc.to_dict() if loc is not None else None)
     return _finish("personalize", pipe, trainer, out, wall, details)
+
+
+def _personalize_prompts(token, n_images, prompt, class_prompt, captions, class_prompts, prior_weight):
+    """-> (instance prompts: one, or one per image; class prompts). Bad input: one line."""
+    if not prior_weight >= 0:
+        raise DitlocError(f"--prior-weight must be >= 0 (got {prior_weight})")
+    if captions is None:
+        prompts = [prompt]
+    else:
+        prompts = [str(c).strip() for c in captions]
+        if len(prompts) != n_images:
+            raise DitlocError(f"{len(prompts)} caption(s) for {n_images} image(s); give one caption per image")
+        for c in prompts:
+            if not find_occurrences(c, token):
+                raise DitlocError(f"the caption {c!r} does not contain the token {token!r}; every caption names the "
+                                  "subject with it")
+    if class_prompts is None:
+        class_prompts = [class_prompt] if captions is None else list(dict.fromkeys(
+            tidy(substitute(c, token, "")) for c in prompts))
+    class_prompts = [str(c).strip() for c in class_prompts]
+    if not class_prompts or not all(class_prompts):
+        raise DitlocError("the class prompts are empty; pass at least one prompt of the class, without the token")
+    for c in class_prompts:
+        if find_occurrences(c, token):
+            raise DitlocError(f"the class prompt {c!r} contains the token {token!r}; class prompts show the class "
+                              "without the subject")
+    return prompts, class_prompts
 
 
 # ---------------------------------------------------------------------------------------

@@ -60,8 +60,23 @@ class TrainConfig:
     no_grad_prefix: bool = True
     checkpoint_every: int = 50
     mixed_precision: str = "no"
+    #: LoRA target modules relative to a block (e.g. ``("attn2.to_k", "attn2.to_v")``: the
+    #: cross-attention's text keys/values only); None: the adapter's default (every attention
+    #: projection and the MLP)
+    lora_modules: tuple[str, ...] | None = None
 
     def __post_init__(self):
+        if self.lora_modules is not None:
+            if isinstance(self.lora_modules, str):
+                object.__setattr__(self, "lora_modules", tuple(m.strip() for m in self.lora_modules.split(",")
+                                                               if m.strip()))
+            else:
+                object.__setattr__(self, "lora_modules", tuple(str(m).strip() for m in self.lora_modules))
+            if not self.lora_modules or not all(self.lora_modules):
+                raise DitlocError("--lora-modules is empty; pass module names relative to a block, e.g. "
+                                  "attn2.to_k,attn2.to_v")
+            if self.method != "lora":
+                raise DitlocError(f"--lora-modules applies to --method lora (got --method {self.method})")
         if self.method not in METHODS:
             raise DitlocError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         precision.check_mode(self.mixed_precision)
@@ -207,7 +222,7 @@ class LocalizedTrainer:
         self.spec = None
         self._upcast: list[tuple[torch.nn.Parameter, torch.dtype]] = []  # full + mixed: back in close()
         if config.method == "lora":
-            self.spec = LoraSpec(tuple(self.blocks), tuple(lora_targets(adapter, self.blocks, targets)),
+            self.spec = LoraSpec(tuple(self.blocks), tuple(lora_targets(adapter, self.blocks, targets or config.lora_modules)),
                                  config.rank, config.alpha)
             add_lora(transformer, self.spec, seed=config.seed, upcast=mixed)
         else:
