@@ -216,7 +216,11 @@ def _table(model, args, rows, precisions) -> None:
     cpu = torch.device(args.device).type == "cpu"
     native = ""
     if cpu and "bf16" in precisions:
-        native = ", bf16 native" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ", bf16 emulated"
+        # bf16 instructions (AVX512-BF16 or AMX); oneDNN's own flag is also true on plain AVX512, where
+        # it converts to float32 inside its kernels (measured there: slower than float32)
+        hw = (getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+              or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+        native = ", bf16 in hardware (AVX512-BF16/AMX)" if hw else ", bf16 converted in software (no AVX512-BF16/AMX)"
     print(f"\n{model}: {rows[0]['total'] / 1e6:.0f}M params, device {args.device}, batch {args.batch}, "
           f"{args.tokens if model == 'xl' else 'toy'} image tokens, rank {args.rank}"
           f"{', gradient checkpointing' if args.checkpointing else ''}{native}")

@@ -232,3 +232,33 @@ def test_bf16_over_float16_base_refused_before_the_model_is_touched():
     with pytest.raises(DitlocError, match="the model is float16"):
         LocalizedTrainer(pipe, get_adapter(pipe), ["block.1"], TrainConfig(mixed_precision="bf16"))
     assert sorted(n for n, _ in pipe.transformer.named_parameters()) == before  # no adapter injected
+
+
+def test_two_processes_personalize_with_captions_and_teacher_prior(model, tmp_path):
+    """Captions (a text row per image) and the teacher prior term are sharded with the
+    rows: 2 processes x batch 2 train what one process with batch 4 trains."""
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, caption in (("a", "a sks cat on the beach"), ("b", "a green sks cat"), ("c", "a sks cat")):
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(caption)
+
+    def argv(out, batch):
+        return ["personalize", str(model), "--images", str(folder), "--token", "sks", "--class-word", "cat",
+                "--captions", "--prior-preservation", "--num-class-images", "3", "--prior-target", "teacher",
+                "--prior-weight", "2", "--blocks", "block.1,block.2", "--steps", "2", "--train-steps", "3",
+                "--lr", "1e-3", "--batch-size", str(batch), "--out", str(out)]
+
+    proc = launch(argv(tmp_path / "two", 2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, _, err = run_cli(argv(tmp_path / "one", 4))
+    assert code == 0, err
+    a, b = lora(tmp_path / "two"), lora(tmp_path / "one")
+    assert a.keys() == b.keys() and max(float(a[k].abs().max()) for k in a if "lora_B" in k) > 1e-4
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    rec = json.loads((tmp_path / "two" / "ditloc_edit.json").read_text())
+    assert rec["config"]["processes"] == 2 and rec["details"]["prior_target"] == "teacher"

@@ -226,22 +226,32 @@ def glyph_detector(oracle, n=1500, seed=0):
         x = to_tensor(np.asarray(images))
         return net.trunk(net.features(x))  # [N, 256]
 
-    x = torch.cat([feats(pos), feats(neg)])
-    y = torch.cat([torch.ones(n), torch.zeros(n)])
+    x = torch.cat([feats(pos), feats(neg)]).double()
+    y = torch.cat([torch.ones(n), torch.zeros(n)]).double()
     idx = torch.randperm(2 * n, generator=torch.Generator().manual_seed(seed))
     tr, te = idx[: int(1.6 * n)], idx[int(1.6 * n):]
-    head = torch.nn.Linear(x.shape[1], 1)
-    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
-    for _ in range(300):
+    # L2-regularized logistic regression solved to convergence in float64 (a unique optimum, zero
+    # start, no global RNG): the same weights in every run, whatever the kernels' summation order
+    mean, std = x[tr].mean(0), x[tr].std(0) + 1e-6
+    z = (x - mean) / std
+    w = torch.zeros(z.shape[1] + 1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
         opt.zero_grad()
-        torch.nn.functional.binary_cross_entropy_with_logits(head(x[tr]).squeeze(1), y[tr]).backward()
-        opt.step()
-    with torch.no_grad():
-        acc = float(((head(x[te]).squeeze(1) > 0).float() == y[te]).float().mean())
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z[tr] @ w[:-1] + w[-1], y[tr]) \
+            + 1e-3 * (w[:-1] ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    w = w.detach()
+    acc = float((((z[te] @ w[:-1] + w[-1]) > 0).double() == y[te]).double().mean())
 
     def score(images):
-        with torch.no_grad():
-            return torch.sigmoid(head(feats(images)).squeeze(1)).numpy()
+        z = (feats(images).double() - mean) / std
+        return torch.sigmoid(z @ w[:-1] + w[-1]).numpy()
 
     return score, acc
 
