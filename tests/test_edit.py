@@ -596,3 +596,30 @@ def test_teacher_prior_costs_nothing_until_the_class_predictions_move():
         first[name] = res.losses
     assert first["teacher"][0] == pytest.approx(first["none"][0], rel=1e-6)
     assert first["noise"][0] > first["none"][0] * 1.05
+
+
+def test_per_step_draws_reach_an_accelerator_without_a_blocking_copy(monkeypatch):
+    """Host draws (noise, timesteps, indices) go to a non-CPU device through page-locked
+    memory and a non-blocking copy; the CPU keeps the plain copy. (The 'meta' device stands
+    in for an accelerator: no CUDA here.)"""
+    from ditloc.edit.train import to_device
+
+    pinned, copies = [], []
+    real_to = torch.Tensor.to
+
+    def fake_pin(self, *a, **k):
+        pinned.append(self.shape)
+        return self
+
+    def spy_to(self, *a, **k):
+        copies.append((self.device.type, a, k.get("non_blocking", False)))
+        return real_to(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    monkeypatch.setattr(torch.Tensor, "to", spy_to)
+    out = to_device(torch.arange(6), "meta", torch.float32)
+    assert out.device.type == "meta" and out.dtype == torch.float32 and pinned == [torch.Size([6])]
+    assert copies[0] == ("cpu", (torch.device("meta"),), True)  # the host-to-device copy does not block
+    pinned.clear()
+    x = torch.randn(3)
+    assert to_device(x, "cpu") is x and not pinned

@@ -27,7 +27,7 @@ from .closed_form import ClosedFormConfig, closed_form_unlearn
 from .data import encode_images, image_size, load_image_folder
 from .lora import save_lora
 from .processes import current as current_processes
-from .train import EditResult, LocalizedTrainer, TrainConfig, peak_memory, reset_peak_memory, run_training
+from .train import EditResult, LocalizedTrainer, TrainConfig, peak_memory, reset_peak_memory, run_training, to_device
 
 RESULT_FILE = "ditloc_edit.json"
 EMPTY_PRESERVE = ("the preservation set is empty; pass prompts to keep (--preserve / --preserve-file) "
@@ -370,16 +370,20 @@ def personalize(
     trainer = LocalizedTrainer(pipe, adapter, chosen, config)
     b = trainer.global_batch  # every process draws the global batch and trains on its rows
 
+    device = instance.device
+
     def rows(index: torch.Tensor) -> dict:
         return {k: v[index] for k, v in text.items()}
 
     def loss_fn() -> torch.Tensor:
         g = trainer.generator
         idx = torch.randint(len(instance), (b,), generator=g)
-        x_t, t, target, cond = trainer.shard(*trainer.noise.sample(instance[idx], g), inst_rows[idx])
+        x_t, t, target, cond = trainer.shard(*trainer.noise.sample(instance[to_device(idx, device)], g),
+                                             to_device(inst_rows[idx], device))
         if prior is not None:
             idx = torch.randint(len(prior), (b,), generator=g)
-            px_t, pt, ptarget, pcond = trainer.shard(*trainer.noise.sample(prior[idx], g), prior_rows[idx])
+            px_t, pt, ptarget, pcond = trainer.shard(*trainer.noise.sample(prior[to_device(idx, device)], g),
+                                                     to_device(prior_rows[idx], device))
             if prior_target == "teacher":  # before any forward with gradients: it swaps the trainable tensors
                 ptarget = trainer.teacher(px_t, pt, rows(pcond))
         pred = adapter.denoise(x_t, t, rows(cond))
@@ -549,7 +553,7 @@ def unlearn(
 
     def loss_fn() -> torch.Tensor:
         g = trainer.generator
-        img = torch.randint(len(x0), (b,), generator=g)  # anchor image, and its prompt
+        img = to_device(torch.randint(len(x0), (b,), generator=g), x0.device)  # anchor image, and its prompt
         which = img // images_per_prompt  # [B]
         x_t, t, _ = trainer.noise.sample(x0[img], g)
         x_t, t, which = trainer.shard(x_t, t, which)

@@ -125,19 +125,37 @@ class NoiseRule:
         return cls(kind, ddpm.alphas_cumprod, n)
 
     def sample(self, x0: torch.Tensor, generator: torch.Generator):
-        """-> (x_t [B, C, h, w], timestep [B], target [B, C, h, w])."""
+        """-> (x_t [B, C, h, w], timestep [B], target [B, C, h, w]). The draws come from
+        the host `generator` (the same numbers on any device) and reach the device
+        without a synchronisation (:func:`to_device`)."""
         b = x0.shape[0]
-        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0)  # [B, C, h, w]
+        noise = to_device(torch.randn(x0.shape, generator=generator, dtype=torch.float32), x0.device, x0.dtype)
         u = torch.rand(b, generator=generator, dtype=torch.float32)  # [B]
         if self.kind == "flow":
-            sigma = u.to(x0).view(-1, 1, 1, 1)
+            sigma = to_device(u, x0.device, x0.dtype).view(-1, 1, 1, 1)
             x_t = (1 - sigma) * x0 + sigma * noise
-            return x_t, (u * self.num_train_timesteps).to(x0.device), noise - x0
+            return x_t, to_device(u * self.num_train_timesteps, x0.device), noise - x0
         t = (u * self.num_train_timesteps).long().clamp_max(self.num_train_timesteps - 1)  # [B]
-        a = self.alphas_cumprod[t].to(x0).view(-1, 1, 1, 1)
+        a = to_device(self.alphas_cumprod[t], x0.device, x0.dtype).view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         target = noise if self.kind == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
-        return x_t, t.to(x0.device), target
+        return x_t, to_device(t, x0.device), target
+
+
+def to_device(t: torch.Tensor, device, dtype=None) -> torch.Tensor:
+    """A small host tensor drawn each training step (noise, timesteps, batch indices) on
+    `device`. On an accelerator it goes through page-locked memory with a non-blocking
+    copy: a plain copy from pageable memory waits for all queued device work first (a
+    hidden synchronisation every step). The caching host allocator keeps the page-locked
+    block alive until the copy has run. On the CPU it is ``t.to(device, dtype)``."""
+    device = torch.device(device)
+    if device.type != "cpu" and t.device.type == "cpu":
+        try:
+            t = t.pin_memory()
+        except RuntimeError:  # no page-locked memory for this accelerator: a plain copy
+            return t.to(device=device, dtype=dtype)
+        t = t.to(device, non_blocking=True)
+    return t.to(device=device, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------
