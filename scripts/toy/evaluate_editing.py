@@ -72,7 +72,7 @@ def variants(args, names):
             lr = args.lr_full if method == "full" else args.lr_lora
             cfg = TrainConfig(method=method, steps=args.train_steps, batch_size=args.batch_size, lr=lr,
                               seed=args.seed, checkpoint_every=args.train_steps, rank=args.rank,
-                              lora_modules=args.lora_modules or None if method == "lora" else None)
+                              lora_modules=(args.lora_modules or None) if method == "lora" else None)
         yield name, blocks, pipe, cfg
 
 

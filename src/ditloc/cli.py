@@ -106,27 +106,18 @@ def _check_args(args) -> None:
                   "instead, without it")
     if args.command == "personalize":
         from .edit.data import image_files, read_captions
-        from .text import find_occurrences
+        from .edit.jobs import check_personalize_prompts
 
-        image_files(args.images)
+        files = image_files(args.images)
         args.caption_texts = read_captions(args.images) if args.captions else None
-        for caption in args.caption_texts or ():
-            if not find_occurrences(caption, args.token):
-                _fail(f"the caption {caption!r} does not contain the token {args.token!r}; every caption names the "
-                      "subject with it")
-        for prompt in args.class_prompt or ():
-            if find_occurrences(prompt, args.token):
-                _fail(f"the class prompt {prompt!r} contains the token {args.token!r}; class prompts show the class "
-                      "without the subject")
-        if not args.prior_weight >= 0:
-            _fail(f"--prior-weight must be >= 0 (got {args.prior_weight})")
         if args.class_prompt is not None and not args.prior_preservation:
             _fail("--class-prompt is used by --prior-preservation; pass it too")
+        check_personalize_prompts(args.token.strip(), len(files), args.caption_texts, args.class_prompt,
+                                  args.prior_weight, args.prior_target)
     if args.command in ("personalize", "unlearn") and args.lora_modules is not None:
-        if args.method != "lora":
-            _fail(f"--lora-modules applies to --method lora (got --method {args.method})")
-        if not [m for m in args.lora_modules.split(",") if m.strip()]:
-            _fail("--lora-modules is empty; pass module names relative to a block, e.g. attn2.to_k,attn2.to_v")
+        from .edit import TrainConfig
+
+        TrainConfig(method=args.method, lora_modules=args.lora_modules)  # its checks: one line, exit 2
     if args.command in ("personalize", "unlearn"):
         _check_training(args)
 

@@ -337,10 +337,12 @@ def personalize(
     prompt = instance_prompt.format(token=token.strip(), class_word=class_word.strip())
     class_prompt = class_prompt or instance_prompt.replace("{token} ", "").replace("{token}", "").format(
         class_word=class_word.strip())
-    prompts, class_prompts = _personalize_prompts(token.strip(), len(pixels), prompt, class_prompt, captions,
-                                                  class_prompts, prior_weight)
-    if prior_target not in ("noise", "teacher"):
-        raise DitlocError(f"--prior-target must be noise or teacher (got {prior_target!r})")
+    check_personalize_prompts(token.strip(), len(pixels), captions, class_prompts, prior_weight, prior_target)
+    prompts = [prompt] if captions is None else [str(c).strip() for c in captions]
+    if class_prompts is None:  # the instance prompt(s) without the token
+        class_prompts = [class_prompt] if captions is None else list(dict.fromkeys(
+            tidy(substitute(c, token.strip(), "")) for c in prompts))
+    class_prompts = [str(c).strip() for c in class_prompts]
     adapter, kw, out, chosen, loc = _plan(
         pipe, blocks, k, localize_prompts or [class_prompt], class_word.strip(), config, out,
         options=options, progress=progress, localize_method=localize_method)
@@ -398,31 +400,28 @@ def personalize(
     return _finish("personalize", pipe, trainer, out, wall, details)
 
 
-def _personalize_prompts(token, n_images, prompt, class_prompt, captions, class_prompts, prior_weight):
-    """-> (instance prompts: one, or one per image; class prompts). Bad input: one line."""
+def check_personalize_prompts(token: str, n_images: int, captions=None, class_prompts=None,
+                              prior_weight: float = 1.0, prior_target: str = "noise") -> None:
+    """The checks of :func:`personalize`'s text arguments that need no model (the CLI runs
+    them before one loads). Bad input: one line."""
     if not prior_weight >= 0:
         raise DitlocError(f"--prior-weight must be >= 0 (got {prior_weight})")
-    if captions is None:
-        prompts = [prompt]
-    else:
-        prompts = [str(c).strip() for c in captions]
-        if len(prompts) != n_images:
-            raise DitlocError(f"{len(prompts)} caption(s) for {n_images} image(s); give one caption per image")
-        for c in prompts:
-            if not find_occurrences(c, token):
-                raise DitlocError(f"the caption {c!r} does not contain the token {token!r}; every caption names the "
-                                  "subject with it")
-    if class_prompts is None:
-        class_prompts = [class_prompt] if captions is None else list(dict.fromkeys(
-            tidy(substitute(c, token, "")) for c in prompts))
-    class_prompts = [str(c).strip() for c in class_prompts]
-    if not class_prompts or not all(class_prompts):
-        raise DitlocError("the class prompts are empty; pass at least one prompt of the class, without the token")
-    for c in class_prompts:
-        if find_occurrences(c, token):
-            raise DitlocError(f"the class prompt {c!r} contains the token {token!r}; class prompts show the class "
-                              "without the subject")
-    return prompts, class_prompts
+    if prior_target not in ("noise", "teacher"):
+        raise DitlocError(f"--prior-target must be noise or teacher (got {prior_target!r})")
+    if captions is not None:
+        if len(captions) != n_images:
+            raise DitlocError(f"{len(captions)} caption(s) for {n_images} image(s); give one caption per image")
+        for c in captions:
+            if not find_occurrences(str(c), token):
+                raise DitlocError(f"the caption {str(c).strip()!r} does not contain the token {token!r}; every caption "
+                                  "names the subject with it")
+    if class_prompts is not None:
+        if not class_prompts or not all(str(c).strip() for c in class_prompts):
+            raise DitlocError("the class prompts are empty; pass at least one prompt of the class, without the token")
+        for c in class_prompts:
+            if find_occurrences(str(c), token):
+                raise DitlocError(f"the class prompt {str(c).strip()!r} contains the token {token!r}; class prompts "
+                                  "show the class without the subject")
 
 
 # ---------------------------------------------------------------------------------------

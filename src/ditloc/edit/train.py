@@ -240,8 +240,8 @@ class LocalizedTrainer:
         self.spec = None
         self._upcast: list[tuple[torch.nn.Parameter, torch.dtype]] = []  # full + mixed: back in close()
         if config.method == "lora":
-            self.spec = LoraSpec(tuple(self.blocks), tuple(lora_targets(adapter, self.blocks, targets or config.lora_modules)),
-                                 config.rank, config.alpha)
+            targets = lora_targets(adapter, self.blocks, targets or config.lora_modules)
+            self.spec = LoraSpec(tuple(self.blocks), tuple(targets), config.rank, config.alpha)
             add_lora(transformer, self.spec, seed=config.seed, upcast=mixed)
         else:
             transformer.requires_grad_(False)
