@@ -1,6 +1,7 @@
 """`ditloc report`: the numbers behind the figures, and the page in a real headless browser."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -23,12 +24,17 @@ def run(tmp_path_factory):
 
 
 def _browser() -> str:
+    """The headless browser's path. Without one the test is skipped, saying how to install it, unless
+    DITLOC_REQUIRE_BROWSER=1 (set by .ci/run after installing Chromium): then it fails."""
     for name in BROWSERS:
         path = shutil.which(name)
         if path:
             return path
-    pytest.fail("Chromium is not installed, and the report test renders the page in a real headless browser: "
-                "install it with `apt-get install -y chromium` (Debian/Ubuntu), then rerun", pytrace=False)
+    message = ("Chromium is not installed, and this test renders the report in a real headless browser: "
+               "install it with `apt-get install -y chromium` (Debian/Ubuntu), then rerun")
+    if os.environ.get("DITLOC_REQUIRE_BROWSER") == "1":
+        pytest.fail(message + " (DITLOC_REQUIRE_BROWSER=1 requires it)", pytrace=False)
+    pytest.skip(message)
 
 
 def _row(category, concept, control, k, i, seed, score) -> BenchRow:
