@@ -11,6 +11,7 @@ import pytest
 
 from bench_helpers import run_cli
 from ditloc.bench import ground_truth as gt
+from ditloc.bench.ground_truth import run as gt_run
 from ditloc.bench.ground_truth import (GroundTruthSettings, greedy_sets, method_metrics,
                                        oracle_result, run_ground_truth, samples, spearman, summarize_ground_truth,
                                        summarize_methods)
@@ -234,8 +235,8 @@ def test_summary_files(tiny_run):
 def test_rerun_generates_nothing(tiny_run, toy_pipe, monkeypatch):
     out, first = tiny_run
     calls = []
-    real = gt.generate_scored
-    monkeypatch.setattr(gt, "generate_scored", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = gt_run.generate_scored
+    monkeypatch.setattr(gt_run, "generate_scored", lambda *a, **k: calls.append(1) or real(*a, **k))
     result = run_ground_truth(toy_pipe, out, GroundTruthSettings(**TINY))
     assert calls == [] and result.conditions_run == 0 and result.localizations_run == 0
     assert result.conditions_reused == first.conditions_run

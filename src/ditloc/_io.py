@@ -96,3 +96,52 @@ class OutputLock:
         if self._file is not None:
             self._file.close()  # closing the descriptor releases the lock
             self._file = None
+
+
+class ResultStore:
+    """An append-only JSONL file of finished units, one line each: a kill loses at most the
+    line being written (torn, ignored on read and cut off before the next append)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._repaired = False
+
+    @staticmethod
+    def read(path) -> list[dict]:
+        """The complete lines' records; a last line without its newline (torn by a kill) is ignored."""
+        path = Path(path)
+        if not path.exists():
+            return []
+        data = path.read_bytes()
+        lines = data.split(b"\n")[:-1]  # the piece after the last newline is torn or empty
+        records = []
+        for n, line in enumerate(lines, 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                from .errors import DitlocError
+
+                raise DitlocError(f"{path}:{n}: not a JSON line; the store is damaged (move it away and rerun "
+                                  "to recompute its units)") from None
+        return records
+
+    def _repair(self) -> None:
+        """Cut a torn last line off, so the next record starts on a line of its own."""
+        if self.path.exists():
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                with open(self.path, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
+                    f.flush()
+                    os.fsync(f.fileno())
+        self._repaired = True
+
+    def append(self, record: dict) -> None:
+        if not self._repaired:
+            self._repair()
+        line = (json.dumps(record, allow_nan=False) + "\n").encode()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "ab") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())

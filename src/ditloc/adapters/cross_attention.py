@@ -220,6 +220,12 @@ class CrossAttentionAdapter(Adapter):
             swap.mask = self.mask_to_bias(m, hidden_states.dtype)  # [B, 1, L]
 
 
+def _batch_mask(mask: torch.Tensor, rows: slice, batch: int) -> torch.Tensor:
+    """bool [B]: `mask` [n] over the conditional `rows` of a batch of `batch` rows, False
+    elsewhere (an unconditional half never reads the clean prompt). No host synchronisation."""
+    return torch.cat([mask.new_zeros(rows.start), mask, mask.new_zeros(batch - rows.stop)])
+
+
 def _replace_rows(x: torch.Tensor, rows: slice, rows_value: torch.Tensor) -> torch.Tensor:
     """`x` with `x[rows]` replaced by `rows_value` (a new tensor, no host synchronisation)."""
     return torch.cat([x[: rows.start], rows_value.to(x.dtype), x[rows.stop :]])
@@ -255,6 +261,12 @@ class CrossAttentionProcessor:
                 clean = self.inner(attn, hidden_states, clean_states, clean_mask, **kwargs)
                 alpha = swap.alpha[self.block].to(full.dtype).view(-1, *([1] * (full.ndim - 1)))
                 return full + alpha * (clean - full)
+            elif swap.row_masks is not None:  # per-image block sets: the masked rows read the clean prompt
+                rows = _batch_mask(swap.row_masks[self.block], self.session.context.rows,
+                                   encoder_hidden_states.shape[0]).view(-1, 1, 1)  # [B, 1, 1]
+                encoder_hidden_states = torch.where(rows, swap.states, encoder_hidden_states)
+                if attention_mask is not None:
+                    attention_mask = torch.where(rows, swap.mask, attention_mask)
             elif swap.row_slices is not None:  # batched variants: only these rows read the clean prompt
                 rows = swap.row_slices[self.block]
                 clean_states, clean_mask = swap.text_kv[self.block]

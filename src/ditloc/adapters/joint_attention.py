@@ -136,7 +136,10 @@ class JointAttentionAdapter(Adapter):
                 swap.stop_after = None
         if swap.pooled_clean:
             pooled = kwargs["pooled_projections"].clone()
-            pooled[rows] = clean["pooled"].to(device=pooled.device, dtype=pooled.dtype)
+            clean_pooled = clean["pooled"].to(device=pooled.device, dtype=pooled.dtype)  # [n, D]
+            if swap.pooled_rows is not None:  # per image (set-level presence)
+                clean_pooled = torch.where(swap.pooled_rows.view(-1, 1), clean_pooled, pooled[rows])
+            pooled[rows] = clean_pooled
             kwargs["pooled_projections"] = pooled
         return args, kwargs
 
@@ -226,15 +229,20 @@ class JointProcessor:
             else:
                 k2, v2 = torch.cat([kr[:, :, img], ck], dim=2), torch.cat([vr[:, :, img], cv], dim=2)
             alpha = None if swap.alpha is None else swap.alpha[self.block]
+            if swap.row_masks is not None:  # per-image block sets: only the masked images take the swap
+                alpha = swap.row_masks[self.block]  # bool [n]
             return rows, attend(q[rows][:, :, img], k2, v2), alpha  # image_out [n, H, N, d]
         return None
 
     @staticmethod
     def _mix(current: torch.Tensor, new: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
         """The image outputs that replace `current`: `new`, or with attribution weights
-        ``current + alpha * (new - current)`` (differentiable in alpha)."""
+        ``current + alpha * (new - current)`` (differentiable in alpha), or with a bool
+        `alpha` [n] (per-image block sets) `new` in the masked rows and `current` elsewhere."""
         new = new.to(current.dtype)
         if alpha is None:
             return new
+        if alpha.dtype == torch.bool:
+            return torch.where(alpha.view(-1, *([1] * (current.ndim - 1))), new, current)
         a = alpha.to(current.dtype).view(-1, *([1] * (current.ndim - 1)))
         return current + a * (new - current)

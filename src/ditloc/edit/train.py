@@ -131,6 +131,11 @@ class NoiseRule:
         b = x0.shape[0]
         noise = to_device(torch.randn(x0.shape, generator=generator, dtype=torch.float32), x0.device, x0.dtype)
         u = torch.rand(b, generator=generator, dtype=torch.float32)  # [B]
+        return self.noised(x0, u, noise)
+
+    def noised(self, x0: torch.Tensor, u: torch.Tensor, noise: torch.Tensor):
+        """-> (x_t, timestep [B], target) at noise levels `u` [B] in [0, 1) (host tensor; 0 is
+        clean, 1 pure noise) with `noise` like `x0` (on its device)."""
         if self.kind == "flow":
             sigma = to_device(u, x0.device, x0.dtype).view(-1, 1, 1, 1)
             x_t = (1 - sigma) * x0 + sigma * noise

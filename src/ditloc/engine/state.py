@@ -100,6 +100,13 @@ class Swap:
       (`text_kv`, one row per image) instead of the context's conditional rows;
     - `alpha`: block -> [rows] mixing weights: the block's output for its rows is
       ``full + alpha * (clean - full)`` (differentiable) instead of the clean one.
+
+    And one used by set-level presence (`ditloc.localize.presence`), where each image of
+    a call withholds its own block set:
+    - `row_masks`: block -> bool [n] on the model's device, over the call's images: the
+      images whose conditional row reads the clean conditioning in that block (the others
+      read the prompt's); `pooled_rows` (joint attention): bool [n], the images whose
+      pooled text embedding is the clean prompt's.
     """
 
     blocks: frozenset[str]
@@ -108,6 +115,7 @@ class Swap:
     capturing: bool = False
     row_slices: dict | None = None
     alpha: dict | None = None
+    row_masks: dict | None = None
 
     def rows_for(self, block: str, default):
         """The batch rows whose `block` reads the clean conditioning."""
@@ -153,6 +161,7 @@ class JointSwap(Swap):
     """
 
     pooled_clean: bool = True
+    pooled_rows: torch.Tensor | None = None  # bool [n]: per image (set-level presence); None: all or none
     #: the clean-prompt pass stops after this block has kept its keys/values (None: runs to the end)
     stop_after: str | None = None
 

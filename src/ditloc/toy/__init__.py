@@ -17,3 +17,14 @@ def load_pipeline(torch_dtype=None):
         raise DitlocError(f"the toy model is not in {MODEL_DIR}; train and export it (scripts/toy/) first")
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     return DiffusionPipeline.from_pretrained(str(MODEL_DIR), local_files_only=True, **kwargs)
+
+
+def is_toy_pipeline(pipe) -> bool:
+    """Whether `pipe` was loaded from the shipped toy model (its oracle is the default evaluator)."""
+    path = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    if not path:
+        return False
+    try:
+        return Path(path).resolve() == MODEL_DIR.resolve()
+    except (OSError, TypeError):
+        return False

@@ -1,0 +1,229 @@
+"""The run: measure every condition a concept needs, localize it by every method, resumably."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..._io import OutputLock, write_json
+from ..._version import __version__
+from ...errors import DitlocError
+from ..plan import ConceptPlan
+from ..runner import generate_scored
+from ..store import ResultStore
+from .metrics import _in_order, greedy_sets, method_conditions
+from .settings import (
+    FORMAT,
+    LOCALIZATIONS_FILE,
+    MAX_K,
+    METHODS,
+    SETTINGS_FILE,
+    STORE_FILE,
+    GroundTruthSettings,
+    _concept_record,
+    _read_record,
+    check_ground_truth_dir,
+    localization_file,
+    plan_ground_truth,
+)
+from .store import _localization_record, _presences, _scores_of, read_conditions, read_localizations
+from .summary import summarize_ground_truth
+
+# --------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroundTruthResult:
+    conditions_run: int  # generated this time
+    conditions_reused: int  # found in the store
+    localizations_run: int
+    seconds: float
+    summary: dict  # summary.json's content
+
+
+def _fmt_seconds(s: float) -> str:
+    s = round(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def expected_conditions(n_blocks: int, n_methods: int, max_k: int = MAX_K) -> int:
+    """An upper bound on one concept's conditions: baseline, singles, pairs, the greedy
+    steps above 2, and each method's top-3 .. top-(max K) sets."""
+    greedy = sum(n_blocks - k + 1 for k in range(3, min(max_k, n_blocks) + 1))
+    return 1 + n_blocks + n_blocks * (n_blocks - 1) // 2 + greedy + n_methods * max(0, min(max_k, n_blocks) - 2)
+
+
+class _Run:
+    """One call's state: the pipeline, the store, the cache and the progress line."""
+
+    def __init__(self, pipe, out: Path, settings: GroundTruthSettings, evaluator, blocks: list[str], say, n_concepts):
+        self.pipe, self.out, self.settings, self.evaluator, self.blocks, self.say = (
+            pipe, out, settings, evaluator, blocks, say)
+        self.store = ResultStore(out / STORE_FILE)
+        self.cache = read_conditions(out)
+        self.loc_store = ResultStore(out / LOCALIZATIONS_FILE)
+        self.locs = read_localizations(out)
+        self.t0 = time.time()
+        self.ran = self.reused = self.localized = 0
+        self.expected = n_concepts * expected_conditions(len(blocks), len(settings.methods))
+        self.seen = 0  # conditions of this call's concepts so far, run or reused
+        self.counted: set = set()
+
+    def localization(self, c: ConceptPlan, method: str) -> dict:
+        """The concept's localization record by `method`: from the store, else from its
+        file (a run killed between the two), else localized now."""
+        from ...localize import Localization, localize
+
+        key = (c.category, c.concept, method)
+        if key in self.locs:
+            return self.locs[key]
+        path = self.out / localization_file(c.category, c.slug, method)
+        if path.exists():
+            loc = Localization.load(path)
+        else:
+            s, t = self.settings, time.time()
+            # the causal methods compare with the probe set's clean prompts (grammatical, as in generation)
+            clean = list(c.localization_clean_prompts) if method != "contribution" else None
+            loc = localize(self.pipe, list(c.localization_prompts), c.concept, method=method, clean_prompts=clean,
+                           seed=s.localize_seed, batch_size=s.localize_batch_size, options=s.run_options)
+            loc.save(path)
+            self.localized += 1
+            self.say(f"ground-truth {c.category}/{c.concept}: localized by {method} ({time.time() - t:.1f}s)")
+        self.locs[key] = _localization_record(c, method, loc)
+        self.loc_store.append(self.locs[key])
+        return self.locs[key]
+
+    def measure(self, c: ConceptPlan, conditions: list[frozenset], label: str) -> dict[frozenset, float]:
+        """Generate and score every condition not in the cache; the concept's presences."""
+        key = (c.category, c.concept)
+        cached = self.cache.setdefault(key, {})
+        todo = list(dict.fromkeys(s for s in conditions if s not in cached))
+        fresh = {(key, s) for s in conditions} - self.counted  # each condition is counted once
+        self.reused += sum(1 for _, s in fresh if s in cached)
+        self.seen += len(fresh)
+        self.counted |= fresh
+        t_batch = time.time()
+        for s in todo:
+            scores = self._generate(c, s)
+            self.store.append({"category": c.category, "concept": c.concept, "blocks": _in_order(s, self.blocks),
+                               "presence": float(np.mean(scores)), "scores": scores})
+            cached[s] = scores
+            self.ran += 1
+        if todo:
+            elapsed = time.time() - self.t0
+            rate = elapsed / max(self.ran, 1)
+            remaining = max(self.expected - self.seen, 0) * rate
+            self.say(f"ground-truth {c.category}/{c.concept}: {label}, {len(todo)} condition(s) in "
+                     f"{time.time() - t_batch:.1f}s ({self.ran} run, {self.reused} reused; "
+                     f"{_fmt_seconds(elapsed)} elapsed, ETA ~{_fmt_seconds(remaining)})")
+        return _presences(cached)
+
+    def _generate(self, c: ConceptPlan, condition: frozenset) -> list[float]:
+        s = self.settings
+        blocks = _in_order(condition, self.blocks) or None
+        full, rest = divmod(s.n_images, len(c.evaluation_prompts))
+        groups = []  # the calls that make `samples(...)`, in its order
+        if full:
+            groups.append((c, list(range(full))))
+        if rest:
+            groups.append((dataclasses.replace(c, evaluation_prompts=c.evaluation_prompts[:rest],
+                                               clean_prompts=c.clean_prompts[:rest]), [full]))
+        scores: list[float] = []
+        for plan, seeds in groups:
+            _, values = generate_scored(self.pipe, plan, blocks, self.evaluator, seeds=seeds,
+                                        batch_size=s.batch_size, options=s.run_options)
+            scores += [round(float(v), 6) for v in values]
+        return scores
+
+    def concept(self, c: ConceptPlan) -> None:
+        blocks, methods = self.blocks, self.settings.methods
+        locs = {m: self.localization(c, m) for m in methods}
+        presence = self.measure(c, [frozenset()] + [frozenset({b}) for b in blocks], "baseline and single blocks")
+        presence = self.measure(c, [frozenset(p) for p in itertools.combinations(blocks, 2)], "pairs")
+        for k in range(3, min(MAX_K, len(blocks)) + 1):
+            last = greedy_sets(presence, blocks, k - 1)[-1]
+            presence = self.measure(c, [last | {b} for b in blocks if b not in last], f"greedy K={k}")
+        for m, loc in locs.items():
+            scores = _scores_of(loc, blocks, f"{c.category}/{c.concept} ({m})")
+            self.measure(c, method_conditions(blocks, scores)[2:], f"{m}'s top sets")
+
+
+def _model_check(pipe) -> dict:
+    from ...options import model_record
+
+    return {k: v for k, v in model_record(pipe).items() if k in ("pipeline", "transformer", "dtype")}
+
+
+def run_ground_truth(pipe, out, settings: GroundTruthSettings | None = None, *, evaluator=None,
+                     progress: Callable[[str], None] | None = None) -> GroundTruthResult:
+    """Run (or resume) the ground truth of `settings` (default: every toy concept, every
+    method) on `pipe` (the toy model) into directory `out`, then write the summary.
+    Other settings in `out` are refused before anything is touched; so is a second
+    writer (OutputLock)."""
+    from ...evaluate import get_evaluator
+    from ...options import model_record
+
+    settings = settings if settings is not None else GroundTruthSettings()
+    out = Path(out)
+    concepts = plan_ground_truth(settings)
+    check_ground_truth_dir(out, settings)
+    evaluator = evaluator if evaluator is not None else get_evaluator("toy")
+    say = progress or (lambda message: None)
+    resolved = settings.run_options.resolve(pipe)
+    adapter, kw = resolved.adapter, resolved.call_kwargs
+    model_blocks = adapter.block_names()
+    blocks = list(settings.blocks) if settings.blocks is not None else list(model_blocks)
+    unknown = [b for b in blocks if b not in model_blocks]
+    if unknown:
+        raise DitlocError(f"unknown block {unknown[0]!r}; the model's blocks are {', '.join(model_blocks)}")
+    blocks = [b for b in model_blocks if b in blocks]  # model order
+    for c in concepts:
+        for p in c.localization_prompts + c.evaluation_prompts:
+            adapter.concept_span(p, c.concept, kw)
+        evaluator.check_text(c.eval_text)
+    with OutputLock(out):
+        record = _read_record(out)
+        check = _model_check(pipe)
+        if record is not None:
+            old = {k: record.get("model", {}).get(k) for k in check}
+            if old != check or record.get("blocks") != blocks:
+                raise DitlocError(f"{out} was measured on another model ({old} with blocks {record.get('blocks')}); "
+                                  "use a new --out directory")
+        record = _merged_record(record, settings, concepts, blocks, model_blocks, model_record(pipe), resolved)
+        write_json(out / SETTINGS_FILE, record)
+        run = _Run(pipe, out, settings, evaluator, blocks, say, len(concepts))
+        say(f"ground-truth: {len(concepts)} concept(s), {len(blocks)} blocks, {settings.n_images} images per "
+            f"condition, methods {', '.join(settings.methods)}"
+            + (f"; {sum(len(v) for v in run.cache.values())} condition(s) already measured" if run.cache else ""))
+        for c in concepts:
+            run.concept(c)
+            summary = summarize_ground_truth(out)  # after every concept: a partial run has a summary too
+        return GroundTruthResult(run.ran, run.reused, run.localized, time.time() - run.t0, summary)
+
+
+def _merged_record(record: dict | None, settings: GroundTruthSettings, concepts, blocks, model_blocks, model,
+                   resolved) -> dict:
+    """ground_truth.json: the settings, the model, and the union of every run's concepts and methods."""
+    new = [_concept_record(c, settings.n_images) for c in concepts]
+    if record is None:
+        return {"format": FORMAT, "ditloc_version": __version__, "settings": settings.record(),
+                "generation": resolved.record(), "model": model, "blocks": blocks, "model_blocks": list(model_blocks),
+                "methods": list(settings.methods), "concepts": new}
+    have = {(c["category"], c["concept"]): c for c in record["concepts"]}
+    for c in new:
+        old = have.get((c["category"], c["concept"]))
+        if old is not None and old != c:
+            raise DitlocError(f"the prompts of {c['category']}/{c['concept']} differ from those measured in this "
+                              "directory (another toy probe set?); use a new --out directory")
+    record["concepts"] += [c for c in new if (c["category"], c["concept"]) not in have]
+    methods = set(record["methods"]) | set(settings.methods)
+    record["methods"] = [m for m in METHODS if m in methods]
+    return record

@@ -1,0 +1,68 @@
+"""The run directory's JSONL stores: measured conditions and localization records."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import DitlocError
+from ..plan import ConceptPlan
+from ..store import ResultStore
+from .metrics import auto_k
+from .settings import AUTO_K_FRACTION, LOCALIZATIONS_FILE, STORE_FILE, localization_file
+
+# --------------------------------------------------------------------------
+# The store
+# --------------------------------------------------------------------------
+
+
+def read_conditions(out) -> dict[tuple[str, str], dict[frozenset, list[float]]]:
+    """Every measured condition in the run directory: (category, concept) -> condition -> per-image scores."""
+    path = Path(out) / STORE_FILE
+    found: dict[tuple[str, str], dict[frozenset, list[float]]] = {}
+    for n, record in enumerate(ResultStore.read(path), 1):
+        try:
+            key, blocks, scores = (record["category"], record["concept"]), record["blocks"], record["scores"]
+            found.setdefault(key, {}).setdefault(frozenset(blocks), [float(s) for s in scores])
+        except (KeyError, TypeError, ValueError):
+            raise DitlocError(f"{path}:{n}: not a condition record; move the store away and rerun the same "
+                              "command to recompute") from None
+    return found
+
+
+def read_localizations(out) -> dict[tuple[str, str, str], dict]:
+    """Every localization's record: (category, concept, method) -> {blocks, scores, auto_k, ...}."""
+    path = Path(out) / LOCALIZATIONS_FILE
+    found: dict[tuple[str, str, str], dict] = {}
+    for n, record in enumerate(ResultStore.read(path), 1):
+        try:
+            key = (record["category"], record["concept"], record["method"])
+            if len(record["blocks"]) != len(record["scores"]) or not isinstance(record["auto_k"], int):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise DitlocError(f"{path}:{n}: not a localization record; move the store away and rerun the same "
+                              "command to rewrite it") from None
+        found.setdefault(key, record)
+    return found
+
+
+def _localization_record(c: ConceptPlan, method: str, loc) -> dict:
+    return {"category": c.category, "concept": c.concept, "method": method,
+            "file": localization_file(c.category, c.slug, method), "blocks": list(loc.blocks),
+            "scores": [float(x) for x in loc.scores.tolist()], "ranking": list(loc.ranking), "auto_k": auto_k(loc),
+            "auto_k_rule": f"Localization.minimal_k({AUTO_K_FRACTION})"}
+
+
+def _presences(scores: Mapping[frozenset, list[float]]) -> dict[frozenset, float]:
+    return {s: float(np.mean(v)) for s, v in scores.items() if v}
+
+
+def _scores_of(record: dict, blocks: Sequence[str], what: str) -> list[float]:
+    """A localization record's scores of `blocks`, in that order."""
+    missing = [b for b in blocks if b not in record["blocks"]]
+    if missing:
+        raise DitlocError(f"the localization of {what} has no block {missing[0]!r} (it has "
+                          f"{', '.join(record['blocks'])}); it was measured on another model")
+    return [float(record["scores"][record["blocks"].index(b)]) for b in blocks]

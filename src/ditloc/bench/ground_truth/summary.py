@@ -1,0 +1,184 @@
+"""The summary: every method judged on every concept, as JSON and Markdown tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..._io import write_atomic, write_json
+from ...errors import DitlocError
+from ...localize import minimal_k_of
+from ...stats import mean_ci
+from .metrics import method_metrics, oracle_result, summarize_methods
+from .settings import (
+    AUTO_K_FRACTION,
+    FORMAT,
+    HALF,
+    MAX_K,
+    REGRET_KS,
+    SETTINGS_FILE,
+    STRONG_DROP,
+    SUMMARY_JSON,
+    SUMMARY_MD,
+    TIE,
+    _read_record,
+)
+from .store import _presences, _scores_of, read_conditions, read_localizations
+
+# --------------------------------------------------------------------------
+# The summary
+# --------------------------------------------------------------------------
+
+
+def summarize_ground_truth(out, *, threshold: float = HALF) -> dict:
+    """Recompute summary.json and summary.md from a run directory's files (no model):
+    per concept the search's result and every method's metrics, and per method the
+    summary over concepts. Concepts or methods still incomplete are listed as such."""
+    out = Path(out)
+    record = _read_record(out)
+    if record is None:
+        raise DitlocError(f"{out} is not a ground-truth directory (no {SETTINGS_FILE}); run `ditloc ground-truth` first")
+    try:
+        blocks, methods, concepts = list(record["blocks"]), list(record["methods"]), list(record["concepts"])
+    except (KeyError, TypeError):
+        raise DitlocError(f"{out / SETTINGS_FILE} lacks blocks, methods or concepts; use a new --out directory") from None
+    measured = read_conditions(out)
+    localizations = read_localizations(out)
+    rows, per_concept, incomplete = [], [], []
+    for c in concepts:
+        category, concept = c["category"], c["concept"]
+        scores = measured.get((category, concept), {})
+        presence = _presences(scores)
+        try:
+            oracle = oracle_result(presence, blocks, threshold=threshold)
+        except DitlocError as e:
+            incomplete.append({"category": category, "concept": concept, "missing": str(e)})
+            continue
+        _, low, high = mean_ci(scores[frozenset()])
+        entry = {"category": category, "concept": concept, "n_images": len(scores[frozenset()]),
+                 "baseline_ci": [low, high], "oracle": oracle.to_dict(), "methods": {}}
+        for method in methods:
+            loc = localizations.get((category, concept, method))
+            if loc is None:
+                entry["methods"][method] = None
+                continue
+            try:
+                block_scores = _scores_of(loc, blocks, f"{category}/{concept}")
+                # the automatic K by the current rule, from the stored scores (the rule can change without a rerun)
+                m = method_metrics(method, presence, blocks, block_scores,
+                                   auto_k=minimal_k_of(loc["scores"], AUTO_K_FRACTION), oracle=oracle,
+                                   threshold=threshold)
+            except DitlocError as e:
+                incomplete.append({"category": category, "concept": concept, "method": method, "missing": str(e)})
+                entry["methods"][method] = None
+                continue
+            entry["methods"][method] = m.to_dict()
+            rows.append((oracle, m))
+        per_concept.append(entry)
+    summary = {
+        "format": f"{FORMAT}/summary", "settings": record["settings"], "blocks": blocks, "methods": methods,
+        "definitions": {
+            "drop": "baseline presence - presence with the set withheld (presence: mean toy-oracle score)",
+            "hit_at_1": f"top block's drop within {TIE:g} of the best single block's; the rate is over concepts "
+                        f"whose best single block drops presence >= {STRONG_DROP}",
+            "regret": "best achievable drop at K - drop of the method's top-K (K=1 best single, K=2 best pair, "
+                      "K=4 the greedy set: not exhaustive, so regret@4 can be negative)",
+            "spearman": "rank correlation (average ranks) of the method's block scores with the single-block drops",
+            "pair_rank": "rank of the method's top-2 pair among all pairs by drop (1 = best)",
+            "oracle_k": f"smallest K in 1..{MAX_K} whose best set brings presence below {threshold:g} x baseline; "
+                        f"null: > {MAX_K}",
+            "auto_k": f"the method's Localization.minimal_k({AUTO_K_FRACTION}); matches are counted where oracle_k "
+                      "is known",
+            "ci": "95% CI by the normal approximation, mean ± 1.96 s/sqrt(n) over images",
+        },
+        "concepts": per_concept,
+        "incomplete": incomplete,
+        "summary": summarize_methods(rows),
+    }
+    write_json(out / SUMMARY_JSON, summary, allow_nan=False)
+    write_atomic(out / SUMMARY_MD, summary_markdown(summary))
+    return summary
+
+
+def _f(v, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cells + [""] * (len(header) - len(cells))) + " |"
+
+    return [line(header), line(["---"] * len(header))] + [line(r) for r in rows]
+
+
+def summary_tables(summary: dict) -> tuple[str, list[tuple[str, str, list[str], list[list[str]]]]]:
+    """(intro, [(heading, text, header, rows)]): the search per concept, every method per
+    concept, and the per-method summary, as text cells (summary.md and the HTML report)."""
+    s = summary["settings"]
+    intro = (f"{s['n_images']} held-out images per condition, {s['steps']} steps, blocks searched: "
+             f"{', '.join(summary['blocks'])}. Presence: mean toy-oracle score; drop = baseline - presence. "
+             "Oracle K: smallest K whose best set (best single, best pair, greedy 3, greedy 4) brings presence "
+             f"below half the baseline (– : > {MAX_K}).")
+    search = []
+    for e in summary["concepts"]:
+        o = e["oracle"]
+        low, high = e["baseline_ci"]
+        search.append([e["category"], e["concept"], f"{_f(o['baseline'])} ({_f(low)}–{_f(high)})",
+                       ", ".join(o["best_singles"]), _f(o["best_single_drop"]), ", ".join(o["best_pair"] or []),
+                       _f(o["best_pair_drop"]), ", ".join(o["greedy"][-1]), _f(o["greedy_drops"][-1]),
+                       _f(o["minimal_k"])])
+    methods = []
+    for e in summary["concepts"]:
+        for method, m in e["methods"].items():
+            head = [e["category"], e["concept"], method]
+            if m is None:
+                methods.append(head + ["(not measured)"])
+                continue
+            r = m["regret"]
+            methods.append(head + [m["top"][0], _f(m["hit_at_1"]), _f(r.get("1")), _f(r.get("2")), _f(r.get("4")),
+                                   _f(m["spearman"], 2), f"{_f(m['pair_rank'])}/{m['n_pairs']}", _f(m["auto_k"]),
+                                   _f(m["oracle_k"])])
+    def ci(v: dict, key: str, digits: int = 3) -> str:
+        if v.get(key) is None:
+            return f"– ({v['n']})"
+        if v.get("low") is None:
+            return f"{_f(v[key], digits)} ({v['n']})"
+        return f"{_f(v[key], digits)} [{_f(v['low'], digits)}, {_f(v['high'], digits)}] ({v['n']})"
+
+    per_method = []
+    for method, v in summary["summary"].items():
+        per_method.append(
+            [method, str(v["concepts"]), ci(v["hit_at_1"], "rate", 2)]
+            + [ci(v[f"regret_{k}"], "mean") for k in REGRET_KS]
+            + [ci(v["spearman"], "mean", 2), ci(v["auto_k_match"], "rate", 2), ci(v["auto_k_miss"], "mean_abs", 2)])
+    tables = [
+        ("The search, per concept", "",
+         ["category", "concept", "baseline (95% CI)", "best block", "drop", "best pair", "drop", "greedy 4", "drop",
+          "oracle K"], search),
+        ("Methods, per concept", "",
+         ["category", "concept", "method", "top-1", "hit@1", "regret@1", "regret@2", "regret@4", "spearman",
+          "pair rank", "auto K", "oracle K"], methods),
+        ("Per method",
+         (f"hit@1 over concepts whose best single block drops presence >= {STRONG_DROP}; auto-K match and mean "
+          f"|miss| over concepts whose oracle K is <= {MAX_K}; regret@4 against the greedy set. Brackets: 95% "
+          "confidence interval over concepts (Wilson for rates, normal approximation for means); (n) concepts."),
+         ["method", "concepts", "hit@1 (n)", "regret@1 (n)", "regret@2 (n)", "regret@4 (n)", "spearman (n)",
+          "auto-K match (n)", "mean abs miss (n)"], per_method),
+    ]
+    return intro, tables
+
+
+def summary_markdown(summary: dict) -> str:
+    """summary.md: the tables of `summary_tables`."""
+    intro, tables = summary_tables(summary)
+    lines = ["# Localization ground truth (toy world)", "", intro]
+    for heading, text, header, rows in tables:
+        lines += ["", f"## {heading}", ""] + ([text, ""] if text else []) + _table(header, rows)
+    if summary["incomplete"]:
+        lines += ["", f"Incomplete (not in the tables): {len(summary['incomplete'])}; rerun the same command to finish."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,30 @@
+"""Localize: which blocks of a DiT carry a concept.
+
+- `scores`: block scores on the ordinary sampling trajectory (`contribution`, `patch`,
+  `attribution`; method.md §1, §7);
+- `presence`: the concept's presence under sets of withheld blocks (§9);
+- `search`: the set-level causal search over block sets, K from its curve (§9);
+- `judge`: the model as its own judge of a concept's presence (the search's `self` objective);
+- `result`: `Localization`, the one result type every caller reads.
+"""
+
+from .presence import OBJECTIVES, PresenceRunner, SetPresence, default_evaluator, presence
+from .result import AUTO_K_DROP, Localization, SetSearch, minimal_k_of
+from .scores import METHODS, localize
+from .search import SearchConfig, search
+
+__all__ = [
+    "AUTO_K_DROP",
+    "METHODS",
+    "OBJECTIVES",
+    "Localization",
+    "PresenceRunner",
+    "SearchConfig",
+    "SetPresence",
+    "SetSearch",
+    "default_evaluator",
+    "localize",
+    "minimal_k_of",
+    "presence",
+    "search",
+]

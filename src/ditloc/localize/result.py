@@ -1,0 +1,221 @@
+"""The one result type every caller of localization reads: `Localization`, block
+scores of one concept and, for the set-level search (method.md §9), the searched
+block sets and their presence curve (`SetSearch`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .._io import write_json
+from .._version import __version__
+from ..errors import DitlocError
+from ..tokens import ConceptSpan
+
+#: `Localization.auto_k`: the smallest K whose set brings presence to at most (1 - AUTO_K_DROP) x the
+#: baseline, i.e. the ground truth's own definition of the oracle's minimal K (presence below half)
+AUTO_K_DROP = 0.5
+
+
+@dataclass(frozen=True)
+class SetSearch:
+    """What a set-level search found (method.md §9).
+
+    `sets[K-1]`: the K-block set with the largest presence drop the search found, blocks in
+    the order they entered; `presence[K-1]`: its mean presence, `baseline` the unedited one
+    (both in the objective's units: an evaluator's soft score, or the model's own judgement
+    scaled so unedited images read 1 and the clean prompt's 0); `evaluated`: every block set
+    scored, as (blocks, presence); `cost`: generations (one per set and image batch, at
+    `settings["search_steps"]` steps) and seconds.
+    """
+
+    objective: str
+    baseline: float
+    sets: tuple[tuple[str, ...], ...]
+    presence: tuple[float, ...]
+    evaluated: tuple[tuple[tuple[str, ...], float], ...] = ()
+    cost: dict = field(default_factory=dict)
+
+    @property
+    def curve(self) -> list[float]:
+        """Presence drop of S_K for K = 1..max_k (baseline - presence)."""
+        return [self.baseline - p for p in self.presence]
+
+    @property
+    def relative_curve(self) -> list[float]:
+        """The drop as a fraction of the baseline (0 when the baseline is not positive)."""
+        return [d / self.baseline if self.baseline > 0 else 0.0 for d in self.curve]
+
+    @property
+    def max_k(self) -> int:
+        return len(self.sets)
+
+    def auto_k(self, threshold: float = AUTO_K_DROP) -> int | None:
+        """The smallest K whose relative drop reaches `threshold` (None: no K up to max_k)."""
+        if not 0 < threshold <= 1:
+            raise DitlocError(f"the auto-K threshold must be in (0, 1], got {threshold}")
+        for k, r in enumerate(self.relative_curve, start=1):
+            if r >= threshold - 1e-12:
+                return k
+        return None
+
+    def to_dict(self) -> dict:
+        return {
+            "objective": self.objective,
+            "baseline": self.baseline,
+            "sets": [list(s) for s in self.sets],
+            "presence": list(self.presence),
+            "curve": self.curve,
+            "relative_curve": self.relative_curve,
+            "auto_k": self.auto_k(),
+            "evaluated": [[list(s), p] for s, p in self.evaluated],
+            "cost": self.cost,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SetSearch":
+        return cls(objective=d["objective"], baseline=float(d["baseline"]),
+                   sets=tuple(tuple(s) for s in d["sets"]), presence=tuple(float(p) for p in d["presence"]),
+                   evaluated=tuple((tuple(s), float(p)) for s, p in d.get("evaluated", [])),
+                   cost=dict(d.get("cost", {})))
+
+
+def minimal_k_of(scores, fraction: float = 0.5) -> int:
+    """`Localization.minimal_k` of block scores [blocks] (a tensor or a sequence)."""
+    if not 0 < fraction <= 1:
+        raise DitlocError(f"fraction must be in (0, 1], got {fraction}")
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    positive = torch.sort(scores.clamp_min(0), descending=True, stable=True).values
+    total = float(positive.sum())
+    if total <= 0:
+        return 1
+    reached = (torch.cumsum(positive, 0) >= fraction * total - 1e-12 * total).nonzero()
+    return int(reached[0]) + 1
+
+
+@dataclass(frozen=True)
+class Localization:
+    """Block scores for one concept.
+
+    `per_sample_step` [blocks, steps, samples] holds every measured value (the
+    contribution C(b, t, p) or the causal effect E(b, t, p); samples are prompt x
+    seed, prompt-major); `per_head_step` [blocks, steps, samples, heads] the
+    per-head breakdown (contribution only; zero heads otherwise). Everything else
+    is a mean of these. `settings["method"]` says which method measured them.
+    """
+
+    concept: str
+    blocks: tuple[str, ...]
+    per_sample_step: torch.Tensor  # [blocks, steps, samples]
+    per_head_step: torch.Tensor  # [blocks, steps, samples, heads]
+    spans: tuple[ConceptSpan, ...]  # one per prompt
+    settings: dict = field(default_factory=dict)
+    search: SetSearch | None = None  # method "search": the searched sets and their curve
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """[blocks] mean over steps and samples."""
+        return self.per_sample_step.mean(dim=(1, 2))
+
+    @property
+    def per_step(self) -> torch.Tensor:
+        """[blocks, steps] mean over samples."""
+        return self.per_sample_step.mean(dim=2)
+
+    @property
+    def per_sample(self) -> torch.Tensor:
+        """[blocks, samples] mean over steps."""
+        return self.per_sample_step.mean(dim=1)
+
+    @property
+    def per_head(self) -> torch.Tensor:
+        """[blocks, heads] mean over steps and samples."""
+        return self.per_head_step.mean(dim=(1, 2))
+
+    @property
+    def ranking(self) -> list[str]:
+        """Block names, highest score first (ties keep model order)."""
+        order = torch.argsort(-self.scores, stable=True).tolist()
+        return [self.blocks[i] for i in order]
+
+    @property
+    def method(self) -> str:
+        return self.settings.get("method", "contribution")
+
+    def minimal_k(self, fraction: float = 0.5) -> int:
+        """Automatic K from the scores alone (no oracle, no evaluator): the smallest K
+        whose top-K blocks hold `fraction` of the positive score mass. Blocks with
+        negative scores (withholding them strengthens the concept) hold none."""
+        return minimal_k_of(self.scores, fraction)
+
+    def top(self, k: int) -> list[str]:
+        """The k blocks to act on: for a set-level search the searched k-set (beyond its
+        max_k, the largest set then the ranking's next blocks), else the k highest-scoring."""
+        if not isinstance(k, int) or isinstance(k, bool) or k <= 0 or k > len(self.blocks):
+            raise DitlocError(f"k must be between 1 and {len(self.blocks)} (the number of blocks), got {k}")
+        if self.search is not None:
+            if k <= self.search.max_k:
+                return list(self.search.sets[k - 1])
+            chosen = list(self.search.sets[-1])
+            return chosen + [b for b in self.ranking if b not in chosen][: k - len(chosen)]
+        return self.ranking[:k]
+
+    def auto_k(self, threshold: float = AUTO_K_DROP) -> int | None:
+        """K from the search's curve: the smallest K whose set brings presence to at most
+        (1 - threshold) x the baseline; None when no K up to max_k does. Without a search
+        (block-score methods) there is no curve: :meth:`minimal_k` is their rule."""
+        if self.search is None:
+            raise DitlocError(f"auto_k needs a set-level search (method 'search'); this localization is "
+                              f"{self.method!r}: use minimal_k(), or localize with method='search'")
+        return self.search.auto_k(threshold)
+
+    def to_dict(self) -> dict:
+        return {
+            "format": "ditloc.localization/1",
+            "ditloc_version": __version__,
+            "concept": self.concept,
+            "blocks": list(self.blocks),
+            "scores": self.scores.tolist(),
+            "ranking": self.ranking,
+            "per_step": self.per_step.tolist(),
+            "per_head": self.per_head.tolist(),
+            "per_sample_step": self.per_sample_step.tolist(),
+            "per_head_step": self.per_head_step.tolist(),
+            "spans": [s.to_dict() for s in self.spans],
+            "settings": self.settings,
+            "search": None if self.search is None else self.search.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Localization":
+        try:
+            return cls(
+                concept=d["concept"],
+                blocks=tuple(d["blocks"]),
+                per_sample_step=torch.tensor(d["per_sample_step"], dtype=torch.float32),
+                per_head_step=torch.tensor(d["per_head_step"], dtype=torch.float32),
+                spans=tuple(ConceptSpan.from_dict(s) for s in d["spans"]),
+                settings=d.get("settings", {}),
+                search=None if d.get("search") is None else SetSearch.from_dict(d["search"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise DitlocError(f"not a ditloc localization file (missing or bad field: {e})") from None
+
+    def save(self, path) -> Path:
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path) -> "Localization":
+        path = Path(path)
+        if not path.is_file():
+            raise DitlocError(f"localization file {str(path)!r} does not exist; run `ditloc localize` first")
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DitlocError(f"cannot read localization file {str(path)!r}: {e}") from None
+        return cls.from_dict(d)
+
+

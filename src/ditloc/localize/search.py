@@ -1,0 +1,268 @@
+"""Set-level causal search (method.md §9): for every K up to `max_k`, the K-block set
+whose withholding lowers the concept's presence most, and K from the curve.
+
+Per-block scores cannot see knowledge that several blocks hold redundantly: a pair
+that erases a character while each of its blocks alone changes nothing scores 0 block
+by block. The search scores *sets* by their total effect on the concept's presence
+(`ditloc.localize.presence`): greedy forward selection with a beam (each step adds the
+block that lowers presence most to each of the `beam` best sets), optionally backward
+elimination from all candidates withheld, keeping the better set for each K.
+
+Every evaluated set is appended to `checkpoint` (a JSONL file) as soon as it is
+scored: after Ctrl-C or kill -9 the same call resumes without evaluating a set twice.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .._io import OutputLock, ResultStore
+from ..errors import DitlocError
+from ..options import RunOptions
+from .presence import OBJECTIVES, PresenceRunner, default_evaluator
+from .result import AUTO_K_DROP, Localization, SetSearch
+
+DIRECTIONS = ("forward", "backward", "both")
+#: block-score methods that may prune the search's candidates (cheap: a few generations' cost)
+CANDIDATE_METHODS = ("attribution", "patch", "contribution")
+CHECKPOINT_FORMAT = "ditloc.search/1"
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How the set-level search runs.
+
+    - `objective`: "evaluator" (an evaluator's soft presence; the default where the model
+      has one, as the toy's oracle, or one is passed) or "self" (the model judges itself);
+    - `max_k`: the largest set; `beam`: sets kept per size (1: plain greedy);
+    - `direction`: "forward" (greedy selection), "backward" (elimination from all
+      candidates withheld) or "both" (the better set per K);
+    - `candidates`: search only the M blocks ranked best by `candidate_method` (None: all);
+    - `search_steps`: sampling steps of the search's generations (None: the run's own);
+    - `threshold`: `auto_k`'s relative drop.
+    """
+
+    objective: str | None = None
+    max_k: int = 4
+    beam: int = 1
+    direction: str = "forward"
+    candidates: int | None = None
+    candidate_method: str = "attribution"
+    search_steps: int | None = None
+    threshold: float = AUTO_K_DROP
+
+    def check(self, n_blocks: int | None = None) -> None:
+        """A one-line DitlocError for any bad field (before a model loads: `n_blocks` None
+        skips the checks that need the model)."""
+        def positive(name, value):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise DitlocError(f"{name} must be a positive integer, got {value!r}")
+
+        if self.objective is not None and self.objective not in OBJECTIVES:
+            raise DitlocError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        positive("max_k", self.max_k)
+        positive("beam", self.beam)
+        if self.direction not in DIRECTIONS:
+            raise DitlocError(f"unknown search direction {self.direction!r}; choose one of {', '.join(DIRECTIONS)}")
+        if self.candidates is not None:
+            positive("candidates", self.candidates)
+            if self.candidates < self.max_k:
+                raise DitlocError(f"candidates ({self.candidates}) must be at least max_k ({self.max_k}): "
+                                  "a K-block set needs K candidates")
+        if self.candidate_method not in CANDIDATE_METHODS:
+            raise DitlocError(f"unknown candidate method {self.candidate_method!r}; "
+                              f"choose one of {', '.join(CANDIDATE_METHODS)}")
+        if self.search_steps is not None:
+            positive("search_steps", self.search_steps)
+        if not 0 < self.threshold <= 1:
+            raise DitlocError(f"the auto-K threshold must be in (0, 1], got {self.threshold}")
+        if n_blocks is not None:
+            if self.max_k > n_blocks:
+                raise DitlocError(f"max_k must be between 1 and {n_blocks} (the number of blocks), got {self.max_k}")
+            if self.candidates is not None and self.candidates > n_blocks:
+                raise DitlocError(f"candidates must be at most {n_blocks} (the number of blocks), got {self.candidates}")
+
+
+class _Checkpoint:
+    """The search's on-disk record: a header line (what is searched) and one line per
+    evaluated set with its raw per-image values."""
+
+    def __init__(self, path, identity: dict):
+        self.path = Path(path)
+        self.identity = identity
+        self.store = ResultStore(self.path)
+
+    def load(self) -> list[tuple[list[str], list[float]]]:
+        records = ResultStore.read(self.path)
+        if not records:
+            self.store.append({"format": CHECKPOINT_FORMAT, "identity": self.identity})
+            return []
+        head = records[0]
+        if head.get("format") != CHECKPOINT_FORMAT:
+            raise DitlocError(f"{self.path} is not a ditloc search checkpoint; use another path")
+        if head.get("identity") != self.identity:
+            diffs = sorted(k for k in set(self.identity) | set(head.get("identity", {}))
+                           if self.identity.get(k) != head.get("identity", {}).get(k))
+            raise DitlocError(f"{self.path} holds a search with other settings ({', '.join(diffs[:4])}); "
+                              "use another checkpoint path or the same settings")
+        return [(r["set"], r["values"]) for r in records[1:]]
+
+    def append(self, blocks, values) -> None:
+        self.store.append({"set": list(blocks), "values": [float(v) for v in values]})
+
+
+def _ordered(s, order: list[str]) -> tuple[str, ...]:
+    return tuple(sorted(s, key=order.index))
+
+
+@torch.no_grad()
+def search(pipe, prompts, concept: str, *, config: SearchConfig | None = None, evaluator=None,
+           eval_text: str | None = None, clean_prompts=None, seed=0, block_batch: int | None = None,
+           batch_size: int | None = None, pooled: str | None = None, options: RunOptions | None = None,
+           checkpoint=None, progress=None, **run) -> Localization:
+    """Set-level search for `concept` (method.md §9): a `Localization` whose `search`
+    holds S_K and its presence for K = 1..max_k, and whose `top(k)` is S_k.
+
+    Prompts, seeds and run options are those of `ditloc.localize` (the search's
+    generations use `config.search_steps` steps when given). `progress(done, total,
+` is called after each evaluated set; `checkpoint`: a JSONL path that makes
+    the search resumable (one writer at a time).
+    """
+    config = config or SearchConfig()
+    if not isinstance(config, SearchConfig):
+        raise DitlocError(f"config must be a SearchConfig, got {type(config).__name__}")
+    opts = RunOptions.of(options, **run)
+    n_blocks = len(opts.resolve(pipe).adapter.block_names())
+    config.check(n_blocks)
+    objective = config.objective
+    if objective is None:
+        objective = "evaluator" if evaluator is not None or default_evaluator(pipe) is not None else "self"
+    if config.search_steps is not None:
+        opts = RunOptions.of(opts, num_inference_steps=config.search_steps)
+    runner = PresenceRunner(pipe, prompts, concept, objective=objective, evaluator=evaluator, eval_text=eval_text,
+                            clean_prompts=clean_prompts, seed=seed, block_batch=block_batch, batch_size=batch_size,
+                            pooled=pooled, options=opts)
+    names = runner.names
+    spans = tuple(runner.adapter.concept_span(p, concept, runner.kw) for p in runner.prompts)
+    start = time.perf_counter()
+
+    candidates, candidate_seconds = list(names), 0.0
+    if config.candidates is not None and config.candidates < len(names):
+        from .scores import localize
+
+        t0 = time.perf_counter()
+        cheap = localize(pipe, runner.prompts, concept, method=config.candidate_method, clean_prompts=runner.clean,
+                         seed=runner.seeds, options=opts)
+        candidate_seconds = time.perf_counter() - t0
+        chosen = set(cheap.ranking[: config.candidates])
+        candidates = [b for b in names if b in chosen]
+
+    identity = {"concept": concept, **{k: v for k, v in runner.settings().items() if k != "model"},
+                "model": runner.settings()["model"]["name_or_path"], "candidates": candidates}
+    lock = None
+    store = None
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        lock = OutputLock(path.parent, name=path.name + ".lock")
+        lock.__enter__()
+        store = _Checkpoint(path, identity)
+        for blocks, values in store.load():
+            runner.remember(blocks, values)
+    try:
+        total = _planned(len(candidates), config)
+        done = [0]
+
+        def on_set(blocks, values):
+            if store is not None:
+                store.append(_ordered(blocks, names), values)
+            done[0] += 1
+            if progress is not None:
+                progress(done[0], total)
+
+        def mean(sets) -> list[float]:
+            return runner.presence(sets, on_set).mean(axis=1).tolist()
+
+        best: dict[int, tuple[tuple[str, ...], float]] = {}
+        if config.direction in ("forward", "both"):
+            _forward(candidates, config, mean, best, names)
+        if config.direction in ("backward", "both"):
+            _backward(candidates, config, mean, best, names)
+        baseline = mean([frozenset()])[0]
+        singles = {b: p for b, p in zip(candidates, mean([frozenset([b]) for b in candidates]))} \
+            if all(runner.known([b]) for b in candidates) else {}
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+    evaluated_sets = runner.evaluated_sets()
+    evaluated = tuple((_ordered(s, names), p) for s, p in zip(evaluated_sets, mean(evaluated_sets)))
+    ks = sorted(best)
+    result = SetSearch(
+        objective=objective, baseline=baseline, sets=tuple(best[k][0] for k in ks),
+        presence=tuple(best[k][1] for k in ks), evaluated=evaluated,
+        cost={"generations": runner.generations, "sets_evaluated": len(evaluated),
+              "search_steps": runner.resolved.record()["num_inference_steps"],
+              "seconds": round(time.perf_counter() - start, 3), "candidate_seconds": round(candidate_seconds, 3)},
+    )
+    n = len(runner.samples)
+    drops = torch.zeros(len(names), 1, n)
+    if singles:
+        per_image = runner.presence([frozenset()] + [frozenset([b]) for b in candidates])
+        for i, b in enumerate(candidates):
+            drops[names.index(b), 0] = torch.from_numpy(per_image[0] - per_image[i + 1]).float()
+    settings = {**runner.settings(), "method": "search", "search": asdict(config), "objective": objective,
+                "candidates": candidates}
+    return Localization(concept=concept, blocks=tuple(names), per_sample_step=drops,
+                        per_head_step=drops.new_zeros(*drops.shape, 0), spans=spans, settings=settings, search=result)
+
+
+def _planned(m: int, config: SearchConfig) -> int:
+    """Sets the search evaluates at most (the progress total), baseline and references included."""
+    total = 2
+    if config.direction in ("forward", "both"):
+        total += sum(min(config.beam * (m - k), len(range(m))) for k in range(config.max_k))
+    if config.direction in ("backward", "both"):
+        total += 1 + sum(range(2, m + 1))
+    return total
+
+
+def _keep(best: dict, k: int, blocks: tuple[str, ...], value: float) -> None:
+    if k not in best or value < best[k][1] - 1e-12:
+        best[k] = (blocks, value)
+
+
+def _forward(candidates: list[str], config: SearchConfig, mean, best: dict, names: list[str]) -> None:
+    """Greedy forward selection with a beam: each size adds one block to each kept set."""
+    beam: list[tuple[str, ...]] = [()]
+    for k in range(1, config.max_k + 1):
+        grown: dict[frozenset, tuple[str, ...]] = {}
+        for s in beam:
+            for b in candidates:
+                if b not in s:
+                    grown.setdefault(frozenset(s + (b,)), s + (b,))
+        sets = list(grown)
+        values = mean(sets)
+        # lowest presence first; ties: the set whose blocks come first in model order
+        order = sorted(range(len(sets)), key=lambda i: (values[i], sorted(names.index(b) for b in sets[i])))
+        beam = [grown[sets[i]] for i in order[: config.beam]]
+        _keep(best, k, beam[0], values[order[0]])
+
+
+def _backward(candidates: list[str], config: SearchConfig, mean, best: dict, names: list[str]) -> None:
+    """Backward elimination: from every candidate withheld, drop the block whose return
+    raises presence least, down to one block."""
+    current = tuple(candidates)
+    value = mean([frozenset(current)])[0]
+    if len(current) <= config.max_k:
+        _keep(best, len(current), current, value)
+    while len(current) > 1:
+        options = [tuple(b for b in current if b != x) for x in current]
+        values = mean([frozenset(s) for s in options])
+        i = min(range(len(options)), key=lambda j: (values[j], j))
+        current, value = options[i], values[i]
+        if len(current) <= config.max_k:
+            _keep(best, len(current), current, value)
