@@ -82,21 +82,3 @@ def test_bad_input(pixart):
         gen(pixart, withhold=["block.0"], clean_prompts=["x"])
     with pytest.raises(DitlocError, match="not in prompt"):
         gen(pixart, withhold=["block.0"], concept="snoopy")
-
-
-def test_derive_clean_prompt():
-    """The concept goes, and so do the words its removal leaves dangling, and only those."""
-    assert derive_clean_prompt("a photo of Snoopy, smiling", "snoopy") == "a photo, smiling"
-    assert derive_clean_prompt("Snoopy and snoopy", "Snoopy") == ""
-    assert derive_clean_prompt("a tower in the style of Van  Gogh.", "van gogh") == "a tower in the style."
-    assert derive_clean_prompt("a painting of a dog by van gogh", "van gogh") == "a painting of a dog"
-    assert derive_clean_prompt("a red on the beach", "red") == "on the beach"
-    assert derive_clean_prompt("a red car on the beach", "red") == "a car on the beach"
-    assert derive_clean_prompt("a photo of an owl", "owl") == "a photo"
-    assert derive_clean_prompt("an apple tree on a hill", "apple") == "a tree on a hill"  # the article agrees
-    assert derive_clean_prompt("An owl hat", "owl") == "A hat"
-    assert derive_clean_prompt("Snoopy's house at night", "snoopy") == "house at night"
-    assert derive_clean_prompt("a dog, a cat and Snoopy", "snoopy") == "a dog, a cat"
-    assert derive_clean_prompt("Snoopy and a cat from under the bed", "snoopy") == "a cat from under the bed"
-    with pytest.raises(DitlocError):
-        derive_clean_prompt("a dog", "cat")
