@@ -469,8 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="toy", help="the toy model (default) or a directory of a toy-world pipeline")
     p.add_argument("--categories", default=None, metavar="A,B", help="toy categories (default: all six)")
     p.add_argument("--concepts", default=None, metavar="A,B", help="only these concepts (default: all of the categories)")
-    p.add_argument("--methods", default="contribution,patch,attribution", metavar="M,M",
-                   help="localization methods to judge (default contribution,patch,attribution)")
+    p.add_argument("--methods", default="contribution,patch,attribution,search,search-self", metavar="M,M",
+                   help="localization methods to judge (default contribution,patch,attribution,search,search-self: "
+                        "search = set-level search with the toy oracle, search-self = the model as its own judge)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--n-images", type=int, default=32, help="held-out images per condition (default 32)")
     p.add_argument("--batch-size", type=int, default=64, help="images per pipeline call (default 64)")

@@ -89,13 +89,18 @@ class OracleResult:
     greedy: tuple[tuple[str, ...], ...]  # S1..S(max K), each in model order
     greedy_drops: tuple[float, ...]
     minimal_k: int | None  # None: no K <= max K halves presence (">4")
+    #: K >= 3: the best drop of any measured K-block set (the greedy set, a method's top-K, a search's S_K)
+    best_measured: tuple[float, ...] = ()  # [K - 3]
 
     def best_drop(self, k: int) -> float | None:
-        """The best achievable drop at K: exhaustive for K <= 2, greedy above."""
+        """The best achievable drop at K: exhaustive for K <= 2; above, the best measured
+        K-block set (greedy, methods' and searches' sets): a lower bound of the true best."""
         if k == 1:
             return self.best_single_drop
         if k == 2:
             return self.best_pair_drop
+        if k - 3 < len(self.best_measured):
+            return self.best_measured[k - 3]
         return self.greedy_drops[k - 1] if k <= len(self.greedy_drops) else None
 
     def to_dict(self) -> dict:
@@ -131,7 +136,10 @@ def oracle_result(presence: Mapping[frozenset, float], blocks: Sequence[str], *,
         i = int(np.argmax(pair_drops))  # the first of equal drops
         best_pair, best_pair_drop = tuple(_in_order(pairs[i], blocks)), pair_drops[i]
     greedy_drops = tuple(base - float(presence[s]) for s in path)
-    best_presence = [base - best] + ([base - best_pair_drop] if pairs else []) + [base - d for d in greedy_drops[2:]]
+    searched = set(blocks)
+    best_measured = tuple(max(base - float(p) for s, p in presence.items() if len(s) == k and s <= searched)
+                          for k in range(3, len(path) + 1))
+    best_presence = [base - best] + ([base - best_pair_drop] if pairs else []) + [base - d for d in best_measured]
     minimal = None
     if base > 0:
         minimal = next((k for k, p in enumerate(best_presence, 1) if p < threshold * base), None)
@@ -139,7 +147,7 @@ def oracle_result(presence: Mapping[frozenset, float], blocks: Sequence[str], *,
         baseline=base, blocks=blocks, single_drops=tuple(drops),
         best_singles=tuple(b for b, d in zip(blocks, drops) if d >= best - TIE), best_single_drop=best,
         best_pair=best_pair, best_pair_drop=best_pair_drop, greedy=tuple(tuple(_in_order(s, blocks)) for s in path),
-        greedy_drops=greedy_drops, minimal_k=minimal,
+        greedy_drops=greedy_drops, minimal_k=minimal, best_measured=best_measured,
     )
 
 
@@ -175,14 +183,15 @@ class MethodMetrics:
 
 def method_metrics(method: str, presence: Mapping[frozenset, float], blocks: Sequence[str], scores: Sequence[float],
                    *, auto_k: int | None, oracle: OracleResult | None = None, max_k: int = MAX_K,
-                   threshold: float = HALF) -> MethodMetrics:
+                   threshold: float = HALF, sets: Sequence[Sequence[str]] | None = None) -> MethodMetrics:
     """Judge a method's block scores (aligned with `blocks`, the blocks searched) against
-    the search's presences. `oracle`: `oracle_result(presence, blocks)` if already computed."""
+    the search's presences. `oracle`: `oracle_result(presence, blocks)` if already computed.
+    `sets`: a set-level method's own K-sets (K = 1..), judged instead of its scores' top-K."""
     blocks = tuple(blocks)
     if len(scores) != len(blocks):
         raise DitlocError(f"{method}: {len(scores)} scores for {len(blocks)} blocks")
     oracle = oracle if oracle is not None else oracle_result(presence, blocks, max_k=max_k, threshold=threshold)
-    tops = method_conditions(blocks, scores, max_k)
+    tops = method_conditions(blocks, scores, max_k) if sets is None else [frozenset(s) for s in sets][:max_k]
     missing = _missing(presence, tops)
     if missing:
         raise DitlocError(f"{method}: no presence for its top-{len(missing[0])} set {', '.join(_in_order(missing[0], blocks))}")
@@ -196,14 +205,15 @@ def method_metrics(method: str, presence: Mapping[frozenset, float], blocks: Seq
     if len(tops) >= 2:
         pair_drops = [base - float(presence[frozenset(p)]) for p in itertools.combinations(blocks, 2)]
         pair_rank = 1 + sum(d > top_drops[1] + TIE for d in pair_drops)
-    order = ranking(blocks, scores)
+    order = ranking(blocks, scores) if sets is None else list(sets[len(tops) - 1])
     oracle_k = oracle.minimal_k
     return MethodMetrics(
         method=method, top=tuple(order[: len(tops)]), top_drops=top_drops,
         hit_at_1=top_drops[0] >= oracle.best_single_drop - TIE, regret=regret,
         spearman=spearman(scores, oracle.single_drops), pair_rank=pair_rank, n_pairs=n_pairs,
         auto_k=auto_k, oracle_k=oracle_k,
-        k_match=None if oracle_k is None or auto_k is None else auto_k == oracle_k,
+        # a search whose curve reaches no K (None) where the oracle has one is a miss, not a skip
+        k_match=None if oracle_k is None or (auto_k is None and sets is None) else auto_k == oracle_k,
         k_diff=None if oracle_k is None or auto_k is None else auto_k - oracle_k,
     )
 
@@ -244,7 +254,8 @@ def summarize_methods(rows: Sequence[tuple[OracleResult, MethodMetrics]]) -> dic
             **{f"regret_{k}": _mean(m.regret.get(k) for _, m in pairs) for k in REGRET_KS},
             "spearman": _mean(m.spearman for _, m in pairs),
             "auto_k_match": _rate(m.k_match for m in known),
-            "auto_k_miss": {**{k: v for k, v in _mean(abs(m.k_diff) for m in known).items() if k != "mean"},
-                            "mean_abs": _mean(abs(m.k_diff) for m in known)["mean"]},
+            "auto_k_miss": {**{k: v for k, v in _mean(abs(m.k_diff) for m in known if m.k_diff is not None).items()
+                               if k != "mean"},
+                            "mean_abs": _mean(abs(m.k_diff) for m in known if m.k_diff is not None)["mean"]},
         }
     return out

@@ -18,7 +18,7 @@ from ..plan import ConceptPlan
 from ..runner import generate_scored
 from ..store import ResultStore
 from .metrics import _in_order, greedy_sets, method_conditions
-from .settings import (
+from .settings import (SEARCH_METHODS, SEARCH_SEEDS, SEARCH_STEPS, search_prompt_indices, 
     FORMAT,
     LOCALIZATIONS_FILE,
     MAX_K,
@@ -88,6 +88,8 @@ class _Run:
         path = self.out / localization_file(c.category, c.slug, method)
         if path.exists():
             loc = Localization.load(path)
+        elif method in SEARCH_METHODS:
+            loc = self._search(c, method, path)
         else:
             s, t = self.settings, time.time()
             # the causal methods compare with the probe set's clean prompts (grammatical, as in generation)
@@ -100,6 +102,26 @@ class _Run:
         self.locs[key] = _localization_record(c, method, loc)
         self.loc_store.append(self.locs[key])
         return self.locs[key]
+
+    def _search(self, c: ConceptPlan, method: str, path: Path):
+        """The set-level search on SEARCH_PROMPTS localization prompts x SEARCH_SEEDS at SEARCH_STEPS steps
+        (resumable: every evaluated set is kept in `searches/`)."""
+        from ...localize import SearchConfig, search
+
+        s, t = self.settings, time.time()
+        idx = search_prompt_indices(len(c.localization_prompts))
+        checkpoint = self.out / "searches" / Path(localization_file(c.category, c.slug, method)).with_suffix(".jsonl")
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        loc = search(self.pipe, [c.localization_prompts[i] for i in idx], c.concept,
+                     config=SearchConfig(objective=SEARCH_METHODS[method], max_k=MAX_K, search_steps=SEARCH_STEPS),
+                     evaluator=self.evaluator, eval_text=c.eval_text,
+                     clean_prompts=[c.localization_clean_prompts[i] for i in idx], seed=list(SEARCH_SEEDS),
+                     options=s.run_options, checkpoint=checkpoint)
+        loc.save(path)
+        self.localized += 1
+        self.say(f"ground-truth {c.category}/{c.concept}: localized by {method} ({time.time() - t:.1f}s, "
+                 f"{loc.search.cost['generations']} generations)")
+        return loc
 
     def measure(self, c: ConceptPlan, conditions: list[frozenset], label: str) -> dict[frozenset, float]:
         """Generate and score every condition not in the cache; the concept's presences."""
@@ -152,6 +174,9 @@ class _Run:
             last = greedy_sets(presence, blocks, k - 1)[-1]
             presence = self.measure(c, [last | {b} for b in blocks if b not in last], f"greedy K={k}")
         for m, loc in locs.items():
+            if "sets" in loc:  # a set-level search: its own sets
+                self.measure(c, [frozenset(x) for x in loc["sets"]], f"{m}'s sets")
+                continue
             scores = _scores_of(loc, blocks, f"{c.category}/{c.concept} ({m})")
             self.measure(c, method_conditions(blocks, scores)[2:], f"{m}'s top sets")
 

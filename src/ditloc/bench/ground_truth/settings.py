@@ -15,8 +15,15 @@ STORE_FILE = "conditions.jsonl"
 LOCALIZATIONS_FILE = "localizations.jsonl"
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
-#: the localization methods a ground truth can judge (method.md §1 and §7)
-METHODS = ("contribution", "patch", "attribution")
+#: the localization methods a ground truth can judge: block scores (method.md §1, §7) and the set-level
+#: search (§9) with the toy oracle's soft presence ("search") or the model as its own judge ("search-self")
+METHODS = ("contribution", "patch", "attribution", "search", "search-self")
+SEARCH_METHODS = {"search": "evaluator", "search-self": "self"}
+#: the search runs on its own prompts, not the held-out ones it is judged on: SEARCH_PROMPTS of the concept's
+#: localization prompts (evenly spread) x SEARCH_SEEDS, at SEARCH_STEPS sampling steps
+SEARCH_PROMPTS = 6
+SEARCH_SEEDS = (0, 1)
+SEARCH_STEPS = 10
 MAX_K = 4  # the greedy search's largest set
 REGRET_KS = (1, 2, 4)
 HALF = 0.5  # the oracle's minimal K: presence below HALF x baseline
@@ -121,6 +128,13 @@ def plan_ground_truth(settings: GroundTruthSettings, probes=None) -> tuple[Conce
                 raise DitlocError(f"no concept {name!r} {where}; choose among {', '.join(names)}")
         concepts = tuple(c for c in concepts if c.concept in set(settings.concepts))
     return tuple(concepts)
+
+
+def search_prompt_indices(n: int, k: int = SEARCH_PROMPTS) -> list[int]:
+    """`k` indices evenly spread over `n` localization prompts (all of them when n <= k)."""
+    if n <= k:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
 
 
 def localization_file(category: str, slug: str, method: str) -> str:

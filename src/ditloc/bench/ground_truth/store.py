@@ -11,6 +11,7 @@ from ...errors import DitlocError
 from ..plan import ConceptPlan
 from ..store import ResultStore
 from .metrics import auto_k
+from ...localize import AUTO_K_DROP
 from .settings import AUTO_K_FRACTION, LOCALIZATIONS_FILE, STORE_FILE, localization_file
 
 # --------------------------------------------------------------------------
@@ -39,7 +40,9 @@ def read_localizations(out) -> dict[tuple[str, str, str], dict]:
     for n, record in enumerate(ResultStore.read(path), 1):
         try:
             key = (record["category"], record["concept"], record["method"])
-            if len(record["blocks"]) != len(record["scores"]) or not isinstance(record["auto_k"], int):
+            auto = record["auto_k"]  # a search's curve may reach no K (None)
+            if len(record["blocks"]) != len(record["scores"]) or not (isinstance(auto, int) or
+                                                                       (auto is None and "sets" in record)):
                 raise ValueError
         except (KeyError, TypeError, ValueError):
             raise DitlocError(f"{path}:{n}: not a localization record; move the store away and rerun the same "
@@ -49,10 +52,18 @@ def read_localizations(out) -> dict[tuple[str, str, str], dict]:
 
 
 def _localization_record(c: ConceptPlan, method: str, loc) -> dict:
-    return {"category": c.category, "concept": c.concept, "method": method,
-            "file": localization_file(c.category, c.slug, method), "blocks": list(loc.blocks),
-            "scores": [float(x) for x in loc.scores.tolist()], "ranking": list(loc.ranking), "auto_k": auto_k(loc),
-            "auto_k_rule": f"Localization.minimal_k({AUTO_K_FRACTION})"}
+    record = {"category": c.category, "concept": c.concept, "method": method,
+              "file": localization_file(c.category, c.slug, method), "blocks": list(loc.blocks),
+              "scores": [float(x) for x in loc.scores.tolist()], "ranking": list(loc.ranking), "auto_k": auto_k(loc),
+              "auto_k_rule": f"Localization.minimal_k({AUTO_K_FRACTION})"}
+    if loc.search is not None:  # the set-level search: its sets, curve and cost; scores are single-block drops
+        s = loc.search
+        record.update({"auto_k": s.auto_k(), "auto_k_rule": f"SetSearch.auto_k({AUTO_K_DROP})",
+                       "objective": s.objective, "sets": [list(x) for x in s.sets], "baseline": s.baseline,
+                       "presence": list(s.presence), "curve": s.curve, "cost": s.cost,
+                       "search_prompts": loc.settings["prompts"], "search_seeds": loc.settings["seeds"],
+                       "search_steps": loc.settings["num_inference_steps"]})
+    return record
 
 
 def _presences(scores: Mapping[frozenset, list[float]]) -> dict[frozenset, float]:

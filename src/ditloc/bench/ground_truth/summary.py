@@ -64,9 +64,13 @@ def summarize_ground_truth(out, *, threshold: float = HALF) -> dict:
             try:
                 block_scores = _scores_of(loc, blocks, f"{category}/{concept}")
                 # the automatic K by the current rule, from the stored scores (the rule can change without a rerun)
-                m = method_metrics(method, presence, blocks, block_scores,
-                                   auto_k=minimal_k_of(loc["scores"], AUTO_K_FRACTION), oracle=oracle,
-                                   threshold=threshold)
+                if "sets" in loc:  # a set-level search: its sets, K from its curve
+                    m = method_metrics(method, presence, blocks, block_scores, auto_k=loc["auto_k"], oracle=oracle,
+                                       threshold=threshold, sets=loc["sets"])
+                else:
+                    m = method_metrics(method, presence, blocks, block_scores,
+                                       auto_k=minimal_k_of(loc["scores"], AUTO_K_FRACTION), oracle=oracle,
+                                       threshold=threshold)
             except DitlocError as e:
                 incomplete.append({"category": category, "concept": concept, "method": method, "missing": str(e)})
                 entry["methods"][method] = None
@@ -81,12 +85,14 @@ def summarize_ground_truth(out, *, threshold: float = HALF) -> dict:
             "hit_at_1": f"top block's drop within {TIE:g} of the best single block's; the rate is over concepts "
                         f"whose best single block drops presence >= {STRONG_DROP}",
             "regret": "best achievable drop at K - drop of the method's top-K (K=1 best single, K=2 best pair, "
-                      "K=4 the greedy set: not exhaustive, so regret@4 can be negative)",
+                      "K=4 the best measured 4-block set: the greedy set, the methods' top-4 and the searches' S_4; "
+                      "not exhaustive)",
             "spearman": "rank correlation (average ranks) of the method's block scores with the single-block drops",
             "pair_rank": "rank of the method's top-2 pair among all pairs by drop (1 = best)",
             "oracle_k": f"smallest K in 1..{MAX_K} whose best set brings presence below {threshold:g} x baseline; "
                         f"null: > {MAX_K}",
-            "auto_k": f"the method's Localization.minimal_k({AUTO_K_FRACTION}); matches are counted where oracle_k "
+            "auto_k": f"block scores: Localization.minimal_k({AUTO_K_FRACTION}); search: the smallest K whose S_K "
+                      "halves presence on the search's own prompts (SetSearch.auto_k(0.5)); matches are counted where oracle_k "
                       "is known",
             "ci": "95% CI by the normal approximation, mean ± 1.96 s/sqrt(n) over images",
         },
