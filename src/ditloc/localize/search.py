@@ -51,7 +51,7 @@ class SearchConfig:
     beam: int = 1
     direction: str = "forward"
     candidates: int | None = None
-    candidate_method: str = "attribution"
+    candidate_method: str = "contribution"
     search_steps: int | None = None
     threshold: float = AUTO_K_DROP
 

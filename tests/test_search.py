@@ -1,0 +1,213 @@
+"""Set-level presence and search (method.md §9) on tiny random pipelines of every family:
+presence of batched block sets equals explicit `generate(withhold=S)` + evaluator calls;
+the search with a full beam finds the exhaustive best pair; the self objective reads 1 on
+the unedited images and 0 on the clean prompt's; a search resumes from its checkpoint
+without evaluating a set twice; bad settings are refused before any work."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import ditloc
+from ditloc import DitlocError, SearchConfig
+from ditloc._io import OutputLock
+from ditloc.evaluate.base import Evaluator
+from ditloc.localize import Localization, PresenceRunner, SetSearch
+from ditloc.testing import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sana_pipeline, tiny_sd3_pipeline
+
+PROMPTS = ["a photo of van gogh in the city", "van gogh painting of a dog"]
+CONCEPT = "van gogh"
+
+CASES = {
+    "pixart": (tiny_pixart_pipeline, dict(num_inference_steps=3, height=32, width=32, use_resolution_binning=False)),
+    "sana": (tiny_sana_pipeline, dict(num_inference_steps=3, height=32, width=32, use_resolution_binning=False)),
+    "flux": (tiny_flux_pipeline, dict(num_inference_steps=3, height=16, width=16, max_sequence_length=32)),
+    "sd3": (tiny_sd3_pipeline, dict(num_inference_steps=3, height=8, width=8, max_sequence_length=32)),
+}
+_PIPES = {}
+
+
+def _pipe(name):
+    if name not in _PIPES:
+        pipe = CASES[name][0]()
+        pipe.set_progress_bar_config(disable=True)
+        _PIPES[name] = pipe
+    return _PIPES[name], CASES[name][1]
+
+
+class MeanChannel(Evaluator):
+    """A stand-in evaluator: the mean of one color channel in [0, 1] (soft, deterministic)."""
+
+    def __init__(self, channel: int = 0):
+        super().__init__()
+        self.channel = channel
+
+    def _score_batch(self, images, texts):
+        return np.array([np.asarray(im, dtype=np.float64)[..., self.channel].mean() / 255 for im in images])
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_presence_equals_explicit_withholding(family, monkeypatch):
+    """Batched sets (rows of one call, per-image withheld sets) give the final latents that
+    `generate(withhold=S)` gives set by set: each image is read by a fixed random linear
+    functional of its latents (well conditioned, unlike a ratio, so float tolerance is meaningful)."""
+    pipe, run = _pipe(family)
+    names = ditloc.get_adapter(pipe).block_names()
+    sets = [frozenset([names[0]]), frozenset(names[:2]), frozenset([names[-1]]), frozenset(names)]
+    weights = {}
+
+    def project(latents):  # [m, C, h, w] -> [m]
+        flat = latents.flatten(1).double()
+        if flat.shape[1] not in weights:
+            weights[flat.shape[1]] = torch.randn(flat.shape[1], generator=torch.Generator().manual_seed(0),
+                                                 dtype=torch.float64)
+        return (flat @ weights[flat.shape[1]]).numpy()
+
+    monkeypatch.setattr(PresenceRunner, "_score", lambda self, result, *a: project(self.adapter.unpack_latents(result)))
+    runner = PresenceRunner(pipe, PROMPTS, CONCEPT, objective="self", seed=[0, 1], block_batch=3, **run)
+    batched = runner.raw([frozenset()] + sets)  # [5, 4]
+    for row, s in enumerate([None] + sets):
+        latents = ditloc.generate(pipe, PROMPTS, withhold=sorted(s) if s else None, concept=CONCEPT, seed=[0, 1],
+                                  output_type="latent", **run)
+        expected = project(runner.adapter.unpack_latents(latents))
+        np.testing.assert_allclose(batched[row], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    assert np.ptp(batched.mean(1)) > 1e-3 * np.abs(batched).max()  # the sets change the images
+    # a different grouping of the sets into pipeline calls gives the same numbers
+    again = PresenceRunner(pipe, PROMPTS, CONCEPT, objective="self", seed=[0, 1], block_batch=1, **run)
+    np.testing.assert_allclose(again.raw([frozenset()] + sets), batched, rtol=1e-5, atol=1e-5 * np.abs(batched).max())
+
+
+def test_presence_scores_images_with_the_evaluator():
+    pipe, run = _pipe("pixart")
+    names = ditloc.get_adapter(pipe).block_names()
+    sets = [[names[0]], names]
+    result = ditloc.presence(pipe, PROMPTS, CONCEPT, sets=sets, evaluator=MeanChannel(), seed=[0, 1], **run)
+    assert [list(s) for s in result.sets] == [[]] + sets  # the baseline first, then the sets in order
+    for row, s in enumerate([None] + sets):
+        images = ditloc.generate(pipe, PROMPTS, withhold=s, concept=CONCEPT, seed=[0, 1], **run)
+        np.testing.assert_allclose(result.per_image[row], MeanChannel().score(images, "x"), atol=1e-4)
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_self_objective_reads_one_unedited_and_zero_clean(family):
+    pipe, run = _pipe(family)
+    names = ditloc.get_adapter(pipe).block_names()
+    result = ditloc.presence(pipe, PROMPTS, CONCEPT, sets=[names[:1], "all"], objective="self", seed=[0, 1], **run)
+    assert np.isfinite(result.per_image).all()
+    assert result.baseline == pytest.approx(1.0, abs=1e-9)
+    # withholding every block (pooled text included) is the clean prompt's generation: presence 0
+    assert result.of(names) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_search_with_full_beam_finds_the_exhaustive_best_pair():
+    pipe, run = _pipe("pixart")
+    names = ditloc.get_adapter(pipe).block_names()
+    evaluator = MeanChannel(channel=1)
+    config = SearchConfig(max_k=2, beam=len(names))
+    loc = ditloc.localize(pipe, PROMPTS, CONCEPT, method="search", search=config, evaluator=evaluator, seed=[0, 1],
+                          **run)
+    pairs = [list(p) for p in itertools.combinations(names, 2)]
+    exhaustive = ditloc.presence(pipe, PROMPTS, CONCEPT, sets=[[b] for b in names] + pairs, evaluator=evaluator,
+                                 seed=[0, 1], **run)
+    pair_means = exhaustive.mean[1 + len(names):]
+    best_pair = set(pairs[int(np.argmin(pair_means))])
+    assert set(loc.top(2)) == best_pair
+    assert loc.search.presence[1] == pytest.approx(pair_means.min(), abs=1e-6)
+    best_single = names[int(np.argmin(exhaustive.mean[1 : 1 + len(names)]))]
+    assert loc.top(1) == [best_single]
+    assert loc.search.curve == pytest.approx([exhaustive.baseline - p for p in loc.search.presence])
+    assert loc.method == "search" and loc.search.objective == "evaluator"
+
+
+def test_search_result_round_trips_and_k_from_the_curve(tmp_path):
+    search = SetSearch(objective="evaluator", baseline=0.8, sets=(("block.1",), ("block.1", "block.3")),
+                       presence=(0.6, 0.3), evaluated=((("block.1",), 0.6),), cost={"generations": 9})
+    per = torch.zeros(4, 1, 2)
+    loc = Localization(concept="c", blocks=tuple(f"block.{i}" for i in range(4)), per_sample_step=per,
+                       per_head_step=per.new_zeros(4, 1, 2, 0), spans=(), settings={"method": "search"}, search=search)
+    assert loc.top(1) == ["block.1"] and loc.top(2) == ["block.1", "block.3"]
+    assert loc.top(3)[:2] == ["block.1", "block.3"] and len(set(loc.top(3))) == 3  # beyond max_k: the ranking's next
+    assert loc.auto_k() == 2  # 0.3 <= half of 0.8; 0.6 is not
+    assert loc.auto_k(0.2) == 1 and search.auto_k(0.7) is None
+    back = Localization.load(loc.save(tmp_path / "loc.json"))
+    assert back.search == search and back.top(2) == loc.top(2)
+    assert json.loads((tmp_path / "loc.json").read_text())["search"]["curve"] == pytest.approx([0.2, 0.5])
+    plain = Localization(concept="c", blocks=loc.blocks, per_sample_step=per, per_head_step=loc.per_head_step,
+                         spans=())
+    with pytest.raises(DitlocError, match="auto_k needs a set-level search"):
+        plain.auto_k()
+
+
+def test_search_resumes_without_evaluating_a_set_twice(tmp_path, monkeypatch):
+    pipe, run = _pipe("pixart")
+    evaluator = MeanChannel()
+    config = SearchConfig(max_k=2)
+    path = tmp_path / "search.jsonl"
+    first = ditloc.localize(pipe, PROMPTS, CONCEPT, method="search", search=config, evaluator=evaluator,
+                            checkpoint=path, **run)
+    lines = path.read_text().splitlines()
+    n_sets = len(lines) - 1  # a header, then one line per evaluated set
+    assert n_sets == first.search.cost["sets_evaluated"]
+    measured = []
+    real = PresenceRunner._measure
+
+    def spy(self, group):
+        measured.extend(group)
+        return real(self, group)
+
+    monkeypatch.setattr(PresenceRunner, "_measure", spy)
+    again = ditloc.localize(pipe, PROMPTS, CONCEPT, method="search", search=config, evaluator=evaluator,
+                            checkpoint=path, **run)
+    assert measured == [] and again.search.sets == first.search.sets
+    # killed mid-run: the last set's line torn, two sets lost; only those are evaluated again
+    path.write_text("\n".join(lines[:-2]) + "\n" + lines[-2][:10])
+    again = ditloc.localize(pipe, PROMPTS, CONCEPT, method="search", search=config, evaluator=evaluator,
+                            checkpoint=path, **run)
+    assert len(measured) == 2 and again.search.sets == first.search.sets
+    assert again.search.presence == pytest.approx(first.search.presence)
+    # other settings are refused, and so is a second writer
+    with pytest.raises(DitlocError, match="other settings"):
+        ditloc.localize(pipe, PROMPTS, CONCEPT, method="search", search=config, evaluator=evaluator, seed=1,
+                        checkpoint=path, **run)
+    with OutputLock(tmp_path, name=path.name + ".lock"):
+        with pytest.raises(DitlocError, match="another ditloc process"):
+            ditloc.localize(pipe, PROMPTS, CONCEPT, method="search", search=config, evaluator=evaluator,
+                            checkpoint=path, **run)
+
+
+def test_candidates_restrict_the_search():
+    pipe, run = _pipe("pixart")
+    loc = ditloc.localize(pipe, PROMPTS, CONCEPT, method="search", evaluator=MeanChannel(),
+                          search=SearchConfig(max_k=2, candidates=2, candidate_method="contribution"), **run)
+    cheap = ditloc.localize(pipe, PROMPTS, CONCEPT, **run)
+    assert set(loc.settings["candidates"]) == set(cheap.ranking[:2])
+    assert set(loc.top(2)) == set(cheap.ranking[:2])
+    assert all(set(s) <= set(cheap.ranking[:2]) for s, _ in loc.search.evaluated)
+
+
+@pytest.mark.parametrize("config, message", [
+    (SearchConfig(max_k=0), "max_k must be a positive integer"),
+    (SearchConfig(max_k=9), "max_k must be between 1 and 4"),
+    (SearchConfig(max_k=3, candidates=2), "candidates .2. must be at least max_k .3."),
+    (SearchConfig(objective="clip"), "unknown objective 'clip'"),
+    (SearchConfig(direction="sideways"), "unknown search direction"),
+    (SearchConfig(beam=0), "beam must be a positive integer"),
+    (SearchConfig(candidate_method="oracle"), "unknown candidate method"),
+])
+def test_bad_search_settings_are_refused_before_work(config, message, monkeypatch):
+    pipe, run = _pipe("pixart")
+    monkeypatch.setattr(PresenceRunner, "_measure", lambda *a: pytest.fail("generated before refusing"))
+    with pytest.raises(DitlocError, match=message):
+        ditloc.localize(pipe, PROMPTS, CONCEPT, method="search", search=config, evaluator=MeanChannel(), **run)
+
+
+def test_no_evaluator_is_refused_and_self_is_the_fallback(monkeypatch):
+    pipe, run = _pipe("pixart")
+    monkeypatch.setattr(PresenceRunner, "_measure", lambda *a: pytest.fail("generated before refusing"))
+    with pytest.raises(DitlocError, match="no evaluator for this model"):
+        ditloc.presence(pipe, PROMPTS, CONCEPT, sets=[["block.0"]], **run)
+    runner = PresenceRunner(pipe, PROMPTS, CONCEPT, objective="self", **run)
+    assert runner.judge is not None and runner.evaluator is None
