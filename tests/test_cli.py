@@ -49,6 +49,31 @@ def test_localize_writes_json_and_table(model_dir, tmp_path, capsys):
     assert "localize: 2/2 prompts" in err
 
 
+def test_localize_search_prints_the_curve_and_resumes(model_dir, tmp_path, capsys):
+    out = tmp_path / "search"
+    argv = ["localize", model_dir, "--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "search",
+            "--objective", "self", "--max-k", "2", "--auto-k", "--out", str(out), *COMMON]
+    code, stdout, err = run(argv, capsys)
+    assert code == 0, err
+    d = json.loads((out / "localization.json").read_text())
+    assert d["settings"]["method"] == "search" and len(d["search"]["sets"]) == 2
+    assert [len(s) for s in d["search"]["sets"]] == [1, 2] and d["search"]["objective"] == "self"
+    rows = [line.split() for line in stdout.splitlines() if line.strip()[:2] in ("1 ", "2 ")]
+    assert [float(r[1]) for r in rows] == pytest.approx(d["search"]["presence"], abs=1e-3)
+    assert "search: " in err and "block sets" in err
+    sets = len((out / "search.jsonl").read_text().splitlines())
+    code, stdout, err = run(argv, capsys)  # the same command again: every set comes from the checkpoint
+    assert code == 0 and "(0 generated now" in stdout
+    assert len((out / "search.jsonl").read_text().splitlines()) == sets
+    iv = tmp_path / "iv"  # intervene --auto-k reads K from the search's curve
+    code, _, err = run(["intervene", model_dir, "--concept", "van gogh", "--prompt", "a photo of van gogh",
+                        "--auto-k", "--localization", str(out / "localization.json"), "--out", str(iv), *COMMON],
+                       capsys)
+    assert code == 0, err
+    k = d["search"]["auto_k"] or 2
+    assert json.loads((iv / "intervention.json").read_text())["blocks"] == sorted(d["search"]["sets"][k - 1])
+
+
 def test_intervene_from_localization(model_dir, tmp_path, capsys):
     out = tmp_path / "loc"
     assert run(["localize", model_dir, "--concept", "van gogh", "--prompt", "a photo of van gogh",
@@ -99,7 +124,7 @@ BAD = [
     (["--concept", "snoopy", "--prompt", "a photo of van gogh"], "not in prompt"),
     (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "gradient"], "invalid choice"),
     (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--top-k", "2", "--auto-k"], "not both"),
-    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--clean-prompt", "a photo"], "patch or attribution"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--clean-prompt", "a photo"], "patch, attribution or search"),
     (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "patch", "--clean-prompt", "a",
       "--clean-prompt", "b"], "one per prompt"),
     (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "patch", "--block-batch", "0"],
@@ -108,6 +133,17 @@ BAD = [
     (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--top-k", "0"], "--top-k must be at least 1"),
     (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--top-k", "9"], "between 1 and 4"),
     (["--concept", "van gogh"], "no prompts"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "search", "--max-k", "0"],
+     "--max-k must be at least 1"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "search", "--max-k", "5"],
+     "max_k must be between 1 and 4"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "search", "--max-k", "3",
+      "--candidates", "2"], "must be at least max_k"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "search", "--objective", "judge"],
+     "unknown objective 'judge'"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "search", "--objective", "evaluator"],
+     "needs --evaluator"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--max-k", "3"], "setting of --method search"),
     (["--concept", "van gogh", "--prompts-file", "/nonexistent/prompts.txt"], "cannot read prompts file"),
 ]
 

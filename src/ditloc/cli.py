@@ -43,7 +43,8 @@ def _check_out_dir(out) -> None:
 
 #: flags that take a count (at least 1), by argparse destination
 COUNTS = {"steps": "--steps", "max_sequence_length": "--max-sequence-length", "batch_size": "--batch-size",
-          "top_k": "--top-k", "num_class_images": "--num-class-images", "images_per_prompt": "--images-per-prompt"}
+          "top_k": "--top-k", "num_class_images": "--num-class-images", "images_per_prompt": "--images-per-prompt",
+          "max_k": "--max-k", "beam": "--beam", "candidates": "--candidates", "search_steps": "--search-steps"}
 #: pipeline arguments ditloc sets itself, and the flag that sets each
 OWN_PIPELINE_ARGS = {"prompt": "--prompt", "num_inference_steps": "--steps", "guidance_scale": "--guidance",
                      "max_sequence_length": "--max-sequence-length", "generator": "--seed",
@@ -324,10 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--prompt", action="append", help="a prompt containing the concept (repeatable)")
     p.add_argument("--prompts-file", help="text file, one prompt per line")
-    p.add_argument("--method", choices=("contribution", "patch", "attribution"), default="contribution",
+    p.add_argument("--method", choices=("contribution", "patch", "attribution", "search"), default="contribution",
                    help="contribution: where the concept is read (cheapest); patch: the effect of withholding each "
                         "block alone (1 + blocks forwards per step); attribution: its first-order estimate "
-                        "(one backward pass per step). Default contribution")
+                        "(one backward pass per step); search: block *sets* by their effect on the concept's "
+                        "presence (greedy, about blocks x max-k generations; resumable). Default contribution")
     p.add_argument("--clean-prompt", action="append", default=None,
                    help="patch/attribution: the clean prompt of each --prompt, in order (repeatable; default: the "
                         "prompt with the concept removed)")
@@ -338,7 +340,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auto-k", action="store_true",
                    help="choose K from the scores (the smallest K holding half the positive score mass)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--block-batch", type=int, default=None, help="patch: blocks withheld per extra forward")
+    p.add_argument("--block-batch", type=int, default=None,
+                   help="patch: blocks withheld per extra forward; search: block sets per pipeline call")
+    g = p.add_argument_group("set-level search (--method search)")
+    g.add_argument("--objective", default=None,
+                   help="evaluator (soft presence by --evaluator; the default on the toy model, whose oracle is "
+                        "built in) or self (the model judges itself; the default elsewhere)")
+    g.add_argument("--evaluator", default=None, help="toy, clip or vlm (the objective's evaluator; default toy on "
+                                                   "the toy model)")
+    g.add_argument("--evaluator-model", default=None, help="the CLIP / VLM checkpoint (a local path or cached id)")
+    g.add_argument("--eval-text", default=None, help="what the evaluator looks for (default: the concept)")
+    g.add_argument("--max-k", type=int, default=4, help="largest block set (default 4)")
+    g.add_argument("--beam", type=int, default=1, help="sets kept per size (default 1: greedy)")
+    g.add_argument("--direction", default="forward", help="forward (default), backward or both")
+    g.add_argument("--candidates", type=int, default=None,
+                   help="search only the M blocks ranked best by --candidate-method (default: every block)")
+    g.add_argument("--candidate-method", default="contribution", help="contribution (default), patch or attribution")
+    g.add_argument("--search-steps", type=int, default=None,
+                   help="sampling steps of the search's generations (default: --steps)")
 
     p = sub.add_parser("intervene", help="generate with the concept withheld from / injected into blocks")
     _add_common(p)
@@ -507,19 +526,85 @@ def _run_options(args):
                       pipeline_kwargs=_pipeline_kwargs(args), adapter_options=_adapter_options(args))
 
 
+def _count_blocks(model: str) -> int | None:
+    """Blocks of MODEL's transformer from its config, without loading weights (None where unreadable)."""
+    import json
+
+    if model == "toy":
+        from .toy import MODEL_DIR
+
+        model = str(MODEL_DIR)
+    try:
+        config = json.loads((Path(model).expanduser() / "transformer" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    n = config.get("num_layers")
+    return int(n) + int(config.get("num_single_layers") or 0) if isinstance(n, int) else None
+
+
+def _search_config(args):
+    """The --method search settings as a SearchConfig, checked before the model loads."""
+    from .localize import SearchConfig
+
+    search_flags = {"objective": None, "evaluator": None, "evaluator_model": None, "eval_text": None, "max_k": 4,
+                    "beam": 1, "direction": "forward", "candidates": None, "candidate_method": "contribution",
+                    "search_steps": None}
+    if args.method != "search":
+        given = [k for k, default in search_flags.items() if getattr(args, k) != default]
+        if given:
+            _fail(f"--{given[0].replace('_', '-')} is a setting of --method search")
+        return None
+    config = SearchConfig(objective=args.objective, max_k=args.max_k, beam=args.beam, direction=args.direction,
+                          candidates=args.candidates, candidate_method=args.candidate_method,
+                          search_steps=args.search_steps)
+    config.check(_count_blocks(args.model))
+    if args.objective == "self" and (args.evaluator or args.eval_text):
+        _fail("--evaluator/--eval-text score the evaluator objective; --objective self needs none")
+    if args.evaluator is not None and args.evaluator not in ("toy", "clip", "vlm"):
+        _fail(f"unknown evaluator {args.evaluator!r}; use toy, clip or vlm")
+    if args.model != "toy" and args.objective in (None, "evaluator") and args.evaluator is None:
+        if args.objective == "evaluator":
+            _fail("--objective evaluator needs --evaluator clip|vlm (with --evaluator-model) on this model")
+    return config
+
+
+def _search_evaluator(args):
+    """The evaluator the search scores with (None: the model's default or the self objective); the
+    evaluation text is checked here, before the model loads."""
+    from .evaluate import get_evaluator
+
+    name = args.evaluator or ("toy" if args.model == "toy" and args.objective != "self" else None)
+    if name is None:
+        return None
+    kwargs = {"model": args.evaluator_model} if args.evaluator_model and name != "toy" else {}
+    if name == "vlm":
+        from .bench import VLM_QUESTION
+
+        kwargs["question"] = VLM_QUESTION
+    evaluator = get_evaluator(name, **kwargs)
+    evaluator.check_text(args.eval_text if args.eval_text is not None else args.concept)
+    return evaluator
+
+
 def cmd_localize(args) -> None:
     from .localize import localize
 
     prompts = args.prompts
+    config = _search_config(args)
     if args.top_k is not None and args.auto_k:
         _fail("choose --top-k or --auto-k, not both")
     if args.clean_prompt is not None:
         if args.method == "contribution":
-            _fail("--clean-prompt is used by --method patch or attribution only")
+            _fail("--clean-prompt is used by --method patch, attribution or search only")
         if len(args.clean_prompt) != len(prompts):
             _fail(f"got {len(args.clean_prompt)} --clean-prompt for {len(prompts)} prompts; give one per prompt")
     if args.block_batch is not None and args.block_batch < 1:
         _fail(f"--block-batch must be at least 1, got {args.block_batch}")
+    if config is not None:
+        evaluator = _search_evaluator(args)
+        pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+        config.check(len(_adapter_for(pipe, args).block_names()))
+        return _localize_search(args, pipe, config, evaluator)
     pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
     n_blocks = None
     if args.top_k is not None:
@@ -558,6 +643,58 @@ def cmd_localize(args) -> None:
     print(f"wrote {path}")
 
 
+def _adapter_for(pipe, args):
+    from .adapters import get_adapter
+
+    return get_adapter(pipe, **_adapter_options(args))
+
+
+def _localize_search(args, pipe, config, evaluator) -> None:
+    """`ditloc localize --method search`: the curve, K from it, resumable from <out>/search.jsonl."""
+    from .localize import localize
+
+    out = Path(args.out)
+    checkpoint = out / "search.jsonl"
+    n_blocks = len(_adapter_for(pipe, args).block_names())
+    if args.top_k is not None and not 1 <= args.top_k <= n_blocks:
+        _fail(f"--top-k must be between 1 and {n_blocks} (the number of blocks), got {args.top_k}")
+    with _progress.bar(desc="search", unit="set") as bar:
+        def progress(done: int, total: int) -> None:  # after each evaluated block set
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+            if not _progress.showing():
+                _progress.write(f"search: {done}/{total} block sets")
+
+        loc = localize(pipe, args.prompts, args.concept, method="search", search=config, evaluator=evaluator,
+                       eval_text=args.eval_text, clean_prompts=args.clean_prompt, seed=args.seed,
+                       batch_size=args.batch_size, block_batch=args.block_batch, options=_run_options(args),
+                       checkpoint=checkpoint, progress=progress)
+    s = loc.search
+    auto = s.auto_k(config.threshold)
+    top_k = auto if args.auto_k else args.top_k
+    if top_k is not None:
+        loc.settings["top_k"] = top_k
+        loc.settings["auto_k"] = bool(args.auto_k)
+    path = loc.save(out / "localization.json")
+    cost = s.cost
+    print(f"concept {args.concept!r}: {len(args.prompts)} prompt(s) x {len(loc.settings['seeds'])} seed(s), objective "
+          f"{s.objective}, {cost['search_steps']} steps; {cost['sets_evaluated']} block sets evaluated "
+          f"({cost['generations']} generated now, {cost['seconds']:.0f}s)")
+    print(f"presence unedited {s.baseline:.3f}")
+    print(f"{'K':>2}  {'presence':>8} {'drop':>6} {'relative':>8}  blocks")
+    for k, (blocks, p, rel) in enumerate(zip(s.sets, s.presence, s.relative_curve), 1):
+        mark = " <- K" if k == auto else ""
+        print(f"{k:>2}  {p:>8.3f} {s.baseline - p:>6.3f} {rel:>8.2f}  {', '.join(blocks)}{mark}")
+    if auto is None:
+        print(f"automatic K: none up to {s.max_k} halves presence (raise --max-k, or the knowledge is spread wider)")
+    else:
+        print(f"automatic K = {auto} (the smallest K whose set halves presence)")
+    if args.auto_k and auto is None:
+        loc.settings["top_k"] = s.max_k
+    print(f"wrote {path}")
+
+
 def cmd_intervene(args) -> None:
     from ._io import write_json
     from .adapters import get_adapter
@@ -579,7 +716,7 @@ def cmd_intervene(args) -> None:
         if list(loc.blocks) != adapter.block_names():
             raise DitlocError(f"{args.localization} was measured on a model with other blocks; localize this model first")
     if args.auto_k:
-        args.top_k = loc.minimal_k()
+        args.top_k = loc.choose_k()
     blocks = adapter.resolve_blocks(args.blocks) if args.blocks is not None else loc.top(args.top_k)
     if args.blocks is not None and not blocks:
         _fail("--blocks is empty; name at least one block, e.g. --blocks block.3")

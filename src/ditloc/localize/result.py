@@ -172,6 +172,13 @@ class Localization:
                               f"{self.method!r}: use minimal_k(), or localize with method='search'")
         return self.search.auto_k(threshold)
 
+    def choose_k(self, threshold: float = AUTO_K_DROP) -> int:
+        """K for acting on this localization: a search's `auto_k` (its max_k where no K
+        reaches the threshold), else `minimal_k(0.5)` of the block scores."""
+        if self.search is not None:
+            return self.search.auto_k(threshold) or self.search.max_k
+        return self.minimal_k()
+
     def to_dict(self) -> dict:
         return {
             "format": "ditloc.localization/1",
