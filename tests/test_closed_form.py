@@ -264,3 +264,73 @@ def test_cli_anchor_with_the_concept_refused_before_load(tmp_path, capsys, monke
                  "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert code == 2 and "contains the concept" in err
+
+
+def test_blocks_from_a_saved_search_and_its_k(tmp_path):
+    """`--blocks loc.json`: search once, edit many times; K defaults to the search's own."""
+    import ditloc
+    from ditloc.localize import SearchConfig
+
+    pipe = tiny_pixart_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    loc = ditloc.localize(pipe, PROMPTS[:2], "dog", method="search", search=SearchConfig(max_k=2, objective="self"),
+                          num_inference_steps=2)
+    path = loc.save(tmp_path / "loc.json")
+    said = []
+    res = unlearn(pipe, "dog", "cat", prompts=PROMPTS, preserve=PRESERVE, blocks=str(path),
+                  config=ClosedFormConfig(), out=tmp_path / "edit", progress=said.append, num_inference_steps=2)
+    assert list(res.blocks) == loc.top(loc.choose_k())
+    assert not any(m.startswith("localizing") for m in said)  # no second localization
+    weak = loc.search.auto_k() is None  # the tiny random model: the set may not halve presence
+    assert any(m.startswith("warning:") for m in said) == weak
+    res = unlearn(tiny_pixart_pipeline(), "dog", "cat", prompts=PROMPTS, preserve=PRESERVE, blocks=loc, k=1,
+                  config=ClosedFormConfig(), num_inference_steps=2)
+    assert list(res.blocks) == loc.top(1)
+
+
+def test_weak_blocks_are_said_before_the_edit(tmp_path):
+    from ditloc.edit.jobs import choose_blocks
+    from ditloc.localize import Localization, SetSearch
+
+    pipe = tiny_pixart_pipeline()
+    names = tuple(get_adapter(pipe).block_names())
+    per = torch.zeros(len(names), 1, 1)
+    search = SetSearch(objective="evaluator", baseline=1.0, sets=(("block.2",), ("block.2", "block.0")),
+                       presence=(0.9, 0.3))
+    loc = Localization(concept="dog", blocks=names, per_sample_step=per, per_head_step=per.new_zeros(4, 1, 1, 0),
+                       spans=(), settings={"method": "search"}, search=search)
+    said = []
+    assert choose_blocks(pipe, loc, 1, PROMPTS, "dog", progress=said.append)[0] == ["block.2"]
+    assert len(said) == 1 and said[0].startswith("warning:") and "K = 2 would" in said[0]
+    said.clear()
+    assert choose_blocks(pipe, loc, None, PROMPTS, "dog", progress=said.append)[0] == ["block.2", "block.0"]
+    assert said == []  # its own K halves presence: nothing to say
+    weaker = Localization(concept="dog", blocks=names, per_sample_step=per, per_head_step=loc.per_head_step,
+                          spans=(), settings={}, search=SetSearch("evaluator", 1.0, (("block.1",),), (0.8,)))
+    choose_blocks(pipe, weaker, None, PROMPTS, "dog", progress=said.append)
+    assert "no K up to 1 does" in said[0]
+    other = Localization(concept="dog", blocks=("block.0",), per_sample_step=per[:1],
+                         per_head_step=per.new_zeros(1, 1, 1, 0), spans=())
+    with pytest.raises(DitlocError, match="other blocks"):
+        choose_blocks(pipe, other, None, PROMPTS, "dog")
+
+
+def test_closed_form_preserves_the_concepts_category_by_default():
+    from ditloc.edit.jobs import neighbour_prompts
+    from ditloc.toy import load_pipeline
+
+    toy = load_pipeline()
+    prompts = neighbour_prompts(toy, "zibbit")
+    assert len(prompts) == 18 and not any("zibbit" in p for p in prompts)
+    assert {c for c in ("blip", "quorra", "mokko") if any(c in p for p in prompts)} == {"blip", "quorra", "mokko"}
+    assert neighbour_prompts(toy, "no such concept") == []
+
+
+def test_cli_missing_localization_refused_before_load(tmp_path, capsys, monkeypatch):
+    from ditloc import cli
+
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    code = _cli(["unlearn", "toy", "--concept", "dog", "--anchor", "cat", "--method", "closed-form",
+                 "--blocks", str(tmp_path / "nope.json"), "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1, err

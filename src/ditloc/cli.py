@@ -62,8 +62,12 @@ def _check_args(args) -> None:
         value = getattr(args, name, None)
         if isinstance(value, int) and value < 1:
             _fail(f"{flag} must be at least 1, got {value}")
-    if args.command in ("personalize", "unlearn") and args.k < 1:
+    if args.command in ("personalize", "unlearn") and args.k is not None and args.k < 1:
         _fail(f"--k must be at least 1, got {args.k}")
+    if args.command in ("personalize", "unlearn") and args.blocks.endswith(".json"):
+        from .localize import Localization
+
+        Localization.load(args.blocks)  # a missing or broken file: one line, before the model loads
     if getattr(args, "device", None) is not None:
         try:
             torch.device(args.device)
@@ -416,11 +420,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 "and the anchors' predictions")
             p.add_argument("--auto-k-fraction", type=float, default=0.9,
                            help="with --auto-k: share of the best gap reduction the chosen K must reach (default 0.9)")
-        p.add_argument("--blocks", default="auto", help="auto (localize, take the top --k), all, or block.3,block.7")
-        p.add_argument("--k", type=int, default=4, help="blocks to train with --blocks auto (default 4)")
-        p.add_argument("--localize-method", choices=("contribution", "patch", "attribution"), default="contribution",
-                       help="how --blocks auto ranks the blocks (default contribution; patch and attribution are "
-                            "causal, see docs/recipes.md)")
+        p.add_argument("--blocks", default="auto",
+                       help="auto (localize, then --k blocks), a localization.json from `ditloc localize` (search "
+                            "once, edit many times), all, or block.3,block.7")
+        p.add_argument("--k", type=int, default=None,
+                       help="blocks to edit with --blocks auto or a localization (default: its own K: a search's "
+                            "automatic K from its curve)")
+        p.add_argument("--localize-method", choices=("search", "contribution", "patch", "attribution"),
+                       default="search",
+                       help="how --blocks auto localizes (default search: block sets by their effect on the "
+                            "concept's presence, the best method on the toy ground truth; see docs/recipes.md)")
         if name == "unlearn":
             p.add_argument("--method", choices=("lora", "full", "closed-form"), default="lora",
                            help="lora / full: train; closed-form: solve the blocks' text key/value projections "

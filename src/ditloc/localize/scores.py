@@ -41,6 +41,7 @@ def localize(
     evaluator=None,
     eval_text: str | None = None,
     checkpoint=None,
+    only=None,
     **run,
 ) -> Localization:
     """Score every block for `concept` (method.md §1, §7).
@@ -71,9 +72,9 @@ def localize(
 
         return set_search(pipe, prompts, concept, config=search, evaluator=evaluator, eval_text=eval_text,
                           clean_prompts=clean_prompts, seed=seed, block_batch=block_batch, batch_size=batch_size,
-                          options=options, checkpoint=checkpoint, progress=progress, **run)
-    if search is not None or evaluator is not None or checkpoint is not None:
-        raise DitlocError(f"search, evaluator and checkpoint are options of method 'search', not {method!r}")
+                          options=options, checkpoint=checkpoint, progress=progress, only=only, **run)
+    if search is not None or evaluator is not None or checkpoint is not None or only is not None:
+        raise DitlocError(f"search, evaluator, checkpoint and only are options of method 'search', not {method!r}")
     if variant not in VARIANTS:
         raise DitlocError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     if block_batch is not None and (not isinstance(block_batch, int) or block_batch < 1):

@@ -123,24 +123,31 @@ def _ordered(s, order: list[str]) -> tuple[str, ...]:
 def search(pipe, prompts, concept: str, *, config: SearchConfig | None = None, evaluator=None,
            eval_text: str | None = None, clean_prompts=None, seed=0, block_batch: int | None = None,
            batch_size: int | None = None, pooled: str | None = None, options: RunOptions | None = None,
-           checkpoint=None, progress=None, **run) -> Localization:
+           checkpoint=None, progress=None, only=None, **run) -> Localization:
     """Set-level search for `concept` (method.md §9): a `Localization` whose `search`
     holds S_K and its presence for K = 1..max_k, and whose `top(k)` is S_k.
 
     Prompts, seeds and run options are those of `ditloc.localize` (the search's
     generations use `config.search_steps` steps when given). `progress(done, total,
 ` is called after each evaluated set; `checkpoint`: a JSONL path that makes
-    the search resumable (one writer at a time).
+    the search resumable (one writer at a time). `only`: search these blocks only (e.g. the
+    blocks an edit can change).
     """
     config = config or SearchConfig()
     if not isinstance(config, SearchConfig):
         raise DitlocError(f"config must be a SearchConfig, got {type(config).__name__}")
     opts = RunOptions.of(options, **run)
-    n_blocks = len(opts.resolve(pipe).adapter.block_names())
+    adapter = opts.resolve(pipe).adapter
+    pool = adapter.resolve_blocks(list(only)) if only is not None else adapter.block_names()
+    if not pool:
+        raise DitlocError("no blocks to search; `only` is empty")
+    n_blocks = len(pool)
     config.check(n_blocks)
     objective = config.objective
-    if objective is None:
-        objective = "evaluator" if evaluator is not None or default_evaluator(pipe) is not None else "self"
+    if objective is None:  # an evaluator where one is given or built in and can score the concept, else self
+        candidate = evaluator if evaluator is not None else default_evaluator(pipe)
+        objective = "evaluator" if candidate is not None and _can_score(candidate, eval_text or concept) else "self"
+        evaluator = candidate if objective == "evaluator" else None
     if config.search_steps is not None:
         opts = RunOptions.of(opts, num_inference_steps=config.search_steps)
     runner = PresenceRunner(pipe, prompts, concept, objective=objective, evaluator=evaluator, eval_text=eval_text,
@@ -150,15 +157,15 @@ def search(pipe, prompts, concept: str, *, config: SearchConfig | None = None, e
     spans = tuple(runner.adapter.concept_span(p, concept, runner.kw) for p in runner.prompts)
     start = time.perf_counter()
 
-    candidates, candidate_seconds = list(names), 0.0
-    if config.candidates is not None and config.candidates < len(names):
+    candidates, candidate_seconds = list(pool), 0.0
+    if config.candidates is not None and config.candidates < len(pool):
         from .scores import localize
 
         t0 = time.perf_counter()
         cheap = localize(pipe, runner.prompts, concept, method=config.candidate_method, clean_prompts=runner.clean,
                          seed=runner.seeds, options=opts)
         candidate_seconds = time.perf_counter() - t0
-        chosen = set(cheap.ranking[: config.candidates])
+        chosen = set([b for b in cheap.ranking if b in pool][: config.candidates])
         candidates = [b for b in names if b in chosen]
 
     identity = {"concept": concept, **{k: v for k, v in runner.settings().items() if k != "model"},
@@ -218,6 +225,14 @@ def search(pipe, prompts, concept: str, *, config: SearchConfig | None = None, e
                 "candidates": candidates}
     return Localization(concept=concept, blocks=tuple(names), per_sample_step=drops,
                         per_head_step=drops.new_zeros(*drops.shape, 0), spans=spans, settings=settings, search=result)
+
+
+def _can_score(evaluator, text: str) -> bool:
+    try:
+        evaluator.check_text(text)
+    except DitlocError:
+        return False
+    return True
 
 
 def _planned(m: int, config: SearchConfig) -> int:
