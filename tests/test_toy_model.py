@@ -51,14 +51,18 @@ def test_demo_fast_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TQDM_DISABLE", "0")  # draw the progress bar although stderr is captured
     assert main(["demo", "--fast", "--out", str(tmp_path / "demo")]) == 0
     out, err = capsys.readouterr()
-    # one bar over every denoising step: 6 categories x (1 localize + 3 generate calls) x 4 steps, with an ETA
-    final = [line for line in err.replace("\r", "\n").splitlines() if "96/96" in line]
+    # a bar over the search's block sets (fast: max K = 2 -> 12 + 11 singles and pairs, baseline: 24 sets)
+    final = [line for line in err.replace("\r", "\n").splitlines() if "24/24" in line]
     assert final and "<" in final[-1]  # [elapsed<remaining, rate]
     assert "[6/6] hazard" in err and "since the start" in err
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert set(summary["categories"]) == {"shape", "color", "style", "place", "character", "hazard"}
     for category, e in summary["categories"].items():
-        assert len(e["top_k_blocks"]) == 3 and all(b in summary["blocks"] for b in e["top_k_blocks"])
+        assert e["k_from_curve"] and e["k"] == (e["auto_k"] or 2)  # K from the curve, else the largest set
+        assert e["top_k_blocks"] == e["search_sets"][e["k"] - 1] and len(e["curve"]) == 2
+        assert all(b in summary["blocks"] for b in e["top_k_blocks"]) and len(e["random_k_blocks"][0]) == e["k"]
+        loc = json.loads((tmp_path / "demo" / category / "localization.json").read_text())
+        assert loc["settings"]["method"] == "search" and loc["search"]["sets"] == e["search_sets"]
         for key in ("presence_before", "presence_top_k", "presence_random_k"):
             assert 0.0 <= e[key] <= 1.0
         assert (tmp_path / "demo" / category / "localization.json").is_file()

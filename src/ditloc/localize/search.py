@@ -180,7 +180,7 @@ def search(pipe, prompts, concept: str, *, config: SearchConfig | None = None, e
         for blocks, values in store.load():
             runner.remember(blocks, values)
     try:
-        total = _planned(len(candidates), config)
+        total = _planned(len(candidates), config, objective)
         done = [0]
 
         def on_set(blocks, values):
@@ -235,9 +235,10 @@ def _can_score(evaluator, text: str) -> bool:
     return True
 
 
-def _planned(m: int, config: SearchConfig) -> int:
-    """Sets the search evaluates at most (the progress total), baseline and references included."""
-    total = 2
+def _planned(m: int, config: SearchConfig, objective: str) -> int:
+    """Sets the search evaluates at most (the progress total), the baseline (and for the self
+    objective the clean prompt's images) included."""
+    total = 2 if objective == "self" else 1
     if config.direction in ("forward", "both"):
         total += sum(min(config.beam * (m - k), len(range(m))) for k in range(config.max_k))
     if config.direction in ("backward", "both"):

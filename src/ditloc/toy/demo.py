@@ -1,18 +1,20 @@
 """`ditloc demo`: the whole localize -> verify loop on the embedded toy model.
 
-For one concept of each of the six toy categories: localize it with
-training-template prompts, then on held-out prompts withhold it from the top-K
-blocks and from random K blocks, and measure its presence with the oracle (the
-fraction of images it classifies as the concept). Generating and scoring, the
-random-K draw and the figures are the bench's and the report's; the demo adds
-its prompts (drawn from the toy world) and its summary. Writes
-`localization.json` per category, a heat map (categories x blocks), image grids
-(original | top-K withheld | random-K withheld) and `summary.json`.
+For one concept of each of the six toy categories: localize it by the set-level
+search (method.md §9) on training-template prompts (the oracle's soft presence,
+at half the sampling steps), take K from the search's curve (the smallest K whose
+set halves presence; its largest set where none does), then on held-out prompts
+withhold the concept from the searched K-set and from random K-sets, and measure
+its presence with the oracle (the fraction of images it classifies as the
+concept). Generating and scoring, the random-K draw and the figures are the
+bench's and the report's; the demo adds its prompts (drawn from the toy world)
+and its summary. Writes `localization.json` per category, a heat map (categories
+x blocks: each block's own presence drop), image grids (original | searched set
+withheld | random set withheld) and `summary.json`.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from .. import _progress
 from .._io import write_json
 from ..bench import ConceptPlan, generate_scored, random_blocks, slugify
 from ..evaluate.toy import ToyOracle
-from ..localize import localize
+from ..localize import SearchConfig, localize
 from ..options import RunOptions
 from ..report.figures import grid_figure, heatmap_figure, save_figure
 from . import world
@@ -42,19 +44,21 @@ DEMO_CONCEPTS = {
 
 @dataclass(frozen=True)
 class DemoConfig:
-    k: int = 3
+    k: int | None = None  # None: K from the search's curve
     steps: int = 20
-    n_localize: int = 6  # training-template prompts per concept
+    n_localize: int = 6  # training-template prompts per concept (the search's, with `seeds`)
     n_eval: int = 8  # held-out prompts per concept
     seeds: tuple[int, ...] = (0, 1)
     n_random: int = 3  # random K-block sets averaged for the control
     seed: int = 0
     guidance_scale: float | None = None
+    max_k: int = 4  # the search's largest set
+    search_steps: int | None = None  # None: half of `steps`
 
     @classmethod
     def fast(cls) -> "DemoConfig":
         """For CI: the same loop, smaller."""
-        return cls(k=3, steps=4, n_localize=2, n_eval=2, seeds=(0,), n_random=1)
+        return cls(k=None, steps=4, n_localize=2, n_eval=2, seeds=(0,), n_random=1, max_k=2)
 
 
 def _pin(category: str, concept: str) -> dict:
@@ -110,30 +114,44 @@ def run_demo(out_dir="runs/demo", config: DemoConfig | None = None, *, pipe=None
     summary, heat = {}, {}
     # one bar over every denoising step: per category one localize call per batch, then one generate call per
     # condition (original, top-K, each random set)
-    calls = len(DEMO_CONCEPTS) * (math.ceil(cfg.n_localize / LOCALIZE_BATCH) + 2 + cfg.n_random)
-    with _progress.bar(desc="demo", unit="step") as steps, _progress.count_steps(pipe, steps, calls=calls):
+    search = SearchConfig(objective="evaluator", max_k=cfg.max_k,
+                          search_steps=cfg.search_steps or max(2, cfg.steps // 2))
+    with _progress.bar(desc="demo", unit="set") as bar:
         for n, (category, (concept, label)) in enumerate(DEMO_CONCEPTS.items(), 1):
             c = _concept(rng, category, concept, label, cfg)
-            steps.set_description(f"demo [{n}/6] {category}: localize")
-            progress(f"[{n}/6] {category} {concept!r}: localize on {len(c.localization_prompts)} prompts "
-                     f"({_progress.elapsed(t0)} since the start)")
-            loc = localize(pipe, list(c.localization_prompts), concept, seed=cfg.seed, batch_size=LOCALIZE_BATCH,
-                           options=options)
+            bar.set_description(f"demo [{n}/6] {category}: search")
+            progress(f"[{n}/6] {category} {concept!r}: search block sets on {len(c.localization_prompts)} prompts x "
+                     f"{len(cfg.seeds)} seeds ({_progress.elapsed(t0)} since the start)")
+
+            def tick(done, total):
+                bar.total, bar.n = total, done
+                bar.refresh()
+
+            loc = localize(pipe, list(c.localization_prompts), concept, method="search", search=search,
+                           evaluator=ToyOracle(oracle), eval_text=c.eval_text, seed=list(cfg.seeds),
+                           clean_prompts=[world.clean_prompt(p, category, concept) for p in c.localization_prompts],
+                           options=options, progress=tick)
             loc.save(out / category / "localization.json")
-            heat[category] = loc.scores.tolist()
-            top, blocks = loc.top(cfg.k), list(loc.blocks)
-            random_sets = [random_blocks(blocks, cfg.k, rng) for _ in range(cfg.n_random)]
-            steps.set_description(f"demo [{n}/6] {category}: generate")
+            heat[category] = loc.scores.tolist()  # each block's own presence drop (the search's K = 1 step)
+            k = cfg.k if cfg.k is not None else loc.choose_k()
+            top, blocks = loc.top(k), list(loc.blocks)
+            random_sets = [random_blocks(blocks, k, rng) for _ in range(cfg.n_random)]
+            bar.set_description(f"demo [{n}/6] {category}: verify")
             progress(f"[{n}/6] {category}: generate {len(c.evaluation_prompts)}x{len(cfg.seeds)} held-out images, "
-                     f"withhold top-{cfg.k} {top} vs {cfg.n_random} random sets")
+                     f"withhold the searched {k}-set {top} vs {cfg.n_random} random sets")
             before, withheld, *randoms = [generate_scored(pipe, c, withhold, evaluator, seeds=cfg.seeds,
                                                           options=options)
                                           for withhold in [None, top, *random_sets]]  # (images, scores) each
             summary[category] = {
                 "concept": concept,
                 "oracle_label": label,
-                "k": cfg.k,
+                "k": k,
+                "k_from_curve": cfg.k is None,
+                "auto_k": loc.search.auto_k(),
                 "top_k_blocks": top,
+                "curve": loc.search.relative_curve,
+                "search_sets": [list(x) for x in loc.search.sets],
+                "search_generations": loc.search.cost["generations"],
                 "random_k_blocks": random_sets,
                 "presence_before": float(np.mean(before[1])),
                 "presence_top_k": float(np.mean(withheld[1])),
@@ -145,16 +163,16 @@ def run_demo(out_dir="runs/demo", config: DemoConfig | None = None, *, pipe=None
             }
             samples = [(i, seed) for i in range(len(c.evaluation_prompts)) for seed in cfg.seeds][:4]
             save_figure(grid_figure([[before[0][r], withheld[0][r], randoms[0][0][r]] for r in range(len(samples))],
-                                    ["original", f"top-{cfg.k} withheld", f"random-{cfg.k} withheld"],
+                                    ["original", f"searched {k}-set withheld", f"random {k}-set withheld"],
                                     [f"p{i}: {c.evaluation_prompts[i]}\nseed {seed}" for i, seed in samples],
                                     title=f"{category} / {concept}: original and withheld"),
                         out / category / "grid.png")
     rows = {f"{category}: {summary[category]['concept']}": _scaled(scores) for category, scores in heat.items()}
     marked = {f"{category}: {e['concept']}": e["top_k_blocks"] for category, e in summary.items()}
-    save_figure(heatmap_figure(rows, list(loc.blocks), title="Attention contribution of each concept",
+    save_figure(heatmap_figure(rows, list(loc.blocks), title="Presence drop when each block alone is withheld",
                                subtitle="each row scaled to its own range (lowest white, highest red)",
-                               quantity="attention contribution (scaled per row)", marked=marked,
-                               mark_label=f"top-{cfg.k} blocks (withheld)", row_axis="category: concept"),
+                               quantity="single-block presence drop (scaled per row)", marked=marked,
+                               mark_label="searched set (withheld)", row_axis="category: concept"),
                 out / "heatmap.png")
     result = {
         "categories": summary,
@@ -166,10 +184,14 @@ def run_demo(out_dir="runs/demo", config: DemoConfig | None = None, *, pipe=None
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'category':<10} {'concept':<9} {'top-K blocks':<28} {'before':>7} {'top-K':>7} {'random-K':>9}"]
+    lines = [f"{'category':<10} {'concept':<9} {'searched set':<16} {'K':>2} {'before':>7} {'searched':>9} "
+             f"{'random':>7}"]
     for cat, e in result["categories"].items():
+        k = f"{e['k']}" + ("" if not e.get("k_from_curve") or e.get("auto_k") else "*")
         lines.append(
-            f"{cat:<10} {e['concept']:<9} {','.join(b.split('.')[1] for b in e['top_k_blocks']):<28} "
-            f"{e['presence_before']:>7.2f} {e['presence_top_k']:>7.2f} {e['presence_random_k']:>9.2f}"
+            f"{cat:<10} {e['concept']:<9} {','.join(b.split('.')[1] for b in e['top_k_blocks']):<16} {k:>2} "
+            f"{e['presence_before']:>7.2f} {e['presence_top_k']:>9.2f} {e['presence_random_k']:>7.2f}"
         )
+    if any(e.get("k_from_curve") and not e.get("auto_k") for e in result["categories"].values()):
+        lines.append("* no set of up to max-K blocks halved presence in the search: its largest set")
     return "\n".join(lines)

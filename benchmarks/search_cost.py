@@ -1,0 +1,175 @@
+"""Cost of the set-level search (method.md §9) as a ratio to one plain generation of the
+same prompts, measured side by side in one process: search to K = 4 with and without
+candidate pruning, with the evaluator objective and with the model as its own judge.
+
+    python benchmarks/search_cost.py --model toy                       # the shipped toy PixArt, toy oracle
+    python benchmarks/search_cost.py --model pixart --size small       # CPU-sized shapes of each family
+    python benchmarks/search_cost.py --model flux --size small
+    python benchmarks/search_cost.py --counts                          # generations at real-model sizes
+
+Every run uses the same prompts x seeds; the plain generation and each search run at
+`--steps` sampling steps, the search's generations at `--search-steps` (default half).
+On the toy the evaluator is the toy oracle; on random-weight shapes a stand-in (the
+mean of one color channel: cheap, so the evaluator objective's ratio is the generations'
+own cost). Wall times are medians of `--repeats` runs after one warm-up; the search
+runs without a checkpoint. Benchmark idle: other processes on the cores change the
+numbers, not only the ratios.
+
+`--counts` prints, without running anything, the number of generations the search needs
+(one generation = every prompt x seed once, at the search's steps) for PixArt-XL (28 blocks)
+and FLUX.1-dev (57 blocks), and the equivalent number of plain generations at 20 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import ditloc  # noqa: E402
+from ditloc.evaluate.base import Evaluator  # noqa: E402
+from ditloc.localize import SearchConfig  # noqa: E402
+from ditloc.localize.judge import DRAWS, LEVELS  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from localize_overhead import SHAPES, build_pipeline  # noqa: E402
+
+TOY_PROMPTS = ["a zibbit in the forest", "a photo of a zibbit on the beach", "there is a zibbit in the snow",
+               "a picture of a zibbit at night", "a zibbit in the desert", "a drawing of a zibbit in the ocean"]
+SHAPE_PROMPTS = [f"a photo of van gogh {w}" for w in ("at night", "in the city", "with a dog", "by the river",
+                                                       "in the snow", "on the beach")]
+
+
+class MeanChannel(Evaluator):
+    """A stand-in evaluator for random-weight shapes: the mean of the red channel."""
+
+    def _score_batch(self, images, texts):
+        return np.array([np.asarray(im, dtype=np.float64)[..., 0].mean() / 255 for im in images])
+
+
+def generations(n_blocks: int, max_k: int = 4, candidates: int | None = None, objective: str = "evaluator") -> int:
+    """Generations of a greedy forward search (beam 1): the baseline, (the clean prompt's for
+    self), and m + (m-1) + ... + (m-max_k+1) sets over m candidate blocks."""
+    m = candidates or n_blocks
+    return 1 + (objective == "self") + sum(m - k for k in range(max_k))
+
+
+def counts_table(steps: int = 20, search_steps: int = 10) -> str:
+    """Generations for real-model sizes, and their cost in plain generations at `steps`."""
+    lines = ["| model | blocks | search | generations | = plain generations at 20 steps |", "|---|---:|---|---:|---:|"]
+    # rows of one denoising step: PixArt samples with CFG (2), FLUX.1-dev is guidance-distilled (1)
+    for name, n, rows in (("PixArt-XL (28 blocks)", 28, 2), ("FLUX.1-dev (19 double + 38 single)", 57, 1)):
+        for label, cand in (("K <= 4, every block", None), (f"K <= 4, candidates {2 * n // 3}", 2 * n // 3)):
+            for objective in ("evaluator", "self"):
+                g = generations(n, 4, cand, objective)
+                # self: each image is also judged by len(LEVELS) x DRAWS x 2 single-row forwards, against rows x steps
+                # rows of a CFG generation; pruning by contribution adds one generation at the search's steps
+                judge = len(LEVELS) * DRAWS * 2 / (rows * search_steps) if objective == "self" else 0.0
+                plain = g * search_steps / steps * (1 + judge) + (search_steps / steps if cand else 0.0)
+                lines.append(f"| {name} | {n} | {label}, {objective} | {g} | {plain:.0f} |")
+    return "\n".join(lines)
+
+
+def _pipe(model: str, size: str):
+    if model == "toy":
+        pipe = ditloc.toy.load_pipeline()
+        return pipe, TOY_PROMPTS, "zibbit", None, dict(max_sequence_length=32, clean_caption=False)
+    pipe, call = build_pipeline(model, SHAPES[model][size], "cpu", torch.float32)  # call: the shape's pipe(...) kwargs
+    return pipe, SHAPE_PROMPTS, "van gogh", MeanChannel(), dict(call)
+
+
+def measure(args) -> dict:
+    torch.set_num_threads(args.threads)
+    pipe, prompts, concept, evaluator, run = _pipe(args.model, args.size)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = prompts[: args.prompts]
+    seeds = list(range(args.seeds))
+    n_blocks = len(ditloc.get_adapter(pipe).block_names())
+    search_steps = args.search_steps or max(2, args.steps // 2)
+    candidates = args.candidates or max(args.max_k, 2 * n_blocks // 3)
+    variants = {"plain": None}
+    for objective in ("evaluator", "self"):
+        for cand in (None, candidates):
+            label = f"search {objective}" + (f", candidates {cand}" if cand else "")
+            variants[label] = SearchConfig(objective=objective, max_k=args.max_k, candidates=cand,
+                                           search_steps=search_steps)
+
+    def run_variant(config):
+        t0 = time.perf_counter()
+        if config is None:
+            ditloc.generate(pipe, prompts, seed=seeds, num_inference_steps=args.steps, output_type="latent", **run)
+            return time.perf_counter() - t0, None
+        loc = ditloc.localize(pipe, prompts, concept, method="search", search=config, evaluator=evaluator,
+                              seed=seeds, num_inference_steps=args.steps, **run)
+        return time.perf_counter() - t0, loc
+
+    for config in variants.values():  # warm-up
+        if config is None:
+            run_variant(None)
+    times = {name: [] for name in variants}
+    found = {}
+    for _ in range(args.repeats):
+        for name, config in variants.items():
+            seconds, loc = run_variant(config)
+            times[name].append(seconds)
+            if loc is not None:
+                found[name] = {"sets": [list(s) for s in loc.search.sets], "generations": loc.search.cost["generations"]}
+    plain = statistics.median(times["plain"])
+    rows = {name: {"seconds": statistics.median(t), "ratio": statistics.median(t) / plain, **found.get(name, {})}
+            for name, t in times.items()}
+    return {"model": args.model, "size": args.size if args.model != "toy" else None, "blocks": n_blocks,
+            "prompts": len(prompts), "seeds": len(seeds), "steps": args.steps, "search_steps": search_steps,
+            "max_k": args.max_k, "threads": args.threads, "repeats": args.repeats, "rows": rows,
+            "cpu": _cpu_name(), "torch": torch.__version__}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="toy", choices=("toy", "pixart", "sana", "flux", "sd3"))
+    ap.add_argument("--size", default="small", choices=("tiny", "small"))
+    ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--search-steps", type=int, default=None)
+    ap.add_argument("--max-k", type=int, default=4)
+    ap.add_argument("--candidates", type=int, default=None, help="default: 2/3 of the blocks")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None, help="also write the result here")
+    ap.add_argument("--counts", action="store_true", help="only the generation counts at real-model sizes")
+    args = ap.parse_args(argv)
+    if args.counts:
+        print(counts_table())
+        return 0
+    result = measure(args)
+    print(f"{args.model} ({result['blocks']} blocks), {result['prompts']} prompts x {result['seeds']} seeds, "
+          f"{args.steps} steps (search {result['search_steps']}), {args.threads} threads, {result['cpu']}")
+    print(f"{'run':<36} {'seconds':>8} {'x plain':>8} {'generations':>12}")
+    for name, r in result["rows"].items():
+        print(f"{name:<36} {r['seconds']:>8.2f} {r['ratio']:>8.1f} {r.get('generations', ''):>12}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
