@@ -144,6 +144,8 @@ BAD = [
     (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "search", "--objective", "evaluator"],
      "needs --evaluator"),
     (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--max-k", "3"], "setting of --method search"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "search", "--evaluator", "toy"],
+     "'van gogh' is not a toy concept"),
     (["--concept", "van gogh", "--prompts-file", "/nonexistent/prompts.txt"], "cannot read prompts file"),
 ]
 
