@@ -14,6 +14,7 @@ scored: after Ctrl-C or kill -9 the same call resumes without evaluating a set t
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -240,7 +241,7 @@ def _planned(m: int, config: SearchConfig, objective: str) -> int:
     objective the clean prompt's images) included."""
     total = 2 if objective == "self" else 1
     if config.direction in ("forward", "both"):
-        total += sum(min(config.beam * (m - k), len(range(m))) for k in range(config.max_k))
+        total += sum(min(config.beam * (m - k), math.comb(m, k + 1)) for k in range(config.max_k))
     if config.direction in ("backward", "both"):
         total += 1 + sum(range(2, m + 1))
     return total
