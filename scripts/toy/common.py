@@ -78,15 +78,16 @@ def make_text_encoder(vocab_size: int):
     return T5EncoderModel(text_encoder_config(vocab_size))
 
 
-def make_vae(latent_channels: int = 8):
+def make_vae(latent_channels: int = 8, levels: int = 3):
+    """levels 3: 32x32 -> 8x8 (the PixArt toy); levels 2: 32x32 -> 16x16 (the FLUX toy)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels={3: (32, 32, 64), 2: (32, 64)}[levels],
         layers_per_block=1,
         latent_channels=latent_channels,
         norm_num_groups=16,
@@ -210,7 +211,8 @@ def _rng_from_json(d, torch_state):
     }
 
 
-_MODELS = ("transformer", "text_encoder", "ema_transformer", "ema_text_encoder", "id_head")
+_MODELS = ("transformer", "text_encoder", "ema_transformer", "ema_text_encoder", "id_head",
+           "text_encoder_2", "ema_text_encoder_2")  # the last two: the FLUX family (CLIP + T5)
 
 
 def save_dit_ckpt(ck: dict, stem):

@@ -1,7 +1,11 @@
-"""Export the EMA weights of a DiT checkpoint as a diffusers PixArtAlphaPipeline.
+"""Export the EMA weights of a DiT checkpoint as a diffusers pipeline
+(PixArtAlphaPipeline, or FluxPipeline for ``train_dit.py --family flux``
+checkpoints; the family is read from the checkpoint, see ``families.py``).
 
     python scripts/toy/export_pipeline.py                       # latest ckpt -> src/ditloc/toy/model
     python scripts/toy/export_pipeline.py --ckpt toy_training/runs/dit/ema_10000.safetensors --out /tmp/m
+    python scripts/toy/export_pipeline.py --ckpt toy_training/runs/flux/dit/ckpt.safetensors \
+        --log toy_training/runs/flux/dit/log.txt     # -> toy_training/runs/flux/export
 
 Reads the safetensors + JSON checkpoints written by train_dit.py (``--ckpt``
 may name ``X.safetensors``, ``X.json`` or the stem ``X``).  Pickled checkpoints
@@ -23,28 +27,19 @@ import numpy as np
 import torch
 
 import common
+import families
 
 
 def build_pipeline(ckpt_path, vae_dir):
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline
-    from transformers import T5Config, T5EncoderModel
-    from diffusers import PixArtTransformer2DModel
+    from diffusers import AutoencoderKL
 
-    ck = common.load_dit_ckpt(ckpt_path, models=("ema_transformer", "ema_text_encoder"))
-    tokenizer = common.build_tokenizer()
-    te = T5EncoderModel(T5Config.from_dict(ck["text_encoder_config"]))
-    te.load_state_dict(ck["ema_text_encoder"])
-    tcfg = {k: v for k, v in ck["transformer_config"].items() if not k.startswith("_")}
-    tr = PixArtTransformer2DModel(**tcfg)
-    tr.load_state_dict(ck["ema_transformer"])
+    ck = common.load_dit_ckpt(ckpt_path, models=("ema_transformer", "ema_text_encoder", "ema_text_encoder_2"))
+    family = families.get(families.family_of_ckpt(ck))
     if vae_dir is None:  # the VAE the DiT was trained with (e.g. <init-from>/vae in a fresh checkout)
-        vae_dir = ck["args"].get("vae") or str(common.RUNS / "vae" / "model")
+        vae_dir = ck["args"].get("vae") or str(family.default_vae)
     vae = AutoencoderKL.from_pretrained(vae_dir)
     ck["vae_dir"] = vae_dir
-    sched = DPMSolverMultistepScheduler(**common.scheduler_config())
-    pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=te.eval(), vae=vae.eval(),
-                               transformer=tr.eval(), scheduler=sched)
-    return pipe, ck
+    return family.build_pipeline(ck, vae), ck
 
 
 def _train_log_stats(log_path, step):
@@ -132,15 +127,54 @@ gives identical results (32 is enough and faster than the default 120).
 """
 
 
+def provenance_flux(ck, total_bytes, args) -> str:
+    import platform
+
+    a = ck["args"]
+    tc = ck["transformer_config"]
+    loss, wall = _train_log_stats(args.log, ck["step"])
+    try:
+        cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
+    except Exception:
+        cpu = platform.processor()
+    vae_sum = Path(args.vae).parent / "summary.json"
+    vae_info = json.loads(vae_sum.read_text()) if vae_sum.exists() else {}
+    return f"""# Provenance of the toy FLUX pipeline (draft written by export_pipeline.py)
+
+Trained from scratch by the ditloc project on procedurally rendered images of the toy world; no external data
+or weights.  How it was trained: `scripts/toy/FLUX_TRAINING.md`.
+
+| item | value |
+|---|---|
+| transformer | FluxTransformer2DModel, {tc['num_layers']} double-stream + {tc['num_single_layers']} single-stream blocks, {tc['num_attention_heads']} heads x {tc['attention_head_dim']}, RoPE axes {tuple(tc['axes_dims_rope'])}, guidance_embeds {tc['guidance_embeds']} |
+| text encoders | T5EncoderModel (text_encoder_2, toy tokenizer) + CLIPTextModel (text_encoder, pooled output) |
+| VAE | AutoencoderKL 32x32x3 <-> 16x16x{tc['in_channels'] // 4} ({vae_info.get('steps', '?')} steps, eval L1 {vae_info.get('eval_l1', float('nan')):.4f}) |
+| training | rectified flow (velocity target), shifted logit-normal timesteps (mean {a.get('logit_mean')}, std {a.get('logit_std')}), {ck['step']} steps, batch {a['batch']}, lr {a['lr']}, EMA {a['ema']}, {a['p_empty']:.0%} empty captions, object weight {a['object_weight']}, id loss {a['id_loss']} |
+| seed | {a['seed']} (scene pool {a['pool']} scenes) |
+| last logged training loss | {loss} |
+| DiT training wall time | {wall / 3600 if wall else float('nan'):.2f} h |
+| hardware | {cpu}, {a['threads']} CPU threads, no GPU |
+| safetensors total | {total_bytes / 1e6:.2f} MB |
+| exported | {time.strftime('%Y-%m-%d %H:%M:%S')} |
+
+Inference: `FluxPipeline.from_pretrained(dir)(prompt, height=32, width=32, num_inference_steps=20,
+true_cfg_scale={families.FLUX_CFG}, negative_prompt="", max_sequence_length={common.MAX_LEN})`.
+FluxPipeline runs T5 without an attention mask, so the model was trained with prompts padded to exactly
+{common.MAX_LEN} tokens: pass `max_sequence_length={common.MAX_LEN}`.
+{('Note: ' + args.note) if args.note else ''}
+"""
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", default=str(common.RUNS / "dit" / "ckpt.safetensors"))
     ap.add_argument("--vae", default=None, help="VAE directory (default: the one recorded in the checkpoint's args)")
-    ap.add_argument("--out", default=str(common.MODEL_DIR))
+    ap.add_argument("--out", default=None,
+                    help="default src/ditloc/toy/model (pixart), toy_training/runs/flux/export (flux)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--note", default="")
     ap.add_argument("--keep-provenance", action="store_true", help="do not regenerate PROVENANCE.md")
-    ap.add_argument("--log", default=str(common.RUNS / "dit" / "log.txt"))
+    ap.add_argument("--log", default=None, help="training log (default: <family's run dir>/log.txt)")
     ap.add_argument("--check-png", default=str(common.RUNS / "export_check.png"),
                     help="where to save the generation check grid")
     args = ap.parse_args()
@@ -148,6 +182,11 @@ def main():
 
     pipe, ck = build_pipeline(args.ckpt, args.vae)
     args.vae = ck.pop("vae_dir")
+    family = families.get(families.family_of_ckpt(ck))
+    if args.out is None:
+        args.out = str(common.MODEL_DIR if family.name == "pixart" else common.RUNS / "flux" / "export")
+    if args.log is None:
+        args.log = str(family.default_out / "log.txt")
     out = Path(args.out)
     prov = out / "PROVENANCE.md"
     keep = prov.read_text() if prov.exists() else None
@@ -170,20 +209,18 @@ def main():
     if keep is not None and args.keep_provenance:
         prov.write_text(keep)
     else:
-        prov.write_text(provenance(ck, total, args))
+        prov.write_text((provenance if family.name == "pixart" else provenance_flux)(ck, total, args))
     print(f"exported step {ck['step']} -> {out} ({total/1e6:.2f} MB safetensors)")
 
     # offline load + generation check
     os.environ["HF_HUB_OFFLINE"] = "1"
-    from diffusers import PixArtAlphaPipeline
-
-    p2 = PixArtAlphaPipeline.from_pretrained(out)
+    p2 = type(pipe).from_pretrained(out, local_files_only=True)
+    assert type(p2) is type(pipe), (type(p2), type(pipe))
     p2.set_progress_bar_config(disable=True)
     prompts = ["a red striped circle on the beach", "a zibbit in the snow",
                "a blue checkered star at night with a hazard sign", "a yellow outlined square in the forest"]
     t0 = time.time()
-    imgs = p2(prompts, num_inference_steps=20, height=32, width=32, use_resolution_binning=False,
-              generator=torch.Generator().manual_seed(0), output_type="np").images
+    imgs = family.sample(p2, prompts, torch.Generator().manual_seed(0))
     print(f"generated {imgs.shape} in {time.time()-t0:.1f}s")
     assert imgs.shape == (4, 32, 32, 3)
     Path(args.check_png).parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,8 @@
-"""Train the toy PixArt DiT + T5 text encoder on cached VAE latents.
+"""Train a toy DiT + its text encoder(s) on cached VAE latents.
+
+``--family pixart`` (default): the shipped toy PixArt-alpha (PixArt DiT + T5).
+``--family flux``: a toy FLUX.1 (FluxTransformer2DModel + T5 + CLIP, rectified
+flow); see ``families.py`` (everything family-specific) and ``FLUX_TRAINING.md``.
 
 ``--steps`` is always the TOTAL step count (including steps done earlier).
 
@@ -47,14 +51,17 @@ import numpy as np
 import torch
 
 import common
+import families
 from ditloc.toy import world
 
 
 def build_pool(args, out: Path, vae):
-    """Seeded scene pool + VAE latents (posterior mean * scaling_factor).
+    """Seeded scene pool + VAE latents ((posterior mean - shift_factor, if set) * scaling_factor).
 
     Cached as ``pool_<...>.safetensors`` (latents) + ``.json`` (scenes as dicts)."""
-    tag = f"c{vae.config.latent_channels}_sf{vae.config.scaling_factor:.5f}" + ("_randpos" if args.random_positions else "")
+    shift = vae.config.get("shift_factor")
+    tag = (f"c{vae.config.latent_channels}_sf{vae.config.scaling_factor:.5f}"
+           + (f"_sh{shift:.5f}" if shift is not None else "") + ("_randpos" if args.random_positions else ""))
     cache = out / f"pool_{args.pool}_seed{args.seed}_{tag}"
     if common.state_exists(cache):
         t, meta = common.load_state(cache)
@@ -66,7 +73,8 @@ def build_pool(args, out: Path, vae):
     with torch.no_grad():
         for i in range(0, args.pool, 512):
             x = common.images_to_tensor(world.render_batch(scenes[i : i + 512]))
-            lat.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)
+            mean = vae.encode(x).latent_dist.mean
+            lat.append((mean if shift is None else mean - shift) * vae.config.scaling_factor)
             if (i // 512) % 20 == 0:
                 print(f"encoded {i + len(x)}/{args.pool} ({time.time() - t0:.0f}s)", flush=True)
     latents = torch.cat(lat).contiguous()
@@ -88,35 +96,15 @@ def object_masks(scenes, idx, latent_size: int) -> torch.Tensor:
     return m
 
 
-def init_from_pipeline(pipe_dir: Path, transformer, text_encoder, tokenizer, partial: bool = False) -> int:
-    """Load the exported (EMA) weights of a PixArtAlphaPipeline directory into
+def init_from_pipeline(family, pipe_dir: Path, models, tokenizers, partial: bool = False) -> int:
+    """Load the exported (EMA) weights of a pipeline directory of ``family`` into
     the freshly built models (strict: the architecture must match).  Returns
     the step recorded in ``training_info.json`` (0 if absent).
 
     ``partial=True`` (architecture change, e.g. a new patch size) copies only
     the tensors whose name and shape match, prints the ones left at their fresh
     initialisation, and returns step 0 (a new run)."""
-    from diffusers import PixArtTransformer2DModel
-    from transformers import T5EncoderModel
-
-    tr = PixArtTransformer2DModel.from_pretrained(pipe_dir / "transformer")
-    te = T5EncoderModel.from_pretrained(pipe_dir / "text_encoder")
-    if partial:
-        for name, src, dst in (("transformer", tr, transformer), ("text_encoder", te, text_encoder)):
-            own = dst.state_dict()
-            keep = {k: v for k, v in src.state_dict().items() if k in own and own[k].shape == v.shape}
-            dst.load_state_dict(keep, strict=False)
-            fresh = sorted(set(own) - set(keep))
-            print(f"partial init {name}: {len(keep)}/{len(own)} tensors copied; fresh: {fresh}", flush=True)
-    else:
-        transformer.load_state_dict(tr.state_dict(), strict=True)
-        text_encoder.load_state_dict(te.state_dict(), strict=True)
-    vocab_file = pipe_dir / "tokenizer" / "tokenizer.json"
-    if vocab_file.exists():
-        saved = json.loads(vocab_file.read_text())["model"]["vocab"]
-        own = tokenizer.get_vocab()
-        if any(own.get(w) != i for w, i in saved.items()):  # an extension (new reserved words) is fine
-            raise ValueError(f"{vocab_file}: tokenizer vocabulary differs from common.build_tokenizer()")
+    family.init_from_pipeline(pipe_dir, models, tokenizers, partial=partial)
     info = pipe_dir / "training_info.json"
     if partial:
         return 0
@@ -125,6 +113,8 @@ def init_from_pipeline(pipe_dir: Path, transformer, text_encoder, tokenizer, par
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--family", choices=sorted(families.FAMILIES), default="pixart",
+                    help="pixart: the shipped toy PixArt-alpha; flux: a toy FLUX.1 (families.py)")
     ap.add_argument("--steps", type=int, default=30000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-4)
@@ -133,12 +123,19 @@ def main():
     ap.add_argument("--p-empty", type=float, default=0.1)
     ap.add_argument("--drop-prob", type=float, default=0.15)
     ap.add_argument("--pool", type=int, default=100_000)
-    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--layers", type=int, default=None,
+                    help="transformer blocks (flux: double-stream blocks); default pixart 12, flux 4")
+    ap.add_argument("--single-layers", type=int, default=8, help="flux: single-stream blocks")
     ap.add_argument("--patch", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--loss-weight", choices=("eps", "v"), default="eps",
-                    help="eps: plain epsilon MSE; v: weight (1 + 1/SNR) clipped at --max-weight, i.e. the "
-                         "v-prediction loss, which stops high-noise steps (global layout, shape) being ignored")
+    ap.add_argument("--loss-weight", choices=("eps", "v", "flow"), default=None,
+                    help="pixart: eps (default; plain epsilon MSE) or v (weight (1 + 1/SNR) clipped at --max-weight, "
+                         "i.e. the v-prediction loss, which stops high-noise steps (global layout, shape) being "
+                         "ignored); flux: flow (the only one; velocity MSE)")
+    ap.add_argument("--logit-mean", type=float, default=0.0,
+                    help="flux: mean of the logit-normal timestep density (before FLUX's shift for 64 tokens); "
+                         "> 0 puts more weight on high-noise steps")
+    ap.add_argument("--logit-std", type=float, default=1.0, help="flux: std of the logit-normal timestep density")
     ap.add_argument("--max-weight", type=float, default=20.0)
     ap.add_argument("--head-dim", type=int, default=32)
     ap.add_argument("--object-weight", type=float, default=0.0,
@@ -152,8 +149,9 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--vae", default=None,
-                    help="VAE directory (default: <init-from>/vae with --init-from, else toy_training/runs/vae/model)")
-    ap.add_argument("--out", default=str(common.RUNS / "dit"))
+                    help="VAE directory (default: <init-from>/vae with --init-from, else toy_training/runs/vae/model; "
+                         "flux: toy_training/runs/flux/vae/model)")
+    ap.add_argument("--out", default=None, help="default toy_training/runs/dit (flux: toy_training/runs/flux/dit)")
     ap.add_argument("--ckpt-every", type=int, default=500)
     ap.add_argument("--keep-every", type=int, default=5000)
     ap.add_argument("--log-every", type=int, default=50)
@@ -165,10 +163,19 @@ def main():
                     help="with --init-from: copy only tensors of matching shape (new architecture); step starts at 0")
     ap.add_argument("--bench", type=int, default=0, help="only time steps up to total step N (no checkpoint) and exit")
     args = ap.parse_args()
+    family = families.get(args.family)
+    if args.layers is None:
+        args.layers = family.default_layers
+    if args.loss_weight is None:
+        args.loss_weight = family.default_loss_weight
+    if args.loss_weight not in family.loss_weights:
+        ap.error(f"--loss-weight {args.loss_weight} is not for --family {args.family} (one of {family.loss_weights})")
+    if args.out is None:
+        args.out = str(family.default_out)
     if args.vae is None:
-        args.vae = str(Path(args.init_from) / "vae") if args.init_from else str(common.RUNS / "vae" / "model")
+        args.vae = str(Path(args.init_from) / "vae") if args.init_from else str(family.default_vae)
 
-    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers import AutoencoderKL
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -182,36 +189,32 @@ def main():
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)  # unused by training, seeded so checkpoints are fully reproducible
     random.seed(args.seed)
-    tokenizer = common.build_tokenizer()
-    text_encoder = common.make_text_encoder(len(tokenizer))
-    transformer = common.make_transformer(
-        num_layers=args.layers, patch_size=args.patch, heads=args.heads, head_dim=args.head_dim, channels=channels
-    )
+    # models: the family's trainable modules in parameter order ("transformer" first)
+    tokenizers, models = family.build(args, channels)
+    id_encoder = models[family.id_encoder]
+    id_vocab = len(tokenizers["tokenizer_2" if "tokenizer_2" in tokenizers else "tokenizer"])
     id_head = None
     if args.id_loss > 0:
         g = torch.Generator().manual_seed(args.seed + 11)
-        id_head = torch.nn.Linear(text_encoder.config.d_model, len(tokenizer))
+        id_head = torch.nn.Linear(id_encoder.config.d_model, id_vocab)
         with torch.no_grad():  # seeded, independent of the global RNG stream
-            id_head.weight.normal_(0.0, text_encoder.config.d_model ** -0.5, generator=g)
+            id_head.weight.normal_(0.0, id_encoder.config.d_model ** -0.5, generator=g)
             id_head.bias.zero_()
-    params = list(transformer.parameters()) + list(text_encoder.parameters())
+    params = [p for m in models.values() for p in m.parameters()]
     if id_head is not None:
         params += list(id_head.parameters())
-    n_tr = sum(p.numel() for p in transformer.parameters())
-    n_te = sum(p.numel() for p in text_encoder.parameters())
-    print(f"transformer {n_tr/1e6:.2f}M params, text encoder {n_te/1e6:.2f}M", flush=True)
+    n_par = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    print(f"transformer {n_par['transformer']/1e6:.2f}M params, "
+          + ", ".join(f"{k.replace('_', ' ')} {n/1e6:.2f}M" for k, n in n_par.items() if k != "transformer"),
+          flush=True)
     ckpt_stem = out / "ckpt"
     resuming = args.resume and common.state_exists(ckpt_stem)
     init_step = 0
     if args.init_from and not resuming:
-        init_step = init_from_pipeline(Path(args.init_from), transformer, text_encoder, tokenizer,
-                                       partial=args.init_partial)
+        init_step = init_from_pipeline(family, Path(args.init_from), models, tokenizers, partial=args.init_partial)
         print(f"initialised from {args.init_from} (exported at step {init_step})", flush=True)
-    ema_tr = copy.deepcopy(transformer).requires_grad_(False)
-    ema_te = copy.deepcopy(text_encoder).requires_grad_(False)
+    ema = {k: copy.deepcopy(m).requires_grad_(False) for k, m in models.items()}
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.999))
-    noise_sched = DDPMScheduler(**common.scheduler_config())
-    alphas_cumprod = noise_sched.alphas_cumprod
 
     # a warm start draws fresh data / noise streams (not a replay of steps 0..)
     data_rng = np.random.default_rng([args.seed, 2] + ([init_step] if init_step else []))
@@ -221,14 +224,14 @@ def main():
     init_from = {"dir": str(args.init_from), "step": init_step, "partial": args.init_partial} if args.init_from else None
     if resuming:
         ck = common.load_dit_ckpt(ckpt_stem, opt=opt)
-        transformer.load_state_dict(ck["transformer"])
-        text_encoder.load_state_dict(ck["text_encoder"])
+        for k, m in models.items():
+            m.load_state_dict(ck[k])
         if id_head is not None:
             if "id_head" not in ck:
                 raise SystemExit(f"{ckpt_stem}: checkpoint has no id_head; it was made without --id-loss")
             id_head.load_state_dict(ck["id_head"])
-        ema_tr.load_state_dict(ck["ema_transformer"])
-        ema_te.load_state_dict(ck["ema_text_encoder"])
+        for k, m in ema.items():
+            m.load_state_dict(ck["ema_" + k])
         opt.load_state_dict(ck["opt"])
         data_rng.bit_generator.state = ck["data_rng"]
         gen.set_state(ck["gen"])
@@ -249,31 +252,28 @@ def main():
             "opt_start_step": opt_start,
             "init_from": init_from,
             "args": vars(args),
-            "transformer": transformer.state_dict(),
-            "text_encoder": text_encoder.state_dict(),
-            "ema_transformer": ema_tr.state_dict(),
-            "ema_text_encoder": ema_te.state_dict(),
+            **{k: m.state_dict() for k, m in models.items()},
+            **{"ema_" + k: m.state_dict() for k, m in ema.items()},
             **({"id_head": id_head.state_dict()} if id_head is not None else {}),
             "opt": opt.state_dict(),
             "data_rng": data_rng.bit_generator.state,
             "gen": gen.get_state(),
             "rng": common.rng_state(),
-            "transformer_config": dict(transformer.config),
-            "text_encoder_config": text_encoder.config.to_dict(),
+            **{k + "_config": families._config_dict(m) for k, m in models.items()},
             "wall_time": time.time(),
         }
         common.save_dit_ckpt(ck, ckpt_stem)
         if step % args.keep_every == 0:
             common.save_dit_ckpt(
-                {k: ck[k] for k in ("step", "opt_start_step", "init_from", "args", "ema_transformer",
-                                    "ema_text_encoder", "transformer_config", "text_encoder_config")},
+                {k: ck[k] for k in ("step", "opt_start_step", "init_from", "args")
+                 + tuple("ema_" + m for m in models) + tuple(m + "_config" for m in models)},
                 out / f"ema_{step}",
             )
 
-    transformer.train()
-    text_encoder.train()
-    ema_params = list(ema_tr.parameters()) + list(ema_te.parameters())
-    live_params = list(transformer.parameters()) + list(text_encoder.parameters())
+    for m in models.values():
+        m.train()
+    ema_params = [p for m in ema.values() for p in m.parameters()]
+    live_params = [p for m in models.values() for p in m.parameters()]
     t0 = time.time()
     s0 = step
     loss_acc, n_acc = 0.0, 0
@@ -284,35 +284,19 @@ def main():
         prompts = [world.make_prompt(scenes[i], data_rng, "train", args.drop_prob) for i in idx]
         empty = data_rng.random(args.batch) < args.p_empty
         prompts = ["" if e else p for p, e in zip(prompts, empty)]
-        tok = tokenizer(prompts, padding="longest", max_length=common.MAX_LEN, truncation=True,
-                        return_tensors="pt")
+        tok = family.text_inputs(prompts)
         x0 = latents[torch.from_numpy(idx)]
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, 1000, (args.batch,), generator=gen)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        xt, st = family.noise(x0, gen)
 
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        emb = text_encoder(tok.input_ids, attention_mask=tok.attention_mask)[0]
-        pred = transformer(
-            xt,
-            encoder_hidden_states=emb,
-            encoder_attention_mask=tok.attention_mask,
-            timestep=t,
-            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-        ).sample
-        if args.loss_weight == "v":
-            snr = (a / (1 - a)).view(-1)  # [B]
-            w = (1 + 1 / snr).clamp(max=args.max_weight).view(-1, 1, 1, 1)
-        else:
-            w = torch.ones(args.batch, 1, 1, 1)
+        # pred, the loss weight per sample, and the id-loss encodings (prompt tokens) with their ids
+        pred, w, id_emb, id_ids = family.forward(models, tok, xt, st)
         if args.object_weight:
             w = w * (1 + args.object_weight * object_masks(scenes, idx, x0.shape[-1]))
-        loss = (w * (pred - noise) ** 2).mean() / w.mean()
+        loss = (w * (pred - st["target"]) ** 2).mean() / w.mean()
         if id_head is not None:
-            keep = tok.attention_mask.bool()
-            id_loss = torch.nn.functional.cross_entropy(id_head(emb[keep]), tok.input_ids[keep])
+            id_loss = torch.nn.functional.cross_entropy(id_head(id_emb), id_ids)
             loss_total = loss + args.id_loss * id_loss
         else:
             loss_total = loss

@@ -1,6 +1,11 @@
-"""Train the toy AutoencoderKL (32x32x3 <-> 8x8x4) on freshly rendered scenes.
+"""Train the toy AutoencoderKL (32x32x3 <-> 8x8xC) on freshly rendered scenes.
 
     python scripts/toy/train_vae.py --steps 3000 --out toy_training/runs/vae
+
+The FLUX toy's VAE (32x32x3 <-> 16x16x4, vae_scale_factor 2, with a shift factor):
+
+    python scripts/toy/train_vae.py --levels 2 --latent-channels 4 --shift-factor \
+        --steps 1800 --batch 32 --lr 1e-3 --threads 1 --out toy_training/runs/flux/vae
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(common.RUNS / "vae"))
     ap.add_argument("--latent-channels", type=int, default=8)
+    ap.add_argument("--levels", type=int, choices=(2, 3), default=3,
+                    help="encoder levels: 3 -> 8x8 latents (PixArt toy), 2 -> 16x16 latents (FLUX toy)")
+    ap.add_argument("--shift-factor", action="store_true",
+                    help="also set the config's shift_factor to the latents' mean (FLUX: z = (mean - shift) * scale)")
     ap.add_argument("--decoder-only", action="store_true",
                     help="freeze encoder (latents unchanged) and fine-tune the decoder on posterior means")
     ap.add_argument("--init", default=None, help="continue from a saved VAE directory")
@@ -50,7 +59,7 @@ def main():
         vae = AutoencoderKL.from_pretrained(args.init)
         orig_sf = vae.config.scaling_factor
     else:
-        vae = common.make_vae(args.latent_channels)
+        vae = common.make_vae(args.latent_channels, levels=args.levels)
     n_params = sum(p.numel() for p in vae.parameters())
     common.log(fh, f"vae params {n_params/1e6:.2f}M")
     if args.decoder_only:
@@ -104,6 +113,8 @@ def main():
             assert abs(orig_sf - 1.0 / std) < 1e-4 * orig_sf, (orig_sf, 1.0 / std)
             std = 1.0 / orig_sf  # keep the exact value the DiT latents were built with
         vae.register_to_config(scaling_factor=1.0 / std)
+        if args.shift_factor:
+            vae.register_to_config(shift_factor=mean)
         x = batch(np.random.default_rng(777), 32)
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample
         err = (rec - x).abs().mean().item()
@@ -111,7 +122,8 @@ def main():
         common.save_grid(grid, out / "recon.png")
     common.log(fh, f"latent mean {mean:.4f} std {std:.4f} scaling_factor {1/std:.4f} eval l1 {err:.4f}")
     vae.save_pretrained(out / "model", safe_serialization=True)
-    json.dump({"steps": args.steps, "seed": args.seed, "eval_l1": err, "latent_std": std,
+    json.dump({"steps": args.steps, "seed": args.seed, "eval_l1": err, "latent_std": std, "latent_mean": mean,
+               "shift_factor": mean if args.shift_factor else None, "levels": args.levels,
                "wall_s": time.time() - t0}, open(out / "summary.json", "w"), indent=1)
 
 
