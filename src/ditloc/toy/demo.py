@@ -2,7 +2,8 @@
 
 For one concept of each of the six toy categories: localize it by the set-level
 search (method.md §9) on training-template prompts (the oracle's soft presence,
-at half the sampling steps), take K from the search's curve (the smallest K whose
+at half the sampling steps, over the 8 blocks that read the concept most), take K
+from the search's curve (the smallest K whose
 set halves presence; its largest set where none does), then on held-out prompts
 withhold the concept from the searched K-set and from random K-sets, and measure
 its presence with the oracle (the fraction of images it classifies as the
@@ -54,11 +55,13 @@ class DemoConfig:
     guidance_scale: float | None = None
     max_k: int = 4  # the search's largest set
     search_steps: int | None = None  # None: half of `steps`
+    search_seeds: tuple[int, ...] = (0,)  # the search's images: n_localize prompts x these seeds
+    candidates: int | None = 8  # the search's blocks: the 8 that read the concept most (contribution)
 
     @classmethod
     def fast(cls) -> "DemoConfig":
         """For CI: the same loop, smaller."""
-        return cls(k=None, steps=4, n_localize=2, n_eval=2, seeds=(0,), n_random=1, max_k=2)
+        return cls(k=None, steps=4, n_localize=2, n_eval=2, seeds=(0,), n_random=1, max_k=2, candidates=None)
 
 
 def _pin(category: str, concept: str) -> dict:
@@ -114,25 +117,27 @@ def run_demo(out_dir="runs/demo", config: DemoConfig | None = None, *, pipe=None
     summary, heat = {}, {}
     # one bar over every denoising step: per category one localize call per batch, then one generate call per
     # condition (original, top-K, each random set)
-    search = SearchConfig(objective="evaluator", max_k=cfg.max_k,
-                          search_steps=cfg.search_steps or max(2, cfg.steps // 2))
+    # pruning to the 8 blocks that read the concept most keeps the demo within 5 minutes on 2 CPU cores; on the
+    # toy ground truth it kept both blocks of every concept's best pair (15 of 15, docs/recipes.md)
+    search = SearchConfig(objective="evaluator", max_k=cfg.max_k, candidates=cfg.candidates,
+                          candidate_method="contribution", search_steps=cfg.search_steps or max(2, cfg.steps // 2))
     with _progress.bar(desc="demo", unit="set") as bar:
         for n, (category, (concept, label)) in enumerate(DEMO_CONCEPTS.items(), 1):
             c = _concept(rng, category, concept, label, cfg)
             bar.set_description(f"demo [{n}/6] {category}: search")
             progress(f"[{n}/6] {category} {concept!r}: search block sets on {len(c.localization_prompts)} prompts x "
-                     f"{len(cfg.seeds)} seeds ({_progress.elapsed(t0)} since the start)")
+                     f"{len(cfg.search_seeds)} seed(s) ({_progress.elapsed(t0)} since the start)")
 
             def tick(done, total):
                 bar.total, bar.n = total, done
                 bar.refresh()
 
             loc = localize(pipe, list(c.localization_prompts), concept, method="search", search=search,
-                           evaluator=ToyOracle(oracle), eval_text=c.eval_text, seed=list(cfg.seeds),
+                           evaluator=ToyOracle(oracle), eval_text=c.eval_text, seed=list(cfg.search_seeds),
                            clean_prompts=[world.clean_prompt(p, category, concept) for p in c.localization_prompts],
                            options=options, progress=tick)
             loc.save(out / category / "localization.json")
-            heat[category] = loc.scores.tolist()  # each block's own presence drop (the search's K = 1 step)
+            heat[category] = loc.scores.tolist()  # each candidate's own presence drop (the search's K = 1 step; 0 if pruned)
             k = cfg.k if cfg.k is not None else loc.choose_k()
             top, blocks = loc.top(k), list(loc.blocks)
             random_sets = [random_blocks(blocks, k, rng) for _ in range(cfg.n_random)]
