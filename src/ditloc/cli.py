@@ -918,7 +918,7 @@ def _edit(args) -> None:
     if args.command == "personalize":
         if args.num_class_images < 1:
             raise DitlocError(f"--num-class-images must be >= 1 (got {args.num_class_images})")
-        from .edit.jobs import category_prompts
+        from .edit.blocks import category_prompts
 
         loc_prompts = category_prompts(args.category, args.class_word, args.probes) if args.category else None
         pipe = load_pipeline(args.model, device=device, dtype=dtype)

@@ -1,0 +1,127 @@
+"""Which blocks an edit changes: explicit names, a saved localization, or a localization
+run for the edit (``--blocks auto``, by default the set-level search with K from its curve),
+and the prompts block choice and preservation draw on (probe-set categories)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import DitlocError
+
+
+def _adapter(pipe):
+    from ..adapters import get_adapter
+
+    return get_adapter(pipe)
+
+
+def choose_blocks(pipe, blocks, k, localize_prompts, concept, *, seeds=(0, 1), progress=None, eligible=None,
+                  method: str = "search", checkpoint=None, **localize_kw):
+    """Block names to edit: explicit names / "all"; a saved localization (a `Localization`
+    or its JSON path: search once, edit many times); or "auto" = a localization of
+    `concept` on `localize_prompts` by `method`. From a localization, `k` blocks (None:
+    its own K: a search's automatic K from its curve, else `minimal_k`). `eligible`: the
+    blocks an edit can change (the search runs over those only; a ranking keeps its first
+    k of them). When the chosen blocks do not halve the concept's presence (measured by the
+    search, or by one presence run for the block-score methods), `progress` says so in one
+    line, naming the K that would. -> (blocks, localization or None)."""
+    from ..localize import Localization
+
+    adapter = _adapter(pipe)
+    names = adapter.block_names()
+    saved = isinstance(blocks, Localization) or (isinstance(blocks, (str, Path)) and str(blocks).endswith(".json"))
+    if not saved and blocks != "auto":
+        if blocks == "all" and eligible is not None:
+            blocks = [b for b in names if b in eligible]
+        chosen = adapter.resolve_blocks(blocks)
+        if not chosen:
+            raise DitlocError("no blocks chosen; pass --blocks auto, all, a localization.json or block names")
+        return chosen, None
+    pool = names if eligible is None else [b for b in names if b in eligible]
+    if k is not None and not 1 <= int(k) <= len(pool):
+        raise DitlocError(f"--k must be between 1 and {len(pool)} (the number of blocks) with --blocks auto")
+    if saved:
+        loc = blocks if isinstance(blocks, Localization) else Localization.load(blocks)
+        if list(loc.blocks) != names:
+            raise DitlocError(f"the localization was measured on a model with other blocks ({', '.join(loc.blocks)}); "
+                              "localize this model first")
+    else:
+        from ..localize import SearchConfig, localize
+
+        if progress:
+            progress(f"localizing {concept!r} by {method} on {len(localize_prompts)} prompt(s) x {len(seeds)} seed(s)")
+        if method == "search":
+            # half the sampling steps: on the toy ground truth a 10-step search found the sets that 20-step
+            # held-out images judge best (benchmarks/results/ground_truth_toy)
+            steps = localize_kw["options"].resolve(pipe).effective("num_inference_steps") \
+                if localize_kw.get("options") is not None else None
+            config = SearchConfig(max_k=min(4, len(pool)),
+                                  search_steps=max(2, int(steps) // 2) if steps else None)
+            localize_kw = {**localize_kw, "search": config, "checkpoint": checkpoint, "only": pool}
+        loc = localize(pipe, localize_prompts, concept, seed=list(seeds), method=method, **localize_kw)
+    if loc.search is not None:
+        outside = [b for b in loc.search.sets[-1] if b not in pool]
+        if outside:
+            raise DitlocError(f"the localization's sets hold {outside[0]}, which this edit cannot change; "
+                              f"search over the editable blocks ({', '.join(pool)})")
+    k = int(k) if k is not None else loc.choose_k()
+    # best first (a search's blocks in the order they entered its sets): automatic-K edits take prefixes
+    chosen = loc.top(k) if loc.search is not None or eligible is None else [b for b in loc.ranking if b in pool][:k]
+    _warn_weak(pipe, loc, chosen, localize_prompts, concept, seeds, progress, localize_kw.get("options"),
+               measure=not saved)
+    return chosen, loc
+
+
+def _warn_weak(pipe, loc, chosen, prompts, concept, seeds, progress, options, *, measure: bool) -> None:
+    """One line when withholding `chosen` leaves more than half the concept's presence."""
+    from ..localize import AUTO_K_DROP
+
+    if progress is None:
+        return
+    s = loc.search
+    if s is not None and len(chosen) <= s.max_k and set(chosen) == set(s.sets[len(chosen) - 1]):
+        relative = s.relative_curve[len(chosen) - 1]
+    elif measure and s is None:
+        from ..localize import PresenceRunner, default_evaluator
+
+        objective = "evaluator" if default_evaluator(pipe) is not None else "self"
+        runner = PresenceRunner(pipe, prompts, concept, objective=objective, seed=list(seeds), options=options)
+        base, withheld = runner.presence([frozenset(), frozenset(chosen)]).mean(axis=1)
+        relative = (base - withheld) / base if base > 0 else 0.0
+    else:
+        return
+    if relative >= AUTO_K_DROP:
+        return
+    better = s.auto_k() if s is not None else None
+    advice = (f"K = {better} would (--k {better})" if better is not None else
+              f"no K up to {s.max_k} does" if s is not None else "localize with method 'search' to find a set that does")
+    progress(f"warning: withholding {', '.join(chosen)} lowers {concept!r}'s presence by {relative:.0%} of its "
+             f"baseline, less than half; {advice}")
+
+
+def neighbour_prompts(pipe, concept: str, per_concept: int = 6) -> list[str]:
+    """Prompts of the concepts that share `concept`'s probe-set category (the toy set on the
+    toy model, LocK's otherwise): `per_concept` localization prompts of each. The closed-form
+    edit preserves them by default, so erasing one character leaves the others (measured on the
+    toy: anchors only kept the other characters 0.92 of the time, with these 1.00). Empty when
+    no probe set knows the concept."""
+    from ..probes import load_probe_set
+    from ..probes.core import fill
+    from ..toy import is_toy_pipeline
+
+    key = concept.strip().lower()
+    for category in load_probe_set("toy" if is_toy_pipeline(pipe) else "lock").categories:
+        if key in {c.name.lower() for c in category.concepts}:
+            templates = category.localization_prompts[:per_concept]
+            return [fill(t, c.text) for c in category.concepts if c.name.lower() != key for t in templates]
+    return []
+
+
+def category_prompts(category: str, word: str, probes: str = "lock") -> list[str]:
+    """A probe-set category's localization templates filled with `word`
+    (``auto`` blocks for personalization localized on the subject's category)."""
+    from ..probes import load_probe_set
+    from ..probes.core import fill
+
+    cat = load_probe_set(probes).category(category)  # unknown -> DitlocError listing the categories
+    return [fill(t, word) for t in cat.localization_prompts]
