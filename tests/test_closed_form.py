@@ -248,7 +248,7 @@ def test_auto_k_keeps_the_smallest_top_k_that_closes_the_gap(tmp_path):
 def test_cli_closed_form_bad_input_before_load(tmp_path, capsys, monkeypatch, extra, message):
     from ditloc import cli
 
-    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    monkeypatch.setattr(cli.models, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model before refusing"))
     code = _cli(["unlearn", "toy", "--concept", "dog", "--anchor", "cat", "--prompt", PROMPTS[0],
                  "--out", str(tmp_path / "x"), *extra])
     err = capsys.readouterr().err
@@ -259,7 +259,7 @@ def test_cli_closed_form_bad_input_before_load(tmp_path, capsys, monkeypatch, ex
 def test_cli_anchor_with_the_concept_refused_before_load(tmp_path, capsys, monkeypatch):
     from ditloc import cli
 
-    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    monkeypatch.setattr(cli.models, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model before refusing"))
     code = _cli(["unlearn", "toy", "--concept", "dog", "--anchor", "a small dog", "--prompt", PROMPTS[0],
                  "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
@@ -329,7 +329,7 @@ def test_closed_form_preserves_the_concepts_category_by_default():
 def test_cli_missing_localization_refused_before_load(tmp_path, capsys, monkeypatch):
     from ditloc import cli
 
-    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    monkeypatch.setattr(cli.models, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model before refusing"))
     code = _cli(["unlearn", "toy", "--concept", "dog", "--anchor", "cat", "--method", "closed-form",
                  "--blocks", str(tmp_path / "nope.json"), "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err

@@ -290,9 +290,9 @@ def test_second_writer_refused(tiny_run, toy_pipe):
     (["--n-images", "-1", "--methods", "contribution"], "n-images must be at least 1"),
 ])
 def test_cli_bad_input(tmp_path, monkeypatch, extra, message):
-    import ditloc.cli
+    import ditloc.cli.models
 
-    monkeypatch.setattr(ditloc.cli, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(ditloc.cli.models, "load_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
     code, _, err = run_cli(["ground-truth", "--out", str(tmp_path / "gt"), *extra])
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert not (tmp_path / "gt").exists()

@@ -216,7 +216,7 @@ def test_adapter_options_are_refused_before_the_model_loads(tmp_path, monkeypatc
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the adapter options were checked")
 
-    monkeypatch.setattr(cli, "load_pipeline", no_load)
+    monkeypatch.setattr(cli.models, "load_pipeline", no_load)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "SD3").mkdir()
     (tmp_path / "SD3" / "model_index.json").write_text(SD3_INDEX)

@@ -191,12 +191,12 @@ def test_bf16_support_check_is_injectable():
 
 
 def _no_model(monkeypatch):
-    import ditloc.cli
+    import ditloc.cli.models
 
     def refuse(*a, **k):
         raise AssertionError("the model must not load")
 
-    monkeypatch.setattr(ditloc.cli, "load_pipeline", refuse)
+    monkeypatch.setattr(ditloc.cli.models, "load_pipeline", refuse)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -1,0 +1,298 @@
+"""`ditloc personalize` (teach a subject) and `ditloc unlearn` (forget a concept), each in the localized
+blocks only."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .. import _progress
+from . import models
+from .common import (
+    DTYPES,
+    add_adapter_option,
+    add_pipeline_args,
+    check_blocks_named,
+    check_concept,
+    check_out_and_counts,
+    check_run_settings,
+    fail,
+    read_prompts,
+    run_options,
+)
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("personalize", help="teach a new subject (DreamBooth-style LoRA) in the localized blocks only")
+    p.add_argument("model", metavar="MODEL", help="diffusers pipeline directory, hub id, or 'toy'")
+    p.add_argument("--images", required=True, help="folder of RGB training images at the model's resolution")
+    p.add_argument("--token", required=True, help="rare word to bind the subject to (e.g. sks)")
+    p.add_argument("--class-word", required=True, help="the subject's class (e.g. dog)")
+    p.add_argument("--instance-prompt", default="a {token} {class_word}")
+    p.add_argument("--captions", action="store_true",
+                   help="train each image on its own caption, read from the .txt file of the same name "
+                        "(each caption contains --token); default: --instance-prompt for every image")
+    p.add_argument("--prior-preservation", action="store_true", help="also fit the frozen model's class images")
+    p.add_argument("--num-class-images", type=int, default=16)
+    p.add_argument("--class-prompt", action="append", default=None, metavar="PROMPT",
+                   help="prior preservation: a class prompt without the token (repeatable; default: the "
+                        "instance prompt, or the captions, without the token)")
+    p.add_argument("--prior-weight", type=float, default=1.0,
+                   help="prior preservation: weight of the class images' loss (default 1)")
+    p.add_argument("--prior-target", choices=("noise", "teacher"), default="noise",
+                   help="prior preservation: fit the class images to the noise (DreamBooth, default) or to "
+                        "the frozen model's own prediction (stronger preservation, one extra forward a step)")
+    p.add_argument("--category", default=None,
+                   help="with --blocks auto: localize the class word on this probe category's prompts")
+    p.add_argument("--probes", default="lock", help="probe set for --category: lock, toy or a file")
+    _add_edit_args(p, method={"choices": ("lora", "full"), "default": "lora"})
+    p.set_defaults(check=check_personalize, func=cmd_personalize)
+
+    p = sub.add_parser("unlearn", help="make the model forget a concept (concept ablation) in the localized blocks only")
+    p.add_argument("model", metavar="MODEL", help="diffusers pipeline directory, hub id, or 'toy'")
+    p.add_argument("--concept", required=True, help="the words to forget, as they appear in the prompts")
+    p.add_argument("--anchor", required=True, help="what those prompts should show instead (e.g. 'a dog')")
+    p.add_argument("--prompt", action="append", help="a training prompt containing the concept (repeatable)")
+    p.add_argument("--prompts-file", help="text file, one training prompt per line")
+    p.add_argument("--images-per-prompt", type=int, default=4, help="anchor images drawn per prompt")
+    p.add_argument("--preserve", action="append", default=None, metavar="PROMPT",
+                   help="closed-form: a prompt whose text states must not change (repeatable; "
+                        "default: the anchor prompts)")
+    p.add_argument("--preserve-file", default=None, help="closed-form: text file, one prompt to preserve per line")
+    p.add_argument("--preserve-weight", type=float, default=1.0,
+                   help="closed-form: weight of the preservation term (lambda, default 1)")
+    p.add_argument("--ridge", type=float, default=1e-3,
+                   help="closed-form: pull toward the original weights (mu, relative; default 1e-3)")
+    p.add_argument("--positions", choices=("all", "changed"), default="all",
+                   help="closed-form: edit every aligned token (default) or only the changed ones")
+    p.add_argument("--auto-k", action="store_true",
+                   help="closed-form with --blocks auto: solve every block, keep the smallest top K whose edit "
+                        "closes --auto-k-fraction of the largest achievable gap reduction between the prompts' "
+                        "and the anchors' predictions")
+    p.add_argument("--auto-k-fraction", type=float, default=0.9,
+                   help="with --auto-k: share of the best gap reduction the chosen K must reach (default 0.9)")
+    _add_edit_args(p, method={"choices": ("lora", "full", "closed-form"), "default": "lora",
+                              "help": "lora / full: train; closed-form: solve the blocks' text key/value "
+                                      "projections (no training, seconds)"})
+    p.set_defaults(check=check_unlearn, func=cmd_unlearn)
+
+
+def _add_edit_args(p, *, method: dict) -> None:
+    """The block choice, method (`method`: its add_argument settings), training and sampling flags both share."""
+    p.add_argument("--blocks", default="auto",
+                   help="auto (localize, then --k blocks), a localization.json from `ditloc localize` (search "
+                        "once, edit many times), all, or block.3,block.7")
+    p.add_argument("--k", type=int, default=None,
+                   help="blocks to edit with --blocks auto or a localization (default: its own K: a search's "
+                        "automatic K from its curve)")
+    p.add_argument("--localize-method", choices=("search", "contribution", "patch", "attribution"),
+                   default="search",
+                   help="how --blocks auto localizes (default search: block sets by their effect on the "
+                        "concept's presence, the best method on the toy ground truth; see docs/recipes.md)")
+    p.add_argument("--method", **method)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--lora-modules", default=None,
+                   help="LoRA targets inside each chosen block, comma-separated (e.g. attn2.to_k,attn2.to_v: "
+                        "the text keys/values only); default: every attention projection and the MLP")
+    p.add_argument("--train-steps", type=int, default=200, help="optimizer steps (default 200)")
+    p.add_argument("--lr", type=float, default=None, help="default 1e-4 (lora) / 1e-5 (full)")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="rows per step (default 4); under accelerate launch, per process")
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
+                   help="bf16: float32 trainable weights and optimizer state over bfloat16 base weights, "
+                        "bf16 autocast (default: accelerate launch's --mixed_precision, else no; fp16 is refused)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps for localization/anchor images")
+    p.add_argument("--guidance", type=float, default=None)
+    add_adapter_option(p)
+    add_pipeline_args(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", choices=DTYPES, default=None)
+    p.add_argument("--out", required=True, help="output directory (checkpoints here; rerun to resume)")
+
+
+# --- checks before the model loads -------------------------------------------------------------------------------
+
+def check_personalize(args) -> None:
+    """Before the model loads (sets ``args.caption_texts`` and resolves ``args.mixed_precision``)."""
+    _check_blocks_and_settings(args)
+    from ..edit.data import image_files, read_captions
+    from ..edit.jobs import check_personalize_prompts
+
+    files = image_files(args.images)
+    args.caption_texts = read_captions(args.images) if args.captions else None
+    if args.class_prompt is not None and not args.prior_preservation:
+        fail("--class-prompt is used by --prior-preservation; pass it too")
+    check_personalize_prompts(args.token.strip(), len(files), args.caption_texts, args.class_prompt,
+                              args.prior_weight, args.prior_target)
+    _check_training(args)
+
+
+def check_unlearn(args) -> None:
+    """Before the model loads (sets ``args.prompts`` where prompts are given and resolves ``args.mixed_precision``)."""
+    _check_blocks_and_settings(args)
+    if args.prompt or args.prompts_file:
+        args.prompts = read_prompts(args)
+        check_concept(args.prompts, args.concept, exact=True)
+    from ..text import find_occurrences
+
+    if args.auto_k and args.method != "closed-form":
+        fail("--auto-k works with --method closed-form: it measures each K's edit")
+    if args.auto_k and args.blocks != "auto":
+        fail("--auto-k ranks the blocks by a localization; pass --blocks auto")
+    if (args.preserve is not None or args.preserve_file is not None) and args.method != "closed-form":
+        fail("--preserve/--preserve-file are used by --method closed-form only")
+    if find_occurrences(args.anchor, args.concept):
+        fail(f"the anchor {args.anchor!r} contains the concept {args.concept!r}; the anchor is what to show "
+             "instead, without it")
+    _check_training(args)
+
+
+def _check_blocks_and_settings(args) -> None:
+    """--out and the counts, --k, a --blocks localization file, the run settings and --blocks itself."""
+    check_out_and_counts(args)
+    if args.k is not None and args.k < 1:
+        fail(f"--k must be at least 1, got {args.k}")
+    if args.blocks.endswith(".json"):
+        from ..localize import Localization
+
+        Localization.load(args.blocks)  # a missing or broken file: one line, before the model loads
+    check_run_settings(args)
+    check_blocks_named(args.blocks, " (or auto, all)")
+
+
+def _check_training(args) -> None:
+    """--lora-modules, then the launch and precision checks (resolves ``args.mixed_precision``)."""
+    if args.lora_modules is not None:
+        from ..edit import TrainConfig
+
+        TrainConfig(method=args.method, lora_modules=args.lora_modules)  # its checks: one line, exit 2
+    from ..edit import precision
+    from ..edit.processes import launched
+
+    if args.method == "closed-form":
+        if launched():
+            fail("--method closed-form runs in one process (seconds); run it without accelerate launch")
+        if args.mixed_precision not in (None, "no"):
+            fail("--mixed-precision applies to training (--method lora or full), not to --method closed-form")
+        args.mixed_precision = "no"
+        return
+    for engine in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):  # set by accelerate launch --use_fsdp etc.
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true":
+            fail(f"ditloc trains data-parallel (one whole model per process), not with {engine.lower()}; "
+                 "launch without it (accelerate launch --multi_gpu)")
+    if args.mixed_precision is None:  # accelerate launch --mixed_precision X exports it
+        args.mixed_precision = (os.environ.get("ACCELERATE_MIXED_PRECISION") or "no").lower()
+    precision.check_mode(args.mixed_precision)  # a DitlocError: one line, exit 2
+    if args.mixed_precision == "bf16":
+        if args.dtype == "float16":
+            fail("--mixed-precision bf16 trains over bfloat16 (or float32) base weights; drop --dtype float16")
+        precision.check_device(args.mixed_precision, _train_device(args) or "cpu")
+
+
+def _train_device(args) -> str | None:
+    """Where training runs: --device (None: where the pipeline loads, the CPU); under accelerate
+    launch, each process's own accelerator, or the CPU (gloo) with --device cpu or on a machine without one."""
+    from ..edit.processes import current, launched
+
+    if not launched():
+        return args.device
+    procs = current(args.device)
+    return str(procs.device)
+
+
+# --- the commands ----------------------------------------------------------------------------------------------
+
+def cmd_personalize(args) -> None:
+    from ..edit import personalize
+    from ..errors import DitlocError
+
+    common, device, dtype, main_process = _edit_setup(args)
+    if args.num_class_images < 1:
+        raise DitlocError(f"--num-class-images must be >= 1 (got {args.num_class_images})")
+    from ..edit.blocks import category_prompts
+
+    loc_prompts = category_prompts(args.category, args.class_word, args.probes) if args.category else None
+    pipe = models.load_pipeline(args.model, device=device, dtype=dtype)
+    res = personalize(pipe, args.images, args.token, args.class_word, instance_prompt=args.instance_prompt,
+                      localize_prompts=loc_prompts, captions=args.caption_texts, class_prompts=args.class_prompt,
+                      prior_weight=args.prior_weight, prior_target=args.prior_target,
+                      prior_preservation=args.prior_preservation, num_class_images=args.num_class_images,
+                      **common)
+    if main_process:
+        _print_result(args, pipe, res)
+
+
+def cmd_unlearn(args) -> None:
+    from ..edit import unlearn
+    from ..errors import DitlocError
+
+    common, device, dtype, main_process = _edit_setup(args)
+    prompts = getattr(args, "prompts", None)
+    if args.images_per_prompt < 1:
+        raise DitlocError(f"--images-per-prompt must be >= 1 (got {args.images_per_prompt})")
+    preserve = _preserve_prompts(args)
+    pipe = models.load_pipeline(args.model, device=device, dtype=dtype)
+    res = unlearn(pipe, args.concept, args.anchor, prompts=prompts, images_per_prompt=args.images_per_prompt,
+                  preserve=preserve, **common)
+    if main_process:
+        _print_result(args, pipe, res)
+
+
+def _edit_setup(args) -> tuple[dict, str | None, str | None, bool]:
+    """The keyword arguments personalize and unlearn share (the edit's config among them), where the model
+    loads and in what dtype, and whether this process reports (under accelerate launch only process 0)."""
+    from ..edit import ClosedFormConfig, TrainConfig
+    from ..edit.processes import current
+
+    if args.method == "closed-form":
+        config = ClosedFormConfig(preserve_weight=args.preserve_weight, ridge=args.ridge, positions=args.positions,
+                                  seed=args.seed, auto_k_fraction=args.auto_k_fraction)
+    else:
+        config = TrainConfig(
+            method=args.method, rank=args.rank, steps=args.train_steps, lr=args.lr, batch_size=args.batch_size,
+            seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
+            checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
+            lora_modules=args.lora_modules,
+        )
+    main_process = current(args.device).is_main
+    device = _train_device(args)
+    # mixed precision: the base weights in bfloat16 unless --dtype says otherwise
+    dtype = args.dtype or ("bfloat16" if args.mixed_precision == "bf16" else None)
+    k = "auto" if getattr(args, "auto_k", False) else args.k
+    common = {"blocks": args.blocks, "k": k, "config": config, "out": args.out, "options": run_options(args),
+              "progress": _progress.write if main_process else None, "localize_method": args.localize_method}
+    return common, device, dtype, main_process
+
+
+def _preserve_prompts(args) -> list[str] | None:
+    """--preserve and --preserve-file as one list (None: neither given); `unlearn` checks the prompts."""
+    if args.preserve is None and args.preserve_file is None:
+        return None
+    given = list(args.preserve or [])
+    if args.preserve_file is not None:
+        path = Path(args.preserve_file)
+        if not path.is_file():
+            fail(f"--preserve-file {path} is not a file")
+        given += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not given:  # before the model loads
+        from ..edit.jobs import EMPTY_PRESERVE
+
+        fail(EMPTY_PRESERVE)
+    return given
+
+
+def _print_result(args, pipe, res) -> None:
+    mem = f", peak {res.peak_memory_bytes / 2**20:.0f} MiB" if res.peak_memory_bytes else ""
+    if res.config.get("method") == "closed-form":
+        n = len(res.config["projections"])
+        print(f"unlearn: closed-form edit of {n} projection(s) in {', '.join(res.blocks)} "
+              f"({res.trainable_parameters:,} of {res.total_parameters:,} parameters), {res.wall_seconds:.1f}s{mem}")
+        print(f"wrote {args.out} (load with ditloc.edit.load_edit(pipe, OUT))")
+        return
+    print(f"{res.kind}: trained {res.trainable_parameters:,} of {res.total_parameters:,} parameters in "
+          f"{', '.join(res.blocks)}; {res.steps} steps, {res.wall_seconds:.1f}s{mem}; final loss {res.losses[-1]:.4f}")
+    how = "pipe.load_lora_weights(OUT) or " if hasattr(pipe, "load_lora_weights") and args.method == "lora" else ""
+    print(f"wrote {args.out} (load with {how}ditloc.edit.load_edit(pipe, OUT))")

@@ -1,0 +1,296 @@
+"""`ditloc localize` (rank blocks for a concept) and `ditloc intervene` (generate with it withheld / injected)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .. import _progress
+from . import models
+from .common import (
+    adapter_options,
+    add_common,
+    check_blocks_named,
+    check_concept,
+    check_out_and_counts,
+    check_run_settings,
+    fail,
+    read_prompts,
+    run_options,
+)
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("localize", help="rank blocks for a concept (attention contribution, patch or attribution)")
+    add_common(p)
+    p.add_argument("--prompt", action="append", help="a prompt containing the concept (repeatable)")
+    p.add_argument("--prompts-file", help="text file, one prompt per line")
+    p.add_argument("--method", choices=("contribution", "patch", "attribution", "search"), default="contribution",
+                   help="contribution: where the concept is read (cheapest); patch: the effect of withholding each "
+                        "block alone (1 + blocks forwards per step); attribution: its first-order estimate "
+                        "(one backward pass per step); search: block *sets* by their effect on the concept's "
+                        "presence (greedy, about blocks x max-k generations; resumable). Default contribution")
+    p.add_argument("--clean-prompt", action="append", default=None,
+                   help="patch/attribution: the clean prompt of each --prompt, in order (repeatable; default: the "
+                        "prompt with the concept removed)")
+    p.add_argument("--variant", choices=("attn", "attn_value", "attn_value_out"), default="attn_value_out",
+                   help="contribution only: which part of the attention output is measured")
+    p.add_argument("--out-bias", action="store_true", help="contribution only: add W_o's bias (authors' code)")
+    p.add_argument("--top-k", type=int, default=None, help="also report the top K blocks")
+    p.add_argument("--auto-k", action="store_true",
+                   help="choose K from the scores (the smallest K holding half the positive score mass)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--block-batch", type=int, default=None,
+                   help="patch: blocks withheld per extra forward; search: block sets per pipeline call")
+    g = p.add_argument_group("set-level search (--method search)")
+    g.add_argument("--objective", default=None,
+                   help="evaluator (soft presence by --evaluator; the default on the toy model, whose oracle is "
+                        "built in) or self (the model judges itself; the default elsewhere)")
+    g.add_argument("--evaluator", default=None, help="toy, clip or vlm (the objective's evaluator; default toy on "
+                                                   "the toy model)")
+    g.add_argument("--evaluator-model", default=None, help="the CLIP / VLM checkpoint (a local path or cached id)")
+    g.add_argument("--eval-text", default=None, help="what the evaluator looks for (default: the concept)")
+    g.add_argument("--max-k", type=int, default=4, help="largest block set (default 4)")
+    g.add_argument("--beam", type=int, default=1, help="sets kept per size (default 1: greedy)")
+    g.add_argument("--direction", default="forward", help="forward (default), backward or both")
+    g.add_argument("--candidates", type=int, default=None,
+                   help="search only the M blocks ranked best by --candidate-method (default: every block)")
+    g.add_argument("--candidate-method", default="contribution", help="contribution (default), patch or attribution")
+    g.add_argument("--search-steps", type=int, default=None,
+                   help="sampling steps of the search's generations (default: --steps)")
+    p.set_defaults(check=check_localize, func=cmd_localize)
+
+    p = sub.add_parser("intervene", help="generate with the concept withheld from / injected into blocks")
+    add_common(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--clean-prompt", default=None, help="default: the prompt with the concept removed")
+    p.add_argument("--blocks", default=None, help="comma-separated block names, e.g. block.3,block.7")
+    p.add_argument("--top-k", type=int, default=None, help="with --localization: use its top K blocks")
+    p.add_argument("--auto-k", action="store_true", help="with --localization: its top K, K chosen from its scores")
+    p.add_argument("--localization", default=None, help="a localization.json from `ditloc localize`")
+    p.add_argument("--mode", choices=("withhold", "inject"), default="withhold")
+    p.set_defaults(check=check_intervene, func=cmd_intervene)
+
+
+def check_localize(args) -> None:
+    """Before the model loads (sets ``args.prompts``)."""
+    check_out_and_counts(args)
+    check_run_settings(args)
+    args.prompts = read_prompts(args)
+    check_concept(args.prompts, args.concept, exact=False)
+
+
+def check_intervene(args) -> None:
+    """Before the model loads (sets ``args.prompts``)."""
+    check_out_and_counts(args)
+    check_run_settings(args)
+    if args.blocks is not None:
+        check_blocks_named(args.blocks)
+    args.prompts = read_prompts(args)
+    check_concept(args.prompts, args.concept, exact=False)
+
+
+def cmd_localize(args) -> None:
+    from ..localize import localize
+
+    prompts = args.prompts
+    config = _search_config(args)
+    if args.top_k is not None and args.auto_k:
+        fail("choose --top-k or --auto-k, not both")
+    if args.clean_prompt is not None:
+        if args.method == "contribution":
+            fail("--clean-prompt is used by --method patch, attribution or search only")
+        if len(args.clean_prompt) != len(prompts):
+            fail(f"got {len(args.clean_prompt)} --clean-prompt for {len(prompts)} prompts; give one per prompt")
+    if args.block_batch is not None and args.block_batch < 1:
+        fail(f"--block-batch must be at least 1, got {args.block_batch}")
+    if config is not None:
+        evaluator = _search_evaluator(args)
+        pipe = models.load_pipeline(args.model, device=args.device, dtype=args.dtype)
+        config.check(len(_adapter_for(pipe, args).block_names()))
+        return _localize_search(args, pipe, config, evaluator)
+    pipe = models.load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    if args.top_k is not None:
+        n_blocks = len(_adapter_for(pipe, args).block_names())
+        if not 1 <= args.top_k <= n_blocks:
+            fail(f"--top-k must be between 1 and {n_blocks} (the number of blocks), got {args.top_k}")
+    with _progress.bar(desc="localize", unit="step") as steps, \
+            _progress.count_steps(pipe, steps, calls=math.ceil(len(prompts) / args.batch_size)):
+
+        def progress(done: int, total: int) -> None:  # after each batch of prompts
+            if _progress.showing():
+                steps.set_postfix_str(f"{done}/{total} prompts")
+            else:
+                _progress.write(f"localize: {done}/{total} prompts")
+
+        loc = localize(pipe, prompts, args.concept, method=args.method, clean_prompts=args.clean_prompt,
+                       seed=args.seed, variant=args.variant, out_bias=args.out_bias, batch_size=args.batch_size,
+                       block_batch=args.block_batch, options=run_options(args), progress=progress)
+    top_k = loc.minimal_k() if args.auto_k else args.top_k
+    if top_k is not None:
+        loc.settings["top_k"] = top_k
+        loc.settings["auto_k"] = bool(args.auto_k)
+    out = Path(args.out)
+    path = loc.save(out / "localization.json")
+    scores = dict(zip(loc.blocks, loc.scores.tolist()))
+    shown = loc.ranking if top_k is None else loc.top(top_k)
+    how = f"variant {args.variant}" if args.method == "contribution" else "clean prompts " + (
+        "given" if args.clean_prompt else "derived")
+    print(f"concept {args.concept!r}: {len(prompts)} prompt(s), {args.steps} steps, method {args.method}, {how}"
+          + (f", automatic K = {top_k}" if args.auto_k else ""))
+    print(f"{'rank':>4}  {'block':<12} {'score':>10}")
+    for r, b in enumerate(shown, 1):
+        print(f"{r:>4}  {b:<12} {scores[b]:>10.4f}")
+    print(f"wrote {path}")
+
+
+def _adapter_for(pipe, args):
+    from ..adapters import get_adapter
+
+    return get_adapter(pipe, **adapter_options(args))
+
+
+#: the --method search settings and their defaults
+_SEARCH_FLAGS = {"objective": None, "evaluator": None, "evaluator_model": None, "eval_text": None, "max_k": 4,
+                 "beam": 1, "direction": "forward", "candidates": None, "candidate_method": "contribution",
+                 "search_steps": None}
+
+
+def _search_config(args):
+    """The --method search settings as a SearchConfig, checked before the model loads."""
+    from ..localize import SearchConfig
+
+    if args.method != "search":
+        given = [k for k, default in _SEARCH_FLAGS.items() if getattr(args, k) != default]
+        if given:
+            fail(f"--{given[0].replace('_', '-')} is a setting of --method search")
+        return None
+    config = SearchConfig(objective=args.objective, max_k=args.max_k, beam=args.beam, direction=args.direction,
+                          candidates=args.candidates, candidate_method=args.candidate_method,
+                          search_steps=args.search_steps)
+    config.check(models.count_blocks(args.model))
+    if args.objective == "self" and (args.evaluator or args.eval_text):
+        fail("--evaluator/--eval-text score the evaluator objective; --objective self needs none")
+    if args.evaluator is not None and args.evaluator not in ("toy", "clip", "vlm"):
+        fail(f"unknown evaluator {args.evaluator!r}; use toy, clip or vlm")
+    if args.model != "toy" and args.objective == "evaluator" and args.evaluator is None:
+        fail("--objective evaluator needs --evaluator clip|vlm (with --evaluator-model) on this model")
+    return config
+
+
+def _search_evaluator(args):
+    """The evaluator the search scores with (None: the model's default or the self objective); the
+    evaluation text is checked here, before the model loads."""
+    from ..evaluate import get_evaluator
+
+    name = args.evaluator or ("toy" if args.model == "toy" and args.objective != "self" else None)
+    if name is None:
+        return None
+    kwargs = {"model": args.evaluator_model} if args.evaluator_model and name != "toy" else {}
+    if name == "vlm":
+        from ..bench import VLM_QUESTION
+
+        kwargs["question"] = VLM_QUESTION
+    evaluator = get_evaluator(name, **kwargs)
+    evaluator.check_text(args.eval_text if args.eval_text is not None else args.concept)
+    return evaluator
+
+
+def _localize_search(args, pipe, config, evaluator) -> None:
+    """`ditloc localize --method search`: the curve, K from it, resumable from <out>/search.jsonl."""
+    from ..localize import localize
+
+    out = Path(args.out)
+    checkpoint = out / "search.jsonl"
+    n_blocks = len(_adapter_for(pipe, args).block_names())
+    if args.top_k is not None and not 1 <= args.top_k <= n_blocks:
+        fail(f"--top-k must be between 1 and {n_blocks} (the number of blocks), got {args.top_k}")
+    with _progress.bar(desc="search", unit="set") as bar:
+        def progress(done: int, total: int) -> None:  # after each evaluated block set
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+            if not _progress.showing():
+                _progress.write(f"search: {done}/{total} block sets")
+
+        loc = localize(pipe, args.prompts, args.concept, method="search", search=config, evaluator=evaluator,
+                       eval_text=args.eval_text, clean_prompts=args.clean_prompt, seed=args.seed,
+                       batch_size=args.batch_size, block_batch=args.block_batch, options=run_options(args),
+                       checkpoint=checkpoint, progress=progress)
+    s = loc.search
+    auto = s.auto_k(config.threshold)
+    top_k = auto if args.auto_k else args.top_k
+    if top_k is not None:
+        loc.settings["top_k"] = top_k
+        loc.settings["auto_k"] = bool(args.auto_k)
+    path = loc.save(out / "localization.json")
+    cost = s.cost
+    print(f"concept {args.concept!r}: {len(args.prompts)} prompt(s) x {len(loc.settings['seeds'])} seed(s), objective "
+          f"{s.objective}, {cost['search_steps']} steps; {cost['sets_evaluated']} block sets evaluated "
+          f"({cost['generations']} generated now, {cost['seconds']:.0f}s)")
+    print(f"presence unedited {s.baseline:.3f}")
+    print(f"{'K':>2}  {'presence':>8} {'drop':>6} {'relative':>8}  blocks")
+    for k, (blocks, p, rel) in enumerate(zip(s.sets, s.presence, s.relative_curve), 1):
+        mark = " <- K" if k == auto else ""
+        print(f"{k:>2}  {p:>8.3f} {s.baseline - p:>6.3f} {rel:>8.2f}  {', '.join(blocks)}{mark}")
+    if auto is None:
+        print(f"automatic K: none up to {s.max_k} halves presence (raise --max-k, or the knowledge is spread wider)")
+    else:
+        print(f"automatic K = {auto} (the smallest K whose set halves presence)")
+    if args.auto_k and auto is None:
+        loc.settings["top_k"] = s.max_k
+    print(f"wrote {path}")
+
+
+def cmd_intervene(args) -> None:
+    from .._io import write_json
+    from ..errors import DitlocError
+    from ..intervene import derive_clean_prompt, generate
+    from ..localize import Localization
+
+    if args.auto_k and args.top_k is not None:
+        fail("choose --top-k or --auto-k, not both")
+    by_rank = args.top_k is not None or args.auto_k
+    if (args.blocks is None) == (not by_rank):
+        fail("give either --blocks NAMES or --top-k K (or --auto-k) with --localization FILE")
+    if by_rank and not args.localization:
+        fail(f"{'--auto-k' if args.auto_k else '--top-k'} needs --localization FILE (from `ditloc localize`)")
+    loc = Localization.load(args.localization) if args.localization else None
+    pipe = models.load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    adapter = _adapter_for(pipe, args)
+    if loc is not None and list(loc.blocks) != adapter.block_names():
+        raise DitlocError(f"{args.localization} was measured on a model with other blocks; localize this model first")
+    if args.auto_k:
+        args.top_k = loc.choose_k()
+    blocks = adapter.resolve_blocks(args.blocks) if args.blocks is not None else loc.top(args.top_k)
+    if args.blocks is not None and not blocks:
+        fail("--blocks is empty; name at least one block, e.g. --blocks block.3")
+    clean = args.clean_prompt or derive_clean_prompt(args.prompt, args.concept)
+    common = {"seed": args.seed, "options": run_options(args)}
+    original = generate(pipe, args.prompt, **common)[0]
+    key = "withhold" if args.mode == "withhold" else "inject"
+    intervened = generate(pipe, args.prompt, concept=args.concept, clean_prompts=[clean], **{key: blocks}, **common)[0]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    original.save(out / "original.png")
+    intervened.save(out / "intervened.png")
+    record = {
+        "prompt": args.prompt,
+        "concept": args.concept,
+        "clean_prompt": clean,
+        "mode": args.mode,
+        "blocks": blocks,
+        "localization": args.localization,
+        "top_k": args.top_k,
+        "model": args.model,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "seed": args.seed,
+        "max_sequence_length": args.max_sequence_length,
+        "adapter_options": adapter_options(args),
+        "device": args.device,
+        "dtype": args.dtype,
+    }
+    write_json(out / "intervention.json", record)
+    print(f"{args.mode} {args.concept!r} in {', '.join(blocks)}; clean prompt {clean!r}")
+    print(f"wrote {out / 'original.png'}, {out / 'intervened.png'}, {out / 'intervention.json'}")
