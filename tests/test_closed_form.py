@@ -178,8 +178,13 @@ def test_config_checks():
         ClosedFormConfig(ridge=0)
     with pytest.raises(DitlocError, match="positions must be one of"):
         ClosedFormConfig(positions="some")
-    with pytest.raises(DitlocError, match="closed-form method only"):
+    with pytest.raises(DitlocError, match="preserve-mode must be one of"):
+        ClosedFormConfig(preserve_mode="orthogonal")
+    with pytest.raises(DitlocError, match="need --method closed-form or --preserve-target teacher"):
         unlearn(tiny_pixart_pipeline(), "dog", "cat", prompts=PROMPTS, preserve=PRESERVE)
+    with pytest.raises(DitlocError, match="--preserve-target applies to trained unlearning"):
+        unlearn(tiny_pixart_pipeline(), "dog", "cat", prompts=PROMPTS, config=ClosedFormConfig(),
+                preserve_target="teacher")
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,26 @@ only the localized blocks, with LoRA (peft) or the blocks' own weights.
 """
 
 from .closed_form import ClosedFormConfig, closed_form_unlearn
+from .concepts import Erasure, plan_erasures, read_concepts_file
 from .data import encode_images, image_size, load_image_folder
-from .jobs import anchor_prompt, choose_blocks, load_edit, personalize, unlearn
-from .lora import LoraSpec, add_lora, load_lora, lora_state_dict, lora_targets, read_lora, save_lora
+from .jobs import choose_blocks, load_edit, personalize
+from .lora import (
+    LoraSpec,
+    add_lora,
+    factorize,
+    load_lora,
+    lora_state_dict,
+    lora_targets,
+    read_lora,
+    save_lora,
+    save_weight_delta,
+)
 from .train import EditResult, LocalizedTrainer, NoiseRule, TrainConfig, no_grad_prefix
+from .unlearning import anchor_prompt, unlearn
 
 __all__ = [
-    "ClosedFormConfig", "EditResult", "LocalizedTrainer", "LoraSpec", "NoiseRule", "TrainConfig",
-    "add_lora", "anchor_prompt", "closed_form_unlearn", "choose_blocks", "encode_images", "image_size", "load_edit",
+    "ClosedFormConfig", "EditResult", "Erasure", "LocalizedTrainer", "LoraSpec", "NoiseRule", "TrainConfig",
+    "add_lora", "anchor_prompt", "closed_form_unlearn", "choose_blocks", "encode_images", "factorize", "image_size", "load_edit",
     "load_image_folder", "load_lora", "lora_state_dict", "lora_targets", "no_grad_prefix",
-    "personalize", "read_lora", "save_lora", "unlearn",
+    "personalize", "plan_erasures", "read_concepts_file", "read_lora", "save_lora", "save_weight_delta", "unlearn",
 ]

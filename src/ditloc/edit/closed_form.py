@@ -44,6 +44,7 @@ from ..errors import DitlocError
 from .train import EditResult, NoiseRule, peak_memory, reset_peak_memory
 
 POSITIONS = ("all", "changed")
+PRESERVE_MODES = ("weighted", "nullspace")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,14 @@ class ClosedFormConfig:
     auto_k_fraction: float = 0.9
     seed: int = 0
     method: str = "closed-form"
+    #: "weighted": the least squares above; "nullspace": the edit is confined to the directions
+    #: the preserved states do not span (SPEED's constraint), so their keys/values cannot change
+    preserve_mode: str = "weighted"
+    #: null space: directions of D with eigenvalue below this fraction of the largest count as unspanned
+    nullspace_tol: float = 1e-4
+    #: also save the edit as a LoRA (truncated SVD of each weight change, relative error <= export_tol)
+    export_lora: bool = True
+    export_tol: float = 1e-3
 
     def __post_init__(self):
         if self.positions not in POSITIONS:
@@ -69,6 +78,12 @@ class ClosedFormConfig:
             raise DitlocError(f"--preserve-weight must be >= 0 (got {self.preserve_weight})")
         if not self.ridge > 0:
             raise DitlocError(f"--ridge must be > 0 (got {self.ridge}); it keeps the solve well posed")
+        if self.preserve_mode not in PRESERVE_MODES:
+            raise DitlocError(f"--preserve-mode must be one of {', '.join(PRESERVE_MODES)} (got {self.preserve_mode!r})")
+        if not 0 < self.nullspace_tol < 1:
+            raise DitlocError(f"nullspace_tol must be in (0, 1) (got {self.nullspace_tol})")
+        if not 0 < self.export_tol < 1:
+            raise DitlocError(f"export_tol must be in (0, 1) (got {self.export_tol})")
         if not 0 < self.auto_k_fraction <= 1:
             raise DitlocError(f"--auto-k-fraction must be in (0, 1] (got {self.auto_k_fraction})")
         for name in ("timesteps", "batch_size"):
@@ -163,6 +178,17 @@ class _Moments:
         self.AA += a.T @ a  # only for the fit report
         self.nc += c.shape[0]
 
+    @classmethod
+    def combine(cls, concepts: list[_Moments], preserve: _Moments | None) -> _Moments:
+        """A block's moments from its concepts' (summed) and the preserved rows'."""
+        m = cls.__new__(cls)
+        ref = concepts[0] if concepts else preserve
+        m.C, m.A, m.AA = (sum(getattr(c, k) for c in concepts) if concepts else torch.zeros_like(ref.C)
+                          for k in ("C", "A", "AA"))
+        m.nc = sum(c.nc for c in concepts)
+        m.D, m.nd = (preserve.D, preserve.nd) if preserve is not None else (torch.zeros_like(ref.C), 0)
+        return m
+
     def add_preserve(self, d: torch.Tensor):
         d = d.to(self.D.dtype)
         self.D += d.T @ d
@@ -180,47 +206,57 @@ class _Moments:
         # W' = W rhs lhs^-1; lhs is symmetric, so M = (lhs^-1 rhs^T)^T
         return torch.linalg.solve(lhs, rhs.T).T
 
+    def solve_nullspace(self, mu: float, tol: float) -> torch.Tensor:
+        """M = I + (A - C) P (P C P + mu' I)^-1 P with P the projector onto the directions
+        the preserved states do not span (eigenvalues of D below `tol` x the largest): the
+        least-squares map of the concept rows to their anchors among edits W' = W + E P,
+        so W' d = W d for every preserved d (up to the dropped eigenvalues)."""
+        C, A = self.C / self.nc, self.A / self.nc
+        eye = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+        if self.nd:
+            evals, evecs = torch.linalg.eigh(self.D / self.nd)
+            span = evecs[:, evals > tol * evals.max().clamp_min(1e-300)]
+            P = eye - span @ span.T
+        else:
+            P = eye
+        PCP = P @ C @ P
+        ridge = mu * float(torch.trace(C)) / C.shape[0]
+        return eye + (A - C) @ P @ torch.linalg.solve(PCP + ridge * eye, P)
+
 
 @torch.no_grad()
-def closed_form_unlearn(pipe, adapter, blocks, prompts, anchors, preserve, kw, config: ClosedFormConfig, *,
-                        x0: torch.Tensor | None, out: Path | None, progress=None, details: dict | None = None,
-                        model: str | None = None, auto_k: float | None = None,
-                        probe_x0: torch.Tensor | None = None) -> EditResult:
-    """Rewrite the text projections of `blocks` in place (see the module doc); with
-    `out`, save the changed weights (``blocks.safetensors``, loaded by ``load_edit``)
-    and ``ditloc_edit.json``. `x0`: latents [N, C, h, w] the text states are recorded
-    on (the anchor images for joint families; any latents otherwise).
-
-    `auto_k` (a fraction, e.g. 0.9): `blocks` is a ranking, best first; every block is
-    solved, and the edit keeps the smallest top K that achieves `auto_k` of the largest
-    reduction any K achieves in the gap between the model's prediction for the prompts
-    and the unedited model's for the anchors (mean squared, relative to the unedited
-    gap, on noisy versions of `probe_x0`, the frozen model's anchor images;
-    :func:`prediction_gaps`). A relative target, not an absolute one: prompts that differ
-    from their anchors beyond the concept keep a gap no edit closes. Every K's gap is in
-    ``details["k_gaps"]``."""
-    from .jobs import BLOCKS_FILE, RESULT_FILE
-
-    t0 = time.perf_counter()
-    transformer = pipe.transformer
+def record_moments(pipe, adapter, erasures, preserve, kw, config: ClosedFormConfig, *, x0: torch.Tensor,
+                   progress=None) -> tuple[dict[str, _Moments], dict]:
+    """The moments every block's solve needs, in one pass: per block, the concept/anchor
+    position pairs of every erasure whose blocks include it, and the preserved rows of
+    `preserve` (every block). -> ({block: moments}, row counts)."""
+    blocks = list(dict.fromkeys(b for e in erasures for b in e.blocks))
     projections = {b: adapter.text_projections(b) for b in blocks}  # refuses ineligible blocks
-    named = dict(transformer.named_modules())
-    text = {k: v.detach() for k, v in adapter.encode_text(list(prompts) + list(anchors) + list(preserve),
-                                                          kw).items()}
+    prompts = [p for e in erasures for p in e.prompts]
+    anchors = [a for e in erasures for a in e.anchor_prompts]
+    owner = [i for i, e in enumerate(erasures) for _ in e.prompts]  # erasure of each prompt row
+    members = {b: {i for i, e in enumerate(erasures) if b in e.blocks} for b in blocks}
+    text = {k: v.detach() for k, v in adapter.encode_text(prompts + anchors + list(preserve), kw).items()}
     n, r = len(prompts), len(preserve)
     mask = text.get("mask")
     masks = (mask[:n], mask[n : 2 * n]) if mask is not None else (None, None)
     pairs = position_pairs(adapter, prompts, anchors, kw, masks, config.positions)
-    if not any(pairs):
-        raise DitlocError("no readable text position differs between the prompts and their anchors")
+    for i, e in enumerate(erasures):
+        if not any(pairs[j] for j in range(n) if owner[j] == i):
+            raise DitlocError(f"no readable text position differs between the prompts of {e.concept!r} and their "
+                              "anchors")
     preserve_rows = [[j for j, ok in enumerate(_readable(mask[2 * n:] if mask is not None else None, i,
                                                           text["embeds"].shape[1])) if ok] for i in range(r)]
-
-    reset_peak_memory(transformer.device)
     noise = NoiseRule.from_scheduler(pipe.scheduler)
     g = torch.Generator("cpu").manual_seed(config.seed)
     draws = config.timesteps if adapter.text_states_depend_on_image else 1  # draw s: anchor image s mod N
-    recorder = _Recorder(transformer, {b: p[0] for b, p in projections.items()})
+    recorder = _Recorder(pipe.transformer, {b: p[0] for b, p in projections.items()})
+    # Cross-attention families give every block the same text states: then each concept's
+    # moments are gathered once and a block's are the sum over its concepts (checked on the
+    # first batch; joint families record per block).
+    shared = None if not adapter.text_states_depend_on_image and len(blocks) > 1 else False
+    per_concept: dict[int, _Moments] = {}
+    keep: _Moments | None = None
     moments: dict[str, _Moments] = {}
     rows_c = rows_d = 0
     try:
@@ -228,19 +264,25 @@ def closed_form_unlearn(pipe, adapter, blocks, prompts, anchors, preserve, kw, c
             x_t, t, _ = noise.sample(x0[s % len(x0)][None], g)  # [1, C, h, w], [1]
 
             def run(index: list[int], x_t=x_t, t=t):
+                nonlocal shared
                 sub = {k: v[index] for k, v in text.items()}
                 b = len(index)
                 adapter.denoise(x_t.expand(b, *x_t.shape[1:]), t.expand(b), sub)
-                return recorder.inputs
+                states = dict(recorder.inputs)
+                if shared is None:
+                    first = next(iter(states.values()))
+                    shared = all(torch.equal(first, x) for x in states.values())
+                return {"*": next(iter(states.values()))} if shared else states
 
             for lo in range(0, n, config.batch_size):
                 idx = list(range(lo, min(n, lo + config.batch_size)))
                 states = run(idx + [i + n for i in idx])
                 for block, x in states.items():  # x [2b, L, dim]
-                    m = moments.setdefault(block, _Moments(x.shape[-1], x.device))
                     for k, i in enumerate(idx):
-                        if not pairs[i]:
+                        if not pairs[i] or (block != "*" and owner[i] not in members[block]):
                             continue
+                        m = per_concept.setdefault(owner[i], _Moments(x.shape[-1], x.device)) if block == "*" \
+                            else moments.setdefault(block, _Moments(x.shape[-1], x.device))
                         ci = torch.tensor([c for c, _ in pairs[i]], device=x.device)
                         ai = torch.tensor([a for _, a in pairs[i]], device=x.device)
                         m.add_pairs(x[k, ci], x[len(idx) + k, ai])
@@ -249,7 +291,9 @@ def closed_form_unlearn(pipe, adapter, blocks, prompts, anchors, preserve, kw, c
                 idx = list(range(lo, min(r, lo + config.batch_size)))
                 states = run([2 * n + i for i in idx])
                 for block, x in states.items():
-                    m = moments[block]
+                    if block == "*":
+                        keep = keep or _Moments(x.shape[-1], x.device)
+                    m = keep if block == "*" else moments.setdefault(block, _Moments(x.shape[-1], x.device))
                     for k, i in enumerate(idx):
                         m.add_preserve(x[k, torch.tensor(preserve_rows[i], device=x.device)])
                 rows_d += sum(len(preserve_rows[i]) for i in idx)
@@ -257,61 +301,117 @@ def closed_form_unlearn(pipe, adapter, blocks, prompts, anchors, preserve, kw, c
                 progress(f"recorded text states at noise level {s + 1}/{draws}")
     finally:
         recorder.close()
+    if shared:
+        moments = {b: _Moments.combine([per_concept[i] for i in sorted(members[b]) if i in per_concept], keep)
+                   for b in blocks}
+    return moments, {"concept": rows_c, "preserve": rows_d, "draws": draws}
 
+
+def solve_moments(moments: dict[str, _Moments], config: ClosedFormConfig) -> dict[str, torch.Tensor]:
+    """{block: M} with W' = W M for every projection of the block: one factorization per
+    block serves its keys, values and every concept (weighted least squares or the
+    null-space variant, ``config.preserve_mode``)."""
+    if config.preserve_mode == "nullspace":
+        return {b: m.solve_nullspace(config.ridge, config.nullspace_tol) for b, m in moments.items()}
+    return {b: m.solve(config.preserve_weight, config.ridge) for b, m in moments.items()}
+
+
+@torch.no_grad()
+def closed_form_unlearn(pipe, adapter, erasures, preserve, kw, config: ClosedFormConfig, *,
+                        x0: torch.Tensor | None, out: Path | None, progress=None, details: dict | None = None,
+                        model: str | None = None, auto_k: float | None = None,
+                        probe_x0: torch.Tensor | None = None) -> EditResult:
+    """Rewrite the text projections of every erasure's blocks in place (see the module
+    doc): each block is solved once, jointly for every concept whose blocks include it,
+    with the preserved prompts `preserve`. With `out`, save the changed weights
+    (``blocks.safetensors``, loaded by ``load_edit``), the same edit as a low-rank LoRA
+    (:func:`~ditloc.edit.lora.save_weight_delta`; ``config.export_lora``) and
+    ``ditloc_edit.json``. `x0`: latents [N, C, h, w] the text states are recorded on (the
+    anchor images for joint families; any latents otherwise).
+
+    `auto_k` (a fraction, e.g. 0.9; one erasure only): its `blocks` are a ranking, best
+    first; every block is solved, and the edit keeps the smallest top K that achieves
+    `auto_k` of the largest reduction any K achieves in the gap between the model's
+    prediction for the prompts and the unedited model's for the anchors (mean squared,
+    relative to the unedited gap, on noisy versions of `probe_x0`, the frozen model's anchor
+    images; :func:`prediction_gaps`). Every K's gap is in ``details["k_gaps"]``."""
+    t0 = time.perf_counter()
+    transformer = pipe.transformer
+    erasures = list(erasures)
+    if auto_k is not None and len(erasures) != 1:
+        raise DitlocError("automatic K (--auto-k) measures one concept's edit; erase several concepts with --k or "
+                          "their localizations' own K")
+    named = dict(transformer.named_modules())
+    reset_peak_memory(transformer.device)
+    moments, rows = record_moments(pipe, adapter, erasures, preserve, kw, config, x0=x0, progress=progress)
+    t_solve = time.perf_counter()
+    factors = solve_moments(moments, config)
     solved: dict[str, dict[str, torch.Tensor]] = {}  # block -> path -> new weight
     fit = {}
-    for block, paths in projections.items():
-        m = moments[block]
-        M = m.solve(config.preserve_weight, config.ridge)
+    for block, M in factors.items():
         solved[block] = {}
-        for path in paths:
+        for path in adapter.text_projections(block):
             w = named[path].weight
-            fit[path] = _fit(m, M, w)
+            fit[path] = _fit(moments[block], M, w)
             solved[block][path] = (w.to(M.dtype) @ M).to(w.dtype)
+    solve_seconds = time.perf_counter() - t_solve
     extra = {}
     if auto_k is not None:
-        gaps = prediction_gaps(pipe, adapter, list(blocks), solved, prompts, anchors,
+        e = erasures[0]
+        gaps = prediction_gaps(pipe, adapter, list(e.blocks), solved, list(e.prompts), list(e.anchor_prompts),
                                text_fn=lambda p: adapter.encode_text(p, kw), x0=probe_x0, seed=config.seed)
         best = max(1.0 - gap for gap in gaps)
         k = next(i + 1 for i, gap in enumerate(gaps) if 1.0 - gap >= auto_k * best)
-        extra = {"auto_k": auto_k, "k_gaps": {b: g for b, g in zip(blocks, gaps)}}
+        extra = {"auto_k": auto_k, "k_gaps": {b: g for b, g in zip(e.blocks, gaps)}}
         if progress:
             progress(f"automatic K = {k}: prediction gap to the anchor "
                      + ", ".join(f"K={i + 1} {g:.3f}" for i, g in enumerate(gaps)))
-        blocks = list(blocks)[:k]
-        fit = {p: f for p, f in fit.items() if any(p in solved[b] for b in blocks)}
-    changed: dict[str, torch.Tensor] = {}
+        erasures = [e.with_blocks(e.blocks[:k])]
+        solved = {b: solved[b] for b in erasures[0].blocks}
+        fit = {p: f for p, f in fit.items() if any(p in ps for ps in solved.values())}
+    blocks = list(dict.fromkeys(b for e in erasures for b in e.blocks))  # each concept's blocks, best first
+    original, changed = {}, {}
     for block in blocks:
         for path, new in solved[block].items():
+            original[f"{path}.weight"] = named[path].weight.detach().cpu().clone()
             named[path].weight.copy_(new)
             changed[f"{path}.weight"] = new.detach().cpu().contiguous()
-    projections = {b: projections[b] for b in blocks}
     wall = time.perf_counter() - t0
+    concepts = [{**e.to_dict(), "prompts": len(e.prompts)} for e in erasures]
+    for c in concepts:
+        c.pop("anchor_prompts")
     result = EditResult(
         kind="unlearn",
         model=model or type(pipe).__name__,
         blocks=tuple(blocks),
-        config={**config.to_dict(), "projections": [p for ps in projections.values() for p in ps]},
+        config={**config.to_dict(), "projections": [p for b in blocks for p in solved[b]]},
         trainable_parameters=sum(v.numel() for v in changed.values()),
         total_parameters=sum(p.numel() for p in transformer.parameters()),
         steps=0,
         losses=(),
         wall_seconds=wall,
         peak_memory_bytes=peak_memory(transformer.device),
-        details={**(details or {}), "rows": {"concept": rows_c, "preserve": rows_d, "draws": draws}, "fit": fit,
-                 **extra},
+        details={**(details or {}), "concepts": [*(details or {}).get("concepts", concepts)],
+                 "rows": rows, "fit": fit, "solve_seconds": solve_seconds, **extra},
         out_dir=str(out) if out is not None else None,
     )
     if out is not None:
         from safetensors.torch import save_file
 
+        from .files import BLOCKS_FILE, RESULT_FILE
+        from .lora import save_weight_delta
+
         save_file(changed, str(out / BLOCKS_FILE), metadata={"ditloc": "closed-form unlearning"})
+        if config.export_lora:
+            deltas = {k.removesuffix(".weight"): changed[k].double() - original[k].double() for k in changed}
+            result.details["lora_export"] = save_weight_delta(pipe, out, deltas, tol=config.export_tol)
         write_json(out / RESULT_FILE, result.to_dict())
     if progress:
         worst = max(f["concept_residual"] for f in fit.values())
         drift = max((f.get("preserve_change", 0.0) for f in fit.values()), default=0.0)
-        progress(f"solved {len(projections)} block(s) in {wall:.1f}s: concept rows keep at most {worst:.1%} of "
-                 f"their distance to the anchor; preserved rows move at most {drift:.2%}")
+        progress(f"solved {len(blocks)} block(s) for {len(erasures)} concept(s) in {solve_seconds:.1f}s: concept "
+                 f"rows keep at most {worst:.1%} of their distance to the anchor; preserved rows move at most "
+                 f"{drift:.2%}")
     return result
 
 

@@ -20,20 +20,26 @@ import torch
 
 from .. import _state
 from .._io import OutputLock, write_json
-from ..options import RunOptions, generators, model_record
 from ..errors import DitlocError
+from ..options import RunOptions, generators, model_record
 from ..text import find_occurrences, substitute, tidy
 from .blocks import category_prompts, choose_blocks, neighbour_prompts  # noqa: F401  (re-exported)
-from .closed_form import ClosedFormConfig, closed_form_unlearn
 from .data import encode_images, image_size, load_image_folder
+from .files import BLOCKS_FILE, RESULT_FILE
 from .lora import save_lora
 from .processes import current as current_processes
-from .train import EditResult, LocalizedTrainer, TrainConfig, peak_memory, reset_peak_memory, run_training, to_device
+from .train import (
+    EditResult,
+    LocalizedTrainer,
+    TrainConfig,
+    peak_memory,
+    reset_peak_memory,
+    run_training,
+    to_device,
+)
 
-RESULT_FILE = "ditloc_edit.json"
 EMPTY_PRESERVE = ("the preservation set is empty; pass prompts to keep (--preserve / --preserve-file) "
                   "or leave both out to preserve the anchor prompts")
-BLOCKS_FILE = "blocks.safetensors"
 
 
 def _adapter(pipe):
@@ -167,15 +173,15 @@ def load_edit(pipe, directory) -> dict:
     from .lora import WEIGHT_NAME, load_lora
 
     directory = Path(directory)
-    if (directory / WEIGHT_NAME).exists():
-        load_lora(pipe, directory)
-    elif (directory / BLOCKS_FILE).exists():
+    if (directory / BLOCKS_FILE).exists():  # exact weights (a closed-form edit also exports a LoRA of them)
         from safetensors.torch import load_file
 
         state = load_file(str(directory / BLOCKS_FILE))
         missing, unexpected = pipe.transformer.load_state_dict(state, strict=False)
         if unexpected:
             raise DitlocError(f"{directory}: tensors {unexpected[:3]} are not in this transformer")
+    elif (directory / WEIGHT_NAME).exists():
+        load_lora(pipe, directory)
     else:
         raise DitlocError(f"{directory} holds no edit ({WEIGHT_NAME} or {BLOCKS_FILE})")
     path = directory / RESULT_FILE
@@ -387,148 +393,3 @@ def check_personalize_prompts(token: str, n_images: int, captions=None, class_pr
             if find_occurrences(str(c), token):
                 raise DitlocError(f"the class prompt {str(c).strip()!r} contains the token {token!r}; class prompts "
                                   "show the class without the subject")
-
-
-# ---------------------------------------------------------------------------------------
-def anchor_prompt(prompt: str, concept: str, anchor: str) -> str:
-    """`prompt` with every occurrence of `concept` (`ditloc.text.find_occurrences`)
-    replaced by `anchor`, word for word (articles and spacing as they are)."""
-    if not find_occurrences(prompt, concept):
-        raise DitlocError(f"the concept {concept!r} does not occur in the prompt {prompt!r}")
-    return substitute(prompt, concept, anchor.strip(), articles=False)
-
-
-@_one_writer
-def unlearn(
-    pipe,
-    concept: str,
-    anchor: str,
-    *,
-    prompts=None,
-    anchor_prompts=None,
-    blocks="auto",
-    k: int | str | None = None,
-    config: TrainConfig | ClosedFormConfig = TrainConfig(),
-    images_per_prompt: int = 4,
-    preserve=None,
-    localize_method: str = "search",
-    out=None,
-    options: RunOptions | None = None,
-    progress=None,
-    **run,
-) -> EditResult:
-    """Make prompts with `concept` behave like the same prompts with `anchor`
-    (the frozen model's prediction is the target), training only `blocks`.
-    `anchor_prompts` (one per prompt) replaces the word substitution, e.g. to
-    drop a whole phrase ("with a hazard sign"). `localize_method`: how ``blocks="auto"``
-    ranks the blocks (see :func:`personalize`). `options`/`run`: as in :func:`personalize`.
-
-    With a :class:`~ditloc.edit.closed_form.ClosedFormConfig` there is no training: the
-    text key/value projections of `blocks` are solved in closed form (method.md section 8)
-    to map the prompts' text states to the anchors' while keeping those of `preserve`
-    (prompts without the concept; default: the anchor prompts). ``k="auto"`` (closed form,
-    ``blocks="auto"``): every editable block is solved and the smallest top K whose edit
-    reaches ``config.auto_k_fraction`` of the best reduction of the gap to the anchors'
-    prediction is kept."""
-    if not concept or not concept.strip():
-        raise DitlocError("the concept is empty; pass --concept 'the words to forget'")
-    if anchor_prompts is None and (not anchor or not anchor.strip()):
-        raise DitlocError("the anchor is empty; pass --anchor 'what to show instead', e.g. 'a dog'")
-    if anchor and find_occurrences(anchor, concept):
-        raise DitlocError(f"the anchor {anchor!r} contains the concept {concept!r}; the anchor is what to show "
-                          "instead, without it")
-    closed_form = isinstance(config, ClosedFormConfig)
-    if closed_form and current_processes().world > 1:
-        raise DitlocError("--method closed-form runs in one process (seconds); run it without accelerate launch")
-    if preserve is not None and not closed_form:
-        raise DitlocError("preservation prompts are used by the closed-form method only (--method closed-form)")
-    prompts = [p for p in (prompts or [f"a picture of {concept.strip()}", concept.strip()])]
-    for i, p in enumerate(prompts):
-        if not find_occurrences(p, concept):
-            raise DitlocError(f"prompt {i + 1} ({p!r}) does not contain the concept {concept!r}")
-    if anchor_prompts is not None:
-        anchors = list(anchor_prompts)
-        if len(anchors) != len(prompts):
-            raise DitlocError(f"{len(anchors)} anchor prompts for {len(prompts)} prompts; give one per prompt")
-    else:
-        anchors = [anchor_prompt(p, concept, anchor) for p in prompts]
-    for i, a in enumerate(anchors):
-        if find_occurrences(a, concept):
-            raise DitlocError(f"anchor prompt {i + 1} ({a!r}) still contains the concept {concept!r}")
-    if closed_form:
-        if preserve is None:  # the anchors, and the concept's neighbours in its probe-set category
-            preserve = list(dict.fromkeys(list(anchors) + [p for p in neighbour_prompts(pipe, concept)
-                                                            if not find_occurrences(p, concept)]))
-        else:
-            preserve = list(preserve)
-        if not preserve:
-            raise DitlocError(EMPTY_PRESERVE)
-        for i, p in enumerate(preserve):
-            if find_occurrences(p, concept):
-                raise DitlocError(f"preservation prompt {i + 1} ({p!r}) contains the concept {concept!r}; "
-                                  "preserve only prompts without it")
-    eligible = _text_editable if closed_form else None
-    auto_k = None
-    if k == "auto":
-        if not closed_form:
-            raise DitlocError("automatic K (--auto-k) works with --method closed-form: it measures each K's edit")
-        if blocks != "auto":
-            raise DitlocError("automatic K (--auto-k) ranks the blocks by a localization; pass --blocks auto")
-        auto_k = config.auto_k_fraction
-        k = len(_text_editable(_adapter(pipe)))  # solve every editable block, keep the smallest K that works
-    adapter, kw, out, chosen, loc = _plan(
-        pipe, blocks, k, prompts, concept.strip(), config, out,
-        options=run_options(options, run), progress=progress, require_concept=True, eligible=eligible,
-        localize_method=localize_method)
-    if closed_form:
-        for b in chosen:
-            adapter.text_projections(b)  # a block without text projections: one line, before any work
-        x0 = None
-        if adapter.text_states_depend_on_image:
-            n_images = min(len(anchors), config.timesteps)
-            if progress:
-                progress(f"drawing {n_images} anchor image(s): joint blocks read text states that depend on the image")
-            x0 = _cached_latents(out, "anchor_latents", lambda: _generate_latents(
-                pipe, anchors[:n_images], 1, config.seed, kw)).to(pipe.transformer.dtype)
-        else:
-            x0 = _blank_latents(pipe, kw)
-        details = {"concept": concept, "anchor": anchor, "prompts": prompts, "anchor_prompts": anchors,
-                   "preserve": preserve, "localization": loc.to_dict() if loc is not None else None}
-        probe = None
-        if auto_k is not None:
-            if adapter.text_states_depend_on_image:
-                probe = x0
-            else:
-                if progress:
-                    progress(f"drawing {min(len(anchors), 16)} anchor image(s) to measure each K's edit")
-                probe = _cached_latents(out, "probe_latents", lambda: _generate_latents(
-                    pipe, anchors[:16], 1, config.seed, kw)).to(pipe.transformer.dtype)
-        return closed_form_unlearn(pipe, adapter, chosen, prompts, anchors, preserve, kw, config, x0=x0, out=out,
-                                   progress=progress, details=details, auto_k=auto_k, probe_x0=probe,
-                                   model=model_record(pipe).get("name_or_path") or type(pipe).__name__)
-    if progress:
-        progress(f"drawing {images_per_prompt} anchor image(s) per prompt")
-    x0 = _cached_latents(out, "anchor_latents", lambda: _generate_latents(
-        pipe, anchors, images_per_prompt, config.seed, kw))
-    x0 = x0.to(pipe.transformer.device, _data_dtype(pipe, config))  # [P*n, C, h, w]
-    n = len(prompts)
-    text = _encode(adapter, prompts + anchors, kw)  # rows [0, n): concept prompts, [n, 2n): anchors
-    data = {"concept": concept, "anchor": anchor, "prompts": prompts, "anchor_prompts": anchors,
-            "images_per_prompt": images_per_prompt}
-    reset_peak_memory(pipe.transformer.device)
-    trainer = LocalizedTrainer(pipe, adapter, chosen, config)
-    b = trainer.global_batch  # every process draws the global batch and trains on its rows
-
-    def loss_fn() -> torch.Tensor:
-        g = trainer.generator
-        img = to_device(torch.randint(len(x0), (b,), generator=g), x0.device)  # anchor image, and its prompt
-        which = img // images_per_prompt  # [B]
-        x_t, t, _ = trainer.noise.sample(x0[img], g)
-        x_t, t, which = trainer.shard(x_t, t, which)
-        target = trainer.teacher(x_t, t, {k: v[which + n] for k, v in text.items()})
-        pred = adapter.denoise(x_t, t, {k: v[which] for k, v in text.items()})
-        return torch.nn.functional.mse_loss(pred.float(), target.float())
-
-    wall = run_training(trainer, loss_fn, out, _identity("unlearn", pipe, chosen, config, data), progress)
-    details = dict(data, localization=loc.to_dict() if loc is not None else None)
-    return _finish("unlearn", pipe, trainer, out, wall, details)

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from ..errors import DitlocError
+from .files import LORA_FILE as WEIGHT_NAME
 
-WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 ADAPTER_NAME = "ditloc"
 
 
@@ -125,10 +125,15 @@ def save_lora(pipe, directory, state_dict: dict, spec: LoraSpec) -> Path:
     from peft import LoraConfig
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     metadata = spec.config().to_dict()
     metadata = json.loads(json.dumps(metadata, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
     LoraConfig(**{k: v for k, v in metadata.items() if k in LoraConfig.__dataclass_fields__})  # round-trips
+    _write_lora(pipe, directory, state_dict, metadata)
+    return directory / WEIGHT_NAME
+
+
+def _write_lora(pipe, directory: Path, state_dict: dict, metadata: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
     if hasattr(type(pipe), "save_lora_weights"):
         type(pipe).save_lora_weights(
             directory, transformer_lora_layers=state_dict, weight_name=WEIGHT_NAME,
@@ -142,7 +147,6 @@ def save_lora(pipe, directory, state_dict: dict, spec: LoraSpec) -> Path:
             packed, str(directory), True, WEIGHT_NAME, None, True,
             {f"transformer.{k}": v for k, v in metadata.items()},
         )
-    return directory / WEIGHT_NAME
 
 
 def read_lora(directory) -> tuple[dict, dict]:
@@ -184,3 +188,46 @@ def load_lora(pipe, directory, adapter_name: str = ADAPTER_NAME) -> None:
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise DitlocError(f"{directory}: LoRA tensors {unexpected[:3]} match no module of this transformer")
+
+
+def factorize(delta: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(B [out, r], A [r, in], relative error) of the truncated SVD of `delta` at the
+    smallest rank r whose Frobenius error relative to |delta| is at most `tol`."""
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    energy = s.pow(2)
+    total = float(energy.sum())
+    if total == 0:
+        return u[:, :0], vh[:0], 0.0
+    tail = torch.flip(torch.cumsum(torch.flip(energy, [0]), 0), [0])  # tail[r] = sum_{i >= r} s_i^2
+    ok = torch.nonzero(torch.cat([tail[1:], tail.new_zeros(1)]) <= (tol ** 2) * total)
+    r = int(ok[0]) + 1
+    error = (float(tail[r]) / total) ** 0.5 if r < len(s) else 0.0
+    return u[:, :r] * s[:r], vh[:r], error
+
+
+def save_weight_delta(pipe, directory, deltas: dict[str, torch.Tensor], tol: float = 1e-3) -> dict:
+    """Save weight changes ``{module path: W' - W}`` as a LoRA that plain diffusers loads
+    (``pipe.load_lora_weights``): each factorized by :func:`factorize` at its own rank
+    (peft ``rank_pattern``; alpha = rank, so the scale is 1). Returns the record
+    ``{path: {"rank", "error"}}`` (and writes nothing when every change is zero)."""
+    from peft import LoraConfig
+
+    state, ranks, record = {}, {}, {}
+    for path, delta in deltas.items():
+        module = dict(pipe.transformer.named_modules())[path]
+        b, a, error = factorize(delta, tol)
+        if b.shape[1] == 0:
+            continue
+        dtype = module.weight.dtype
+        state[f"{path}.lora_A.weight"] = a.to(dtype).contiguous()
+        state[f"{path}.lora_B.weight"] = b.to(dtype).contiguous()
+        ranks[path] = b.shape[1]
+        record[path] = {"rank": b.shape[1], "error": error}
+    if not state:
+        return record
+    r = max(ranks.values())
+    config = LoraConfig(r=r, lora_alpha=r, target_modules=sorted(ranks), rank_pattern=dict(ranks),
+                        alpha_pattern=dict(ranks), init_lora_weights=True)
+    metadata = json.loads(json.dumps(config.to_dict(), default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+    _write_lora(pipe, Path(directory), state, metadata)
+    return record
