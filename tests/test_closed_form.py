@@ -220,7 +220,7 @@ def test_cli_closed_form(tmp_path, capsys, pixart_dir):
     code = _cli(["unlearn", str(pixart_dir), "--concept", "dog", "--anchor", "cat", "--prompt", PROMPTS[0],
                  "--preserve", "a cat", "--out", str(tmp_path / "l")])
     err = capsys.readouterr().err
-    assert code == 2 and "closed-form only" in err
+    assert code == 2 and "or with --preserve-target teacher" in err
 
 
 def test_auto_k_keeps_the_smallest_top_k_that_closes_the_gap(tmp_path):
@@ -247,7 +247,7 @@ def test_auto_k_keeps_the_smallest_top_k_that_closes_the_gap(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--auto-k"], "--auto-k works with --method closed-form"),
     (["--auto-k", "--method", "closed-form", "--blocks", "block.1"], "pass --blocks auto"),
-    (["--preserve", "a cat"], "closed-form only"),
+    (["--preserve", "a cat"], "used by --method closed-form, or with --preserve-target teacher"),
     (["--method", "closed-form", "--auto-k-fraction", "2"], "--auto-k-fraction must be in (0, 1]"),
 ])
 def test_cli_closed_form_bad_input_before_load(tmp_path, capsys, monkeypatch, extra, message):

@@ -222,3 +222,74 @@ def test_lora_unlearning_with_teacher_preservation(tmp_path):
     assert 0 < drift["teacher"] < 0.5 * drift["plain"], drift
     with pytest.raises(DitlocError, match="--preserve-weight must be >= 0"):
         unlearn(tiny_pixart_pipeline(), config=cfg, preserve_target="teacher", preserve_weight=-1, **kw)
+
+
+# ----------------------------------------------------------------------------- the command line
+def _cli(argv) -> int:
+    from ditloc.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code)
+
+
+@pytest.mark.parametrize("extra, file_text, message", [
+    (["--concept", "dog", "--anchor", "cat", "--concept", "dog", "--anchor", "bird"], None,
+     "the concept 'dog' is listed twice"),
+    (["--concept", "dog", "--anchor", "a dog"], None, "the anchor 'a dog' contains the concept 'dog'"),
+    (["--concept", "dog", "--anchor", "car", "--concept", "car", "--anchor", "house"], None,
+     "contains the erased concept 'car'"),
+    (["--concept", "dog", "--concept", "bird", "--anchor", "cat", "--prompt", "a dog on the beach"], None,
+     "the concept 'bird' occurs in none of the prompts"),
+    (["--concept", "dog", "--concept", "car", "--concept", "bird", "--anchor", "cat", "--anchor", "house"], None,
+     "3 --concept for 2 --anchor"),
+    (["--anchor", "cat"], "", "lists no concept"),
+    (["--anchor", "cat"], "dog=cat=bird\n", "has two '='"),
+    ([], "dog\n", "no anchor for 'dog'"),
+    (["--concept", "dog", "--anchor", "cat", "--concept", "car", "--anchor", "house", "--blocks", "loc.json"], None,
+     "a localization file holds one concept"),
+    (["--concept", "dog", "--anchor", "cat", "--method", "closed-form", "--preserve-target", "teacher"], None,
+     "--preserve-target applies to --method lora or full"),
+    (["--concept", "dog", "--anchor", "cat", "--preserve", "a cat"], None, "or with --preserve-target teacher"),
+], ids=["duplicate", "own anchor", "other's anchor", "in no prompt", "anchor count", "empty file", "two =",
+        "no anchor", "loc file", "teacher closed-form", "preserve without teacher"])
+def test_cli_bad_concepts_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, extra, file_text, message):
+    from ditloc.cli import models
+
+    monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    monkeypatch.chdir(tmp_path)
+    if "loc.json" in extra:
+        from ditloc.localize import Localization  # taken as a valid file: the refusal is about the concepts
+
+        monkeypatch.setattr(Localization, "load", staticmethod(lambda path: None))
+    argv = ["unlearn", "toy", *extra, "--out", str(tmp_path / "o")]
+    if file_text is not None:
+        (tmp_path / "c.txt").write_text(file_text)
+        argv += ["--concepts-file", str(tmp_path / "c.txt")]
+    code = _cli(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_cli_erases_a_concepts_file_in_one_solve(tmp_path, capsys):
+    from ditloc.testing import main as save
+
+    model = str(tmp_path / "pixart")
+    assert save(["save", model, "--family", "pixart"]) == 0
+    (tmp_path / "c.txt").write_text("# two concepts\ndog=cat\ncar   # the default anchor\n")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    code = _cli(["unlearn", model, "--concepts-file", str(tmp_path / "c.txt"), "--anchor", "house",
+                 "--prompts-file", str(prompts), "--method", "closed-form", "--blocks", "block.1,block.2",
+                 "--preserve-mode", "nullspace", "--out", str(tmp_path / "o"), "--steps", "2"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "'dog' -> 'cat': block.1, block.2" in out and "'car' -> 'house'" in out
+    assert "for 2 concept(s)" in out and "pipe.load_lora_weights(OUT)" in out
+    rec = json.loads((tmp_path / "o" / "ditloc_edit.json").read_text())
+    assert rec["config"]["preserve_mode"] == "nullspace"
+    assert [c["concept"] for c in rec["details"]["concepts"]] == ["dog", "car"]
+    assert (tmp_path / "o" / "pytorch_lora_weights.safetensors").exists()

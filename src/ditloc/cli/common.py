@@ -173,8 +173,9 @@ def check_run_settings(args) -> None:
         check_adapter_options(adapter_options(args), models.transformer_class(args.model))
     for name in ("concept", "token", "class_word", "anchor"):
         value = getattr(args, name, None)
-        if value is not None and not value.strip():
-            fail(f"--{name.replace('_', '-')} is empty")
+        for v in value if isinstance(value, list) else [value]:  # repeatable (unlearn's --concept/--anchor)
+            if v is not None and not v.strip():
+                fail(f"--{name.replace('_', '-')} is empty")
 
 
 def check_blocks_named(blocks: str, hint: str = "") -> None:

@@ -48,19 +48,34 @@ def add_parsers(sub) -> None:
     _add_edit_args(p, method={"choices": ("lora", "full"), "default": "lora"})
     p.set_defaults(check=check_personalize, func=cmd_personalize)
 
-    p = sub.add_parser("unlearn", help="make the model forget a concept (concept ablation) in the localized blocks only")
+    p = sub.add_parser("unlearn", help="make the model forget concepts (concept ablation) in their localized blocks "
+                                       "only")
     p.add_argument("model", metavar="MODEL", help="diffusers pipeline directory, hub id, or 'toy'")
-    p.add_argument("--concept", required=True, help="the words to forget, as they appear in the prompts")
-    p.add_argument("--anchor", required=True, help="what those prompts should show instead (e.g. 'a dog')")
-    p.add_argument("--prompt", action="append", help="a training prompt containing the concept (repeatable)")
+    p.add_argument("--concept", action="append", default=None,
+                   help="the words to forget, as they appear in the prompts (repeatable: one edit erases all)")
+    p.add_argument("--anchor", action="append", default=None,
+                   help="what prompts with the concept should show instead (e.g. 'a dog'); one per --concept, "
+                        "or one for all; with --concepts-file, the default anchor")
+    p.add_argument("--concepts-file", default=None,
+                   help="text file, one concept[=anchor] a line (# comments; no '=': the --anchor default)")
+    p.add_argument("--prompt", action="append", help="a training prompt containing a concept (repeatable; each "
+                                                     "is used for every concept it contains)")
     p.add_argument("--prompts-file", help="text file, one training prompt per line")
     p.add_argument("--images-per-prompt", type=int, default=4, help="anchor images drawn per prompt")
     p.add_argument("--preserve", action="append", default=None, metavar="PROMPT",
-                   help="closed-form: a prompt whose text states must not change (repeatable; "
-                        "default: the anchor prompts)")
-    p.add_argument("--preserve-file", default=None, help="closed-form: text file, one prompt to preserve per line")
+                   help="a prompt to keep as it is (repeatable); closed-form: its text states must not change; "
+                        "with --preserve-target teacher: its prediction stays the frozen model's (default: the "
+                        "anchor prompts and the concepts' probe-set neighbours)")
+    p.add_argument("--preserve-file", default=None, help="text file, one prompt to preserve per line")
     p.add_argument("--preserve-weight", type=float, default=1.0,
-                   help="closed-form: weight of the preservation term (lambda, default 1)")
+                   help="weight of the preservation term (closed-form: lambda; teacher: its loss weight; default 1)")
+    p.add_argument("--preserve-mode", choices=("weighted", "nullspace"), default="weighted",
+                   help="closed-form: weighted least squares (default) or an edit confined to the directions the "
+                        "preserved text states do not span (they cannot change)")
+    p.add_argument("--preserve-target", choices=("teacher",), default=None,
+                   help="lora/full: also fit the preserved prompts to the frozen model's prediction")
+    p.add_argument("--no-lora-export", action="store_true",
+                   help="closed-form: do not also save the edit as a low-rank LoRA file")
     p.add_argument("--ridge", type=float, default=1e-3,
                    help="closed-form: pull toward the original weights (mu, relative; default 1e-3)")
     p.add_argument("--positions", choices=("all", "changed"), default="all",
@@ -131,23 +146,63 @@ def check_personalize(args) -> None:
 
 
 def check_unlearn(args) -> None:
-    """Before the model loads (sets ``args.prompts`` where prompts are given and resolves ``args.mixed_precision``)."""
+    """Before the model loads (sets ``args.pairs``, ``args.prompts`` where prompts are given, and resolves
+    ``args.mixed_precision``)."""
     _check_blocks_and_settings(args)
+    args.pairs = _concept_pairs(args)
     if args.prompt or args.prompts_file:
         args.prompts = read_prompts(args)
-        check_concept(args.prompts, args.concept, exact=True)
-    from ..text import find_occurrences
+        if len(args.pairs) == 1:
+            check_concept(args.prompts, args.pairs[0][0], exact=True)
+    from ..edit.concepts import plan_erasures
 
     if args.auto_k and args.method != "closed-form":
         fail("--auto-k works with --method closed-form: it measures each K's edit")
     if args.auto_k and args.blocks != "auto":
         fail("--auto-k ranks the blocks by a localization; pass --blocks auto")
-    if (args.preserve is not None or args.preserve_file is not None) and args.method != "closed-form":
-        fail("--preserve/--preserve-file are used by --method closed-form only")
-    if find_occurrences(args.anchor, args.concept):
-        fail(f"the anchor {args.anchor!r} contains the concept {args.concept!r}; the anchor is what to show "
-             "instead, without it")
+    if args.auto_k and len(args.pairs) > 1:
+        fail("--auto-k measures one concept's edit; leave it out to take each concept's K from its localization")
+    if args.blocks.endswith(".json") and len(args.pairs) > 1:
+        fail("a localization file holds one concept; with several concepts pass --blocks auto (each is "
+             "localized and saved in --out) or block names")
+    preserving = args.preserve is not None or args.preserve_file is not None
+    if args.method == "closed-form" and args.preserve_target is not None:
+        fail("--preserve-target applies to --method lora or full; the closed form keeps the preserved prompts by "
+             "its solve")
+    if preserving and args.method != "closed-form" and args.preserve_target is None:
+        fail("--preserve/--preserve-file are used by --method closed-form, or with --preserve-target teacher")
+    if not args.preserve_weight >= 0:
+        fail(f"--preserve-weight must be >= 0 (got {args.preserve_weight})")
+    plan_erasures(args.pairs, getattr(args, "prompts", None))  # duplicates, anchors, concepts in no prompt
     _check_training(args)
+
+
+def _concept_pairs(args) -> list[tuple[str, str]]:
+    """(concept, anchor) pairs from --concept/--anchor or --concepts-file."""
+    from ..edit.concepts import check_pairs, read_concepts_file
+
+    concepts, anchors = args.concept or [], args.anchor or []
+    if args.concepts_file is not None:
+        if concepts:
+            fail("pass the concepts either as --concept or in --concepts-file, not both")
+        if len(anchors) > 1:
+            fail("with --concepts-file, --anchor is the one default anchor; write the others as concept=anchor")
+        pairs = read_concepts_file(args.concepts_file, anchors[0] if anchors else None)
+    else:
+        if not concepts:
+            fail("pass --concept X --anchor Y (repeatable) or --concepts-file F")
+        if not anchors:
+            fail("pass --anchor 'what to show instead', e.g. 'a dog'")
+        if len(anchors) not in (1, len(concepts)):
+            fail(f"{len(concepts)} --concept for {len(anchors)} --anchor; give one --anchor per --concept, or one "
+                 "for all")
+        pairs = list(zip(concepts, anchors if len(anchors) == len(concepts) else anchors * len(concepts)))
+    for c, a in pairs:
+        if a is None:
+            fail(f"no anchor for {c!r}; pass --anchor (the default) or write {c}=anchor in --concepts-file")
+        if not c.strip():
+            fail("--concept is empty; pass the words to forget")
+    return check_pairs(pairs)
 
 
 def _check_blocks_and_settings(args) -> None:
@@ -235,8 +290,9 @@ def cmd_unlearn(args) -> None:
         raise DitlocError(f"--images-per-prompt must be >= 1 (got {args.images_per_prompt})")
     preserve = _preserve_prompts(args)
     pipe = models.load_pipeline(args.model, device=device, dtype=dtype)
-    res = unlearn(pipe, args.concept, args.anchor, prompts=prompts, images_per_prompt=args.images_per_prompt,
-                  preserve=preserve, **common)
+    res = unlearn(pipe, concepts=args.pairs, prompts=prompts, images_per_prompt=args.images_per_prompt,
+                  preserve=preserve, preserve_target=args.preserve_target, preserve_weight=args.preserve_weight,
+                  **common)
     if main_process:
         _print_result(args, pipe, res)
 
@@ -249,7 +305,8 @@ def _edit_setup(args) -> tuple[dict, str | None, str | None, bool]:
 
     if args.method == "closed-form":
         config = ClosedFormConfig(preserve_weight=args.preserve_weight, ridge=args.ridge, positions=args.positions,
-                                  seed=args.seed, auto_k_fraction=args.auto_k_fraction)
+                                  seed=args.seed, auto_k_fraction=args.auto_k_fraction,
+                                  preserve_mode=args.preserve_mode, export_lora=not args.no_lora_export)
     else:
         config = TrainConfig(
             method=args.method, rank=args.rank, steps=args.train_steps, lr=args.lr, batch_size=args.batch_size,
@@ -286,11 +343,23 @@ def _preserve_prompts(args) -> list[str] | None:
 
 def _print_result(args, pipe, res) -> None:
     mem = f", peak {res.peak_memory_bytes / 2**20:.0f} MiB" if res.peak_memory_bytes else ""
+    concepts = res.details.get("concepts") or []
+    if len(concepts) > 1:
+        for c in concepts:
+            drop = f", presence drop {c['presence_drop']:.0%}" if "presence_drop" in c else ""
+            print(f"  {c['concept']!r} -> {c['anchor']!r}: {', '.join(c['blocks'])}{drop}")
     if res.config.get("method") == "closed-form":
         n = len(res.config["projections"])
-        print(f"unlearn: closed-form edit of {n} projection(s) in {', '.join(res.blocks)} "
-              f"({res.trainable_parameters:,} of {res.total_parameters:,} parameters), {res.wall_seconds:.1f}s{mem}")
-        print(f"wrote {args.out} (load with ditloc.edit.load_edit(pipe, OUT))")
+        print(f"unlearn: closed-form edit of {n} projection(s) in {', '.join(res.blocks)} for {len(concepts)} "
+              f"concept(s) ({res.trainable_parameters:,} of {res.total_parameters:,} parameters), "
+              f"{res.wall_seconds:.1f}s{mem}")
+        export = res.details.get("lora_export")
+        lora = ""
+        if export:
+            ranks = sorted({r["rank"] for r in export.values()})
+            lora = (f"; also a LoRA of ranks {ranks[0]}-{ranks[-1]} (relative error <= "
+                    f"{max(r['error'] for r in export.values()):.1e}): pipe.load_lora_weights(OUT)")
+        print(f"wrote {args.out} (load with ditloc.edit.load_edit(pipe, OUT){lora})")
         return
     print(f"{res.kind}: trained {res.trainable_parameters:,} of {res.total_parameters:,} parameters in "
           f"{', '.join(res.blocks)}; {res.steps} steps, {res.wall_seconds:.1f}s{mem}; final loss {res.losses[-1]:.4f}")
