@@ -206,22 +206,26 @@ class _Moments:
         # W' = W rhs lhs^-1; lhs is symmetric, so M = (lhs^-1 rhs^T)^T
         return torch.linalg.solve(lhs, rhs.T).T
 
-    def solve_nullspace(self, mu: float, tol: float) -> torch.Tensor:
+    def solve_nullspace(self, mu: float, tol: float, projector: torch.Tensor | None = None) -> torch.Tensor:
         """M = I + (A - C) P (P C P + mu' I)^-1 P with P the projector onto the directions
         the preserved states do not span (eigenvalues of D below `tol` x the largest): the
         least-squares map of the concept rows to their anchors among edits W' = W + E P,
-        so W' d = W d for every preserved d (up to the dropped eigenvalues)."""
+        so W' d = W d for every preserved d (up to the dropped eigenvalues). `projector`:
+        P when already known (blocks that share the preserved states share it)."""
         C, A = self.C / self.nc, self.A / self.nc
         eye = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
-        if self.nd:
-            evals, evecs = torch.linalg.eigh(self.D / self.nd)
-            span = evecs[:, evals > tol * evals.max().clamp_min(1e-300)]
-            P = eye - span @ span.T
-        else:
-            P = eye
+        P = projector if projector is not None else self.null_projector(tol)
         PCP = P @ C @ P
         ridge = mu * float(torch.trace(C)) / C.shape[0]
         return eye + (A - C) @ P @ torch.linalg.solve(PCP + ridge * eye, P)
+
+    def null_projector(self, tol: float) -> torch.Tensor:
+        eye = torch.eye(self.D.shape[0], dtype=self.D.dtype, device=self.D.device)
+        if not self.nd:
+            return eye
+        evals, evecs = torch.linalg.eigh(self.D / self.nd)
+        span = evecs[:, evals > tol * evals.max().clamp_min(1e-300)]
+        return eye - span @ span.T
 
 
 @torch.no_grad()
@@ -312,7 +316,13 @@ def solve_moments(moments: dict[str, _Moments], config: ClosedFormConfig) -> dic
     block serves its keys, values and every concept (weighted least squares or the
     null-space variant, ``config.preserve_mode``)."""
     if config.preserve_mode == "nullspace":
-        return {b: m.solve_nullspace(config.ridge, config.nullspace_tol) for b, m in moments.items()}
+        projectors: dict[int, torch.Tensor] = {}  # blocks that share the preserved moments share P
+        out = {}
+        for b, m in moments.items():
+            if id(m.D) not in projectors:
+                projectors[id(m.D)] = m.null_projector(config.nullspace_tol)
+            out[b] = m.solve_nullspace(config.ridge, config.nullspace_tol, projectors[id(m.D)])
+        return out
     return {b: m.solve(config.preserve_weight, config.ridge) for b, m in moments.items()}
 
 

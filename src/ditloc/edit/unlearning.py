@@ -52,6 +52,7 @@ from .train import (
 )
 
 PRESERVE_TARGETS = (None, "teacher")
+LOCALIZE_PROMPTS = 8  # `--blocks auto` searches on at most this many of a concept's prompts (spread over them)
 
 
 def anchor_prompt(prompt: str, concept: str, anchor: str) -> str:
@@ -78,7 +79,8 @@ def _slug(text: str) -> str:
 def _choose(pipe, erasures, blocks, k, out, *, options, progress, eligible, localize_method):
     """Each erasure with its blocks, and its localization (None for explicit blocks).
     `blocks`: "auto", "all", names, a saved localization (one concept), or a dict
-    {concept: any of those}. Several concepts: each localization is checkpointed and
+    {concept: any of those}. A search runs on at most LOCALIZE_PROMPTS of the concept's prompts.
+    Several concepts: each localization is checkpointed and
     saved under ``out/localizations/``; a rerun reuses them."""
     procs = current_processes()
     chosen, locs = [], []
@@ -97,7 +99,7 @@ def _choose(pipe, erasures, blocks, k, out, *, options, progress, eligible, loca
         if progress and len(erasures) > 1:
             progress(f"[{e.concept}] choosing blocks")
         names, loc = procs.share(lambda e=e, spec=spec, checkpoint=checkpoint: choose_blocks(
-            pipe, spec, k, list(e.prompts), e.concept, progress=progress, options=options, eligible=eligible,
+            pipe, spec, k, _spread(list(e.prompts), LOCALIZE_PROMPTS), e.concept, progress=progress, options=options, eligible=eligible,
             method=localize_method, checkpoint=checkpoint))
         if loc is not None and out is not None and procs.is_main:
             loc.save(saved if saved is not None else out / "localization.json")
