@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from evaluate_editing import CATS, average, generate, labels, rate  # same directory
+from evaluate_fidelity import expected
 
 from ditloc.edit import ClosedFormConfig, TrainConfig, unlearn
 from ditloc.edit.blocks import choose_blocks
@@ -35,8 +37,6 @@ from ditloc.localize import Localization
 from ditloc.options import RunOptions
 from ditloc.toy import load_pipeline, world
 from ditloc.toy.oracle import load_oracle
-from evaluate_editing import CATS, average, generate, labels, rate  # same directory
-from evaluate_fidelity import expected
 
 #: concept -> (category, anchor word; None: drop the phrase); the first N are erased
 CONCEPTS = {

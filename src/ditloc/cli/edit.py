@@ -355,7 +355,7 @@ def _print_result(args, pipe, res) -> None:
               f"{res.wall_seconds:.1f}s{mem}")
         export = res.details.get("lora_export")
         lora = ""
-        if export:
+        if export and hasattr(pipe, "load_lora_weights"):
             ranks = sorted({r["rank"] for r in export.values()})
             lora = (f"; also a LoRA of ranks {ranks[0]}-{ranks[-1]} (relative error <= "
                     f"{max(r['error'] for r in export.values()):.1e}): pipe.load_lora_weights(OUT)")

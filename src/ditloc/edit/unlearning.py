@@ -80,29 +80,33 @@ def _choose(pipe, erasures, blocks, k, out, *, options, progress, eligible, loca
     """Each erasure with its blocks, and its localization (None for explicit blocks).
     `blocks`: "auto", "all", names, a saved localization (one concept), or a dict
     {concept: any of those}. A search runs on at most LOCALIZE_PROMPTS of the concept's prompts.
-    Several concepts: each localization is checkpointed and
-    saved under ``out/localizations/``; a rerun reuses them."""
+    Several concepts: each localization is checkpointed and saved under ``out/localizations/``; a
+    rerun reuses them."""
     procs = current_processes()
     chosen, locs = [], []
     for e in erasures:
         spec = blocks.get(e.concept, "auto") if isinstance(blocks, dict) else blocks
         checkpoint = saved = None
-        if out is not None and localize_method == "search":
+        if out is not None and localize_method == "search" and spec == "auto":
             if len(erasures) == 1:
                 checkpoint = out / "search.jsonl"
             else:
                 (out / "localizations").mkdir(exist_ok=True)
                 checkpoint = out / "localizations" / f"{_slug(e.concept)}.jsonl"
                 saved = out / "localizations" / f"{_slug(e.concept)}.json"
-                if spec == "auto" and saved.exists():
+                if saved.exists():
                     spec = Localization.load(saved)
-        if progress and len(erasures) > 1:
+        if progress and len(erasures) > 1 and spec == "auto":
             progress(f"[{e.concept}] choosing blocks")
         names, loc = procs.share(lambda e=e, spec=spec, checkpoint=checkpoint: choose_blocks(
-            pipe, spec, k, _spread(list(e.prompts), LOCALIZE_PROMPTS), e.concept, progress=progress, options=options, eligible=eligible,
-            method=localize_method, checkpoint=checkpoint))
+            pipe, spec, k, _spread(list(e.prompts), LOCALIZE_PROMPTS), e.concept, progress=progress,
+            options=options, eligible=eligible, method=localize_method, checkpoint=checkpoint))
         if loc is not None and out is not None and procs.is_main:
-            loc.save(saved if saved is not None else out / "localization.json")
+            if len(erasures) == 1:
+                loc.save(out / "localization.json")
+            else:
+                (out / "localizations").mkdir(exist_ok=True)
+                loc.save(out / "localizations" / f"{_slug(e.concept)}.json")
         chosen.append(e.with_blocks(names))
         locs.append(loc)
     return chosen, locs
