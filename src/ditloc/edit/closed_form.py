@@ -180,14 +180,21 @@ class _Moments:
 
     @classmethod
     def combine(cls, concepts: list[_Moments], preserve: _Moments | None) -> _Moments:
-        """A block's moments from its concepts' (summed) and the preserved rows'."""
+        """A block's moments from its concepts' (summed) and the preserved rows' (shared, not copied)."""
         m = cls.__new__(cls)
         ref = concepts[0] if concepts else preserve
         m.C, m.A, m.AA = (sum(getattr(c, k) for c in concepts) if concepts else torch.zeros_like(ref.C)
                           for k in ("C", "A", "AA"))
         m.nc = sum(c.nc for c in concepts)
-        m.D, m.nd = (preserve.D, preserve.nd) if preserve is not None else (torch.zeros_like(ref.C), 0)
+        m.D, m.nd = (preserve.D, preserve.nd) if preserve is not None else (None, 0)  # D: set before solving
         return m
+
+    def fold(self, other: _Moments) -> None:
+        """Add `other`'s concept rows to these."""
+        self.C += other.C
+        self.A += other.A
+        self.AA += other.AA
+        self.nc += other.nc
 
     def add_preserve(self, d: torch.Tensor):
         d = d.to(self.D.dtype)
@@ -220,7 +227,7 @@ class _Moments:
         return eye + (A - C) @ P @ torch.linalg.solve(PCP + ridge * eye, P)
 
     def null_projector(self, tol: float) -> torch.Tensor:
-        eye = torch.eye(self.D.shape[0], dtype=self.D.dtype, device=self.D.device)
+        eye = torch.eye(self.C.shape[0], dtype=self.C.dtype, device=self.C.device)
         if not self.nd:
             return eye
         evals, evecs = torch.linalg.eigh(self.D / self.nd)
@@ -256,10 +263,24 @@ def record_moments(pipe, adapter, erasures, preserve, kw, config: ClosedFormConf
     draws = config.timesteps if adapter.text_states_depend_on_image else 1  # draw s: anchor image s mod N
     recorder = _Recorder(pipe.transformer, {b: p[0] for b, p in projections.items()})
     # Cross-attention families give every block the same text states: then each concept's
-    # moments are gathered once and a block's are the sum over its concepts (checked on the
+    # moments are gathered once and added to the sums of its blocks as soon as its last prompt
+    # is recorded, so memory holds the blocks' sums and one or two concepts' (checked on the
     # first batch; joint families record per block).
     shared = None if not adapter.text_states_depend_on_image and len(blocks) > 1 else False
     per_concept: dict[int, _Moments] = {}
+    last = {i: max(j for j in range(n) if owner[j] == i) for i in set(owner)}
+    sums: dict[str, _Moments] = {}
+
+    def fold_finished(upto: int) -> None:
+        for i in [i for i in per_concept if last[i] < upto]:
+            m = per_concept.pop(i)
+            for b in blocks:
+                if i in members[b]:
+                    if b not in sums:
+                        sums[b] = _Moments.combine([m], None)
+                    else:
+                        sums[b].fold(m)
+
     keep: _Moments | None = None
     moments: dict[str, _Moments] = {}
     rows_c = rows_d = 0
@@ -291,6 +312,8 @@ def record_moments(pipe, adapter, erasures, preserve, kw, config: ClosedFormConf
                         ai = torch.tensor([a for _, a in pairs[i]], device=x.device)
                         m.add_pairs(x[k, ci], x[len(idx) + k, ai])
                 rows_c += sum(len(pairs[i]) for i in idx)
+                if shared:
+                    fold_finished(idx[-1] + 1)
             for lo in range(0, r, config.batch_size):
                 idx = list(range(lo, min(r, lo + config.batch_size)))
                 states = run([2 * n + i for i in idx])
@@ -306,8 +329,10 @@ def record_moments(pipe, adapter, erasures, preserve, kw, config: ClosedFormConf
     finally:
         recorder.close()
     if shared:
-        moments = {b: _Moments.combine([per_concept[i] for i in sorted(members[b]) if i in per_concept], keep)
-                   for b in blocks}
+        fold_finished(n)
+        for m in sums.values():  # every block reads the same preserved states: one D, shared
+            m.D, m.nd = (keep.D, keep.nd) if keep is not None else (torch.zeros_like(m.C), 0)
+        moments = {b: sums[b] for b in blocks if b in sums}
     return moments, {"concept": rows_c, "preserve": rows_d, "draws": draws}
 
 
