@@ -1,8 +1,13 @@
-"""Prompt fidelity of the exported toy pipeline, measured by the oracle on
-images generated from HELD-OUT prompt templates.
+"""Prompt fidelity of a toy pipeline, measured by the oracle on images
+generated from HELD-OUT prompt templates.
 
     python scripts/toy/evaluate_fidelity.py --n 512 --guidance 4.5 \
         --json toy_training/runs/fidelity.json
+    DITLOC_TOY_FLUX_DIR=/tmp/toyflux python scripts/toy/evaluate_fidelity.py --model toy-flux --n 512
+
+Each model is sampled with the arguments it was trained for (`ditloc.toy.ToyModel.call_defaults`,
+as every ditloc run of it is); `--guidance` sets its CFG scale (`guidance_scale` for toy, the true
+CFG's `true_cfg_scale` for toy-flux; default: the model's own).
 
 For every generated image, each attribute the prompt specifies is compared with
 the oracle's label:
@@ -20,10 +25,10 @@ import os
 import time
 from pathlib import Path
 
+import common
 import numpy as np
 import torch
 
-import common
 from ditloc.toy import world
 from ditloc.toy.oracle import load_oracle
 
@@ -58,11 +63,13 @@ def score(scenes, labels):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=str(common.MODEL_DIR))
+    ap.add_argument("--model", choices=("toy", "toy-flux"), default="toy",
+                    help="the toy model (toy-flux: from $DITLOC_TOY_FLUX_DIR when set)")
     ap.add_argument("--n", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, nargs="+", default=[4.5])
+    ap.add_argument("--guidance", type=float, nargs="+", default=None,
+                    help="CFG scales to measure (default: the model's own)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=str(common.RUNS / "fidelity.json"))
@@ -70,34 +77,35 @@ def main():
     args = ap.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from diffusers import PixArtAlphaPipeline
+    from ditloc.options import RunOptions
+    from ditloc.toy import load_pipeline, model_dir, toy_model
 
     torch.set_num_threads(args.threads)
-    pipe = PixArtAlphaPipeline.from_pretrained(args.model)
+    spec = toy_model(args.model)
+    pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
+    # the model's own sampling arguments, as ditloc resolves them; 32 tokens hold every toy prompt
+    run = RunOptions(num_inference_steps=args.steps, max_sequence_length=32).resolve(pipe)
+    guidances = args.guidance or [run.effective(spec.guidance_argument)]
     oracle = load_oracle()
     scenes, prompts = make_eval_set(args.n, args.seed)
 
     ref = oracle.classify(world.render_batch(scenes))
     ref_acc, _ = score(scenes, ref.labels)
     results = {"n": args.n, "steps": args.steps, "seed": args.seed, "model": args.model,
-               "oracle_on_true_renders": ref_acc, "runs": []}
+               "model_dir": str(model_dir(args.model)), "guidance_argument": spec.guidance_argument,
+               "call_kwargs": run.record()["pipeline_kwargs"], "oracle_on_true_renders": ref_acc, "runs": []}
     print("oracle on true renders:", {k: round(v, 3) for k, v in ref_acc.items()}, flush=True)
-    for cfg in args.guidance:
+    for cfg in guidances:
         t0 = time.time()
         imgs = []
+        kw = {**run.call_kwargs, spec.guidance_argument: cfg}
         for i in range(0, args.n, args.batch):
             out = pipe(
                 prompts[i : i + args.batch],
-                num_inference_steps=args.steps,
-                guidance_scale=cfg,
-                height=32,
-                width=32,
-                use_resolution_binning=False,
-                clean_caption=False,
-                max_sequence_length=32,
                 generator=torch.Generator().manual_seed(args.seed * 100003 + i),
                 output_type="np",
+                **kw,
             ).images
             imgs.append((out * 255).round().astype(np.uint8))
         imgs = np.concatenate(imgs)

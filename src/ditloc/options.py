@@ -37,9 +37,10 @@ def as_seed_list(seed) -> list[int]:
 class RunOptions:
     """How every job (localize, generate, edit, bench) calls the pipeline.
 
-    None means the pipeline's own default (its ``__call__`` signature). One
-    resolution (:meth:`resolve`) validates them against a pipeline and gives the
-    call arguments; nothing downstream repeats the defaults.
+    None means the pipeline's own default (its ``__call__`` signature; on a toy
+    model, the arguments it was trained for, see `ditloc.toy`). One resolution
+    (:meth:`resolve`) validates them against a pipeline and gives the call
+    arguments; nothing downstream repeats the defaults.
     """
 
     num_inference_steps: int | None = 20
@@ -50,7 +51,7 @@ class RunOptions:
     adapter_options: Mapping[str, Any] = field(default_factory=dict)  # model-family settings, validated by the adapter
 
     @classmethod
-    def of(cls, options: "RunOptions | None" = None, **run) -> "RunOptions":
+    def of(cls, options: RunOptions | None = None, **run) -> RunOptions:
         """`options` (or the defaults) with `run`'s overrides: field names set fields,
         any other keyword is a pipeline argument."""
         base = options if options is not None else cls()
@@ -66,7 +67,7 @@ class RunOptions:
             merged = replace(merged, pipeline_kwargs={**merged.pipeline_kwargs, **extra})
         return merged
 
-    def resolve(self, pipe) -> "ResolvedRun":
+    def resolve(self, pipe) -> ResolvedRun:
         """Validate against `pipe` (adapter options, pipeline arguments) before any work."""
         from .adapters import get_adapter
 
@@ -117,7 +118,10 @@ def _jsonable(kw: Mapping) -> dict:
 
 
 def call_kwargs(adapter, options: RunOptions) -> dict:
-    """Arguments for `pipe(...)`: the pipeline's defaults where ours are None."""
+    """Arguments for `pipe(...)`: the pipeline's defaults where ours are None; on a toy model,
+    the arguments it was trained for (`ditloc.toy.ToyModel.call_defaults`) where the caller set none."""
+    from .toy import call_defaults
+
     steps, guidance, max_len = options.num_inference_steps, options.guidance_scale, options.max_sequence_length
     if steps is not None and int(steps) <= 0:
         raise DitlocError(f"num_inference_steps must be positive, got {steps}")
@@ -132,7 +136,9 @@ def call_kwargs(adapter, options: RunOptions) -> dict:
                 f"{type(adapter.pipe).__name__} takes no argument {name!r}; valid ones: "
                 + ", ".join(n for n, v in accepted.items() if v.kind is not inspect.Parameter.VAR_KEYWORD and n not in ours)
             )
-    kw = {k: v for k, v in adapter.default_call_kwargs(extra).items() if k in accepted}
+    toy = {k: v for k, v in call_defaults(adapter.pipe).items() if k in accepted and k not in extra}
+    kw = {k: v for k, v in adapter.default_call_kwargs({**toy, **extra}).items() if k in accepted}
+    kw.update(toy)
     kw.update(extra)
     if steps is not None:
         kw["num_inference_steps"] = int(steps)

@@ -22,7 +22,7 @@ from .common import (
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("bench", help="causal benchmark over a probe set: presence vs K, top-K against random/bottom-K")
-    p.add_argument("model", metavar="MODEL", help="diffusers pipeline directory, hub id, or 'toy'")
+    p.add_argument("model", metavar="MODEL", help="diffusers pipeline directory, hub id, 'toy' or 'toy-flux'")
     p.add_argument("--probes", default="lock", help="lock, toy or a probe file (default lock)")
     p.add_argument("--categories", default=None, metavar="A,B",
                    help="comma-separated categories (default: all of the probe set)")
@@ -58,7 +58,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("ground-truth", help="toy world: withhold each concept from every block, pair and greedy "
                                             "set (K <= 4) and judge each localization method against that")
     p.add_argument("--out", required=True, help="run directory (rerun the same command to resume)")
-    p.add_argument("--model", default="toy", help="the toy model (default) or a directory of a toy-world pipeline")
+    p.add_argument("--model", default="toy", help="toy (default), toy-flux or a directory of a toy-world pipeline")
     p.add_argument("--categories", default=None, metavar="A,B", help="toy categories (default: all six)")
     p.add_argument("--concepts", default=None, metavar="A,B", help="only these concepts (default: all of the categories)")
     p.add_argument("--methods", default="contribution,patch,attribution,search,search-self", metavar="M,M",

@@ -37,7 +37,7 @@ class Parser(argparse.ArgumentParser):
 
 def add_common(p: argparse.ArgumentParser) -> None:
     """MODEL, --concept, the sampling settings and --out of `localize` and `intervene`."""
-    p.add_argument("model", metavar="MODEL", help="diffusers pipeline directory, hub id, or 'toy'")
+    p.add_argument("model", metavar="MODEL", help="diffusers pipeline directory, hub id, 'toy' or 'toy-flux'")
     p.add_argument("--concept", required=True, help="the concept's words as they appear in the prompt")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's)")

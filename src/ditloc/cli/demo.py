@@ -1,13 +1,18 @@
-"""`ditloc demo`: the whole loop on the embedded toy model."""
+"""`ditloc demo`: the whole loop on an embedded toy model."""
 
 from __future__ import annotations
 
 from .. import _progress
+from . import models
 from .common import check_out_and_counts, fail
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("demo", help="the whole loop on the embedded toy model (a few minutes on a CPU)")
+    from ..toy import TOY_MODELS
+
+    p = sub.add_parser("demo", help="the whole loop on an embedded toy model (a few minutes on a CPU)")
+    p.add_argument("--model", choices=tuple(TOY_MODELS), default="toy",
+                   help="toy (PixArt-alpha, default) or toy-flux (FLUX: joint attention)")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--k", type=int, default=None,
                    help="blocks to withhold (default: K from each concept's search curve)")
@@ -22,9 +27,11 @@ def cmd_demo(args) -> None:
     from ..toy.demo import DemoConfig, format_table, run_demo
 
     cfg = DemoConfig.fast() if args.fast else DemoConfig()
-    if args.k is not None and not 1 <= args.k <= 12:
-        fail(f"--k must be between 1 and 12 (the toy model's blocks), got {args.k}")
-    cfg = dataclasses.replace(cfg, k=args.k, steps=args.steps if args.steps is not None else cfg.steps)
+    n_blocks = models.count_blocks(args.model)  # None while the model is missing: loading it says what to do
+    if args.k is not None and n_blocks is not None and not 1 <= args.k <= n_blocks:
+        fail(f"--k must be between 1 and {n_blocks} (the {args.model} model's blocks), got {args.k}")
+    cfg = dataclasses.replace(cfg, model=args.model, k=args.k,
+                              steps=args.steps if args.steps is not None else cfg.steps)
     result = run_demo(args.out, cfg, progress=_progress.write)
     print("presence of each concept (oracle, held-out images), before and after withholding it from the searched "
           "K-block set and from random K-block sets:")

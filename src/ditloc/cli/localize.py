@@ -44,10 +44,10 @@ def add_parsers(sub) -> None:
                    help="patch: blocks withheld per extra forward; search: block sets per pipeline call")
     g = p.add_argument_group("set-level search (--method search)")
     g.add_argument("--objective", default=None,
-                   help="evaluator (soft presence by --evaluator; the default on the toy model, whose oracle is "
+                   help="evaluator (soft presence by --evaluator; the default on the toy models, whose oracle is "
                         "built in) or self (the model judges itself; the default elsewhere)")
     g.add_argument("--evaluator", default=None, help="toy, clip or vlm (the objective's evaluator; default toy on "
-                                                   "the toy model)")
+                                                   "the toy models)")
     g.add_argument("--evaluator-model", default=None, help="the CLIP / VLM checkpoint (a local path or cached id)")
     g.add_argument("--eval-text", default=None, help="what the evaluator looks for (default: the concept)")
     g.add_argument("--max-k", type=int, default=4, help="largest block set (default 4)")
@@ -173,7 +173,7 @@ def _search_config(args):
         fail("--evaluator/--eval-text score the evaluator objective; --objective self needs none")
     if args.evaluator is not None and args.evaluator not in ("toy", "clip", "vlm"):
         fail(f"unknown evaluator {args.evaluator!r}; use toy, clip or vlm")
-    if args.model != "toy" and args.objective == "evaluator" and args.evaluator is None:
+    if not models.is_toy(args.model) and args.objective == "evaluator" and args.evaluator is None:
         fail("--objective evaluator needs --evaluator clip|vlm (with --evaluator-model) on this model")
     return config
 
@@ -183,7 +183,7 @@ def _search_evaluator(args):
     evaluation text is checked here, before the model loads."""
     from ..evaluate import get_evaluator
 
-    name = args.evaluator or ("toy" if args.model == "toy" and args.objective != "self" else None)
+    name = args.evaluator or ("toy" if models.is_toy(args.model) and args.objective != "self" else None)
     if name is None:
         return None
     kwargs = {"model": args.evaluator_model} if args.evaluator_model and name != "toy" else {}

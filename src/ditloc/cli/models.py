@@ -1,5 +1,6 @@
-"""MODEL on the command line: `toy`, a local pipeline directory or a hub id. `load_pipeline` is the one place
-the commands load a model (tests replace it here to prove a check fires before any load)."""
+"""MODEL on the command line: a toy model (`toy`, `toy-flux`), a local pipeline directory or a hub id.
+`load_pipeline` is the one place the commands load a model (tests replace it here to prove a check fires before
+any load)."""
 
 from __future__ import annotations
 
@@ -7,24 +8,33 @@ import os
 from pathlib import Path
 
 
+def is_toy(model: str) -> bool:
+    """MODEL names a toy model (its oracle, probe set and sampling settings are built in)."""
+    from ..toy import TOY_MODELS
+
+    return model in TOY_MODELS
+
+
 def load_pipeline(model: str, *, device: str | None = None, dtype: str | None = None):
-    """A diffusers pipeline from `toy`, a local directory or a hub id (offline works from the cache)."""
+    """A diffusers pipeline from a toy model's name, a local directory or a hub id (offline works from the
+    cache)."""
     import torch
 
     from ..errors import DitlocError
 
     torch_dtype = getattr(torch, dtype) if dtype else None
-    if model == "toy":
+    if is_toy(model):
         from ..toy import load_pipeline as load_toy
 
-        pipe = load_toy(torch_dtype=torch_dtype)
+        pipe = load_toy(model, torch_dtype=torch_dtype)
     else:
         from diffusers import DiffusionPipeline
 
         path = Path(model).expanduser()
         looks_local = _is_local(model)
         if looks_local and not path.is_dir():
-            raise DitlocError(f"model directory {model!r} does not exist; give a diffusers pipeline directory, a hub id or 'toy'")
+            raise DitlocError(f"model directory {model!r} does not exist; give a diffusers pipeline directory, a hub id, "
+                              "'toy' or 'toy-flux'")
         try:
             kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
             pipe = DiffusionPipeline.from_pretrained(str(path) if looks_local else model, **kwargs)
@@ -78,12 +88,12 @@ def count_blocks(model: str) -> int | None:
 
 
 def _toy_dir(model: str) -> str:
-    """`toy` as the directory of the embedded toy pipeline; any other MODEL as given."""
-    if model != "toy":
+    """A toy model's name as its directory; any other MODEL as given."""
+    if not is_toy(model):
         return model
-    from ..toy import MODEL_DIR
+    from ..toy import model_dir
 
-    return str(MODEL_DIR)
+    return str(model_dir(model))
 
 
 def _is_local(model: str) -> bool:

@@ -1,30 +1,119 @@
-"""The embedded toy world: a procedurally drawn world and a small DiT trained on it."""
+"""The embedded toy world: a procedurally drawn world and small DiTs trained on it.
+
+Two toy models, by name: ``toy`` (a PixArt-alpha pipeline, ``model/``) and ``toy-flux`` (a FLUX
+pipeline with joint attention, ``model_flux/``; ``$DITLOC_TOY_FLUX_DIR`` points it at another
+export, e.g. a checkpoint of a training run, see scripts/toy/FLUX_TRAINING.md). Each is sampled
+with the arguments it was trained for (`ToyModel.call_defaults`), which every ditloc run of it
+passes unless the caller sets them; its oracle is the default evaluator and the toy probe set the
+default categories.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
 MODEL_DIR = Path(__file__).parent / "model"
+FLUX_MODEL_DIR = Path(__file__).parent / "model_flux"
+#: an environment variable that overrides FLUX_MODEL_DIR (a toy-flux export not shipped yet)
+FLUX_DIR_ENV = "DITLOC_TOY_FLUX_DIR"
 
 
-def load_pipeline(torch_dtype=None):
-    """The shipped toy pipeline (offline, from the package; its class is in model_index.json)."""
+@dataclass(frozen=True)
+class ToyModel:
+    """A toy model: how it is sampled and how its directory is made."""
+
+    name: str
+    #: `pipe(...)` arguments it was trained for; every ditloc run of it passes them unless the caller sets them
+    call_defaults: Mapping[str, Any]
+    #: the call argument that sets its classifier-free guidance scale
+    guidance_argument: str
+    #: what to do when its directory is missing
+    how_to_make: str
+
+
+TOY_MODELS = {
+    "toy": ToyModel(
+        "toy",
+        # its pipeline's own defaults already sample it as trained: 32 px from the transformer's config,
+        # padding masked (any max_sequence_length >= the prompt gives the same images), no resolution
+        # binning (the adapter); the toy captions are never cleaned
+        call_defaults=MappingProxyType({"clean_caption": False}),
+        guidance_argument="guidance_scale",
+        how_to_make="train and export it with scripts/toy/ (train_dit.py, export_pipeline.py)",
+    ),
+    "toy-flux": ToyModel(
+        "toy-flux",
+        # FluxPipeline's defaults are FLUX.1's (1024 px, 512 unmasked T5 tokens, no true CFG); the toy
+        # was trained on 32 px images with prompts padded to exactly 32 tokens, and is sampled with true CFG
+        call_defaults=MappingProxyType({"height": 32, "width": 32, "max_sequence_length": 32,
+                                        "true_cfg_scale": 4.0, "negative_prompt": ""}),
+        guidance_argument="true_cfg_scale",
+        how_to_make=f"train and export it as scripts/toy/FLUX_TRAINING.md describes (or set {FLUX_DIR_ENV} "
+                    "to an export)",
+    ),
+}
+
+
+def toy_model(name: str) -> ToyModel:
+    """The toy model called `name` ("toy" or "toy-flux")."""
+    from ..errors import DitlocError
+
+    if name not in TOY_MODELS:
+        raise DitlocError(f"unknown toy model {name!r}; the toy models are {', '.join(TOY_MODELS)}")
+    return TOY_MODELS[name]
+
+
+def model_dir(name: str = "toy") -> Path:
+    """The directory of the toy model `name` (toy-flux: ``$DITLOC_TOY_FLUX_DIR`` when set)."""
+    toy_model(name)
+    if name == "toy":
+        return MODEL_DIR
+    return Path(os.environ.get(FLUX_DIR_ENV) or FLUX_MODEL_DIR).expanduser()
+
+
+def load_pipeline(name: str = "toy", torch_dtype=None):
+    """The toy pipeline `name` ("toy": PixArt-alpha, "toy-flux": FLUX), offline from its
+    directory (its class is in model_index.json)."""
     from diffusers import DiffusionPipeline
 
     from ..errors import DitlocError
 
-    if not (MODEL_DIR / "model_index.json").is_file():
-        raise DitlocError(f"the toy model is not in {MODEL_DIR}; train and export it (scripts/toy/) first")
+    spec, directory = toy_model(name), model_dir(name)
+    if not (directory / "model_index.json").is_file():
+        raise DitlocError(f"the {name} model is not in {directory}; {spec.how_to_make}")
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
-    return DiffusionPipeline.from_pretrained(str(MODEL_DIR), local_files_only=True, **kwargs)
+    pipe = DiffusionPipeline.from_pretrained(str(directory), local_files_only=True, **kwargs)
+    height = spec.call_defaults.get("height")
+    if height and hasattr(pipe, "default_sample_size"):
+        # FluxPipeline's native size is a constant (1024 px), not the checkpoint's: set the model's own, so
+        # a plain `pipe(prompt)` and ditloc's training (personalize, unlearn) use it
+        pipe.default_sample_size = int(height) // pipe.vae_scale_factor
+    return pipe
+
+
+def toy_model_of(pipe) -> ToyModel | None:
+    """The toy model `pipe` was loaded from (by its directory), or None."""
+    path = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    if not path:
+        return None
+    try:
+        loaded = Path(path).resolve()
+        return next((spec for name, spec in TOY_MODELS.items() if loaded == model_dir(name).resolve()), None)
+    except (OSError, TypeError):
+        return None
 
 
 def is_toy_pipeline(pipe) -> bool:
-    """Whether `pipe` was loaded from the shipped toy model (its oracle is the default evaluator)."""
-    path = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
-    if not path:
-        return False
-    try:
-        return Path(path).resolve() == MODEL_DIR.resolve()
-    except (OSError, TypeError):
-        return False
+    """Whether `pipe` was loaded from a toy model (its oracle is the default evaluator)."""
+    return toy_model_of(pipe) is not None
+
+
+def call_defaults(pipe) -> dict:
+    """The `pipe(...)` arguments `pipe`'s toy model was trained for ({} for any other pipeline)."""
+    spec = toy_model_of(pipe)
+    return dict(spec.call_defaults) if spec is not None else {}

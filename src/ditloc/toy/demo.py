@@ -1,4 +1,5 @@
-"""`ditloc demo`: the whole localize -> verify loop on the embedded toy model.
+"""`ditloc demo`: the whole localize -> verify loop on an embedded toy model
+(``toy``, PixArt-alpha, or ``toy-flux``, FLUX; each sampled as it was trained, see `ditloc.toy`).
 
 For one concept of each of the six toy categories: localize it by the set-level
 search (method.md §9) on training-template prompts (the oracle's soft presence,
@@ -45,6 +46,7 @@ DEMO_CONCEPTS = {
 
 @dataclass(frozen=True)
 class DemoConfig:
+    model: str = "toy"  # the toy model: "toy" or "toy-flux"
     k: int | None = None  # None: K from the search's curve
     steps: int = 20
     n_localize: int = 6  # training-template prompts per concept (the search's, with `seeds`)
@@ -59,7 +61,7 @@ class DemoConfig:
     candidates: int | None = 8  # the search's blocks: the 8 that read the concept most (contribution)
 
     @classmethod
-    def fast(cls) -> "DemoConfig":
+    def fast(cls) -> DemoConfig:
         """For CI: the same loop, smaller."""
         return cls(k=None, steps=4, n_localize=2, n_eval=2, seeds=(0,), n_random=1, max_k=2, candidates=None)
 
@@ -106,13 +108,13 @@ def run_demo(out_dir="runs/demo", config: DemoConfig | None = None, *, pipe=None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    pipe = pipe if pipe is not None else load_pipeline()
+    pipe = pipe if pipe is not None else load_pipeline(cfg.model)
     pipe.set_progress_bar_config(disable=True)
     evaluator = ToyOracle(oracle, hard=True)  # presence: the oracle classifies the image as the concept
     rng = np.random.default_rng(cfg.seed)
-    # the toy prompts are < 32 tokens and padding is masked: 32 gives the same images as the default 120, faster
-    options = RunOptions(num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, max_sequence_length=32,
-                         pipeline_kwargs={"clean_caption": False})
+    # the other sampling settings are the toy model's own (ditloc.toy.ToyModel.call_defaults); both toys were
+    # trained on prompts padded to 32 tokens (PixArt masks the padding: 32 gives the images of its default 120)
+    options = RunOptions(num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale, max_sequence_length=32)
     options.resolve(pipe)  # settings the pipeline cannot take are refused before any work
     summary, heat = {}, {}
     # one bar over every denoising step: per category one localize call per batch, then one generate call per
@@ -182,19 +184,26 @@ def run_demo(out_dir="runs/demo", config: DemoConfig | None = None, *, pipe=None
     result = {
         "categories": summary,
         "blocks": list(loc.blocks),
-        "settings": {**asdict(cfg), "model": "ditloc.toy", "seconds": round(time.time() - t0, 1)},
+        "settings": {**asdict(cfg), "seconds": round(time.time() - t0, 1)},
     }
     write_json(out / "summary.json", result)
     return result
 
 
+def _short(block: str) -> str:
+    """A block's name in the table: its index (``block.3`` -> 3), led by its kind's initial where a model has
+    two (``double.1`` -> d1, ``single.4`` -> s4)."""
+    kind, _, index = block.partition(".")
+    return index if kind == "block" else kind[:1] + index
+
+
 def format_table(result: dict) -> str:
-    lines = [f"{'category':<10} {'concept':<9} {'searched set':<16} {'K':>2} {'before':>7} {'searched':>9} "
-             f"{'random':>7}"]
+    lines = [(f"{'category':<10} {'concept':<9} {'searched set':<16} {'K':>2} {'before':>7} {'searched':>9} "
+              f"{'random':>7}")]
     for cat, e in result["categories"].items():
         k = f"{e['k']}" + ("" if not e.get("k_from_curve") or e.get("auto_k") else "*")
         lines.append(
-            f"{cat:<10} {e['concept']:<9} {','.join(b.split('.')[1] for b in e['top_k_blocks']):<16} {k:>2} "
+            f"{cat:<10} {e['concept']:<9} {','.join(_short(b) for b in e['top_k_blocks']):<16} {k:>2} "
             f"{e['presence_before']:>7.2f} {e['presence_top_k']:>9.2f} {e['presence_random_k']:>7.2f}"
         )
     if any(e.get("k_from_curve") and not e.get("auto_k") for e in result["categories"].values()):

@@ -1,0 +1,136 @@
+"""The toy-flux model by name (`ditloc.toy.load_pipeline("toy-flux")`, MODEL `toy-flux` on the command line),
+on a tiny random export made by the training scripts' own code: the shipped model is not needed."""
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import ditloc.toy
+from ditloc.cli import main
+from ditloc.errors import DitlocError
+from ditloc.options import RunOptions
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts" / "toy"
+FLUX_CALL = {"height": 32, "width": 32, "max_sequence_length": 32, "true_cfg_scale": 4.0, "negative_prompt": ""}
+
+
+def _export_tiny_toy_flux(out: Path, work: Path) -> None:
+    """What `train_dit.py --family flux` trains (`families.Flux.build`, 1 double + 1 single block), saved as its
+    EMA checkpoint and exported by `export_pipeline.build_pipeline`: the real export path, random weights."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(SCRIPTS))
+        import common
+        import export_pipeline
+        import families
+
+        try:
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                flux = families.Flux()
+                args = SimpleNamespace(layers=1, single_layers=1, heads=1, head_dim=32)
+                _, models = flux.build(args, families.FLUX_LATENT_CHANNELS)
+                vae = common.make_vae(families.FLUX_LATENT_CHANNELS, levels=families.FLUX_VAE_LEVELS)
+            vae.register_to_config(shift_factor=0.0)
+            vae.save_pretrained(work / "vae")
+            common.save_dit_ckpt({"step": 0, "args": {"family": "flux"},
+                                  **{"ema_" + k: m.state_dict() for k, m in models.items()},
+                                  **{k + "_config": families._config_dict(m) for k, m in models.items()}},
+                                 work / "ema_0")
+            pipe, _ = export_pipeline.build_pipeline(work / "ema_0", str(work / "vae"))
+            pipe.save_pretrained(out, safe_serialization=True)
+        finally:
+            for name in ("common", "export_pipeline", "families"):
+                sys.modules.pop(name, None)
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy_flux") / "model_flux"
+    _export_tiny_toy_flux(out, tmp_path_factory.mktemp("toy_flux_run"))
+    return out
+
+
+@pytest.fixture
+def toy_flux(flux_dir, monkeypatch):
+    """toy-flux points at the tiny export (the shipped directory's constant, as a later ship fills it)."""
+    monkeypatch.delenv(ditloc.toy.FLUX_DIR_ENV, raising=False)
+    monkeypatch.setattr(ditloc.toy, "FLUX_MODEL_DIR", flux_dir)
+    return flux_dir
+
+
+def _cli(argv, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_load_pipeline_by_name(toy_flux):
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    pipe = ditloc.toy.load_pipeline("toy-flux")
+    assert isinstance(pipe, FluxPipeline) and isinstance(pipe.transformer, FluxTransformer2DModel)
+    assert ditloc.toy.is_toy_pipeline(pipe) and ditloc.toy.toy_model_of(pipe).name == "toy-flux"
+    assert pipe.default_sample_size * pipe.vae_scale_factor == 32  # its native size, not FLUX.1's 1024 px
+
+
+def test_sampled_as_trained_unless_the_caller_says(toy_flux):
+    pipe = ditloc.toy.load_pipeline("toy-flux")
+    resolved = RunOptions().resolve(pipe)
+    assert FLUX_CALL.items() <= resolved.call_kwargs.items()
+    assert resolved.effective("max_sequence_length") == 32 and resolved.adapter.image_size() == (32, 32)
+    own = RunOptions(max_sequence_length=16, pipeline_kwargs={"true_cfg_scale": 1.0, "height": 64}).resolve(pipe)
+    assert own.call_kwargs["max_sequence_length"] == 16 and own.call_kwargs["true_cfg_scale"] == 1.0
+    assert own.call_kwargs["height"] == 64 and own.call_kwargs["width"] == 32
+    images = ditloc.generate(pipe, ["a zibbit on the beach", "a red star"], seed=0, num_inference_steps=2,
+                             output_type="np")
+    assert images.shape == (2, 32, 32, 3)
+
+
+def test_the_environment_variable_points_it_elsewhere(flux_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(ditloc.toy, "FLUX_MODEL_DIR", tmp_path / "not_shipped")
+    monkeypatch.setenv(ditloc.toy.FLUX_DIR_ENV, str(flux_dir))
+    assert ditloc.toy.model_dir("toy-flux") == flux_dir
+    assert ditloc.toy.is_toy_pipeline(ditloc.toy.load_pipeline("toy-flux"))
+
+
+def test_the_toy_models_and_other_pipelines():
+    from ditloc.testing import tiny_flux_pipeline
+
+    assert ditloc.toy.model_dir() == ditloc.toy.MODEL_DIR  # load_pipeline() is still the PixArt toy
+    assert not ditloc.toy.is_toy_pipeline(tiny_flux_pipeline()) and ditloc.toy.call_defaults(object()) == {}
+    with pytest.raises(DitlocError, match="unknown toy model 'toy-sd3'; the toy models are toy, toy-flux"):
+        ditloc.toy.load_pipeline("toy-sd3")
+
+
+def test_missing_model_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(ditloc.toy.FLUX_DIR_ENV, raising=False)
+    monkeypatch.setattr(ditloc.toy, "FLUX_MODEL_DIR", tmp_path / "model_flux")
+    with pytest.raises(DitlocError, match="FLUX_TRAINING.md"):
+        ditloc.toy.load_pipeline("toy-flux")
+    code, _, err = _cli(["localize", "toy-flux", "--concept", "zibbit", "--prompt", "a zibbit on the beach",
+                         "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "the toy-flux model is not in" in err and "scripts/toy/FLUX_TRAINING.md" in err
+    code, _, err = _cli(["demo", "--model", "toy-flux", "--fast", "--out", str(tmp_path / "d")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "FLUX_TRAINING.md" in err, err
+
+
+def test_cli_localize_search_uses_the_toy_oracle_and_settings(toy_flux, tmp_path, capsys):
+    out = tmp_path / "search"
+    code, stdout, err = _cli(["localize", "toy-flux", "--concept", "zibbit", "--prompt", "a zibbit on the beach",
+                              "--method", "search", "--max-k", "1", "--steps", "2", "--out", str(out)], capsys)
+    assert code == 0, err
+    d = json.loads((out / "localization.json").read_text())
+    assert d["blocks"] == ["double.0", "single.0"]
+    assert d["search"]["objective"] == "evaluator" and d["settings"]["evaluator"] == "ToyOracle"
+    assert d["settings"]["eval_text"] == "character: zibbit"  # the oracle's name for the concept
+    assert d["settings"]["max_sequence_length"] == 32
+    assert FLUX_CALL.items() <= d["settings"]["pipeline_kwargs"].items()
+    assert "presence unedited" in stdout
