@@ -284,9 +284,10 @@ def test_blocks_from_a_saved_search_and_its_k(tmp_path):
     said = []
     res = unlearn(pipe, "dog", "cat", prompts=PROMPTS, preserve=PRESERVE, blocks=str(path),
                   config=ClosedFormConfig(), out=tmp_path / "edit", progress=said.append, num_inference_steps=2)
-    assert list(res.blocks) == loc.top(loc.choose_k())
-    assert not any(m.startswith("localizing") for m in said)  # no second localization
     weak = loc.search.auto_k() is None  # the tiny random model: the set may not halve presence
+    # a set that halves presence is edited; none (a spread concept): every editable block
+    assert list(res.blocks) == (get_adapter(pipe).block_names() if weak else loc.top(loc.choose_k()))
+    assert not any(m.startswith("localizing") for m in said)  # no second localization
     assert any(m.startswith("warning:") for m in said) == weak
     res = unlearn(tiny_pixart_pipeline(), "dog", "cat", prompts=PROMPTS, preserve=PRESERVE, blocks=loc, k=1,
                   config=ClosedFormConfig(), num_inference_steps=2)
@@ -318,6 +319,31 @@ def test_weak_blocks_are_said_before_the_edit(tmp_path):
                          per_head_step=per.new_zeros(1, 1, 1, 0), spans=())
     with pytest.raises(DitlocError, match="other blocks"):
         choose_blocks(pipe, other, None, PROMPTS, "dog")
+
+
+def test_a_spread_concept_is_erased_in_every_editable_block():
+    """When no searched set halves the concept's presence, the edit takes every editable block
+    (an edit of the searched set would leave the concept), says so, and records it."""
+    from ditloc.localize import Localization, SetSearch
+
+    pipe = tiny_flux_pipeline()  # its single-stream blocks are not editable in closed form
+    names = tuple(get_adapter(pipe).block_names())
+    per = torch.zeros(len(names), 1, 1)
+    spread = Localization(concept="dog", blocks=names, per_sample_step=per,
+                          per_head_step=per.new_zeros(len(names), 1, 1, 0), spans=(), settings={"method": "search"},
+                          search=SetSearch("evaluator", 1.0, (("double.0",),), (0.9,)))
+    said = []
+    res = unlearn(pipe, "dog", "cat", prompts=PROMPTS, preserve=PRESERVE, blocks=spread,
+                  config=ClosedFormConfig(timesteps=1), progress=said.append, num_inference_steps=2,
+                  height=16, width=16, max_sequence_length=16)
+    editable = [b for b in names if b.startswith("double.")]
+    assert list(res.blocks) == editable
+    assert any("no set of up to 1 blocks halves its presence" in m for m in said)
+    assert res.details["concepts"][0]["spread"] is True
+    res = unlearn(tiny_flux_pipeline(), "dog", "cat", prompts=PROMPTS, preserve=PRESERVE, blocks=spread, k=1,
+                  config=ClosedFormConfig(timesteps=1), num_inference_steps=2, height=16, width=16,
+                  max_sequence_length=16)
+    assert list(res.blocks) == ["double.0"]  # an explicit K is the user's choice
 
 
 def test_closed_form_preserves_the_concepts_category_by_default():

@@ -18,14 +18,26 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts" / "toy"
 FLUX_CALL = {"height": 32, "width": 32, "max_sequence_length": 32, "true_cfg_scale": 4.0, "negative_prompt": ""}
 
 
+def _script(name: str):
+    """A module of scripts/toy/ (not a package: loaded by path)."""
+    import importlib.util
+    import sys
+
+    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(SCRIPTS / f"{name}.py"):
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def _export_tiny_toy_flux(out: Path, work: Path) -> None:
     """What `train_dit.py --family flux` trains (`families.Flux.build`, 1 double + 1 single block), saved as its
     EMA checkpoint and exported by `export_pipeline.build_pipeline`: the real export path, random weights."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(SCRIPTS))
-        import common
-        import export_pipeline
-        import families
+        mp.syspath_prepend(str(SCRIPTS))  # the scripts import each other by name
+        common, export_pipeline, families = (_script(n) for n in ("common", "export_pipeline", "families"))
 
         try:
             with torch.random.fork_rng():

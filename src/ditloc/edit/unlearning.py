@@ -72,6 +72,10 @@ def default_preserve(pipe, erasures: list[Erasure]) -> list[str]:
     return [p for p in dict.fromkeys(keep) if not any(find_occurrences(p, e.concept) for e in erasures)]
 
 
+def pipe_blocks(pipe) -> list[str]:
+    return _adapter(pipe).block_names()
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "concept"
 
@@ -79,7 +83,8 @@ def _slug(text: str) -> str:
 def _choose(pipe, erasures, blocks, k, out, *, options, progress, eligible, localize_method):
     """Each erasure with its blocks, and its localization (None for explicit blocks).
     `blocks`: "auto", "all", names, a saved localization (one concept), or a dict
-    {concept: any of those}. A search runs on at most LOCALIZE_PROMPTS of the concept's prompts.
+    {concept: any of those}. "auto" without `k`: the search's K, or, when no searched set
+    halves the concept's presence (a spread concept), every editable block. A search runs on at most LOCALIZE_PROMPTS of the concept's prompts.
     Several concepts: each localization is checkpointed and saved under ``out/localizations/``; a
     rerun reuses them."""
     procs = current_processes()
@@ -101,6 +106,14 @@ def _choose(pipe, erasures, blocks, k, out, *, options, progress, eligible, loca
         names, loc = procs.share(lambda e=e, spec=spec, checkpoint=checkpoint: choose_blocks(
             pipe, spec, k, _spread(list(e.prompts), LOCALIZE_PROMPTS), e.concept, progress=progress,
             options=options, eligible=eligible, method=localize_method, checkpoint=checkpoint))
+        if k is None and loc is not None and loc.search is not None \
+                and loc.search.auto_k() is None:
+            # no set of up to max_k blocks halves the concept's presence: it is spread over the model, and an
+            # edit of the searched set would leave it (toy: striped stays at 0.98 after a 4-block closed form)
+            names = list(eligible) if eligible is not None else pipe_blocks(pipe)
+            if progress:
+                progress(f"[{e.concept}] no set of up to {loc.search.max_k} blocks halves its presence (a spread "
+                         f"concept): editing all {len(names)} editable blocks for it")
         if loc is not None and out is not None and procs.is_main:
             if len(erasures) == 1:
                 loc.save(out / "localization.json")
@@ -118,7 +131,10 @@ def _concept_records(erasures, locs) -> list[dict]:
     out = []
     for e, loc in zip(erasures, locs):
         rec = {"concept": e.concept, "anchor": e.anchor, "blocks": list(e.blocks), "prompts": len(e.prompts)}
-        if loc is not None and loc.search is not None and 0 < len(e.blocks) <= loc.search.max_k \
+        if loc is not None and loc.search is not None and loc.search.auto_k() is None:
+            rec["spread"] = True  # no searched set halved its presence
+            rec["searched_drop"] = float(max(loc.search.relative_curve))
+        elif loc is not None and loc.search is not None and 0 < len(e.blocks) <= loc.search.max_k \
                 and set(e.blocks) == set(loc.search.sets[len(e.blocks) - 1]):
             rec["presence_drop"] = float(loc.search.relative_curve[len(e.blocks) - 1])
         elif loc is not None:
