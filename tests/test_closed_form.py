@@ -37,6 +37,10 @@ def test_align_maps_replaced_deleted_and_equal_tokens():
     assert (4, 2) in same
     changed, _ = align([1, 5, 6, 3], [1, 7, 3])  # two tokens replaced by one
     assert changed == [(1, 1), (2, 1)]
+    changed, _ = align([1, 5, 6, 3], [1, 7, 8, 9, 3])  # "at night" -> "in the forest": ends to ends
+    assert changed == [(1, 1), (2, 3)]
+    changed, _ = align([1, 5, 3], [1, 7, 8, 3])  # "zibbit" -> "green triangle": to the head word
+    assert changed == [(1, 2)]
 
 
 def test_solve_is_the_least_squares_optimum():

@@ -23,8 +23,9 @@ the timestep, so the states are recorded at several noise levels of the frozen
 model's own anchor images.
 
 Positions: a prompt and its anchor prompt are aligned token by token (``difflib`` on
-the token ids the transformer's text sequence carries): replaced tokens map in order,
-deleted ones (a phrase the anchor drops) map to the token at the deletion point, equal
+the token ids the transformer's text sequence carries): replaced tokens map in order, first
+to first and last to last (one word replaced by a phrase maps to the phrase's last word, its
+head: "night" -> "the forest" maps to "forest"), deleted ones (a phrase the anchor drops) map to the token at the deletion point, equal
 tokens map to their counterparts. ``positions="changed"`` edits only the replaced and
 deleted tokens; ``"all"`` (default) also maps the unchanged context tokens, whose
 states a bidirectional text encoder has mixed with the concept.
@@ -103,9 +104,14 @@ def align(ids: list[int], anchor_ids: list[int]) -> tuple[list[tuple[int, int]],
         if tag == "equal":
             same += [(i1 + k, j1 + k) for k in range(i2 - i1)]
         elif tag in ("replace", "delete"):
-            m = j2 - j1
-            for k in range(i2 - i1):
-                j = j1 + (k * m) // (i2 - i1) if m else min(j1, len(anchor_ids) - 1)
+            m, n = j2 - j1, i2 - i1
+            for k in range(n):
+                if not m:
+                    j = min(j1, len(anchor_ids) - 1)
+                elif n == 1:  # one word for a phrase: its head, the phrase's last word ("night" -> "the forest")
+                    j = j2 - 1
+                else:  # first to first, last to last, evenly between ("at night" -> "in the forest")
+                    j = j1 + (k * (m - 1)) // (n - 1)
                 changed.append((i1 + k, j))
     return changed, same
 
