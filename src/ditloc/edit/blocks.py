@@ -117,6 +117,21 @@ def neighbour_prompts(pipe, concept: str, per_concept: int = 6) -> list[str]:
     return []
 
 
+def general_prompts(pipe, per_concept: int = 2) -> list[str]:
+    """`per_concept` localization prompts of every concept of every probe-set category (the
+    toy set on the toy model, LocK's otherwise): what an erasure's default preservation adds
+    beyond the concept's own category, so that attributes of other kinds stay as they are."""
+    from ..probes import load_probe_set
+    from ..probes.core import fill
+    from ..toy import is_toy_pipeline
+
+    out = []
+    for category in load_probe_set("toy" if is_toy_pipeline(pipe) else "lock").categories:
+        templates = category.localization_prompts[:per_concept]
+        out += [fill(t, c.text) for c in category.concepts for t in templates]
+    return out
+
+
 def category_prompts(category: str, word: str, probes: str = "lock") -> list[str]:
     """A probe-set category's localization templates filled with `word`
     (``auto`` blocks for personalization localized on the subject's category)."""
