@@ -289,8 +289,9 @@ def test_blocks_from_a_saved_search_and_its_k(tmp_path):
     res = unlearn(pipe, "dog", "cat", prompts=PROMPTS, preserve=PRESERVE, blocks=str(path),
                   config=ClosedFormConfig(), out=tmp_path / "edit", progress=said.append, num_inference_steps=2)
     weak = loc.search.auto_k() is None  # the tiny random model: the set may not halve presence
-    # a set that halves presence is edited; none (a spread concept): every editable block
-    assert list(res.blocks) == (get_adapter(pipe).block_names() if weak else loc.top(loc.choose_k()))
+    # the smallest set that removes 90% of presence is edited; none (a spread concept): every editable block
+    erase_k = loc.search.auto_k(0.9)
+    assert list(res.blocks) == (get_adapter(pipe).block_names() if erase_k is None else loc.top(erase_k))
     assert not any(m.startswith("localizing") for m in said)  # no second localization
     assert any(m.startswith("warning:") for m in said) == weak
     res = unlearn(tiny_pixart_pipeline(), "dog", "cat", prompts=PROMPTS, preserve=PRESERVE, blocks=loc, k=1,
@@ -342,12 +343,22 @@ def test_a_spread_concept_is_erased_in_every_editable_block():
                   height=16, width=16, max_sequence_length=16)
     editable = [b for b in names if b.startswith("double.")]
     assert list(res.blocks) == editable
-    assert any("no set of up to 1 blocks halves its presence" in m for m in said)
+    assert any("no set of up to 1 blocks removes 90% of its presence (best 10%)" in m for m in said)
     assert res.details["concepts"][0]["spread"] is True
     res = unlearn(tiny_flux_pipeline(), "dog", "cat", prompts=PROMPTS, preserve=PRESERVE, blocks=spread, k=1,
                   config=ClosedFormConfig(timesteps=1), num_inference_steps=2, height=16, width=16,
                   max_sequence_length=16)
     assert list(res.blocks) == ["double.0"]  # an explicit K is the user's choice
+    # a set that halves presence but leaves 40% of it is not enough to erase: the set that removes 90%
+    pixart = tiny_pixart_pipeline()
+    names = tuple(get_adapter(pixart).block_names())
+    per = torch.zeros(len(names), 1, 1)
+    halves = Localization(concept="dog", blocks=names, per_sample_step=per,
+                          per_head_step=per.new_zeros(len(names), 1, 1, 0), spans=(), settings={"method": "search"},
+                          search=SetSearch("evaluator", 1.0, (("block.2",), ("block.2", "block.0")), (0.4, 0.05)))
+    res = unlearn(pixart, "dog", "cat", prompts=PROMPTS, preserve=PRESERVE, blocks=halves,
+                  config=ClosedFormConfig(), num_inference_steps=2)
+    assert list(res.blocks) == ["block.2", "block.0"]
 
 
 def test_closed_form_preserves_the_concepts_category_by_default():
