@@ -33,7 +33,7 @@ def one(args) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     g = torch.Generator("cpu").manual_seed(0)
-    sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.accelerator.synchronize(device)) if device.type != "cpu" else (lambda: None)
     blocks = [f"block.{i}" for i in range(args.blocks)]
     members = {b: [] for b in blocks}
     for c in range(args.concepts):  # localized: each concept in `per_concept` random blocks
@@ -87,8 +87,8 @@ def one(args) -> dict:
         hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
     out = {"seconds": {k: round(v, 3) for k, v in t.items()}, "total_seconds": round(sum(t.values()), 2),
            "peak_rss_mib": round(hwm / 2**20, 1), "blocks_solved": len(factors)}
-    if device.type == "cuda":
-        out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    if device.type != "cpu":
+        out["peak_device_mib"] = round(getattr(torch, device.type).max_memory_allocated(device) / 2**20, 1)
     return out
 
 
