@@ -195,6 +195,7 @@ def test_run_writes_every_condition_once(tiny_run):
     assert record["settings"]["steps"] == 2 and record["blocks"] == list(blocks)
     assert record["concepts"][0]["samples"] == [[0, 0], [1, 0]]
     assert record["model"]["pipeline"] == "PixArtAlphaPipeline"
+    assert record["joint"] is False and not (out / gt.joint.JOINT_FILE).exists()  # no pooled text vector
     for method in TINY["methods"]:
         assert (out / "localizations" / "shape" / f"triangle.{method}.json").is_file()
     assert result.localizations_run == len(TINY["methods"])

@@ -1,6 +1,7 @@
 """The toy-flux model by name (`ditloc.toy.load_pipeline("toy-flux")`, MODEL `toy-flux` on the command line),
 on a tiny random export made by the training scripts' own code: the shipped model is not needed."""
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -146,3 +147,102 @@ def test_cli_localize_search_uses_the_toy_oracle_and_settings(toy_flux, tmp_path
     assert d["settings"]["max_sequence_length"] == 32
     assert FLUX_CALL.items() <= d["settings"]["pipeline_kwargs"].items()
     assert "presence unedited" in stdout
+
+
+# --------------------------------------------------------------------------
+# The ground truth's joint-attention conditions (bench/ground_truth/joint.py)
+# --------------------------------------------------------------------------
+
+
+def test_joint_conditions_and_pooled_share_on_synthetic_scores():
+    from ditloc.bench.ground_truth import joint, oracle_result
+
+    blocks = ["double.0", "double.1", "single.0", "single.1"]
+    drops = {"double.0": 0.1, "double.1": 0.5, "single.0": 0.0, "single.1": 0.2}
+    presence = {}
+    for k in range(5):
+        for s in itertools.combinations(blocks, k):
+            presence[frozenset(s)] = 1.0 - min(1.0, sum(drops[b] for b in s))
+    oracle = oracle_result(presence, blocks)
+    conds = joint.joint_conditions(blocks, oracle)
+    labels = [c.label for c in conds]
+    assert labels[0] == "pooled only" and conds[0].blocks == frozenset() and conds[0].pooled == "clean"
+    assert {"best block, text only", "best pair, text only", "all double", "all double, text only", "all single",
+            "all single, text only", "all blocks", "all blocks, text only"} <= set(labels)
+    assert {c.key for c in conds if c.label in ("greedy 4, text only", "all blocks, text only")} == {
+        (frozenset(blocks), "full")}  # greedy 4 is every block here: one key, two labels
+    assert joint.streams(blocks) == {"double": blocks[:2], "single": blocks[2:]}
+    assert joint.streams(["block.0", "block.1"]) == {}  # one kind of block: no stream table
+    # per-image scores: 4 images; text-only conditions keep 0.25 more presence than the default, image by image
+    n = 4
+    measured = {s: [p] * n for s, p in presence.items()}
+    stored = {}
+    for c in conds:
+        if c.pooled == "clean" and c.blocks and c.blocks in measured:
+            continue  # read from the ordinary conditions
+        p = 0.9 if not c.blocks else presence.get(c.blocks, 0.0)
+        stored[c.key] = [min(1.0, p + (0.25 if c.pooled == "full" else 0.0))] * n
+    summary = joint.joint_summary(blocks, oracle, measured[frozenset()], measured, stored)
+    rows = {r["label"]: r for r in summary["conditions"]}
+    assert rows["pooled only"]["drop"]["mean"] == pytest.approx(0.1)
+    assert rows["best pair, text only"]["pooled_share"]["mean"] == pytest.approx(0.25)
+    assert rows["best pair, text only"]["drop"]["n"] == n
+    assert summary["best_block_stream"] == "double"
+    assert summary["streams"]["double"]["all_withheld_drop"]["mean"] == pytest.approx(0.6)
+    assert summary["streams"]["single"]["max_single_drop"] == pytest.approx(0.2)
+    missing = dict(stored)
+    missing.pop(conds[0].key)
+    assert joint.joint_summary(blocks, oracle, measured[frozenset()], measured, missing) is None
+
+
+def test_ground_truth_on_toy_flux_measures_the_pooled_vector_and_streams(toy_flux, tmp_path, monkeypatch):
+    from ditloc.bench.ground_truth import (
+        GroundTruthSettings,
+        joint,
+        read_conditions,
+        run_ground_truth,
+        summarize_ground_truth,
+    )
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pipe = ditloc.toy.load_pipeline("toy-flux")
+        pipe.set_progress_bar_config(disable=True)
+        settings = GroundTruthSettings(model="toy-flux", concepts=("zibbit",), methods=("contribution",), steps=2,
+                                       n_images=2)
+        out = tmp_path / "gt"
+        first = run_ground_truth(pipe, out, settings)
+        record = json.loads((out / "ground_truth.json").read_text())
+        assert record["joint"] is True and record["blocks"] == ["double.0", "single.0"]
+        lines = [json.loads(x) for x in (out / joint.JOINT_FILE).read_text().splitlines()]
+        keys = [(frozenset(r["blocks"]), r["pooled"]) for r in lines]
+        assert len(keys) == len(set(keys))
+        plain = read_conditions(out)[("character", "zibbit")]
+        # every joint condition is measured once, here or (withheld with the clean pooled vector) as an ordinary one
+        from ditloc.bench.ground_truth import oracle_result
+        from ditloc.bench.ground_truth.store import _presences
+
+        oracle = oracle_result(_presences(plain), record["blocks"])
+        for c in joint.joint_conditions(record["blocks"], oracle):
+            assert (c.key in keys) != bool(c.pooled == "clean" and c.blocks and c.blocks in plain), c
+        assert (frozenset(), "clean") in keys and (frozenset(record["blocks"]), "full") in keys
+        for r in lines:
+            assert len(r["scores"]) == 2 and r["presence"] == pytest.approx(sum(r["scores"]) / 2)
+        summary = summarize_ground_truth(out)
+        entry = summary["concepts"][0]
+        assert entry["joint"] is not None and not summary["incomplete"]
+        share = {r["label"]: r for r in entry["joint"]["conditions"]}["all blocks, text only"]["pooled_share"]
+        full = next(r["scores"] for r in lines if r["pooled"] == "full" and len(r["blocks"]) == 2)
+        clean = plain[frozenset(record["blocks"])]
+        assert share["mean"] == pytest.approx(sum(f - c for f, c in zip(full, clean)) / 2)
+        md = (out / "summary.md").read_text()
+        assert "Joint attention: the pooled vector" in md and "which stream holds each concept" in md
+        # a rerun generates nothing
+        from ditloc.bench.ground_truth import run as gt_run
+
+        monkeypatch.setattr(gt_run, "generate_scored", lambda *a, **k: pytest.fail("generated again"))
+        again = run_ground_truth(pipe, out, settings)
+        assert again.conditions_run == 0 and first.conditions_run > 0
+    finally:
+        torch.set_num_threads(n)

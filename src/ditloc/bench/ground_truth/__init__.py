@@ -32,17 +32,41 @@ what is missing. The run directory:
     summary = summarize_ground_truth("runs/gt")     # no model needed
 """
 
-from .metrics import (MethodMetrics, OracleResult, auto_k, greedy_sets, method_conditions, method_metrics,
-                      oracle_result, ranking, spearman, summarize_methods)
+from . import joint
+from .metrics import (
+                      MethodMetrics,
+                      OracleResult,
+                      auto_k,
+                      greedy_sets,
+                      method_conditions,
+                      method_metrics,
+                      oracle_result,
+                      ranking,
+                      spearman,
+                      summarize_methods,
+)
 from .run import GroundTruthResult, expected_conditions, run_ground_truth
-from .settings import (FORMAT, HALF, LOCALIZATIONS_FILE, MAX_K, METHODS, SETTINGS_FILE, STORE_FILE, SUMMARY_JSON,
-                       SUMMARY_MD, GroundTruthSettings, check_ground_truth_dir, localization_file, plan_ground_truth,
-                       samples)
+from .settings import (
+                      FORMAT,
+                      HALF,
+                      LOCALIZATIONS_FILE,
+                      MAX_K,
+                      METHODS,
+                      SETTINGS_FILE,
+                      STORE_FILE,
+                      SUMMARY_JSON,
+                      SUMMARY_MD,
+                      GroundTruthSettings,
+                      check_ground_truth_dir,
+                      localization_file,
+                      plan_ground_truth,
+                      samples,
+)
 from .store import read_conditions, read_localizations
 from .summary import summarize_ground_truth, summary_markdown, summary_tables
 
 __all__ = [
-    "FORMAT", "HALF", "LOCALIZATIONS_FILE", "MAX_K", "METHODS", "SETTINGS_FILE", "STORE_FILE", "SUMMARY_JSON",
+    "FORMAT", "HALF", "LOCALIZATIONS_FILE", "joint", "MAX_K", "METHODS", "SETTINGS_FILE", "STORE_FILE", "SUMMARY_JSON",
     "SUMMARY_MD", "GroundTruthResult", "GroundTruthSettings", "MethodMetrics", "OracleResult", "auto_k",
     "check_ground_truth_dir", "expected_conditions", "greedy_sets", "localization_file", "method_conditions",
     "method_metrics", "oracle_result", "plan_ground_truth", "ranking", "read_conditions", "read_localizations",

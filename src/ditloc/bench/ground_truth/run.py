@@ -17,12 +17,23 @@ from ...errors import DitlocError
 from ..plan import ConceptPlan
 from ..runner import generate_scored
 from ..store import ResultStore
-from .metrics import _in_order, greedy_sets, method_conditions
-from .settings import (SEARCH_METHODS, SEARCH_SEEDS, SEARCH_STEPS, search_prompt_indices, 
+from .joint import (
+    CLEAN,
+    JOINT_FILE,
+    JointCondition,
+    joint_conditions,
+    read_joint,
+    streams,
+)
+from .metrics import _in_order, greedy_sets, method_conditions, oracle_result
+from .settings import (
     FORMAT,
     LOCALIZATIONS_FILE,
     MAX_K,
     METHODS,
+    SEARCH_METHODS,
+    SEARCH_SEEDS,
+    SEARCH_STEPS,
     SETTINGS_FILE,
     STORE_FILE,
     GroundTruthSettings,
@@ -31,8 +42,15 @@ from .settings import (SEARCH_METHODS, SEARCH_SEEDS, SEARCH_STEPS, search_prompt
     check_ground_truth_dir,
     localization_file,
     plan_ground_truth,
+    search_prompt_indices,
 )
-from .store import _localization_record, _presences, _scores_of, read_conditions, read_localizations
+from .store import (
+    _localization_record,
+    _presences,
+    _scores_of,
+    read_conditions,
+    read_localizations,
+)
 from .summary import summarize_ground_truth
 
 # --------------------------------------------------------------------------
@@ -54,26 +72,34 @@ def _fmt_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def expected_conditions(n_blocks: int, n_methods: int, max_k: int = MAX_K) -> int:
+def expected_conditions(n_blocks: int, n_methods: int, max_k: int = MAX_K, n_joint: int = 0) -> int:
     """An upper bound on one concept's conditions: baseline, singles, pairs, the greedy
-    steps above 2, and each method's top-3 .. top-(max K) sets."""
+    steps above 2, each method's top-3 .. top-(max K) sets, and `n_joint` joint-attention
+    conditions (`joint.joint_conditions`)."""
     greedy = sum(n_blocks - k + 1 for k in range(3, min(max_k, n_blocks) + 1))
-    return 1 + n_blocks + n_blocks * (n_blocks - 1) // 2 + greedy + n_methods * max(0, min(max_k, n_blocks) - 2)
+    return (1 + n_blocks + n_blocks * (n_blocks - 1) // 2 + greedy + n_methods * max(0, min(max_k, n_blocks) - 2)
+            + n_joint)
 
 
 class _Run:
     """One call's state: the pipeline, the store, the cache and the progress line."""
 
-    def __init__(self, pipe, out: Path, settings: GroundTruthSettings, evaluator, blocks: list[str], say, n_concepts):
+    def __init__(self, pipe, out: Path, settings: GroundTruthSettings, evaluator, blocks: list[str], say, n_concepts,
+                 joint: bool = False):
         self.pipe, self.out, self.settings, self.evaluator, self.blocks, self.say = (
             pipe, out, settings, evaluator, blocks, say)
         self.store = ResultStore(out / STORE_FILE)
         self.cache = read_conditions(out)
         self.loc_store = ResultStore(out / LOCALIZATIONS_FILE)
         self.locs = read_localizations(out)
+        # joint attention (a pooled text vector): the pooled-vector and stream conditions, joint.py
+        self.joint = joint
+        self.joint_store = ResultStore(out / JOINT_FILE)
+        self.joint_cache = read_joint(out)
         self.t0 = time.time()
         self.ran = self.reused = self.localized = 0
-        self.expected = n_concepts * expected_conditions(len(blocks), len(settings.methods))
+        n_joint = 6 + 2 * len(streams(blocks)) if joint else 0
+        self.expected = n_concepts * expected_conditions(len(blocks), len(settings.methods), n_joint=n_joint)
         self.seen = 0  # conditions of this call's concepts so far, run or reused
         self.counted: set = set()
 
@@ -148,9 +174,34 @@ class _Run:
                      f"{_fmt_seconds(elapsed)} elapsed, ETA ~{_fmt_seconds(remaining)})")
         return _presences(cached)
 
-    def _generate(self, c: ConceptPlan, condition: frozenset) -> list[float]:
+    def measure_joint(self, c: ConceptPlan, conditions: list[JointCondition]) -> None:
+        """Generate and score every joint condition not yet stored (`joint.py`)."""
+        cached = self.joint_cache.setdefault((c.category, c.concept), {})
+        plain = self.cache.get((c.category, c.concept), {})
+        # a set withheld with the clean pooled vector is the ordinary condition: reused from conditions.jsonl
+        todo = [x for x in conditions
+                if x.key not in cached and not (x.pooled == CLEAN and x.blocks and x.blocks in plain)]
+        todo = list({x.key: x for x in reversed(todo)}.values())[::-1]  # one generation per key, the first label
+        conditions = list({x.key: x for x in conditions}.values())
+        self.reused += len(conditions) - len(todo)
+        self.seen += len(conditions)
+        t_batch = time.time()
+        for x in todo:
+            scores = self._generate(c, x.blocks, pooled=x.pooled)
+            self.joint_store.append({"category": c.category, "concept": c.concept, "label": x.label,
+                                     "blocks": _in_order(x.blocks, self.blocks), "pooled": x.pooled,
+                                     "presence": float(np.mean(scores)), "scores": scores})
+            cached[x.key] = scores
+            self.ran += 1
+        if todo:
+            self.say(f"ground-truth {c.category}/{c.concept}: pooled vector and streams, {len(todo)} condition(s) in "
+                     f"{time.time() - t_batch:.1f}s ({_fmt_seconds(time.time() - self.t0)} elapsed)")
+
+    def _generate(self, c: ConceptPlan, condition: frozenset, pooled: str | None = None) -> list[float]:
         s = self.settings
-        blocks = _in_order(condition, self.blocks) or None
+        # withheld nowhere: the plain generation, unless the pooled vector alone is swapped
+        blocks = _in_order(condition, self.blocks) or (None if pooled is None else [])
+        generation = {} if pooled is None else {"pooled": pooled}
         full, rest = divmod(s.n_images, len(c.evaluation_prompts))
         groups = []  # the calls that make `samples(...)`, in its order
         if full:
@@ -161,7 +212,7 @@ class _Run:
         scores: list[float] = []
         for plan, seeds in groups:
             _, values = generate_scored(self.pipe, plan, blocks, self.evaluator, seeds=seeds,
-                                        batch_size=s.batch_size, options=s.run_options)
+                                        batch_size=s.batch_size, options=s.run_options, **generation)
             scores += [round(float(v), 6) for v in values]
         return scores
 
@@ -179,6 +230,9 @@ class _Run:
                 continue
             scores = _scores_of(loc, blocks, f"{c.category}/{c.concept} ({m})")
             self.measure(c, method_conditions(blocks, scores)[2:], f"{m}'s top sets")
+        if self.joint:
+            oracle = oracle_result(_presences(self.cache[(c.category, c.concept)]), blocks)
+            self.measure_joint(c, joint_conditions(blocks, oracle))
 
 
 def _model_check(pipe) -> dict:
@@ -223,8 +277,9 @@ def run_ground_truth(pipe, out, settings: GroundTruthSettings | None = None, *, 
                 raise DitlocError(f"{out} was measured on another model ({old} with blocks {record.get('blocks')}); "
                                   "use a new --out directory")
         record = _merged_record(record, settings, concepts, blocks, model_blocks, model_record(pipe), resolved)
+        record["joint"] = bool(adapter.has_pooled_text)  # joint.py's conditions are measured too
         write_json(out / SETTINGS_FILE, record)
-        run = _Run(pipe, out, settings, evaluator, blocks, say, len(concepts))
+        run = _Run(pipe, out, settings, evaluator, blocks, say, len(concepts), joint=adapter.has_pooled_text)
         say(f"ground-truth: {len(concepts)} concept(s), {len(blocks)} blocks, {settings.n_images} images per "
             f"condition, methods {', '.join(settings.methods)}"
             + (f"; {sum(len(v) for v in run.cache.values())} condition(s) already measured" if run.cache else ""))

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import DitlocError
+from ...localize import AUTO_K_DROP
 from ..plan import ConceptPlan
 from ..store import ResultStore
 from .metrics import auto_k
-from ...localize import AUTO_K_DROP
 from .settings import AUTO_K_FRACTION, LOCALIZATIONS_FILE, STORE_FILE, localization_file
 
 # --------------------------------------------------------------------------

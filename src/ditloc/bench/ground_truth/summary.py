@@ -8,6 +8,7 @@ from ..._io import write_atomic, write_json
 from ...errors import DitlocError
 from ...localize import minimal_k_of
 from ...stats import mean_ci
+from .joint import joint_summary, read_joint, streams
 from .metrics import method_metrics, oracle_result, summarize_methods
 from .settings import (
     AUTO_K_FRACTION,
@@ -43,6 +44,7 @@ def summarize_ground_truth(out, *, threshold: float = HALF) -> dict:
         raise DitlocError(f"{out / SETTINGS_FILE} lacks blocks, methods or concepts; use a new --out directory") from None
     measured = read_conditions(out)
     localizations = read_localizations(out)
+    joint = read_joint(out) if record.get("joint") else None
     rows, per_concept, incomplete = [], [], []
     for c in concepts:
         category, concept = c["category"], c["concept"]
@@ -56,6 +58,11 @@ def summarize_ground_truth(out, *, threshold: float = HALF) -> dict:
         _, low, high = mean_ci(scores[frozenset()])
         entry = {"category": category, "concept": concept, "n_images": len(scores[frozenset()]),
                  "baseline_ci": [low, high], "oracle": oracle.to_dict(), "methods": {}}
+        if joint is not None:
+            entry["joint"] = joint_summary(blocks, oracle, scores[frozenset()], scores,
+                                           joint.get((category, concept), {}))
+            if entry["joint"] is None:
+                incomplete.append({"category": category, "concept": concept, "missing": "joint-attention conditions"})
         for method in methods:
             loc = localizations.get((category, concept, method))
             if loc is None:
@@ -95,6 +102,11 @@ def summarize_ground_truth(out, *, threshold: float = HALF) -> dict:
                       "halves presence on the search's own prompts (SetSearch.auto_k(0.5)); matches are counted where oracle_k "
                       "is known",
             "ci": "95% CI by the normal approximation, mean ± 1.96 s/sqrt(n) over images",
+            **({"pooled_share": "joint attention: presence with the set's text tokens withheld but the pooled "
+                                "vector full - presence with both withheld (the default), paired over the same "
+                                "images; > 0: the pooled vector carries that much of the concept past the set",
+                "pooled_only": "drop when no block is withheld but every block gets the clean prompt's pooled "
+                               "vector"} if joint is not None else {}),
         },
         "concepts": per_concept,
         "incomplete": incomplete,
@@ -176,7 +188,61 @@ def summary_tables(summary: dict) -> tuple[str, list[tuple[str, str, list[str], 
          ["method", "concepts", "hit@1 (n)", "regret@1 (n)", "regret@2 (n)", "regret@4 (n)", "spearman (n)",
           "auto-K match (n)", "mean abs miss (n)"], per_method),
     ]
-    return intro, tables
+    return intro, tables + joint_tables(summary)
+
+
+def _ci_cell(v: dict | None) -> str:
+    if v is None:
+        return "–"
+    return f"{v['mean']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]"
+
+
+def joint_tables(summary: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
+    """The joint-attention tables (models with a pooled text vector): the pooled vector's
+    share of each erasure, and where each category lives by stream."""
+    entries = [e for e in summary["concepts"] if e.get("joint")]
+    if not entries:
+        return []
+    names = list(streams(summary["blocks"]))
+    pooled_rows = []
+    for e in entries:
+        rows = {r["label"]: r for r in e["joint"]["conditions"]}
+        cells = [e["category"], e["concept"], _f(e["oracle"]["baseline"]), _ci_cell(rows["pooled only"]["drop"])]
+        for label in ("best pair", "greedy 4", "all blocks"):
+            full = rows.get(f"{label}, text only")
+            cells.append("–" if full is None else _ci_cell(full["drop"]))
+            cells.append("–" if full is None else _ci_cell(full.get("pooled_share")))
+        pooled_rows.append(cells)
+    header = ["category", "concept", "baseline", "pooled only: drop"]
+    for label in ("best pair", "greedy 4", "all blocks"):
+        header += [f"{label}, text only: drop", f"{label}: pooled share"]
+    tables = [("Joint attention: the pooled vector",
+               ("Drop = baseline - presence. *Text only*: the set's text tokens withheld, the pooled vector left full; "
+               "the default withholds both. *Pooled share* = presence(text only) - presence(default), paired over the "
+               "same images: what the pooled vector alone keeps of the concept once the set's tokens are withheld. "
+               "*Pooled only*: no block withheld, every block given the clean prompt's pooled vector. Brackets: 95% "
+               f"CI over the {entries[0]['n_images']} images."), header, pooled_rows)]
+    if names:
+        stream_rows = []
+        for e in entries:
+            st = e["joint"]["streams"]
+            stream_rows.append([e["category"], e["concept"], e["joint"]["best_block_stream"] or "–"]
+                               + [f"{_ci_cell(st[n]['all_withheld_drop'])}; max single {st[n]['max_single_drop']:.3f}"
+                                  for n in names])
+        cats: dict[str, list] = {}
+        for e in entries:
+            cats.setdefault(e["category"], []).append(e)
+        for cat, es in cats.items():
+            cells = [cat, f"mean of {len(es)}", ", ".join(sorted({x["joint"]["best_block_stream"] or "–" for x in es}))]
+            for n in names:
+                cells.append(f"{sum(x['joint']['streams'][n]['all_withheld_drop']['mean'] for x in es) / len(es):+.3f}")
+            stream_rows.append(cells)
+        tables.append(("Joint attention: which stream holds each concept",
+                       ("Drop when every block of one stream is withheld (the default: text tokens and pooled vector), "
+                       "95% CI over images, and the largest single-block drop in that stream; then the mean per "
+                       "category."), ["category", "concept", "best block's stream"]
+                       + [f"all {n}: drop" for n in names], stream_rows))
+    return tables
 
 
 def summary_markdown(summary: dict) -> str:
