@@ -66,9 +66,9 @@ from .store import read_conditions, read_localizations
 from .summary import summarize_ground_truth, summary_markdown, summary_tables
 
 __all__ = [
-    "FORMAT", "HALF", "LOCALIZATIONS_FILE", "joint", "MAX_K", "METHODS", "SETTINGS_FILE", "STORE_FILE", "SUMMARY_JSON",
+    "FORMAT", "HALF", "LOCALIZATIONS_FILE", "MAX_K", "METHODS", "SETTINGS_FILE", "STORE_FILE", "SUMMARY_JSON",
     "SUMMARY_MD", "GroundTruthResult", "GroundTruthSettings", "MethodMetrics", "OracleResult", "auto_k",
-    "check_ground_truth_dir", "expected_conditions", "greedy_sets", "localization_file", "method_conditions",
+    "check_ground_truth_dir", "expected_conditions", "greedy_sets", "joint", "localization_file", "method_conditions",
     "method_metrics", "oracle_result", "plan_ground_truth", "ranking", "read_conditions", "read_localizations",
     "run_ground_truth", "samples", "spearman", "summarize_ground_truth", "summarize_methods", "summary_markdown",
     "summary_tables",
