@@ -5,6 +5,14 @@ LoRA (top-K blocks), all-block LoRA and full fine-tuning of every block.
 
     python scripts/toy/evaluate_editing.py --out runs/editing --n 64 --n-quality 128
     python scripts/toy/evaluate_editing.py --concepts hazard --methods "closed-form localized,localized LoRA"
+    DITLOC_TOY_FLUX_DIR=/tmp/toyflux python scripts/toy/evaluate_editing.py --model toy-flux --out runs/editing_flux
+
+Each toy model (`--model`: toy, PixArt; toy-flux, FLUX with joint attention) is sampled with the
+arguments it was trained for (`sampling`: `ditloc.toy.TOY_MODELS[model].call_defaults`), by this
+script and by every edit; `--guidance` sets its CFG scale (`guidance_scale` on toy, the true CFG's
+`true_cfg_scale` on toy-flux; default: the model's own, 4.5 and 4.0). On toy-flux the closed form
+can only rewrite double-stream blocks (single-stream blocks read text and image tokens through the
+same projections): "closed-form all-block" edits every double-stream block, and its row says so.
 
 Per concept (hazard mark -> the prompt without its phrase; the character
 "zibbit" -> its base shape "triangle"; the style "striped" -> "solid"):
@@ -25,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
 import threading
 import time
 import zlib
@@ -33,15 +43,63 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# same directory: the expected oracle label per attribute
+from evaluate_fidelity import expected
+
+from ditloc.adapters import get_adapter
 from ditloc.edit import ClosedFormConfig, TrainConfig, personalize, unlearn
+from ditloc.options import RunOptions
 from ditloc.stats import mean_ci, wilson
 from ditloc.text import find_occurrences, substitute, tidy
-from ditloc.toy import load_pipeline, world
+from ditloc.toy import MODEL_DIR, TOY_MODELS, load_pipeline, model_dir, toy_model, world
 from ditloc.toy.oracle import load_oracle
-from evaluate_fidelity import expected  # same directory: the expected oracle label per attribute
 
 CATS = ("shape", "color", "style", "place", "character", "hazard")
-CALL = dict(height=32, width=32, use_resolution_binning=False, clean_caption=False, max_sequence_length=32)
+#: what this script adds to a toy model's own sampling arguments (`TOY_MODELS[model].call_defaults`) when
+#: it draws images: the toy images' size, 32 text tokens (every toy prompt fits) and, on PixArt, no
+#: resolution binning (toy-flux's call_defaults hold its size and text length already)
+DRAW_EXTRA = {"toy": {"height": 32, "width": 32, "use_resolution_binning": False, "max_sequence_length": 32},
+              "toy-flux": {}}
+
+
+def sampling(model: str = "toy", guidance: float | None = None) -> tuple[dict, dict]:
+    """How this script samples the toy model `model`, decided here only -> (the `pipe(...)`
+    keyword arguments of every image it draws, besides prompts, generators, steps and output
+    type; the sampling keywords every edit gets, `unlearn`/`personalize`'s ``**run``: their
+    localization and the images they draw). Both are the arguments the model was trained for
+    (`TOY_MODELS[model].call_defaults`, which ditloc passes to a toy pipeline anyway; the steps
+    are the script's --steps) and
+    `guidance` (None: the model's own) under the name of the model's CFG scale: ``guidance_scale``
+    on toy (PixArt), the true CFG's ``true_cfg_scale`` on toy-flux (FLUX's ``guidance_scale`` is the
+    distilled-guidance embedding, which this base model does not have)."""
+    spec = toy_model(model)
+    edit = {k: v for k, v in spec.call_defaults.items() if k != "num_inference_steps"}  # --steps sets it
+    if guidance is not None:
+        edit[spec.guidance_argument] = float(guidance)
+    return {**edit, **DRAW_EXTRA[model]}, edit
+
+
+def own_guidance(model: str, pipe) -> float:
+    """The CFG scale `model` samples with when none is given: its call_defaults' (toy-flux 4.0),
+    else its pipeline's default as ditloc resolves it (toy: PixArt's 4.5)."""
+    spec = toy_model(model)
+    if spec.call_defaults.get(spec.guidance_argument) is not None:
+        return float(spec.call_defaults[spec.guidance_argument])
+    run = RunOptions(num_inference_steps=None, max_sequence_length=32).resolve(pipe)
+    return float(run.effective(spec.guidance_argument))
+
+
+STREAMS = {"double": "double-stream", "single": "single-stream"}
+
+
+def block_set(pipe, edited) -> str:
+    """Which of the model's blocks an edit of "all" blocks changed: every block, or only the
+    editable ones (on FLUX the closed form rewrites double-stream blocks only)."""
+    names = get_adapter(pipe).block_names()
+    if set(edited) == set(names):
+        return f"all {len(names)} blocks"
+    kinds = "/".join(dict.fromkeys(STREAMS.get(b.split(".")[0], b.split(".")[0]) for b in edited))
+    return f"all {len(edited)} {kinds} blocks of {len(names)}"
 
 
 def scenes_prompts(rng, n, split, **pinned):
@@ -57,13 +115,21 @@ METHODS = {  # name -> (blocks, method)
     "full fine-tuning": ("all", "full"),
 }
 TRAINED = ("localized LoRA", "all-block LoRA", "full fine-tuning")
+GLYPH = "glyph (personalization)"
+
+
+def edit_dir(out: Path, concept: str, name: str) -> Path:
+    """Where the edit `name` of `concept` is saved (and its cached latents / checkpoints kept)."""
+    if concept == GLYPH:
+        return out / "glyph" / name.split()[0].replace("-", "_")
+    return out / concept / name.replace(" ", "_")
 
 
 def variants(args, names):
     """(name, blocks, fresh toy pipeline, config) of the compared edits."""
     for name in names:
         blocks, method = METHODS[name]
-        pipe = load_pipeline()
+        pipe = load_pipeline(args.model)
         pipe.set_progress_bar_config(disable=True)
         if method == "closed-form":
             cfg = ClosedFormConfig(seed=args.seed, preserve_weight=args.preserve_weight, ridge=args.ridge,
@@ -116,13 +182,15 @@ class PeakRSS:
 
 
 @torch.no_grad()
-def generate(pipe, prompts, seed, steps, guidance, batch=32):
+def generate(pipe, prompts, seed, steps, guidance, batch=32, model="toy"):
+    """Images [N, h, w, 3] uint8 of `prompts` from the toy model `model` (`sampling`), one seeded
+    generator per image; `guidance`: its CFG scale (None: the model's own)."""
+    call, _ = sampling(model, guidance)
     out = []
     for i in range(0, len(prompts), batch):
         chunk = prompts[i : i + batch]
         gens = [torch.Generator().manual_seed(seed * 100_003 + i + j) for j in range(len(chunk))]
-        out.append(pipe(chunk, generator=gens, num_inference_steps=steps, guidance_scale=guidance,
-                        output_type="np", **CALL).images)
+        out.append(pipe(chunk, generator=gens, num_inference_steps=steps, output_type="np", **call).images)
     return (np.concatenate(out) * 255).round().astype(np.uint8)
 
 
@@ -135,7 +203,8 @@ def evaluate(pipe, oracle, sets, args, reference=None):
     each with its 95% interval."""
     res, labs = {}, {}
     for name, (scenes, prompts, concept_cat, concept_label) in sets.items():
-        imgs = generate(pipe, prompts, seed=zlib.crc32(name.encode()) % 997, steps=args.steps, guidance=args.guidance)
+        imgs = generate(pipe, prompts, seed=zlib.crc32(name.encode()) % 997, steps=args.steps, guidance=args.guidance,
+                        model=getattr(args, "model", "toy"))
         lab = labels(oracle, imgs)
         labs[name] = lab
         if concept_cat is not None:  # presence of the concept
@@ -270,6 +339,7 @@ def composed_prompts(rng, n, split, token, class_word):
 
 
 def run_personalization(args, oracle, out, methods):
+    _, edit_run = sampling(args.model, args.guidance)
     token, class_word = world.RESERVED_WORDS[0], world.GENERIC_SHAPE
     detect, det_acc = glyph_detector(oracle)
     print(f"[glyph] detector held-out accuracy {det_acc:.3f}", flush=True)
@@ -295,20 +365,20 @@ def run_personalization(args, oracle, out, methods):
     # reliability: the training prompts (each caption in turn, or the one prompt)
     reliability_prompts = [(captions or [train_prompt])[i % len(captions or [train_prompt])] for i in range(args.n)]
     ge_s, ge_p = composed_prompts(rng, args.n, "heldout", token, class_word)
-    lo_s, lo_p = scenes_prompts(rng, args.n, "heldout", character=None)
+    _, lo_p = scenes_prompts(rng, args.n, "heldout", character=None)
     q_s = [world.sample_scene(rng, p_character=0.25, p_hazard=0.5) for _ in range(args.n_quality)]
     q_p = [world.make_prompt(s, rng, "heldout", drop_prob=0.0) for s in q_s]
 
     def measure(pipe, reference=None):
         r = {}
-        imgs = generate(pipe, reliability_prompts, seed=1, steps=args.steps, guidance=args.guidance)
+        imgs = generate(pipe, reliability_prompts, seed=1, steps=args.steps, guidance=args.guidance, model=args.model)
         r["reliability_glyph"] = rate(detect(imgs) > 0.5)
-        imgs = generate(pipe, ge_p, seed=2, steps=args.steps, guidance=args.guidance)
+        imgs = generate(pipe, ge_p, seed=2, steps=args.steps, guidance=args.guidance, model=args.model)
         lab = labels(oracle, imgs)
         r["generality_glyph"] = rate(detect(imgs) > 0.5)
         r["generality_color"] = rate(lab["color"][i] == s.color for i, s in enumerate(ge_s))
         r["generality_place"] = rate(lab["place"][i] == s.place for i, s in enumerate(ge_s))
-        imgs = generate(pipe, lo_p, seed=3, steps=args.steps, guidance=args.guidance)
+        imgs = generate(pipe, lo_p, seed=3, steps=args.steps, guidance=args.guidance, model=args.model)
         lab = labels(oracle, imgs)
         r["locality_glyph"] = rate(detect(imgs) > 0.5)  # should stay ~0
         if reference is not None:
@@ -316,13 +386,13 @@ def run_personalization(args, oracle, out, methods):
                                            for i in range(len(lo_p)))
             r["locality_changed_by_category"] = {c: int(sum(lab[c][i] != reference[c][i] for i in range(len(lo_p))))
                                                  for c in CATS}
-        imgs = generate(pipe, q_p, seed=4, steps=args.steps, guidance=args.guidance)
+        imgs = generate(pipe, q_p, seed=4, steps=args.steps, guidance=args.guidance, model=args.model)
         ql = labels(oracle, imgs)
         r["quality_fidelity"] = average([np.mean([ql[k][i] == v for k, v in expected(s).items()])
                                          for i, s in enumerate(q_s)])
         return r, lab
 
-    base = load_pipeline()
+    base = load_pipeline(args.model)
     base.set_progress_bar_config(disable=True)
     base_res, base_lab = measure(base)
     rows = {"original": base_res}
@@ -333,11 +403,11 @@ def run_personalization(args, oracle, out, methods):
                               prior_preservation=args.p_class_images > 0, num_class_images=max(1, args.p_class_images),
                               prior_weight=args.prior_weight, localize_method=args.p_localize_method,
                               class_prompts=class_prompts, prior_target=args.prior_target,
-                              num_inference_steps=args.steps,
-                              guidance_scale=args.guidance, max_sequence_length=32,
-                              pipeline_kwargs=dict(clean_caption=False),
-                              out=out / "glyph" / name.split()[0].replace("-", "_"))
+                              num_inference_steps=args.steps, **{**edit_run, "max_sequence_length": 32},
+                              out=edit_dir(out, GLYPH, name))
         metrics, _ = measure(pipe, reference=base_lab)
+        if blocks == "all":
+            metrics["block_set"] = block_set(pipe, res.blocks)
         metrics.update(blocks=list(res.blocks), changed_parameters=res.trainable_parameters,
                        edit_seconds=round(res.wall_seconds, 1), peak_extra_rss_mib=round(mem.extra / 2**20, 1),
                        seconds_per_step=round(res.wall_seconds / max(1, args.train_steps), 4))
@@ -348,6 +418,8 @@ def run_personalization(args, oracle, out, methods):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=tuple(TOY_MODELS), default="toy",
+                    help="the toy model (toy: PixArt; toy-flux: FLUX, from $DITLOC_TOY_FLUX_DIR when set)")
     ap.add_argument("--concepts", default="hazard,zibbit,striped", help="unlearning concepts ('' for none)")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
     ap.add_argument("--personalize", action="store_true", help="also teach the unseen glyph (token sks)")
@@ -366,7 +438,9 @@ def main():
     ap.add_argument("--ridge", type=float, default=1e-3, help="closed-form mu (relative)")
     ap.add_argument("--positions", default="all", choices=("all", "changed"), help="closed-form rows")
     ap.add_argument("--rank", type=int, default=4, help="LoRA rank")
-    ap.add_argument("--lora-modules", default="", help="LoRA targets relative to a block (default: all projections + MLP)")
+    ap.add_argument("--lora-modules", default="",
+                    help="LoRA targets relative to a block (default: the model's: all attention projections + MLP; "
+                         "on toy-flux double.N and single.N blocks have their own, and each block takes those it has)")
     ap.add_argument("--p-images", type=int, default=6, help="personalization: glyph training images")
     ap.add_argument("--p-captions", action="store_true",
                     help="personalization: varied glyph renders, each with its caption (default: red solid, one prompt)")
@@ -379,7 +453,9 @@ def main():
     ap.add_argument("--p-localize-method", default="contribution", choices=("contribution", "patch", "attribution"),
                     help="how localized LoRA ranks blocks for the class word in personalization")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=4.5)
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="CFG scale: guidance_scale on toy, true_cfg_scale on toy-flux (default: the model's own, "
+                         "4.5 / 4.0)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -388,23 +464,41 @@ def main():
     if unknown:
         ap.error(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     torch.set_num_threads(args.threads)
+    first = load_pipeline(args.model)  # the model must be there before any work
+    if args.guidance is None:
+        args.guidance = own_guidance(args.model, first)
+    call, edit_run = sampling(args.model, args.guidance)
+    model = {"name": args.model, "dir": str(model_dir(args.model)), "pipeline": type(first).__name__,
+             "guidance_argument": toy_model(args.model).guidance_argument,
+             "call_kwargs": call, "edit_kwargs": edit_run}
+    del first
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     oracle = load_oracle()
     path = out / "editing.json"
     settings = {k: v for k, v in vars(args).items() if k not in ("concepts", "methods", "personalize", "out", "threads")}
+    settings["model_dir"] = model["dir"]
     report = json.loads(path.read_text()) if path.exists() else {}
-    if report.get("settings") != settings:  # a run with other settings starts over
+    old = report.get("settings")
+    if old is not None and "model" not in old:  # written before --model: the toy model shipped with ditloc
+        old = {**old, "model": "toy", "model_dir": str(MODEL_DIR)}
+    if old != settings:  # a run with other settings (or another model) starts over
+        stale = [d for c in report.get("concepts", {}) for m in METHODS if (d := edit_dir(out, c, m)).is_dir()]
+        for d in stale:  # their cached latents and checkpoints belong to the old settings
+            shutil.rmtree(d)
+        if stale:
+            print(f"[out] other settings than {path}'s: removed its {len(stale)} edit folder(s)", flush=True)
         report = {"settings": settings, "concepts": {}}
+    report["settings"], report["model"] = settings, model
 
     def save():
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(report, indent=1))
         tmp.replace(path)
 
-    if args.personalize and "glyph (personalization)" not in report["concepts"]:
+    if args.personalize and GLYPH not in report["concepts"]:
         rows, det_acc = run_personalization(args, oracle, out, methods)
-        report["concepts"]["glyph (personalization)"] = rows
+        report["concepts"][GLYPH] = rows
         report["glyph_detector_accuracy"] = det_acc
         save()
     for concept in [c for c in args.concepts.split(",") if c]:
@@ -413,7 +507,7 @@ def main():
         q_s = quality_scenes(rng, args.n_quality, concept)
         sets["quality"] = (q_s, [world.make_prompt(s, rng, "heldout", drop_prob=0.0) for s in q_s], None, None)
         rows = report["concepts"].setdefault(concept, {})
-        base = load_pipeline()
+        base = load_pipeline(args.model)
         base.set_progress_bar_config(disable=True)
         base_res, base_labs = evaluate(base, oracle, sets, args)  # the reference labels (deterministic)
         rows["original"] = base_res
@@ -425,14 +519,16 @@ def main():
                 k = "auto" if args.closed_form_k == "auto" else int(args.closed_form_k)
             if name == "localized LoRA" and "closed-form localized" in rows:  # the same blocks: only the method differs
                 blocks = ",".join(rows["closed-form localized"]["blocks"])
-            extra = dict(preserve=keep) if isinstance(cfg, ClosedFormConfig) else dict(images_per_prompt=1)
+            extra = {"preserve": keep} if isinstance(cfg, ClosedFormConfig) else {"images_per_prompt": 1}
             with PeakRSS() as mem:
                 res = unlearn(pipe, word, anchor, prompts=train_prompts, anchor_prompts=anchor_prompts,
                               blocks=blocks, k=k, config=cfg, num_inference_steps=args.steps,
-                              guidance_scale=args.guidance, out=out / concept / name.replace(" ", "_"),
-                              localize_method=args.localize_method, **extra)
+                              out=edit_dir(out, concept, name), localize_method=args.localize_method,
+                              **edit_run, **extra)
             total = time.perf_counter() - t0
             metrics, _ = evaluate(pipe, oracle, sets, args, reference=base_labs)
+            if blocks == "all":
+                metrics["block_set"] = block_set(pipe, res.blocks)
             metrics.update(blocks=list(res.blocks), changed_parameters=res.trainable_parameters,
                            edit_seconds=round(res.wall_seconds, 2), job_seconds=round(total, 1),
                            peak_extra_rss_mib=round(mem.extra / 2**20, 1),
@@ -460,6 +556,10 @@ def _cell(m) -> str:
 def format_table(report) -> str:
     """One markdown table per concept; every rate with its 95% interval and n."""
     lines = []
+    model = report.get("model")
+    if model:
+        lines.append(f"Model: {model['name']} ({model['pipeline']}, {model['dir']}); images drawn with "
+                     + ", ".join(f"{k}={v!r}" for k, v in model["call_kwargs"].items()))
     for concept, rows in report["concepts"].items():
         keys = [k for k in rows["original"]]
         loc_keys = sorted({k for r in rows.values() for k in r if k.endswith("_unchanged")})
@@ -469,7 +569,10 @@ def format_table(report) -> str:
             "changed params", "edit s", "peak extra RSS MiB", "blocks"]
         lines += [f"\n### {concept}\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name, r in rows.items():
-            cells = [name] + [_cell(r.get(k)) for k in keys + loc_keys]
+            label = name
+            if r.get("block_set") and not re.fullmatch(r"all \d+ blocks", r["block_set"]):
+                label = f"{name} ({r['block_set']})"  # "all" meant the editable blocks only
+            cells = [label] + [_cell(r.get(k)) for k in keys + loc_keys]
             blocks = r.get("blocks", [])
             cells += [f"{r.get('changed_parameters', 0):,}", str(r.get("edit_seconds", "")),
                       str(r.get("peak_extra_rss_mib", "")), ",".join(blocks) if len(blocks) < 12 else "all"]
