@@ -50,8 +50,9 @@ TOY_MODELS = {
         "toy-flux",
         # FluxPipeline's defaults are FLUX.1's (1024 px, 512 unmasked T5 tokens, no true CFG); the toy
         # was trained on 32 px images with prompts padded to exactly 32 tokens, and is sampled with true CFG
+        # at 20 steps (its PROVENANCE and the PixArt toy's; FluxPipeline's 28 are FLUX.1's)
         call_defaults=MappingProxyType({"height": 32, "width": 32, "max_sequence_length": 32,
-                                        "true_cfg_scale": 4.0, "negative_prompt": ""}),
+                                        "true_cfg_scale": 4.0, "negative_prompt": "", "num_inference_steps": 20}),
         guidance_argument="true_cfg_scale",
         how_to_make=f"train and export it as scripts/toy/FLUX_TRAINING.md describes (or set {FLUX_DIR_ENV} "
                     "to an export)",
