@@ -623,3 +623,29 @@ def test_per_step_draws_reach_an_accelerator_without_a_blocking_copy(monkeypatch
     pinned.clear()
     x = torch.randn(3)
     assert to_device(x, "cpu") is x and not pinned
+
+
+def test_cached_latents_are_reused_only_for_the_same_model_prompts_and_sampling(tmp_path, monkeypatch):
+    from ditloc.edit import jobs
+
+    pipe = tiny_pixart_pipeline()
+    drawn = []
+    real = jobs._generate_latents
+
+    def counting(pipe_, prompts, per_prompt, seed, kw):
+        drawn.append(list(prompts))
+        return real(pipe_, prompts, per_prompt, seed, kw)
+
+    monkeypatch.setattr(jobs, "_generate_latents", counting)
+    kw = {"num_inference_steps": 2, "height": 32, "width": 32, "use_resolution_binning": False}
+    a = jobs._cached_latents(tmp_path, "anchor_latents", pipe, ["a red cat"], 1, 0, kw)
+    again = jobs._cached_latents(tmp_path, "anchor_latents", pipe, ["a red cat"], 1, 0, kw)
+    assert len(drawn) == 1 and torch.equal(a, again)  # a resumed run: the same images, not drawn again
+    other = jobs._cached_latents(tmp_path, "anchor_latents", pipe, ["a blue cat"], 1, 0, kw)
+    assert len(drawn) == 2 and drawn[-1] == ["a blue cat"]  # other prompts: drawn anew, not the stale ones
+    jobs._cached_latents(tmp_path, "anchor_latents", pipe, ["a blue cat"], 1, 0, {**kw, "num_inference_steps": 3})
+    assert len(drawn) == 3  # other sampling arguments too
+    monkeypatch.setattr(jobs, "model_record", lambda p: {"name_or_path": "another/model"})
+    jobs._cached_latents(tmp_path, "anchor_latents", pipe, ["a blue cat"], 1, 0, {**kw, "num_inference_steps": 3})
+    assert len(drawn) == 4  # another model
+    assert other.shape == a.shape

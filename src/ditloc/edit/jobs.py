@@ -14,6 +14,7 @@ a format diffusers loads (LoRA) plus ``ditloc_edit.json``.
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ import torch
 from .. import _state
 from .._io import OutputLock, write_json
 from ..errors import DitlocError
-from ..options import RunOptions, generators, model_record
+from ..options import RunOptions, _jsonable, generators, model_record
 from ..text import find_occurrences, substitute, tidy
 from .blocks import category_prompts, choose_blocks, neighbour_prompts  # noqa: F401  (re-exported)
 from .data import encode_images, image_size, load_image_folder
@@ -85,16 +86,25 @@ def _identity(kind: str, pipe, blocks, config: TrainConfig, data: dict) -> dict:
             "config": config.to_dict(), "data": data}
 
 
-def _cached_latents(out: Path | None, name: str, make):
-    """Latents a job draws once (class / anchor images): generated, then kept in
-    ``out`` so a resumed run trains on exactly the same data. Under ``accelerate launch``
-    the main process draws (or reads) and writes them, and every process gets them."""
+def _cached_latents(out: Path | None, name: str, pipe, prompts: list[str], per_prompt: int, seed: int,
+                    call_kwargs: dict) -> torch.Tensor:
+    """The frozen pipeline's samples of `prompts` (`_generate_latents`), drawn once and kept in
+    ``out`` so a resumed run trains on exactly the same data. They are reused only when they
+    were drawn by the same model (its record), prompts, count, seed and sampling arguments;
+    otherwise they are drawn again (an ``out`` reused for another model or other prompts must
+    not train on stale images). Under ``accelerate launch`` the main process draws (or reads)
+    and writes them, and every process gets them."""
+    key = json.loads(json.dumps({"model": model_record(pipe), "prompts": list(prompts), "per_prompt": int(per_prompt),
+                                 "seed": int(seed), "call": _jsonable(call_kwargs)}))
+
     def load_or_make():
         if out is not None and _state.state_exists(out / name):
-            return _state.load_state(out / name)[0]["latents"]
-        latents = make()
+            tensors, meta = _state.load_state(out / name)
+            if meta.get("key") == key:
+                return tensors["latents"]
+        latents = _generate_latents(pipe, prompts, per_prompt, seed, call_kwargs)
         if out is not None:
-            _state.save_state(out / name, {"latents": latents}, {})
+            _state.save_state(out / name, {"latents": latents}, {"key": key})
         return latents
 
     return current_processes().share(load_or_make)
@@ -328,8 +338,7 @@ def personalize(
         if progress:
             shown = class_prompts[0] if len(class_prompts) == 1 else f"{len(class_prompts)} class prompts"
             progress(f"drawing {per_prompt * len(class_prompts)} class images for prior preservation: {shown!r}")
-        prior = _cached_latents(out, "class_latents", lambda: _generate_latents(
-            pipe, class_prompts, per_prompt, config.seed, kw)).to(instance)
+        prior = _cached_latents(out, "class_latents", pipe, class_prompts, per_prompt, config.seed, kw).to(instance)
         prior_rows = len(prompts) + torch.arange(len(class_prompts)).repeat_interleave(per_prompt)
     text = _encode(adapter, prompts + class_prompts, kw)
 

@@ -34,7 +34,6 @@ from .jobs import (
     _data_dtype,
     _encode,
     _finish,
-    _generate_latents,
     _identity,
     _native_size,
     _one_writer,
@@ -278,8 +277,8 @@ def _closed_form(pipe, adapter, kw, erasures, preserve, config, out, progress, d
         n_images = min(len(anchors), config.timesteps)
         if progress:
             progress(f"drawing {n_images} anchor image(s): joint blocks read text states that depend on the image")
-        x0 = _cached_latents(out, "anchor_latents", lambda: _generate_latents(
-            pipe, _spread(anchors, n_images), 1, config.seed, kw)).to(pipe.transformer.dtype)
+        x0 = _cached_latents(out, "anchor_latents", pipe, _spread(anchors, n_images), 1, config.seed,
+                             kw).to(pipe.transformer.dtype)
     else:
         x0 = _blank_latents(pipe, kw)
     probe = None
@@ -289,8 +288,8 @@ def _closed_form(pipe, adapter, kw, erasures, preserve, config, out, progress, d
         else:
             if progress:
                 progress(f"drawing {min(len(anchors), 16)} anchor image(s) to measure each K's edit")
-            probe = _cached_latents(out, "probe_latents", lambda: _generate_latents(
-                pipe, anchors[:16], 1, config.seed, kw)).to(pipe.transformer.dtype)
+            probe = _cached_latents(out, "probe_latents", pipe, anchors[:16], 1, config.seed,
+                                    kw).to(pipe.transformer.dtype)
     return closed_form_unlearn(pipe, adapter, erasures, preserve, kw, config, x0=x0, out=out, progress=progress,
                                details=details, auto_k=auto_k, probe_x0=probe, model=model)
 
@@ -309,8 +308,7 @@ def _train(pipe, adapter, kw, erasures, preserve, preserve_target, preserve_weig
     chosen = list(dict.fromkeys(b for b in adapter.block_names() for e in erasures if b in e.blocks))
     if progress:
         progress(f"drawing {images_per_prompt} anchor image(s) per prompt")
-    x0 = _cached_latents(out, "anchor_latents", lambda: _generate_latents(
-        pipe, anchors, images_per_prompt, config.seed, kw))
+    x0 = _cached_latents(out, "anchor_latents", pipe, anchors, images_per_prompt, config.seed, kw)
     x0 = x0.to(pipe.transformer.device, _data_dtype(pipe, config))  # [P*n, C, h, w]
     n = len(prompts)
     keep = None
@@ -318,8 +316,7 @@ def _train(pipe, adapter, kw, erasures, preserve, preserve_target, preserve_weig
         if progress:
             progress(f"drawing one image per preserved prompt ({len(preserve)}): their predictions stay the frozen "
                      "model's")
-        keep = _cached_latents(out, "preserve_latents", lambda: _generate_latents(
-            pipe, preserve, 1, config.seed + 1, kw)).to(x0)
+        keep = _cached_latents(out, "preserve_latents", pipe, preserve, 1, config.seed + 1, kw).to(x0)
     # text rows: [0, n) concept prompts, [n, 2n) anchors, [2n, 2n + len(preserve)) preserved prompts
     text = _encode(adapter, prompts + anchors + (list(preserve) if keep is not None else []), kw)
     data = {"concept": details["concept"], "anchor": details["anchor"], "concepts": details["concepts"],
