@@ -101,6 +101,10 @@ def test_sampled_as_trained_unless_the_caller_says(toy_flux):
     own = RunOptions(max_sequence_length=16, pipeline_kwargs={"true_cfg_scale": 1.0, "height": 64}).resolve(pipe)
     assert own.call_kwargs["max_sequence_length"] == 16 and own.call_kwargs["true_cfg_scale"] == 1.0
     assert own.call_kwargs["height"] == 64 and own.call_kwargs["width"] == 32
+    # ditloc's guidance (--guidance) is its true-CFG scale: guidance_scale would feed an embedding it lacks
+    cfg = RunOptions(guidance_scale=2.5).resolve(pipe)
+    assert cfg.call_kwargs["true_cfg_scale"] == 2.5 and "guidance_scale" not in cfg.call_kwargs
+    assert cfg.record()["guidance_scale"] is None and cfg.record()["pipeline_kwargs"]["true_cfg_scale"] == 2.5
     images = ditloc.generate(pipe, ["a zibbit on the beach", "a red star"], seed=0, num_inference_steps=2,
                              output_type="np")
     assert images.shape == (2, 32, 32, 3)

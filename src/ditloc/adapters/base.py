@@ -26,6 +26,12 @@ class Adapter(ABC):
     #: the family has a pooled text embedding that modulates every block (FLUX, SD3)
     has_pooled_text: ClassVar[bool] = False
 
+    @property
+    def uses_guidance_scale(self) -> bool:
+        """Whether the pipeline's `guidance_scale` changes its images (False: FLUX base models, whose
+        `guidance_scale` feeds a guidance embedding they lack; their CFG is `true_cfg_scale`)."""
+        return True
+
     #: family settings a user may pass as adapter options -> their valid values (None: the family's default)
     options: ClassVar[dict[str, tuple[str, ...]]] = {}
     #: transformer forward keyword arguments that carry the batch dimension (dicts are searched)

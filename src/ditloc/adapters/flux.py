@@ -34,6 +34,10 @@ class FluxAdapter(JointAttentionAdapter):
         "proj_mlp", "proj_out",
     )
 
+    @property
+    def uses_guidance_scale(self) -> bool:
+        return bool(self.transformer.config.guidance_embeds)  # else true CFG: `true_cfg_scale`, `negative_prompt`
+
     def blocks(self):
         t = self.transformer
         double = [(f"double.{i}", b, b.attn) for i, b in enumerate(t.transformer_blocks)]

@@ -40,7 +40,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--references", default=None, metavar="DIR",
                    help="style evaluator: a folder per concept of style reference images")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's; on FLUX base models without a guidance embedding, true_cfg_scale)")
     p.add_argument("--max-sequence-length", type=int, default=None)
     p.add_argument("--method", default="contribution", metavar="M,M,...",
                    help="localization method(s) whose top-K and bottom-K are withheld, compared in one run: "

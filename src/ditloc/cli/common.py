@@ -40,7 +40,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="diffusers pipeline directory, hub id, 'toy' or 'toy-flux'")
     p.add_argument("--concept", required=True, help="the concept's words as they appear in the prompt")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's; on FLUX base models without a guidance embedding, true_cfg_scale)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-sequence-length", type=int, default=None)
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1, mps (default: where the pipeline loads)")

@@ -24,7 +24,7 @@ from .common import (
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("personalize", help="teach a new subject (DreamBooth-style LoRA) in the localized blocks only")
-    p.add_argument("model", metavar="MODEL", help="diffusers pipeline directory, hub id, or 'toy'")
+    p.add_argument("model", metavar="MODEL", help="diffusers pipeline directory, hub id, 'toy' or 'toy-flux'")
     p.add_argument("--images", required=True, help="folder of RGB training images at the model's resolution")
     p.add_argument("--token", required=True, help="rare word to bind the subject to (e.g. sks)")
     p.add_argument("--class-word", required=True, help="the subject's class (e.g. dog)")
@@ -50,7 +50,7 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("unlearn", help="make the model forget concepts (concept ablation) in their localized blocks "
                                        "only")
-    p.add_argument("model", metavar="MODEL", help="diffusers pipeline directory, hub id, or 'toy'")
+    p.add_argument("model", metavar="MODEL", help="diffusers pipeline directory, hub id, 'toy' or 'toy-flux'")
     p.add_argument("--concept", action="append", default=None,
                    help="the words to forget, as they appear in the prompts (repeatable: one edit erases all)")
     p.add_argument("--anchor", action="append", default=None,
@@ -119,7 +119,7 @@ def _add_edit_args(p, *, method: dict) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--steps", type=int, default=None, help="sampling steps for localization/anchor images")
-    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's; FLUX base models: true_cfg_scale)")
     add_adapter_option(p)
     add_pipeline_args(p)
     p.add_argument("--seed", type=int, default=0)
