@@ -184,6 +184,22 @@ def test_candidates_restrict_the_search():
     assert all(set(s) <= set(cheap.ranking[:2]) for s, _ in loc.search.evaluated)
 
 
+def test_stop_drop_ends_the_search_at_the_first_set_that_removes_that_much():
+    pipe, run = _pipe("pixart")
+    evaluator = MeanChannel(channel=1)
+    full = ditloc.localize(pipe, PROMPTS, CONCEPT, method="search", search=SearchConfig(max_k=3), evaluator=evaluator,
+                           seed=[0, 1], **run)
+    rel = full.search.relative_curve
+    # a stop between the first and second sizes' drops: the search ends at the size that first reaches it
+    target = (rel[0] + rel[1]) / 2 if rel[1] > rel[0] else rel[0]
+    stopped = ditloc.localize(pipe, PROMPTS, CONCEPT, method="search", evaluator=evaluator, seed=[0, 1],
+                              search=SearchConfig(max_k=3, stop_drop=target), **run)
+    k = next(i for i, r in enumerate(rel, 1) if r >= target)
+    assert stopped.search.max_k == k and stopped.search.sets == full.search.sets[:k]
+    assert stopped.search.presence == pytest.approx(full.search.presence[:k])
+    assert stopped.search.cost["sets_evaluated"] < full.search.cost["sets_evaluated"] or k == 3
+
+
 @pytest.mark.parametrize("config, message", [
     (SearchConfig(max_k=0), "max_k must be a positive integer"),
     (SearchConfig(max_k=9), "max_k must be between 1 and 4"),
@@ -192,6 +208,8 @@ def test_candidates_restrict_the_search():
     (SearchConfig(direction="sideways"), "unknown search direction"),
     (SearchConfig(beam=0), "beam must be a positive integer"),
     (SearchConfig(candidate_method="oracle"), "unknown candidate method"),
+    (SearchConfig(stop_drop=1.5), "stop_drop must be in"),
+    (SearchConfig(stop_drop=0.5, direction="both"), "stop_drop stops a forward search"),
 ])
 def test_bad_search_settings_are_refused_before_work(config, message, monkeypatch):
     pipe, run = _pipe("pixart")

@@ -26,7 +26,7 @@ def cmd_demo(args) -> None:
 
     from ..toy.demo import DemoConfig, format_table, run_demo
 
-    cfg = DemoConfig.fast() if args.fast else DemoConfig()
+    cfg = DemoConfig.fast(args.model) if args.fast else DemoConfig.for_model(args.model)
     n_blocks = models.count_blocks(args.model)  # None while the model is missing: loading it says what to do
     if args.k is not None and n_blocks is not None and not 1 <= args.k <= n_blocks:
         fail(f"--k must be between 1 and {n_blocks} (the {args.model} model's blocks), got {args.k}")

@@ -44,7 +44,10 @@ class SearchConfig:
       candidates withheld) or "both" (the better set per K);
     - `candidates`: search only the M blocks ranked best by `candidate_method` (None: all);
     - `search_steps`: sampling steps of the search's generations (None: the run's own);
-    - `threshold`: `auto_k`'s relative drop.
+    - `threshold`: `auto_k`'s relative drop;
+    - `stop_drop`: stop growing the set once S_K removes this fraction of the baseline
+      presence (forward search only; None: every K up to `max_k`). The curve then ends at
+      that K: enough for a K chosen by a drop of at most `stop_drop`, at a fraction of the cost.
     """
 
     objective: str | None = None
@@ -55,6 +58,7 @@ class SearchConfig:
     candidate_method: str = "contribution"
     search_steps: int | None = None
     threshold: float = AUTO_K_DROP
+    stop_drop: float | None = None
 
     def check(self, n_blocks: int | None = None) -> None:
         """A one-line DitlocError for any bad field (before a model loads: `n_blocks` None
@@ -81,6 +85,12 @@ class SearchConfig:
             positive("search_steps", self.search_steps)
         if not 0 < self.threshold <= 1:
             raise DitlocError(f"the auto-K threshold must be in (0, 1], got {self.threshold}")
+        if self.stop_drop is not None:
+            if isinstance(self.stop_drop, bool) or not isinstance(self.stop_drop, (int, float)) \
+                    or not 0 < self.stop_drop <= 1:
+                raise DitlocError(f"stop_drop must be in (0, 1], got {self.stop_drop!r}")
+            if self.direction != "forward":
+                raise DitlocError("stop_drop stops a forward search; use direction 'forward' with it")
         if n_blocks is not None:
             if self.max_k > n_blocks:
                 raise DitlocError(f"max_k must be between 1 and {n_blocks} (the number of blocks), got {self.max_k}")
@@ -195,8 +205,15 @@ def search(pipe, prompts, concept: str, *, config: SearchConfig | None = None, e
             return runner.presence(sets, on_set).mean(axis=1).tolist()
 
         best: dict[int, tuple[tuple[str, ...], float]] = {}
+        stop = None
+        if config.stop_drop is not None:
+            base = mean([frozenset()])[0]
+
+            def stop(value: float) -> bool:
+                return base > 0 and (base - value) / base >= config.stop_drop
+
         if config.direction in ("forward", "both"):
-            _forward(candidates, config, mean, best, names)
+            _forward(candidates, config, mean, best, names, stop)
         if config.direction in ("backward", "both"):
             _backward(candidates, config, mean, best, names)
         baseline = mean([frozenset()])[0]
@@ -252,8 +269,9 @@ def _keep(best: dict, k: int, blocks: tuple[str, ...], value: float) -> None:
         best[k] = (blocks, value)
 
 
-def _forward(candidates: list[str], config: SearchConfig, mean, best: dict, names: list[str]) -> None:
-    """Greedy forward selection with a beam: each size adds one block to each kept set."""
+def _forward(candidates: list[str], config: SearchConfig, mean, best: dict, names: list[str], stop=None) -> None:
+    """Greedy forward selection with a beam: each size adds one block to each kept set;
+    `stop(presence)` True ends it at that size."""
     beam: list[tuple[str, ...]] = [()]
     for k in range(1, config.max_k + 1):
         grown: dict[frozenset, tuple[str, ...]] = {}
@@ -267,6 +285,8 @@ def _forward(candidates: list[str], config: SearchConfig, mean, best: dict, name
         order = sorted(range(len(sets)), key=lambda i: (values[i], sorted(names.index(b) for b in sets[i])))
         beam = [grown[sets[i]] for i in order[: config.beam]]
         _keep(best, k, beam[0], values[order[0]])
+        if stop is not None and stop(values[order[0]]):
+            break
 
 
 def _backward(candidates: list[str], config: SearchConfig, mean, best: dict, names: list[str]) -> None:

@@ -27,7 +27,7 @@ from .. import _progress
 from .._io import write_json
 from ..bench import ConceptPlan, generate_scored, random_blocks, slugify
 from ..evaluate.toy import ToyOracle
-from ..localize import SearchConfig, localize
+from ..localize import AUTO_K_DROP, SearchConfig, localize
 from ..options import RunOptions
 from ..report.figures import grid_figure, heatmap_figure, save_figure
 from . import world
@@ -61,9 +61,20 @@ class DemoConfig:
     candidates: int | None = 8  # the search's blocks: the 8 that read the concept most (contribution)
 
     @classmethod
-    def fast(cls) -> DemoConfig:
+    def fast(cls, model: str = "toy") -> DemoConfig:
         """For CI: the same loop, smaller."""
-        return cls(k=None, steps=4, n_localize=2, n_eval=2, seeds=(0,), n_random=1, max_k=2, candidates=None)
+        return cls(model=model, k=None, steps=4, n_localize=2, n_eval=2, seeds=(0,), n_random=1, max_k=2,
+                   candidates=None)
+
+    @classmethod
+    def for_model(cls, model: str = "toy") -> DemoConfig:
+        """The demo's settings for a toy model, each within 5 minutes on 2 CPU cores. toy-flux costs about
+        twice the toy PixArt per image (true CFG runs the negative prompt as a second transformer call; FLUX's
+        MLPs and RoPE): its search runs on 4 prompts over 6 candidate blocks, and 2 random sets are the control
+        (toy-flux with the toy's settings: 7.9 min from a fresh clone)."""
+        if model == "toy-flux":
+            return cls(model=model, n_localize=4, candidates=6, n_random=2)
+        return cls(model=model)
 
 
 def _pin(category: str, concept: str) -> dict:
@@ -121,8 +132,10 @@ def run_demo(out_dir="runs/demo", config: DemoConfig | None = None, *, pipe=None
     # condition (original, top-K, each random set)
     # pruning to the 8 blocks that read the concept most keeps the demo within 5 minutes on 2 CPU cores; on the
     # toy ground truth it kept both blocks of every concept's best pair (15 of 15, docs/recipes.md)
+    # K from the curve (the smallest K whose set halves presence): the search stops at that K
     search = SearchConfig(objective="evaluator", max_k=cfg.max_k, candidates=cfg.candidates,
-                          candidate_method="contribution", search_steps=cfg.search_steps or max(2, cfg.steps // 2))
+                          candidate_method="contribution", search_steps=cfg.search_steps or max(2, cfg.steps // 2),
+                          stop_drop=AUTO_K_DROP if cfg.k is None else None)
     with _progress.bar(desc="demo", unit="set") as bar:
         for n, (category, (concept, label)) in enumerate(DEMO_CONCEPTS.items(), 1):
             c = _concept(rng, category, concept, label, cfg)
