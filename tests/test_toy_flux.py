@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -250,3 +251,82 @@ def test_ground_truth_on_toy_flux_measures_the_pooled_vector_and_streams(toy_flu
         assert again.conditions_run == 0 and first.conditions_run > 0
     finally:
         torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------
+# The shipped toy-flux (src/ditloc/toy/model_flux): the exact invariants of random FLUX weights hold on
+# learned ones (tests/test_joint.py proves them on tiny random pipelines)
+# --------------------------------------------------------------------------
+
+SHIPPED_PROMPTS = ["a red star on the beach", "a red striped circle in the forest"]
+SHIPPED_CLEAN = ["a star on the beach", "a striped circle in the forest"]
+SHIPPED_RUN = dict(num_inference_steps=2)
+
+
+@pytest.fixture(scope="module")
+def shipped_flux():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(ditloc.toy.FLUX_DIR_ENV, raising=False)
+        pipe = ditloc.toy.load_pipeline("toy-flux")
+    assert pipe.name_or_path and Path(pipe.name_or_path).resolve() == ditloc.toy.FLUX_MODEL_DIR.resolve()
+    pipe.set_progress_bar_config(disable=True)
+    yield pipe
+    torch.set_num_threads(n)
+
+
+def _plain(pipe, prompts):
+    kw = RunOptions(**SHIPPED_RUN).resolve(pipe).call_kwargs
+    return pipe(prompts, generator=[torch.Generator().manual_seed(0) for _ in prompts], output_type="np",
+                **kw).images
+
+
+def test_shipped_toy_flux_interventions_are_exact(shipped_flux):
+    pipe = shipped_flux
+    plain, clean = _plain(pipe, SHIPPED_PROMPTS), _plain(pipe, SHIPPED_CLEAN)
+    assert np.abs(plain - clean).max() > 0.05  # the learned model draws "red": the comparisons below can fail
+    gen = dict(concept="red", output_type="np", seed=0, **SHIPPED_RUN)
+    assert np.array_equal(ditloc.generate(pipe, SHIPPED_PROMPTS, withhold=[], **gen), plain)
+    assert np.array_equal(ditloc.generate(pipe, SHIPPED_PROMPTS, inject="all", **gen), plain)
+    assert np.array_equal(ditloc.generate(pipe, SHIPPED_PROMPTS, withhold="all", **gen), clean)
+    assert np.array_equal(ditloc.generate(pipe, SHIPPED_PROMPTS, inject=[], **gen), clean)
+    # text tokens withheld everywhere but the pooled vector full: neither the plain nor the clean image
+    text_only = ditloc.generate(pipe, SHIPPED_PROMPTS, withhold="all", pooled="full", **gen)
+    assert not np.array_equal(text_only, clean) and not np.array_equal(text_only, plain)
+
+
+def test_shipped_toy_flux_contributions_match_naive_joint_maps(shipped_flux, monkeypatch):
+    from test_contribution import naive
+    from test_joint import _record_sdpa
+
+    from ditloc.adapters import get_adapter
+
+    pipe = shipped_flux
+    loc = ditloc.localize(pipe, SHIPPED_PROMPTS, "red", variant="attn_value_out", **SHIPPED_RUN)
+    adapter = get_adapter(pipe)
+    hooks = dict(pipe.transformer._forward_pre_hooks), dict(pipe.transformer._forward_hooks)
+    calls = _record_sdpa(monkeypatch, pipe.transformer)
+    try:
+        _plain(pipe, SHIPPED_PROMPTS)
+    finally:
+        monkeypatch.undo()
+        pipe.transformer._forward_pre_hooks.clear()
+        pipe.transformer._forward_pre_hooks.update(hooks[0])
+        pipe.transformer._forward_hooks.clear()
+        pipe.transformer._forward_hooks.update(hooks[1])
+    names = adapter.block_names()
+    per_call = 2 * len(names)  # true CFG: the conditional call, then the negative prompt's
+    assert len(calls) == per_call * SHIPPED_RUN["num_inference_steps"]
+    n_img = 64  # 32 px -> 16 x 16 latents -> 8 x 8 packed tokens
+    for step in range(SHIPPED_RUN["num_inference_steps"]):
+        for b, block in enumerate(names):
+            q, k, v = calls[step * per_call + b]
+            total = k.shape[2]
+            assert total == 32 + n_img  # text first (max_sequence_length 32), then the image
+            weight, bias = adapter.out_projection(block)()
+            positions = [list(s.positions) for s in loc.spans]
+            t, h = naive(q[:, :, total - n_img:], k, v, positions, None, weight.detach(), None, "attn_value_out")
+            torch.testing.assert_close(loc.per_sample_step[b, step].double(), t, rtol=1e-5, atol=1e-12)
+            torch.testing.assert_close(loc.per_head_step[b, step].double(), h, rtol=1e-5, atol=1e-12)
+    assert loc.scores.abs().max() > 0
