@@ -59,7 +59,9 @@ def test_demo_fast_end_to_end(tmp_path, capsys, monkeypatch):
     assert set(summary["categories"]) == {"shape", "color", "style", "place", "character", "hazard"}
     for category, e in summary["categories"].items():
         assert e["k_from_curve"] and e["k"] == (e["auto_k"] or 2)  # K from the curve, else the largest set
-        assert e["top_k_blocks"] == e["search_sets"][e["k"] - 1] and len(e["curve"]) == 2
+        assert e["top_k_blocks"] == e["search_sets"][e["k"] - 1]
+        # the search stops at the K whose set halves presence (SearchConfig.stop_drop); else it runs to max_k
+        assert len(e["curve"]) == e["k"] and (e["curve"][-1] >= 0.5) == (e["auto_k"] is not None)
         assert all(b in summary["blocks"] for b in e["top_k_blocks"]) and len(e["random_k_blocks"][0]) == e["k"]
         loc = json.loads((tmp_path / "demo" / category / "localization.json").read_text())
         assert loc["settings"]["method"] == "search" and loc["search"]["sets"] == e["search_sets"]
