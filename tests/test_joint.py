@@ -124,6 +124,21 @@ def _record_sdpa(monkeypatch, transformer):
     return calls
 
 
+def sdpa_calls_of(monkeypatch, transformer, run) -> list:
+    """q/k/v of every SDPA call the transformer makes during `run()`; its hooks and SDPA restored after."""
+    hooks = dict(transformer._forward_pre_hooks), dict(transformer._forward_hooks)
+    calls = _record_sdpa(monkeypatch, transformer)
+    try:
+        run()
+    finally:
+        monkeypatch.undo()
+        transformer._forward_pre_hooks.clear()
+        transformer._forward_pre_hooks.update(hooks[0])
+        transformer._forward_hooks.clear()
+        transformer._forward_hooks.update(hooks[1])
+    return calls
+
+
 NAIVE_CASES = [(c, v, b) for c in ("flux", "sd3") for v in ("attn", "attn_value", "attn_value_out") for b in (False, True)]
 NAIVE_CASES.append(("flux_cfg", "attn_value_out", False))  # true CFG: the cond call of each step is measured
 
@@ -137,16 +152,7 @@ def test_streaming_matches_naive_joint_maps(request, case_name, variant, out_bia
     prompts = PROMPTS
     loc = ditloc.localize(pipe, prompts, "van gogh", variant=variant, out_bias=out_bias, **run)
     adapter = get_adapter(pipe)
-    hooks = dict(pipe.transformer._forward_pre_hooks), dict(pipe.transformer._forward_hooks)
-    calls = _record_sdpa(monkeypatch, pipe.transformer)
-    try:
-        plain(pipe, prompts, run)
-    finally:
-        monkeypatch.undo()
-        pipe.transformer._forward_pre_hooks.clear()
-        pipe.transformer._forward_pre_hooks.update(hooks[0])
-        pipe.transformer._forward_hooks.clear()
-        pipe.transformer._forward_hooks.update(hooks[1])
+    calls = sdpa_calls_of(monkeypatch, pipe.transformer, lambda: plain(pipe, prompts, run))
     calls = [c for c in calls if c[1].shape[2] > 64]  # joint attentions (SD3.5's attn2 is image-only)
     names = adapter.block_names()
     n = len(prompts)

@@ -298,23 +298,14 @@ def test_shipped_toy_flux_interventions_are_exact(shipped_flux):
 
 def test_shipped_toy_flux_contributions_match_naive_joint_maps(shipped_flux, monkeypatch):
     from test_contribution import naive
-    from test_joint import _record_sdpa
+    from test_joint import sdpa_calls_of
 
     from ditloc.adapters import get_adapter
 
     pipe = shipped_flux
     loc = ditloc.localize(pipe, SHIPPED_PROMPTS, "red", variant="attn_value_out", **SHIPPED_RUN)
     adapter = get_adapter(pipe)
-    hooks = dict(pipe.transformer._forward_pre_hooks), dict(pipe.transformer._forward_hooks)
-    calls = _record_sdpa(monkeypatch, pipe.transformer)
-    try:
-        _plain(pipe, SHIPPED_PROMPTS)
-    finally:
-        monkeypatch.undo()
-        pipe.transformer._forward_pre_hooks.clear()
-        pipe.transformer._forward_pre_hooks.update(hooks[0])
-        pipe.transformer._forward_hooks.clear()
-        pipe.transformer._forward_hooks.update(hooks[1])
+    calls = sdpa_calls_of(monkeypatch, pipe.transformer, lambda: _plain(pipe, SHIPPED_PROMPTS))
     names = adapter.block_names()
     per_call = 2 * len(names)  # true CFG: the conditional call, then the negative prompt's
     assert len(calls) == per_call * SHIPPED_RUN["num_inference_steps"]
