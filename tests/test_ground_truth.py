@@ -289,6 +289,8 @@ def test_second_writer_refused(tiny_run, toy_pipe):
     (["--methods", ""], "methods must be distinct"),
     (["--steps", "0", "--methods", "contribution"], "steps must be at least 1"),
     (["--n-images", "-1", "--methods", "contribution"], "n-images must be at least 1"),
+    (["--screen", "0", "--methods", "contribution"], "screen must be between 1 and n-images - 1 (31)"),
+    (["--screen", "32", "--methods", "contribution"], "screen must be between 1 and n-images - 1 (31)"),
 ])
 def test_cli_bad_input(tmp_path, monkeypatch, extra, message):
     import ditloc.cli.models
@@ -330,3 +332,95 @@ def test_report_of_a_ground_truth_directory(tiny_run, tmp_path):
     assert (out / "report" / "drops.png").is_file()
     assert "Per method" in page and "triangle" in page and "hit@1" in page
     assert page.count("<table>") == 3
+
+
+# --------------------------------------------------------------------------
+# Screening: pairs and greedy sets raced on a few images first
+# --------------------------------------------------------------------------
+
+
+def test_screen_images_and_margin():
+    idx = gt.screen_indices(32, 8)
+    assert idx == sorted(set(idx)) and len(idx) == 8 and 0 <= idx[0] and idx[-1] < 32
+    assert gt.screen_indices(32, 8) == idx and gt.screen_indices(32, 9) != idx  # fixed, one draw per size
+    # Hoeffding: exp(-2 n m^2) = delta
+    m = gt.screen_margin(8)
+    assert np.exp(-2 * 8 * m * m) == pytest.approx(gt.SCREEN_DELTA)
+    assert gt.screen_margin(32) == pytest.approx(m / 2)
+
+
+class _FakeConcept:
+    category, concept = "shape", "triangle"
+
+
+def _fake_run(tmp_path, table: dict, screen, n=16):
+    """A run whose generations are read from `table` (condition -> per-image scores), recording
+    which images each call asked for."""
+    run = gt_run._Run(None, tmp_path, GroundTruthSettings(n_images=n, screen=screen, methods=("contribution",)),
+                      None, list(BLOCKS), lambda m: None, 1)
+    calls = []
+
+    def generate(c, condition, pooled=None, indices=None):
+        calls.append((condition, None if indices is None else tuple(indices)))
+        v = table[condition]
+        return list(v) if indices is None else [v[i] for i in indices]
+
+    run._generate = generate
+    return run, calls
+
+
+def _pair_table(n=16):
+    rng = np.random.default_rng(1)
+    pairs = [frozenset(p) for p in itertools.combinations(BLOCKS, 2)]
+    table = {p: list(rng.uniform(0.9, 1.0, n).round(6)) for p in pairs}  # most pairs remove nothing
+    table[frozenset({"b1", "b3"})] = [0.0] * (n // 2) + [0.2] * (n // 2)  # the pair that erases (mean 0.1)
+    table[frozenset({"b0", "b4"})] = [0.5] * n  # within the margin of 0.1 at a screen of 4: completed, not best
+    return pairs, table
+
+
+def test_race_completes_only_what_can_be_best(tmp_path):
+    pairs, table = _pair_table()
+    run, calls = _fake_run(tmp_path, table, screen=4)
+    presence = run.race(_FakeConcept, pairs, "pairs")
+    screen = tuple(gt.screen_indices(16, 4))
+    assert [c for c in calls if c[1] == screen] == [(p, screen) for p in pairs]  # every pair screened once
+    completed = {c for c, idx in calls if idx != screen}
+    assert completed == {frozenset({"b1", "b3"}), frozenset({"b0", "b4"})}
+    assert min(presence, key=presence.get) == frozenset({"b1", "b3"}) and presence[frozenset({"b1", "b3"})] == 0.1
+    for c, idx in calls:
+        if idx != screen:  # a completion measures only the images its screen did not
+            assert set(idx) == set(range(16)) - set(screen)
+    # the store holds the screen and the completion; read back, every completed pair has all its images
+    screened = {}
+    stored = gt.read_conditions(tmp_path, screened)[("shape", "triangle")]
+    assert all(stored[p] == table[p] for p in completed)
+    assert {s for _, s in screened} == set(pairs) - completed
+    assert all(stored[p] == [table[p][i] for i in screen] for p in set(pairs) - completed)
+    # a later step that needs a screened pair on all its images completes it, from the store after a restart
+    run2, calls2 = _fake_run(tmp_path, table, screen=4)
+    p = frozenset({"b0", "b1"})
+    run2.measure(_FakeConcept, [p], "a method's top pair")
+    assert calls2 == [(p, tuple(sorted(set(range(16)) - set(screen))))]
+    assert gt.read_conditions(tmp_path)[("shape", "triangle")][p] == table[p]
+    # without a screen the same step measures every pair on all its images; the best is the same
+    run3, calls3 = _fake_run(tmp_path / "plain", table, screen=None)
+    plain = run3.race(_FakeConcept, pairs, "pairs")
+    assert len(calls3) == len(pairs) and all(idx is None for _, idx in calls3)
+    assert min(plain, key=plain.get) == frozenset({"b1", "b3"})
+
+
+def test_screened_images_score_as_the_full_measurement(toy_pipe, tmp_path):
+    """On the toy model: a condition's images measured in parts (a screen, then the rest)
+    score as they do measured at once."""
+    settings = GroundTruthSettings(**{**TINY, "n_images": 5, "screen": 2})
+    (c,) = gt.plan_ground_truth(settings)
+    from ditloc.evaluate import get_evaluator
+
+    run = gt_run._Run(toy_pipe, tmp_path, settings, get_evaluator("toy"), list(TINY["blocks"]), lambda m: None, 1)
+    cond = frozenset({"block.1", "block.2"})
+    full = run._generate(c, cond)
+    idx = gt.screen_indices(5, 2)
+    part = run._generate(c, cond, indices=idx)
+    rest = [i for i in range(5) if i not in idx]
+    assert part == pytest.approx([full[i] for i in idx], abs=1e-5)
+    assert run._generate(c, cond, indices=rest) == pytest.approx([full[i] for i in rest], abs=1e-5)

@@ -67,6 +67,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--n-images", type=int, default=32, help="held-out images per condition (default 32)")
     p.add_argument("--batch-size", type=int, default=64, help="images per pipeline call (default 64)")
+    p.add_argument("--screen", type=int, default=None, metavar="N",
+                   help="measure pairs and greedy sets on N of their images first and complete only those that can "
+                        "be their step's best (default: every one on all images)")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the pipeline loads)")
     p.add_argument("--report-only", action="store_true",
                    help="only recompute summary.json and summary.md from the directory (no model)")
@@ -154,7 +157,8 @@ def cmd_ground_truth(args) -> None:
     else:
         settings = GroundTruthSettings(
             model=args.model, categories=_names(args.categories), concepts=_names(args.concepts),
-            methods=_names(args.methods), steps=args.steps, n_images=args.n_images, batch_size=args.batch_size)
+            methods=_names(args.methods), steps=args.steps, n_images=args.n_images, batch_size=args.batch_size,
+            screen=args.screen)
         plan_ground_truth(settings)  # names and methods, before the model loads
         check_ground_truth_dir(args.out, settings)
         pipe = models.load_pipeline(args.model, device=args.device)

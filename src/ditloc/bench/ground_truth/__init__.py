@@ -18,7 +18,17 @@ method and score its ranking against that search:
 A *condition* is the set of blocks withheld (the empty set: the baseline). Each
 (concept, condition) is generated once and appended, with every image's score,
 to ``conditions.jsonl``; a rerun of the same command reads it and computes only
-what is missing. The run directory:
+what is missing.
+
+Screening (`GroundTruthSettings.screen`, `--screen N`): the pairs and each greedy step's
+sets are first measured on a fixed draw of N of their images; lowest mean first, they are
+completed to all images until the next one's screened mean lies `screen_margin(N)` above the
+best completed presence (Hoeffding, sampling without replacement: a set stopped there is
+below that best with probability <= SCREEN_DELTA). A pair that erases is completed; the many
+that remove nothing stop at N images. A screened condition's line carries "screen" (its image
+indices); its completion is a later line with every image, which wins on reading.
+
+The run directory:
 
     ground_truth.json                            settings, model record, concepts (prompts, samples), methods
     conditions.jsonl                             one line per (concept, condition): blocks, per-image scores
@@ -52,6 +62,7 @@ from .settings import (
                       LOCALIZATIONS_FILE,
                       MAX_K,
                       METHODS,
+                      SCREEN_DELTA,
                       SETTINGS_FILE,
                       STORE_FILE,
                       SUMMARY_JSON,
@@ -61,15 +72,17 @@ from .settings import (
                       localization_file,
                       plan_ground_truth,
                       samples,
+                      screen_indices,
+                      screen_margin,
 )
 from .store import read_conditions, read_localizations
 from .summary import summarize_ground_truth, summary_markdown, summary_tables
 
 __all__ = [
-    "FORMAT", "HALF", "LOCALIZATIONS_FILE", "MAX_K", "METHODS", "SETTINGS_FILE", "STORE_FILE", "SUMMARY_JSON",
+    "FORMAT", "HALF", "LOCALIZATIONS_FILE", "MAX_K", "METHODS", "SCREEN_DELTA", "SETTINGS_FILE", "STORE_FILE", "SUMMARY_JSON",
     "SUMMARY_MD", "GroundTruthResult", "GroundTruthSettings", "MethodMetrics", "OracleResult", "auto_k",
     "check_ground_truth_dir", "expected_conditions", "greedy_sets", "joint", "localization_file", "method_conditions",
     "method_metrics", "oracle_result", "plan_ground_truth", "ranking", "read_conditions", "read_localizations",
-    "run_ground_truth", "samples", "spearman", "summarize_ground_truth", "summarize_methods", "summary_markdown",
+    "run_ground_truth", "samples", "screen_indices", "screen_margin", "spearman", "summarize_ground_truth", "summarize_methods", "summary_markdown",
     "summary_tables",
 ]

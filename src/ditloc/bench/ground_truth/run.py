@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ from .settings import (
     check_ground_truth_dir,
     localization_file,
     plan_ground_truth,
+    samples,
+    screen_indices,
+    screen_margin,
     search_prompt_indices,
 )
 from .store import (
@@ -89,7 +93,8 @@ class _Run:
         self.pipe, self.out, self.settings, self.evaluator, self.blocks, self.say = (
             pipe, out, settings, evaluator, blocks, say)
         self.store = ResultStore(out / STORE_FILE)
-        self.cache = read_conditions(out)
+        self.screened: dict = {}  # ((category, concept), condition) -> image indices, for conditions at their screen
+        self.cache = read_conditions(out, self.screened)
         self.loc_store = ResultStore(out / LOCALIZATIONS_FILE)
         self.locs = read_localizations(out)
         # joint attention (a pooled text vector): the pooled-vector and stream conditions, joint.py
@@ -149,20 +154,35 @@ class _Run:
                  f"{loc.search.cost['generations']} generations)")
         return loc
 
-    def measure(self, c: ConceptPlan, conditions: list[frozenset], label: str) -> dict[frozenset, float]:
-        """Generate and score every condition not in the cache; the concept's presences."""
+    def measure(self, c: ConceptPlan, conditions: list[frozenset], label: str, *,
+                screen: bool = False) -> dict[frozenset, float]:
+        """Generate and score every condition not in the cache (completing one stopped at its
+        screen); `screen`: only the screen's images of those not measured yet. The concept's presences."""
         key = (c.category, c.concept)
         cached = self.cache.setdefault(key, {})
-        todo = list(dict.fromkeys(s for s in conditions if s not in cached))
+        todo = list(dict.fromkeys(s for s in conditions if s not in cached or (
+            not screen and (key, s) in self.screened)))
         fresh = {(key, s) for s in conditions} - self.counted  # each condition is counted once
         self.reused += sum(1 for _, s in fresh if s in cached)
         self.seen += len(fresh)
         self.counted |= fresh
         t_batch = time.time()
+        n = self.settings.n_images
         for s in todo:
-            scores = self._generate(c, s)
-            self.store.append({"category": c.category, "concept": c.concept, "blocks": _in_order(s, self.blocks),
-                               "presence": float(np.mean(scores)), "scores": scores})
+            record = {"category": c.category, "concept": c.concept, "blocks": _in_order(s, self.blocks)}
+            if screen:
+                indices = screen_indices(n, self.settings.screen)
+                scores = self._generate(c, s, indices=indices)
+                record["screen"] = indices
+                self.screened[key, s] = indices
+            elif (key, s) in self.screened:  # complete it: the images its screen did not measure
+                have = dict(zip(self.screened.pop((key, s)), cached[s]))
+                rest = [i for i in range(n) if i not in have]
+                have.update(zip(rest, self._generate(c, s, indices=rest)))
+                scores = [have[i] for i in range(n)]
+            else:
+                scores = self._generate(c, s)
+            self.store.append(record | {"presence": float(np.mean(scores)), "scores": scores})
             cached[s] = scores
             self.ran += 1
         if todo:
@@ -172,6 +192,24 @@ class _Run:
             self.say(f"ground-truth {c.category}/{c.concept}: {label}, {len(todo)} condition(s) in "
                      f"{time.time() - t_batch:.1f}s ({self.ran} run, {self.reused} reused; "
                      f"{_fmt_seconds(elapsed)} elapsed, ETA ~{_fmt_seconds(remaining)})")
+        return _presences(cached)
+
+    def race(self, c: ConceptPlan, conditions: list[frozenset], label: str) -> dict[frozenset, float]:
+        """Measure `conditions`, of which only the lowest presence matters (a search step):
+        with a screen, every one on the screen's images, then, lowest screened mean first,
+        on all images until the next screened mean lies `screen_margin` above the best
+        completed presence (those left keep their screened mean)."""
+        if self.settings.screen is None:
+            return self.measure(c, conditions, label)
+        key = (c.category, c.concept)
+        self.measure(c, conditions, f"{label}, screened on {self.settings.screen} images", screen=True)
+        cached, margin, best = self.cache[key], screen_margin(self.settings.screen), math.inf
+        for s in sorted(dict.fromkeys(conditions), key=lambda s: float(np.mean(cached[s]))):  # stable: ties in order
+            if (key, s) in self.screened:
+                if float(np.mean(cached[s])) - margin > best:
+                    break
+                self.measure(c, [s], f"{label}, completed")
+            best = min(best, float(np.mean(cached[s])))
         return _presences(cached)
 
     def measure_joint(self, c: ConceptPlan, conditions: list[JointCondition]) -> None:
@@ -197,39 +235,53 @@ class _Run:
             self.say(f"ground-truth {c.category}/{c.concept}: pooled vector and streams, {len(todo)} condition(s) in "
                      f"{time.time() - t_batch:.1f}s ({_fmt_seconds(time.time() - self.t0)} elapsed)")
 
-    def _generate(self, c: ConceptPlan, condition: frozenset, pooled: str | None = None) -> list[float]:
+    def _generate(self, c: ConceptPlan, condition: frozenset, pooled: str | None = None,
+                  indices: list[int] | None = None) -> list[float]:
+        """The condition's scores of its images (`samples` order), or of those at `indices` only."""
         s = self.settings
         # withheld nowhere: the plain generation, unless the pooled vector alone is swapped
         blocks = _in_order(condition, self.blocks) or (None if pooled is None else [])
         generation = {} if pooled is None else {"pooled": pooled}
-        full, rest = divmod(s.n_images, len(c.evaluation_prompts))
-        groups = []  # the calls that make `samples(...)`, in its order
-        if full:
-            groups.append((c, list(range(full))))
-        if rest:
-            groups.append((dataclasses.replace(c, evaluation_prompts=c.evaluation_prompts[:rest],
-                                               clean_prompts=c.clean_prompts[:rest]), [full]))
+        if indices is None:
+            full, rest = divmod(s.n_images, len(c.evaluation_prompts))
+            groups = []  # the calls that make `samples(...)`, in its order
+            if full:
+                groups.append((c, list(range(full))))
+            if rest:
+                groups.append((dataclasses.replace(c, evaluation_prompts=c.evaluation_prompts[:rest],
+                                                   clean_prompts=c.clean_prompts[:rest]), [full]))
+        else:  # one call per seed, over that seed's prompts (each image's noise is its own seed's)
+            wanted = [samples(len(c.evaluation_prompts), s.n_images)[i] for i in indices]
+            groups = []
+            for seed in sorted({seed for _, seed in wanted}):
+                prompts = [p for p, x in wanted if x == seed]
+                groups.append((dataclasses.replace(c, evaluation_prompts=tuple(c.evaluation_prompts[p] for p in prompts),
+                                                   clean_prompts=tuple(c.clean_prompts[p] for p in prompts)), [seed]))
         scores: list[float] = []
         for plan, seeds in groups:
             _, values = generate_scored(self.pipe, plan, blocks, self.evaluator, seeds=seeds,
                                         batch_size=s.batch_size, options=s.run_options, **generation)
             scores += [round(float(v), 6) for v in values]
+        if indices is not None:  # back from seed-major to the order asked for
+            order = sorted(range(len(wanted)), key=lambda i: (wanted[i][1], i))
+            back = dict(zip(order, scores))
+            scores = [back[i] for i in range(len(wanted))]
         return scores
 
     def concept(self, c: ConceptPlan) -> None:
         blocks, methods = self.blocks, self.settings.methods
         locs = {m: self.localization(c, m) for m in methods}
         presence = self.measure(c, [frozenset()] + [frozenset({b}) for b in blocks], "baseline and single blocks")
-        presence = self.measure(c, [frozenset(p) for p in itertools.combinations(blocks, 2)], "pairs")
+        presence = self.race(c, [frozenset(p) for p in itertools.combinations(blocks, 2)], "pairs")
         for k in range(3, min(MAX_K, len(blocks)) + 1):
             last = greedy_sets(presence, blocks, k - 1)[-1]
-            presence = self.measure(c, [last | {b} for b in blocks if b not in last], f"greedy K={k}")
+            presence = self.race(c, [last | {b} for b in blocks if b not in last], f"greedy K={k}")
         for m, loc in locs.items():
             if "sets" in loc:  # a set-level search: its own sets
                 self.measure(c, [frozenset(x) for x in loc["sets"]], f"{m}'s sets")
                 continue
             scores = _scores_of(loc, blocks, f"{c.category}/{c.concept} ({m})")
-            self.measure(c, method_conditions(blocks, scores)[2:], f"{m}'s top sets")
+            self.measure(c, method_conditions(blocks, scores)[1:], f"{m}'s top sets")
         if self.joint:
             oracle = oracle_result(_presences(self.cache[(c.category, c.concept)]), blocks)
             self.measure_joint(c, joint_conditions(blocks, oracle))

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from ...errors import DitlocError
 from ..plan import BenchSettings, ConceptPlan, plan_bench, slugify
@@ -30,6 +33,10 @@ HALF = 0.5  # the oracle's minimal K: presence below HALF x baseline
 AUTO_K_FRACTION = 0.5  # a method's automatic K: `minimal_k(AUTO_K_FRACTION)`
 STRONG_DROP = 0.3  # hit@1 is summarized over concepts whose best single block drops presence this much
 TIE = 1e-9  # drops this close count as equal
+#: screening (`GroundTruthSettings.screen`): a condition stopped at its screen is one whose full-count presence
+#: is below the best completed one with probability at most SCREEN_DELTA (Hoeffding, sampling without replacement)
+SCREEN_DELTA = 0.02
+SCREEN_SEED = 0  # the screen's images: one fixed uniform draw of the condition's images
 
 
 # --------------------------------------------------------------------------
@@ -47,6 +54,14 @@ class GroundTruthSettings:
     (15 per concept) x seeds 0, 1, ... until there are `n_images` (see `samples`).
     `blocks` restricts the search to those blocks (None: every block of the model);
     meant for quick checks, since the search costs 1 + n + n(n-1)/2 + ... conditions.
+
+    `screen`: measure the pairs and the greedy steps' sets on `screen` of their images first
+    and complete to `n_images` only those that can still be the step's best (`screen_margin`);
+    None measures every one on all its images. The best pair and every greedy set are always
+    measured on all images, so the oracle's sets and drops are those of the full search unless
+    a condition is stopped wrongly (at most SCREEN_DELTA each). A setting of the run, not of
+    the numbers: a rerun may change it, and a condition stopped at its screen is completed
+    whenever a later step needs all its images.
     """
 
     model: str = "toy"
@@ -61,6 +76,7 @@ class GroundTruthSettings:
     batch_size: int = 64
     localize_batch_size: int = 8
     blocks: tuple[str, ...] | None = None
+    screen: int | None = None
 
     def __post_init__(self):
         for name in ("categories", "concepts", "methods"):
@@ -77,6 +93,8 @@ class GroundTruthSettings:
         for name in ("steps", "n_images", "batch_size", "localize_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise DitlocError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.screen is not None and not 1 <= int(self.screen) < int(self.n_images):
+            raise DitlocError(f"screen must be between 1 and n-images - 1 ({int(self.n_images) - 1}), got {self.screen}")
 
     def record(self) -> dict:
         """The settings that decide the numbers (ground_truth.json's "settings")."""
@@ -107,6 +125,21 @@ def samples(n_prompts: int, n_images: int) -> list[tuple[int, int]]:
     n_images = F * n_prompts + R. Fewer images than prompts: the first n_images prompts, seed 0."""
     full, rest = divmod(n_images, n_prompts)
     return [(p, s) for p in range(n_prompts) for s in range(full)] + [(p, full) for p in range(rest)]
+
+
+def screen_indices(n_images: int, screen: int) -> list[int]:
+    """Which of a condition's `n_images` images (indices into `samples`' order) its screen
+    measures: one fixed uniform draw of `screen` of them, in sample order."""
+    rng = np.random.default_rng(SCREEN_SEED)
+    return sorted(int(i) for i in rng.choice(int(n_images), size=int(screen), replace=False))
+
+
+def screen_margin(screen: int, delta: float = SCREEN_DELTA) -> float:
+    """How far above the best completed presence a screened mean must lie to stop there:
+    the mean of `screen` of the n images (drawn without replacement, scores in [0, 1])
+    exceeds the mean of all n by this much with probability at most `delta` (Hoeffding 1963,
+    Theorem 4)."""
+    return math.sqrt(math.log(1.0 / delta) / (2.0 * int(screen)))
 
 
 def plan_ground_truth(settings: GroundTruthSettings, probes=None) -> tuple[ConceptPlan, ...]:

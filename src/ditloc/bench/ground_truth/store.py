@@ -19,14 +19,27 @@ from .settings import AUTO_K_FRACTION, LOCALIZATIONS_FILE, STORE_FILE, localizat
 # --------------------------------------------------------------------------
 
 
-def read_conditions(out) -> dict[tuple[str, str], dict[frozenset, list[float]]]:
-    """Every measured condition in the run directory: (category, concept) -> condition -> per-image scores."""
+def read_conditions(out, screened: dict | None = None) -> dict[tuple[str, str], dict[frozenset, list[float]]]:
+    """Every measured condition in the run directory: (category, concept) -> condition -> per-image scores
+    (of all its images where a screened condition was completed later). `screened`, if given, is filled
+    with ((category, concept), condition) -> the image indices of each condition stopped at its screen."""
     path = Path(out) / STORE_FILE
     found: dict[tuple[str, str], dict[frozenset, list[float]]] = {}
     for n, record in enumerate(ResultStore.read(path), 1):
         try:
             key, blocks, scores = (record["category"], record["concept"]), record["blocks"], record["scores"]
-            found.setdefault(key, {}).setdefault(frozenset(blocks), [float(s) for s in scores])
+            cond, scores = frozenset(blocks), [float(s) for s in scores]
+            have = found.setdefault(key, {})
+            if cond in have and len(have[cond]) >= len(scores):
+                continue
+            have[cond] = scores
+            if screened is not None:
+                if "screen" in record:
+                    if len(record["screen"]) != len(scores):
+                        raise ValueError
+                    screened[key, cond] = [int(i) for i in record["screen"]]
+                else:
+                    screened.pop((key, cond), None)
         except (KeyError, TypeError, ValueError):
             raise DitlocError(f"{path}:{n}: not a condition record; move the store away and rerun the same "
                               "command to recompute") from None

@@ -16,6 +16,7 @@ from .settings import (
     HALF,
     MAX_K,
     REGRET_KS,
+    SCREEN_DELTA,
     SETTINGS_FILE,
     STRONG_DROP,
     SUMMARY_JSON,
@@ -42,7 +43,8 @@ def summarize_ground_truth(out, *, threshold: float = HALF) -> dict:
         blocks, methods, concepts = list(record["blocks"]), list(record["methods"]), list(record["concepts"])
     except (KeyError, TypeError):
         raise DitlocError(f"{out / SETTINGS_FILE} lacks blocks, methods or concepts; use a new --out directory") from None
-    measured = read_conditions(out)
+    screened: dict = {}
+    measured = read_conditions(out, screened)
     localizations = read_localizations(out)
     joint = read_joint(out) if record.get("joint") else None
     rows, per_concept, incomplete = [], [], []
@@ -57,6 +59,7 @@ def summarize_ground_truth(out, *, threshold: float = HALF) -> dict:
             continue
         _, low, high = mean_ci(scores[frozenset()])
         entry = {"category": category, "concept": concept, "n_images": len(scores[frozenset()]),
+                 "conditions": len(scores), "screened": sum(1 for k, _ in screened if k == (category, concept)),
                  "baseline_ci": [low, high], "oracle": oracle.to_dict(), "methods": {}}
         if joint is not None:
             entry["joint"] = joint_summary(blocks, oracle, scores[frozenset()], scores,
@@ -142,6 +145,11 @@ def summary_tables(summary: dict) -> tuple[str, list[tuple[str, str, list[str], 
              f"{', '.join(summary['blocks'])}. Presence: mean toy-oracle score; drop = baseline - presence. "
              "Oracle K: smallest K whose best set (best single, best pair, greedy 3, greedy 4) brings presence "
              f"below half the baseline (– : > {MAX_K}).")
+    n_screened = sum(e.get("screened", 0) for e in summary["concepts"])
+    if n_screened:
+        intro += (f" Screened: {n_screened} of {sum(e['conditions'] for e in summary['concepts'])} conditions (pairs "
+                  "and greedy sets that could not be their step's best) were stopped at a screen of their images "
+                  f"(`--screen`; each wrongly with probability <= {SCREEN_DELTA}); every best set is on all images.")
     search = []
     for e in summary["concepts"]:
         o = e["oracle"]
