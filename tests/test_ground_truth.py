@@ -369,36 +369,48 @@ def _fake_run(tmp_path, table: dict, screen, n=16):
     return run, calls
 
 
-def _pair_table(n=16):
+def _pair_table(n=16, erasing=True):
+    """Baseline 1, singles b1 and b3 at 0.6; most pairs remove nothing. `erasing`: the pair
+    b1 + b3 erases (mean 0.1) and b0 + b4 reads 0.5, within the screen's margin of it."""
     rng = np.random.default_rng(1)
     pairs = [frozenset(p) for p in itertools.combinations(BLOCKS, 2)]
-    table = {p: list(rng.uniform(0.9, 1.0, n).round(6)) for p in pairs}  # most pairs remove nothing
-    table[frozenset({"b1", "b3"})] = [0.0] * (n // 2) + [0.2] * (n // 2)  # the pair that erases (mean 0.1)
-    table[frozenset({"b0", "b4"})] = [0.5] * n  # within the margin of 0.1 at a screen of 4: completed, not best
+    table = {frozenset(): [1.0] * n} | {frozenset({b}): [0.6 if b in ("b1", "b3") else 1.0] * n for b in BLOCKS}
+    table |= {p: list(rng.uniform(0.85, 1.0, n).round(6)) for p in pairs}
+    if erasing:
+        table[frozenset({"b1", "b3"})] = [0.0] * (n // 2) + [0.2] * (n // 2)
+        table[frozenset({"b0", "b4"})] = [0.5] * n
     return pairs, table
+
+
+def _raced(tmp_path, table, pairs, screen=4):
+    run, calls = _fake_run(tmp_path, table, screen=screen)
+    run.measure(_FakeConcept, [frozenset()] + [frozenset({b}) for b in BLOCKS], "baseline and singles")
+    del calls[:]
+    return run.race(_FakeConcept, pairs, "pairs"), calls
 
 
 def test_race_completes_only_what_can_be_best(tmp_path):
     pairs, table = _pair_table()
-    run, calls = _fake_run(tmp_path, table, screen=4)
-    presence = run.race(_FakeConcept, pairs, "pairs")
+    presence, calls = _raced(tmp_path, table, pairs)
     screen = tuple(gt.screen_indices(16, 4))
-    assert [c for c in calls if c[1] == screen] == [(p, screen) for p in pairs]  # every pair screened once
-    completed = {c for c, idx in calls if idx != screen}
-    assert completed == {frozenset({"b1", "b3"}), frozenset({"b0", "b4"})}
+    # the three most promising by the singles' drops first, on all images: b1 + b3, then b1 or b3 with b0
+    first = [frozenset({"b1", "b3"}), frozenset({"b0", "b1"}), frozenset({"b0", "b3"})]
+    assert calls[:3] == [(p, None) for p in first]
+    assert [c for c in calls if c[1] == screen] == [(p, screen) for p in pairs if p not in first]  # screened once
+    completed = [c for c, idx in calls[3:] if idx != screen]
+    assert completed == [frozenset({"b0", "b4"})]  # within the margin of the best (0.5 - 0.49 < 0.1)
+    assert [idx for c, idx in calls[3:] if idx != screen] == [tuple(sorted(set(range(16)) - set(screen)))]
     assert min(presence, key=presence.get) == frozenset({"b1", "b3"}) and presence[frozenset({"b1", "b3"})] == 0.1
-    for c, idx in calls:
-        if idx != screen:  # a completion measures only the images its screen did not
-            assert set(idx) == set(range(16)) - set(screen)
-    # the store holds the screen and the completion; read back, every completed pair has all its images
+    # the store holds screens and the completion; read back, a completed pair has all its images
     screened = {}
     stored = gt.read_conditions(tmp_path, screened)[("shape", "triangle")]
-    assert all(stored[p] == table[p] for p in completed)
-    assert {s for _, s in screened} == set(pairs) - completed
-    assert all(stored[p] == [table[p][i] for i in screen] for p in set(pairs) - completed)
+    full = set(first) | set(completed)
+    assert all(stored[p] == table[p] for p in full)
+    assert {s for _, s in screened} == set(pairs) - full
+    assert all(stored[p] == [table[p][i] for i in screen] for p in set(pairs) - full)
     # a later step that needs a screened pair on all its images completes it, from the store after a restart
     run2, calls2 = _fake_run(tmp_path, table, screen=4)
-    p = frozenset({"b0", "b1"})
+    p = frozenset({"b2", "b4"})
     run2.measure(_FakeConcept, [p], "a method's top pair")
     assert calls2 == [(p, tuple(sorted(set(range(16)) - set(screen))))]
     assert gt.read_conditions(tmp_path)[("shape", "triangle")][p] == table[p]
@@ -407,6 +419,15 @@ def test_race_completes_only_what_can_be_best(tmp_path):
     plain = run3.race(_FakeConcept, pairs, "pairs")
     assert len(calls3) == len(pairs) and all(idx is None for _, idx in calls3)
     assert min(plain, key=plain.get) == frozenset({"b1", "b3"})
+
+
+def test_race_without_an_erasing_pair_screens_nothing(tmp_path):
+    """No pair reads below 1 - margin: a screen could stop none, so none is screened."""
+    pairs, table = _pair_table(erasing=False)
+    presence, calls = _raced(tmp_path, table, pairs)
+    assert sorted(map(sorted, (c for c, _ in calls))) == sorted(map(sorted, pairs))
+    assert all(idx is None for _, idx in calls)
+    assert presence == {s: pytest.approx(np.mean(v)) for s, v in table.items()}
 
 
 def test_screened_images_score_as_the_full_measurement(toy_pipe, tmp_path):

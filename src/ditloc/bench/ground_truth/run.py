@@ -32,6 +32,7 @@ from .settings import (
     LOCALIZATIONS_FILE,
     MAX_K,
     METHODS,
+    SCREEN_FIRST,
     SEARCH_METHODS,
     SEARCH_SEEDS,
     SEARCH_STEPS,
@@ -195,16 +196,27 @@ class _Run:
         return _presences(cached)
 
     def race(self, c: ConceptPlan, conditions: list[frozenset], label: str) -> dict[frozenset, float]:
-        """Measure `conditions`, of which only the lowest presence matters (a search step):
-        with a screen, every one on the screen's images, then, lowest screened mean first,
-        on all images until the next screened mean lies `screen_margin` above the best
-        completed presence (those left keep their screened mean)."""
+        """Measure `conditions`, of which only the lowest presence matters (a search step).
+        With a screen: first the SCREEN_FIRST most promising (fewest presence by the single
+        blocks' drops, added) on all images; if even their best lies within `screen_margin` of
+        the highest presence a screen can read (1), no screen could stop anything and the rest
+        are measured on all images too. Otherwise every other one is screened and, lowest
+        screened mean first, completed until the next screened mean lies `screen_margin` above
+        the best completed presence (those left keep their screened mean)."""
         if self.settings.screen is None:
             return self.measure(c, conditions, label)
         key = (c.category, c.concept)
+        cached, margin = self.cache[key], screen_margin(self.settings.screen)
+        base = float(np.mean(cached[frozenset()]))
+        drop = {b: base - float(np.mean(cached[frozenset({b})])) for b in self.blocks}
+        conditions = list(dict.fromkeys(conditions))
+        first = sorted(conditions, key=lambda s: -sum(drop[b] for b in s))[:SCREEN_FIRST]  # stable: ties in order
+        self.measure(c, first, f"{label}, the {len(first)} most promising")
+        if min(float(np.mean(cached[s])) for s in first) + margin >= 1.0:
+            return self.measure(c, conditions, f"{label}, all (no screen could stop one)")
         self.measure(c, conditions, f"{label}, screened on {self.settings.screen} images", screen=True)
-        cached, margin, best = self.cache[key], screen_margin(self.settings.screen), math.inf
-        for s in sorted(dict.fromkeys(conditions), key=lambda s: float(np.mean(cached[s]))):  # stable: ties in order
+        best = math.inf
+        for s in sorted(conditions, key=lambda s: float(np.mean(cached[s]))):  # stable: ties in order
             if (key, s) in self.screened:
                 if float(np.mean(cached[s])) - margin > best:
                     break

@@ -37,6 +37,7 @@ TIE = 1e-9  # drops this close count as equal
 #: is below the best completed one with probability at most SCREEN_DELTA (Hoeffding, sampling without replacement)
 SCREEN_DELTA = 0.02
 SCREEN_SEED = 0  # the screen's images: one fixed uniform draw of the condition's images
+SCREEN_FIRST = 3  # a raced step measures its most promising conditions on all images first
 
 
 # --------------------------------------------------------------------------
@@ -55,8 +56,9 @@ class GroundTruthSettings:
     `blocks` restricts the search to those blocks (None: every block of the model);
     meant for quick checks, since the search costs 1 + n + n(n-1)/2 + ... conditions.
 
-    `screen`: measure the pairs and the greedy steps' sets on `screen` of their images first
-    and complete to `n_images` only those that can still be the step's best (`screen_margin`);
+    `screen`: race the pairs and each greedy step's sets (`_Run.race`): the SCREEN_FIRST most
+    promising on all images, then, where a screen can pay, the rest on `screen` of their images,
+    completed to `n_images` only while they can still be the step's best (`screen_margin`);
     None measures every one on all its images. The best pair and every greedy set are always
     measured on all images, so the oracle's sets and drops are those of the full search unless
     a condition is stopped wrongly (at most SCREEN_DELTA each). A setting of the run, not of
