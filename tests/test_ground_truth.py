@@ -445,3 +445,15 @@ def test_screened_images_score_as_the_full_measurement(toy_pipe, tmp_path):
     rest = [i for i in range(5) if i not in idx]
     assert part == pytest.approx([full[i] for i in idx], abs=1e-5)
     assert run._generate(c, cond, indices=rest) == pytest.approx([full[i] for i in rest], abs=1e-5)
+
+
+def test_summary_says_what_was_screened(tiny_run):
+    out, result = tiny_run
+    summary = json.loads(json.dumps(result.summary))
+    (entry,) = summary["concepts"]
+    assert entry["screened"] == 0 and entry["conditions"] == result.conditions_run
+    intro, _ = gt.summary_tables(summary)
+    assert "Screened" not in intro
+    entry["screened"] = 3
+    intro, _ = gt.summary_tables(summary)
+    assert f"Screened: 3 of {result.conditions_run} conditions" in intro and "screened mean" in intro

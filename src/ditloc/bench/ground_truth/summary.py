@@ -149,7 +149,8 @@ def summary_tables(summary: dict) -> tuple[str, list[tuple[str, str, list[str], 
     if n_screened:
         intro += (f" Screened: {n_screened} of {sum(e['conditions'] for e in summary['concepts'])} conditions (pairs "
                   "and greedy sets that could not be their step's best) were stopped at a screen of their images "
-                  f"(`--screen`; each wrongly with probability <= {SCREEN_DELTA}); every best set is on all images.")
+                  f"(`--screen`; each wrongly with probability <= {SCREEN_DELTA}); every best set and every method's set is "
+                  "on all images, and a pair rank counts a stopped pair by its screened mean (an unbiased estimate).")
     search = []
     for e in summary["concepts"]:
         o = e["oracle"]
