@@ -263,7 +263,8 @@ class _Run:
                 groups.append((dataclasses.replace(c, evaluation_prompts=c.evaluation_prompts[:rest],
                                                    clean_prompts=c.clean_prompts[:rest]), [full]))
         else:  # one call per seed, over that seed's prompts (each image's noise is its own seed's)
-            wanted = [samples(len(c.evaluation_prompts), s.n_images)[i] for i in indices]
+            every = samples(len(c.evaluation_prompts), s.n_images)
+            wanted = [every[i] for i in indices]
             groups = []
             for seed in sorted({seed for _, seed in wanted}):
                 prompts = [p for p, x in wanted if x == seed]
