@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import ditloc
-from ditloc.adapters import get_adapter
 from ditloc.engine import CausalProbe, Session, instrument
 from ditloc.localize import Localization
 from ditloc.options import RunOptions

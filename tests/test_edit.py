@@ -602,7 +602,7 @@ def test_per_step_draws_reach_an_accelerator_without_a_blocking_copy(monkeypatch
     """Host draws (noise, timesteps, indices) go to a non-CPU device through page-locked
     memory and a non-blocking copy; the CPU keeps the plain copy. (The 'meta' device stands
     in for an accelerator: no CUDA here.)"""
-    from ditloc.edit.train import to_device
+    from ditloc.edit.devices import to_device
 
     pinned, copies = [], []
     real_to = torch.Tensor.to

@@ -3,8 +3,6 @@ data pool, checkpoint I/O)."""
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import sys
 from pathlib import Path

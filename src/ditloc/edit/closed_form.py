@@ -42,8 +42,9 @@ import torch
 
 from .._io import write_json
 from ..errors import DitlocError
+from .devices import peak_memory, reset_peak_memory
 from .moments import _Moments
-from .train import EditResult, NoiseRule, peak_memory, reset_peak_memory
+from .train import EditResult, NoiseRule
 
 POSITIONS = ("all", "changed")
 PRESERVE_MODES = ("weighted", "nullspace")

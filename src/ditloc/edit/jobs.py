@@ -26,18 +26,11 @@ from ..options import RunOptions, _jsonable, generators, model_record
 from ..text import find_occurrences, substitute, tidy
 from .blocks import category_prompts, choose_blocks, neighbour_prompts  # noqa: F401  (re-exported)
 from .data import encode_images, image_size, load_image_folder
+from .devices import peak_memory, reset_peak_memory, to_device
 from .files import BLOCKS_FILE, RESULT_FILE
 from .lora import save_lora
 from .processes import current as current_processes
-from .train import (
-    EditResult,
-    LocalizedTrainer,
-    TrainConfig,
-    peak_memory,
-    reset_peak_memory,
-    run_training,
-    to_device,
-)
+from .train import EditResult, LocalizedTrainer, TrainConfig, run_training
 
 EMPTY_PRESERVE = ("the preservation set is empty; pass prompts to keep (--preserve / --preserve-file) "
                   "or leave both out to preserve the anchor prompts")

@@ -15,6 +15,8 @@ from datetime import timedelta
 
 import torch
 
+from ..errors import DitlocError
+
 #: environment variables through which launchers give the number of processes
 WORLD_ENV = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
@@ -73,3 +75,34 @@ def current(device=None) -> Processes:
     # collectives wait for the slowest process (e.g. the main one drawing anchor images): a day, not 30 min
     state = PartialState(cpu=cpu, timeout=timedelta(hours=24))
     return Processes(state.process_index, state.num_processes, torch.device(state.device))
+
+
+def accelerator():
+    """accelerate's Accelerator for the process group, the backward and the gradient all-reduce.
+    Its own mixed precision stays off: ditloc applies ``TrainConfig.mixed_precision`` itself,
+    since accelerate fixes the precision once per process. Plain data parallelism only."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    try:
+        accelerator = Accelerator(mixed_precision="no", device_placement=False, dynamo_backend="no")
+    except ValueError as e:
+        raise DitlocError(f"accelerate is already set up differently in this process ({str(e).splitlines()[0]}); "
+                          "set the precision with TrainConfig(mixed_precision=...) only") from None
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM):
+        raise DitlocError(f"ditloc trains data-parallel (one whole model per process), not with "
+                          f"{accelerator.distributed_type.value}; launch without it (accelerate launch --multi_gpu)")
+    return accelerator
+
+
+def buckets(tensors: list[torch.Tensor], size: int = 1 << 24):
+    """Consecutive runs of one dtype and device, up to `size` elements each (one all-reduce per run)."""
+    bucket, n = [], 0
+    for t in tensors:
+        if bucket and (t.dtype != bucket[0].dtype or t.device != bucket[0].device or n + t.numel() > size):
+            yield bucket
+            bucket, n = [], 0
+        bucket.append(t)
+        n += t.numel()
+    if bucket:
+        yield bucket

@@ -37,6 +37,7 @@ import torch
 from .. import _state
 from ..errors import DitlocError, Interrupted
 from . import precision, processes
+from .devices import to_device
 from .lora import LoraSpec, add_lora, lora_state_dict, lora_targets
 
 METHODS = ("lora", "full")
@@ -147,22 +148,6 @@ class NoiseRule:
         return x_t, to_device(t, x0.device), target
 
 
-def to_device(t: torch.Tensor, device, dtype=None) -> torch.Tensor:
-    """A small host tensor drawn each training step (noise, timesteps, batch indices) on
-    `device`. On an accelerator it goes through page-locked memory with a non-blocking
-    copy: a plain copy from pageable memory waits for all queued device work first (a
-    hidden synchronisation every step). The caching host allocator keeps the page-locked
-    block alive until the copy has run. On the CPU it is ``t.to(device, dtype)``."""
-    device = torch.device(device)
-    if device.type != "cpu" and t.device.type == "cpu":
-        try:
-            t = t.pin_memory()
-        except RuntimeError:  # no page-locked memory for this accelerator: a plain copy
-            return t.to(device=device, dtype=dtype)
-        t = t.to(device, non_blocking=True)
-    return t.to(device=device, dtype=dtype)
-
-
 # ---------------------------------------------------------------------------------------
 # the no-autograd prefix
 # ---------------------------------------------------------------------------------------
@@ -237,7 +222,7 @@ class LocalizedTrainer:
             precision.check_device(config.mixed_precision, transformer.device)
             precision.check_base_dtype(config.mixed_precision, self.base_dtype)
         self.processes = processes.current(transformer.device)
-        self.accelerator = _accelerator()
+        self.accelerator = processes.accelerator()
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
             module = getattr(pipe, name, None)
             if isinstance(module, torch.nn.Module):
@@ -358,7 +343,7 @@ class LocalizedTrainer:
         if self.processes.world == 1:
             return loss.detach().float()
         grads = [p.grad for p in self.params if p.grad is not None]  # [same order on every process]
-        for bucket in _buckets(grads):
+        for bucket in processes.buckets(grads):
             flat = torch.cat([g.reshape(-1) for g in bucket])  # [sum of numel]
             flat = self.accelerator.reduce(flat, reduction="mean")
             for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
@@ -414,37 +399,6 @@ class LocalizedTrainer:
         return True
 
 
-def _accelerator():
-    """accelerate's Accelerator for the process group, the backward and the gradient all-reduce.
-    Its own mixed precision stays off: ditloc applies ``TrainConfig.mixed_precision`` itself,
-    since accelerate fixes the precision once per process. Plain data parallelism only."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType
-
-    try:
-        accelerator = Accelerator(mixed_precision="no", device_placement=False, dynamo_backend="no")
-    except ValueError as e:
-        raise DitlocError(f"accelerate is already set up differently in this process ({str(e).splitlines()[0]}); "
-                          "set the precision with TrainConfig(mixed_precision=...) only") from None
-    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM):
-        raise DitlocError(f"ditloc trains data-parallel (one whole model per process), not with "
-                          f"{accelerator.distributed_type.value}; launch without it (accelerate launch --multi_gpu)")
-    return accelerator
-
-
-def _buckets(tensors: list[torch.Tensor], size: int = 1 << 24):
-    """Consecutive runs of one dtype and device, up to `size` elements each (one all-reduce per run)."""
-    bucket, n = [], 0
-    for t in tensors:
-        if bucket and (t.dtype != bucket[0].dtype or t.device != bucket[0].device or n + t.numel() > size):
-            yield bucket
-            bucket, n = [], 0
-        bucket.append(t)
-        n += t.numel()
-    if bucket:
-        yield bucket
-
-
 @contextlib.contextmanager
 def _substituted(module: torch.nn.Module, values: dict):
     """Temporarily give named parameters other values (in place, restored exactly)."""
@@ -459,31 +413,6 @@ def _substituted(module: torch.nn.Module, values: dict):
         with torch.no_grad():
             for n, v in saved.items():
                 params[n].copy_(v)
-
-
-def on_accelerator(device) -> bool:
-    """Whether `device` is the machine's accelerator (CUDA, XPU, MPS, ...), not the CPU."""
-    device = torch.device(device)
-    if device.type == "cpu" or not torch.accelerator.is_available():
-        return False
-    return device.type == torch.accelerator.current_accelerator().type
-
-
-def peak_memory(device) -> int | None:
-    """Peak bytes allocated on an accelerator since the last reset; None on CPU."""
-    if not on_accelerator(device):
-        return None
-    return int(torch.accelerator.max_memory_allocated(torch.device(device).index))
-
-
-def reset_peak_memory(device) -> None:
-    if on_accelerator(device):
-        torch.accelerator.reset_peak_memory_stats(torch.device(device).index)
-
-
-def synchronize(device) -> None:
-    if on_accelerator(device):
-        torch.accelerator.synchronize(torch.device(device).index)
 
 
 def run_training(trainer: LocalizedTrainer, loss_fn, out: Path | None, identity: dict, progress=None) -> float:

@@ -26,6 +26,7 @@ from ..text import find_occurrences, substitute
 from .blocks import choose_blocks, general_prompts, neighbour_prompts
 from .closed_form import ClosedFormConfig, closed_form_unlearn
 from .concepts import Erasure, check_preserve, plan_erasures
+from .devices import reset_peak_memory, to_device
 from .jobs import (
     EMPTY_PRESERVE,
     _adapter,
@@ -41,14 +42,7 @@ from .jobs import (
     run_options,
 )
 from .processes import current as current_processes
-from .train import (
-    EditResult,
-    LocalizedTrainer,
-    TrainConfig,
-    reset_peak_memory,
-    run_training,
-    to_device,
-)
+from .train import EditResult, LocalizedTrainer, TrainConfig, run_training
 
 PRESERVE_TARGETS = (None, "teacher")
 #: an erasure takes the smallest searched set that removes this share of the concept's presence (a set that
