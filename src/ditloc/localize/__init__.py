@@ -1,5 +1,6 @@
 """Localize: which blocks of a DiT carry a concept.
 
+- `methods`: `localize`, every method by name;
 - `scores`: block scores on the ordinary sampling trajectory (`contribution`, `patch`,
   `attribution`; method.md §1, §7);
 - `presence`: the concept's presence under sets of withheld blocks (§9);
@@ -8,9 +9,16 @@
 - `result`: `Localization`, the one result type every caller reads.
 """
 
-from .presence import OBJECTIVES, PresenceRunner, SetPresence, default_evaluator, presence
+from .methods import METHODS, localize
+from .presence import (
+    OBJECTIVES,
+    PresenceRunner,
+    SetPresence,
+    default_evaluator,
+    presence,
+)
 from .result import AUTO_K_DROP, Localization, SetSearch, minimal_k_of
-from .scores import METHODS, localize
+from .scores import block_scores
 from .search import SearchConfig, search
 
 __all__ = [
@@ -22,6 +30,7 @@ __all__ = [
     "SearchConfig",
     "SetPresence",
     "SetSearch",
+    "block_scores",
     "default_evaluator",
     "localize",
     "minimal_k_of",

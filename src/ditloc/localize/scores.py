@@ -1,4 +1,4 @@
-"""Localize: rank a DiT's blocks for a concept, measured on the ordinary sampling
+"""Block scores: rank a DiT's blocks for a concept, measured on the ordinary sampling
 trajectory, by one of three methods:
 
 - ``contribution`` (method.md §1): how much the concept's text tokens contribute
@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import CAUSAL_METHODS, METHODS as BLOCK_METHODS, VARIANTS, CausalProbe, Probe, Session, instrument
+from ..engine import CAUSAL_METHODS, VARIANTS, CausalProbe, Probe, Session, instrument
+from ..engine import METHODS as BLOCK_METHODS
 from ..errors import DitlocError
 from ..options import RunOptions, as_prompt_list, as_seed_list, chunks, model_record
 from .result import Localization
 
-#: every localization method: the engine's block scores, and the set-level search (`.search`)
-METHODS = BLOCK_METHODS + ("search",)
-
 
 @torch.no_grad()
-def localize(
+def block_scores(
     pipe,
     prompts,
     concept: str,
@@ -37,14 +35,9 @@ def localize(
     block_batch: int | None = None,
     options: RunOptions | None = None,
     progress=None,
-    search=None,
-    evaluator=None,
-    eval_text: str | None = None,
-    checkpoint=None,
-    only=None,
     **run,
 ) -> Localization:
-    """Score every block for `concept` (method.md §1, §7).
+    """Score every block for `concept` by a per-block method (method.md §1, §7).
 
     The trajectory of each (prompt, seed) is exactly the one
     ``pipe(prompt, num_inference_steps=N, guidance_scale=G,
@@ -59,22 +52,9 @@ def localize(
     denoising step, in conditional-row forwards: contribution none extra; patch
     1 + blocks (batched `block_batch` blocks per forward); attribution 2 forwards
     and one backward. Only the conditional half of a CFG batch is measured.
-
-    ``search`` (method.md §9): the set-level search over block sets
-    (`ditloc.localize.search`), configured by `search` (a `SearchConfig`), scoring presence
-    with `evaluator`/`eval_text` or the model itself, resumable through `checkpoint`;
-    `block_batch` is then the number of block sets per pipeline call.
     """
-    if method not in METHODS:
-        raise DitlocError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "search":
-        from .search import search as set_search
-
-        return set_search(pipe, prompts, concept, config=search, evaluator=evaluator, eval_text=eval_text,
-                          clean_prompts=clean_prompts, seed=seed, block_batch=block_batch, batch_size=batch_size,
-                          options=options, checkpoint=checkpoint, progress=progress, only=only, **run)
-    if search is not None or evaluator is not None or checkpoint is not None or only is not None:
-        raise DitlocError(f"search, evaluator, checkpoint and only are options of method 'search', not {method!r}")
+    if method not in BLOCK_METHODS:
+        raise DitlocError(f"unknown block method {method!r}; choose one of {', '.join(BLOCK_METHODS)}")
     if variant not in VARIANTS:
         raise DitlocError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     if block_batch is not None and (not isinstance(block_batch, int) or block_batch < 1):

@@ -26,6 +26,7 @@ from ..errors import DitlocError
 from ..options import RunOptions
 from .presence import OBJECTIVES, PresenceRunner, default_evaluator
 from .result import AUTO_K_DROP, Localization, SetSearch
+from .scores import block_scores
 
 DIRECTIONS = ("forward", "backward", "both")
 #: block-score methods that may prune the search's candidates (cheap: a few generations' cost)
@@ -170,10 +171,8 @@ def search(pipe, prompts, concept: str, *, config: SearchConfig | None = None, e
 
     candidates, candidate_seconds = list(pool), 0.0
     if config.candidates is not None and config.candidates < len(pool):
-        from .scores import localize
-
         t0 = time.perf_counter()
-        cheap = localize(pipe, runner.prompts, concept, method=config.candidate_method, clean_prompts=runner.clean,
+        cheap = block_scores(pipe, runner.prompts, concept, method=config.candidate_method, clean_prompts=runner.clean,
                          seed=runner.seeds, options=opts)
         candidate_seconds = time.perf_counter() - t0
         chosen = set([b for b in cheap.ranking if b in pool][: config.candidates])

@@ -1,0 +1,69 @@
+"""`localize`: every localization method by name, the per-block scores (`.scores`) and the
+set-level search (`.search`), with one signature and one result type."""
+
+from __future__ import annotations
+
+from ..engine import METHODS as BLOCK_METHODS
+from ..errors import DitlocError
+from ..options import RunOptions
+from .result import Localization
+from .scores import block_scores
+from .search import search as set_search
+
+#: every localization method: the engine's block scores, and the set-level search (`.search`)
+METHODS = BLOCK_METHODS + ("search",)
+
+
+def localize(
+    pipe,
+    prompts,
+    concept: str,
+    *,
+    method: str = "contribution",
+    clean_prompts=None,
+    seed=0,
+    variant: str = "attn_value_out",
+    out_bias: bool = False,
+    batch_size: int | None = 8,
+    block_batch: int | None = None,
+    options: RunOptions | None = None,
+    progress=None,
+    search=None,
+    evaluator=None,
+    eval_text: str | None = None,
+    checkpoint=None,
+    only=None,
+    **run,
+) -> Localization:
+    """Localize `concept`: score every block (method.md §1, §7), or search block sets (§9).
+
+    The trajectory of each (prompt, seed) is exactly the one
+    ``pipe(prompt, num_inference_steps=N, guidance_scale=G,
+    generator=torch.Generator(generator_device).manual_seed(seed), max_sequence_length=L)``
+    samples. `options` (:class:`~ditloc.options.RunOptions`) says how the pipeline
+    is called; keyword arguments override its fields (``num_inference_steps``,
+    ``guidance_scale``, ...) or are passed to the pipeline.
+
+    `method`: ``contribution`` (default; `variant`, `out_bias` choose its form),
+    ``patch`` or ``attribution``. The causal methods compare with `clean_prompts`
+    (one per prompt; default: the prompt with the concept removed). Cost per
+    denoising step, in conditional-row forwards: contribution none extra; patch
+    1 + blocks (batched `block_batch` blocks per forward); attribution 2 forwards
+    and one backward. Only the conditional half of a CFG batch is measured.
+
+    ``search`` (method.md §9): the set-level search over block sets
+    (`ditloc.localize.search`), configured by `search` (a `SearchConfig`), scoring presence
+    with `evaluator`/`eval_text` or the model itself, resumable through `checkpoint`;
+    `block_batch` is then the number of block sets per pipeline call.
+    """
+    if method not in METHODS:
+        raise DitlocError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "search":
+        return set_search(pipe, prompts, concept, config=search, evaluator=evaluator, eval_text=eval_text,
+                          clean_prompts=clean_prompts, seed=seed, block_batch=block_batch, batch_size=batch_size,
+                          options=options, checkpoint=checkpoint, progress=progress, only=only, **run)
+    if search is not None or evaluator is not None or checkpoint is not None or only is not None:
+        raise DitlocError(f"search, evaluator, checkpoint and only are options of method 'search', not {method!r}")
+    return block_scores(pipe, prompts, concept, method=method, clean_prompts=clean_prompts, seed=seed,
+                        variant=variant, out_bias=out_bias, batch_size=batch_size, block_batch=block_batch,
+                        options=options, progress=progress, **run)
