@@ -380,3 +380,53 @@ def test_cli_missing_localization_refused_before_load(tmp_path, capsys, monkeypa
                  "--blocks", str(tmp_path / "nope.json"), "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("make, blocks, kw", [
+    (tiny_flux_pipeline, "double.0", {"height": 16, "width": 16}),
+    (tiny_sd3_pipeline, "block.0", {"height": 8, "width": 8}),
+])
+@pytest.mark.parametrize("mode", ["weighted", "nullspace"])
+def test_pooled_edit_maps_the_pooled_vector_to_the_anchor_and_keeps_the_preserved(tmp_path, make, blocks, kw, mode):
+    """``pooled=True``: the pooled vector's projection is solved too. The concept prompts' projected
+    pooled vectors move toward their anchors'; with the null-space mode the preserved prompts' do not
+    move at all; nothing but that projection and the blocks' text projections changes; it saves and loads."""
+    pipe = make()
+    adapter = get_adapter(pipe)
+    path = adapter.pooled_projection()
+    call = {"max_sequence_length": 16}
+    anchors = [p.replace("dog", "cat") for p in PROMPTS]
+    pooled = adapter.encode_text(PROMPTS + anchors + PRESERVE, call)["pooled"].detach().double()  # [9, D]
+    c, a, d = pooled[:3], pooled[3:6], pooled[6:]
+    before = _weights(pipe)
+    res = unlearn(pipe, "dog", "cat", prompts=PROMPTS, preserve=PRESERVE, blocks=blocks, out=tmp_path,
+                  config=ClosedFormConfig(timesteps=2, pooled=True, preserve_mode=mode), num_inference_steps=2,
+                  pipeline_kwargs=kw, **call)
+    after = _weights(pipe)
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    projections = [p for b in adapter.resolve_blocks(blocks) for p in adapter.text_projections(b)]
+    assert moved == {f"{p}.weight" for p in projections} | {f"{path}.weight"}
+    assert path in res.config["projections"] and res.config["pooled"] is True
+    w0, w1 = before[f"{path}.weight"].double(), after[f"{path}.weight"].double()
+    gap0 = (c @ w0.T - a @ w0.T).norm()
+    gap1 = (c @ w1.T - a @ w0.T).norm()
+    assert gap1 < 0.5 * gap0, (gap0, gap1)  # 3 rows in a wider space: nearly exact up to the ridge
+    drift = (d @ w1.T - d @ w0.T).norm() / (d @ w0.T).norm()
+    assert drift < (1e-6 if mode == "nullspace" else 0.2), drift
+    assert res.details["fit"][path]["concept_residual"] < 0.5
+    fresh = make()
+    load_edit(fresh, tmp_path)
+    assert torch.equal(fresh.transformer.state_dict()[f"{path}.weight"], after[f"{path}.weight"])
+
+
+def test_pooled_edit_refused_where_there_is_no_pooled_vector(tmp_path, capsys):
+    pipe = tiny_pixart_pipeline()
+    before = _weights(pipe)
+    with pytest.raises(DitlocError, match="no pooled text vector"):
+        unlearn(pipe, "dog", "cat", prompts=PROMPTS, blocks="block.1", config=ClosedFormConfig(pooled=True),
+                num_inference_steps=2)
+    assert all(torch.equal(v, before[k]) for k, v in _weights(pipe).items())
+    code = _cli(["unlearn", "toy", "--concept", "dog", "--anchor", "cat", "--prompt", PROMPTS[0],
+                 "--pooled-edit", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--pooled-edit works with --method closed-form" in err and len(err.strip().splitlines()) == 1

@@ -174,21 +174,24 @@ def test_factorize_takes_the_smallest_rank_within_tolerance():
     assert factorize(torch.zeros(4, 3), 1e-3)[0].shape == (4, 0)
 
 
-@pytest.mark.parametrize("make, blocks, kw", [
-    (tiny_sana_pipeline, "block.1", {"height": 32, "width": 32, "use_resolution_binning": False}),
-    (tiny_flux_pipeline, "double.0,double.1", {"height": 16, "width": 16}),
-    (tiny_sd3_pipeline, "block.0,block.2", {"height": 8, "width": 8}),
+@pytest.mark.parametrize("make, blocks, kw, pooled", [
+    (tiny_sana_pipeline, "block.1", {"height": 32, "width": 32, "use_resolution_binning": False}, False),
+    (tiny_flux_pipeline, "double.0,double.1", {"height": 16, "width": 16}, False),
+    (tiny_sd3_pipeline, "block.0,block.2", {"height": 8, "width": 8}, False),
+    (tiny_flux_pipeline, "double.1", {"height": 16, "width": 16}, True),  # the pooled projection's edit too
+    (tiny_sd3_pipeline, "block.1", {"height": 8, "width": 8}, True),
 ])
-def test_diffusers_loads_the_closed_form_edit_as_lora(tmp_path, make, blocks, kw):
+def test_diffusers_loads_the_closed_form_edit_as_lora(tmp_path, make, blocks, kw, pooled):
     """The exported LoRA, loaded by plain diffusers (`pipe.load_lora_weights`, no ditloc),
     draws what the exact edit (`load_edit`) draws."""
     pipe = make()
     unlearn(pipe, concepts=PAIRS, prompts=PROMPTS, preserve=PRESERVE, blocks=blocks,
-            config=ClosedFormConfig(timesteps=2, export_tol=1e-6), out=tmp_path, num_inference_steps=2, pipeline_kwargs=kw,
-            max_sequence_length=16)
+            config=ClosedFormConfig(timesteps=2, export_tol=1e-6, pooled=pooled), out=tmp_path, num_inference_steps=2,
+            pipeline_kwargs=kw, max_sequence_length=16)
     record = json.loads((tmp_path / "ditloc_edit.json").read_text())
     export = record["details"]["lora_export"]
     assert export and all(r["error"] <= 1e-6 and r["rank"] >= 1 for r in export.values())
+    assert ("time_text_embed.text_embedder.linear_1" in export) == pooled
     exact, lora, base = make(), make(), make()
     load_edit(exact, tmp_path)
     lora.load_lora_weights(str(tmp_path), weight_name="pytorch_lora_weights.safetensors")

@@ -13,6 +13,8 @@ script and by every edit; `--guidance` sets its CFG scale (`guidance_scale` on t
 `true_cfg_scale` on toy-flux; default: the model's own, 4.5 and 4.0). On toy-flux the closed form
 can only rewrite double-stream blocks (single-stream blocks read text and image tokens through the
 same projections): "closed-form all-block" edits every double-stream block, and its row says so.
+"... + pooled" (toy-flux) also solves the pooled text vector's projection (`--pooled-edit`), in the
+same blocks as the row without it.
 
 Per concept (hazard mark -> the prompt without its phrase; the character
 "zibbit" -> its base shape "triangle"; the style "striped" -> "solid"):
@@ -110,6 +112,9 @@ def scenes_prompts(rng, n, split, **pinned):
 METHODS = {  # name -> (blocks, method)
     "closed-form localized": ("auto", "closed-form"),
     "closed-form all-block": ("all", "closed-form"),
+    # FLUX/SD3: the same, with the pooled vector's projection solved too (ClosedFormConfig.pooled)
+    "closed-form localized + pooled": ("auto", "closed-form"),
+    "closed-form all-block + pooled": ("all", "closed-form"),
     "localized LoRA": ("auto", "lora"),
     "all-block LoRA": ("all", "lora"),
     "full fine-tuning": ("all", "full"),
@@ -133,7 +138,7 @@ def variants(args, names):
         pipe.set_progress_bar_config(disable=True)
         if method == "closed-form":
             cfg = ClosedFormConfig(seed=args.seed, preserve_weight=args.preserve_weight, ridge=args.ridge,
-                                   positions=args.positions)
+                                   positions=args.positions, pooled=name.endswith("+ pooled"))
         else:
             lr = args.lr_full if method == "full" else args.lr_lora
             cfg = TrainConfig(method=method, steps=args.train_steps, batch_size=args.batch_size, lr=lr,
@@ -515,10 +520,11 @@ def main():
         for name, blocks, pipe, cfg in variants(args, [m for m in methods if m not in rows]):
             t0 = time.perf_counter()
             k = args.k
-            if name == "closed-form localized":
+            if name.startswith("closed-form localized"):
                 k = "auto" if args.closed_form_k == "auto" else int(args.closed_form_k)
-            if name == "localized LoRA" and "closed-form localized" in rows:  # the same blocks: only the method differs
-                blocks = ",".join(rows["closed-form localized"]["blocks"])
+            if name in ("localized LoRA", "closed-form localized + pooled") and "closed-form localized" in rows:
+                blocks = ",".join(rows["closed-form localized"]["blocks"])  # the same blocks: only the method differs
+                k = len(rows["closed-form localized"]["blocks"]) if name.endswith("+ pooled") else k
             extra = {"preserve": keep} if isinstance(cfg, ClosedFormConfig) else {"images_per_prompt": 1}
             with PeakRSS() as mem:
                 res = unlearn(pipe, word, anchor, prompts=train_prompts, anchor_prompts=anchor_prompts,

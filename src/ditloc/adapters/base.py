@@ -140,6 +140,11 @@ class Adapter(ABC):
         a prompt with an edited version of it."""
         raise DitlocError(f"token alignment is not implemented for {self.family}")
 
+    def pooled_projection(self) -> str:
+        """Full module name of the linear map that first reads the pooled text vector (shared by every
+        block through the modulation); families without one are refused."""
+        raise DitlocError(f"{self.family} has no pooled text vector; --pooled-edit applies to FLUX and SD3")
+
     def text_projections(self, block: str) -> list[str]:
         """Full module names of the projections in `block` that read only text states
         (e.g. cross-attention ``to_k``/``to_v``); a block without them is refused."""

@@ -25,6 +25,15 @@ class JointAttentionAdapter(Adapter):
     #: forward keyword arguments that carry the batch dimension
     batched_kwargs: tuple[str, ...] = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
 
+    def pooled_projection(self) -> str:
+        """``time_text_embed.text_embedder.linear_1``: the pooled CLIP vector's first projection (FLUX, SD3), whose
+        output joins the timestep embedding that modulates every block."""
+        path = "time_text_embed.text_embedder.linear_1"
+        if not isinstance(dict(self.transformer.named_modules()).get(path), torch.nn.Linear):
+            raise DitlocError(f"this {self.family} transformer has no {path}; --pooled-edit cannot find the pooled "
+                              "vector's projection")
+        return path
+
     # ---- structure (subclasses list their stacks) --------------------------------------
     def blocks(self) -> list[tuple[str, torch.nn.Module, torch.nn.Module]]:
         """(name, block, attention) in model order."""

@@ -80,6 +80,9 @@ def add_parsers(sub) -> None:
                    help="closed-form: pull toward the original weights (mu, relative; default 1e-3)")
     p.add_argument("--positions", choices=("all", "changed"), default="all",
                    help="closed-form: edit every aligned token (default) or only the changed ones")
+    p.add_argument("--pooled-edit", action="store_true",
+                   help="closed-form, FLUX/SD3: also solve the pooled text vector's projection, which reaches every "
+                        "block past its text tokens (one shared map: this part is not localized)")
     p.add_argument("--auto-k", action="store_true",
                    help="closed-form with --blocks auto: solve every block, keep the smallest top K whose edit "
                         "closes --auto-k-fraction of the largest achievable gap reduction between the prompts' "
@@ -158,6 +161,8 @@ def check_unlearn(args) -> None:
 
     if args.auto_k and args.method != "closed-form":
         fail("--auto-k works with --method closed-form: it measures each K's edit")
+    if args.pooled_edit and args.method != "closed-form":
+        fail("--pooled-edit works with --method closed-form; lora and full train the chosen blocks only")
     if args.auto_k and args.blocks != "auto":
         fail("--auto-k ranks the blocks by a localization; pass --blocks auto")
     if args.auto_k and len(args.pairs) > 1:
@@ -306,7 +311,8 @@ def _edit_setup(args) -> tuple[dict, str | None, str | None, bool]:
     if args.method == "closed-form":
         config = ClosedFormConfig(preserve_weight=args.preserve_weight, ridge=args.ridge, positions=args.positions,
                                   seed=args.seed, auto_k_fraction=args.auto_k_fraction,
-                                  preserve_mode=args.preserve_mode, export_lora=not args.no_lora_export)
+                                  preserve_mode=args.preserve_mode, export_lora=not args.no_lora_export,
+                                  pooled=args.pooled_edit)
     else:
         config = TrainConfig(
             method=args.method, rank=args.rank, steps=args.train_steps, lr=args.lr, batch_size=args.batch_size,
@@ -350,7 +356,8 @@ def _print_result(args, pipe, res) -> None:
             print(f"  {c['concept']!r} -> {c['anchor']!r}: {', '.join(c['blocks'])}{drop}")
     if res.config.get("method") == "closed-form":
         n = len(res.config["projections"])
-        print(f"unlearn: closed-form edit of {n} projection(s) in {', '.join(res.blocks)} for {len(concepts)} "
+        where = ", ".join(res.blocks) + (" and the pooled projection" if res.config.get("pooled") else "")
+        print(f"unlearn: closed-form edit of {n} projection(s) in {where} for {len(concepts)} "
               f"concept(s) ({res.trainable_parameters:,} of {res.total_parameters:,} parameters), "
               f"{res.wall_seconds:.1f}s{mem}")
         export = res.details.get("lora_export")

@@ -29,6 +29,14 @@ head: "night" -> "the forest" maps to "forest"), deleted ones (a phrase the anch
 tokens map to their counterparts. ``positions="changed"`` edits only the replaced and
 deleted tokens; ``"all"`` (default) also maps the unchanged context tokens, whose
 states a bidirectional text encoder has mixed with the concept.
+
+The pooled path (``pooled=True``; FLUX, SD3): the pooled text vector reaches every block
+through the modulation, past every block's text tokens, and carries part of some concepts
+(on the toy FLUX, half of a style: docs/joint_attention.md). Its first projection
+(``time_text_embed.text_embedder.linear_1``) is solved by the same least squares, one row
+per prompt: the prompt's pooled vector ``c`` to its anchor prompt's ``a``, the preserved
+prompts' vectors ``d`` kept. That map is shared by all blocks, so this part of the edit is
+not localized; it changes nothing but that one projection.
 """
 
 from __future__ import annotations
@@ -73,6 +81,8 @@ class ClosedFormConfig:
     #: also save the edit as a LoRA (truncated SVD of each weight change, relative error <= export_tol)
     export_lora: bool = True
     export_tol: float = 1e-3
+    #: also solve the pooled text vector's projection (joint families; see the module doc)
+    pooled: bool = False
 
     def __post_init__(self):
         if self.positions not in POSITIONS:
@@ -270,6 +280,21 @@ def record_moments(pipe, adapter, erasures, preserve, kw, config: ClosedFormConf
     return moments, {"concept": rows_c, "preserve": rows_d, "draws": draws}
 
 
+@torch.no_grad()
+def pooled_moments(adapter, erasures, preserve, kw) -> _Moments:
+    """The moments of the pooled projection's solve: each prompt's pooled text vector paired
+    with its anchor prompt's, and the preserved prompts' vectors."""
+    prompts = [p for e in erasures for p in e.prompts]
+    anchors = [a for e in erasures for a in e.anchor_prompts]
+    pooled = adapter.encode_text(prompts + anchors + list(preserve), kw)["pooled"].detach()  # [2n + r, D]
+    n = len(prompts)
+    m = _Moments(pooled.shape[-1], pooled.device)
+    m.add_pairs(pooled[:n], pooled[n : 2 * n])
+    if len(pooled) > 2 * n:
+        m.add_preserve(pooled[2 * n :])
+    return m
+
+
 def solve_moments(moments: dict[str, _Moments], config: ClosedFormConfig) -> dict[str, torch.Tensor]:
     """{block: M} with W' = W M for every projection of the block: one factorization per
     block serves its keys, values and every concept (weighted least squares or the
@@ -311,6 +336,7 @@ def closed_form_unlearn(pipe, adapter, erasures, preserve, kw, config: ClosedFor
         raise DitlocError("automatic K (--auto-k) measures one concept's edit; erase several concepts with --k or "
                           "their localizations' own K")
     named = dict(transformer.named_modules())
+    pooled_path = adapter.pooled_projection() if config.pooled else None  # refused before any work
     reset_peak_memory(transformer.device)
     moments, rows = record_moments(pipe, adapter, erasures, preserve, kw, config, x0=x0, progress=progress)
     t_solve = time.perf_counter()
@@ -323,6 +349,16 @@ def closed_form_unlearn(pipe, adapter, erasures, preserve, kw, config: ClosedFor
             w = named[path].weight
             fit[path] = _fit(moments[block], M, w)
             solved[block][path] = (w.to(M.dtype) @ M).to(w.dtype)
+    original, changed = {}, {}
+    if pooled_path is not None:  # in place before K is chosen: each K's edit is measured with it
+        pm = pooled_moments(adapter, erasures, preserve, kw)
+        M = solve_moments({"pooled": pm}, config)["pooled"]
+        w = named[pooled_path].weight
+        fit[pooled_path] = _fit(pm, M, w)
+        rows["pooled"] = pm.nc
+        original[f"{pooled_path}.weight"] = w.detach().cpu().clone()
+        w.copy_((w.to(M.dtype) @ M).to(w.dtype))
+        changed[f"{pooled_path}.weight"] = w.detach().cpu().clone()
     solve_seconds = time.perf_counter() - t_solve
     extra = {}
     if auto_k is not None:
@@ -337,9 +373,8 @@ def closed_form_unlearn(pipe, adapter, erasures, preserve, kw, config: ClosedFor
                      + ", ".join(f"K={i + 1} {g:.3f}" for i, g in enumerate(gaps)))
         erasures = [e.with_blocks(e.blocks[:k])]
         solved = {b: solved[b] for b in erasures[0].blocks}
-        fit = {p: f for p, f in fit.items() if any(p in ps for ps in solved.values())}
+        fit = {p: f for p, f in fit.items() if p == pooled_path or any(p in ps for ps in solved.values())}
     blocks = list(dict.fromkeys(b for e in erasures for b in e.blocks))  # each concept's blocks, best first
-    original, changed = {}, {}
     for block in blocks:
         for path, new in solved[block].items():
             original[f"{path}.weight"] = named[path].weight.detach().cpu().clone()
@@ -353,7 +388,8 @@ def closed_form_unlearn(pipe, adapter, erasures, preserve, kw, config: ClosedFor
         kind="unlearn",
         model=model or type(pipe).__name__,
         blocks=tuple(blocks),
-        config={**config.to_dict(), "projections": [p for b in blocks for p in solved[b]]},
+        config={**config.to_dict(),
+                "projections": [p for b in blocks for p in solved[b]] + ([pooled_path] if pooled_path else [])},
         trainable_parameters=sum(v.numel() for v in changed.values()),
         total_parameters=sum(p.numel() for p in transformer.parameters()),
         steps=0,
@@ -378,7 +414,9 @@ def closed_form_unlearn(pipe, adapter, erasures, preserve, kw, config: ClosedFor
     if progress:
         worst = max(f["concept_residual"] for f in fit.values())
         drift = max((f.get("preserve_change", 0.0) for f in fit.values()), default=0.0)
-        progress(f"solved {len(blocks)} block(s) for {len(erasures)} concept(s) in {solve_seconds:.1f}s: concept "
+        also = " and the pooled projection" if pooled_path else ""
+        progress(f"solved {len(blocks)} block(s){also} for {len(erasures)} concept(s) in {solve_seconds:.1f}s: "
+                 f"concept "
                  f"rows keep at most {worst:.1%} of their distance to the anchor; preserved rows move at most "
                  f"{drift:.2%}")
     return result

@@ -185,7 +185,8 @@ def unlearn(
     the anchor prompts and the erased concepts' probe-set neighbours). ``k="auto"`` (one
     concept, closed form, ``blocks="auto"``): every editable block is solved and the
     smallest top K whose edit reaches ``config.auto_k_fraction`` of the best reduction of the
-    gap to the anchors' prediction is kept.
+    gap to the anchors' prediction is kept. ``config.pooled`` (FLUX, SD3) also solves the
+    pooled text vector's projection, shared by every block (not localized).
 
     Training: ``preserve_target="teacher"`` adds, weighted by `preserve_weight`, the
     frozen model's prediction as the target on the preserved prompts (`preserve`, default
@@ -202,6 +203,8 @@ def unlearn(
     closed_form = isinstance(config, ClosedFormConfig)
     if closed_form and current_processes().world > 1:
         raise DitlocError("--method closed-form runs in one process (seconds); run it without accelerate launch")
+    if closed_form and config.pooled:
+        _adapter(pipe).pooled_projection()  # a family without a pooled text vector: one line, before any work
     if preserve_target not in PRESERVE_TARGETS:
         raise DitlocError(f"--preserve-target must be teacher or left out (got {preserve_target!r})")
     if preserve_target is not None and closed_form:
