@@ -154,6 +154,23 @@ def test_cli_localize_search_uses_the_toy_oracle_and_settings(toy_flux, tmp_path
     assert "presence unedited" in stdout
 
 
+def test_cli_closed_form_unlearning_with_the_pooled_edit(toy_flux, tmp_path, capsys):
+    """`--pooled-edit` from the command line: the double-stream block's text projections and the pooled
+    vector's projection are saved, and nothing else; the line says so; the single-stream block is refused."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "edit"
+    args = ["unlearn", "toy-flux", "--concept", "zibbit", "--anchor", "triangle", "--prompt", "a zibbit on the beach",
+            "--method", "closed-form", "--pooled-edit", "--steps", "2", "--out"]
+    code, stdout, err = _cli(args + [str(out), "--blocks", "double.0"], capsys)
+    assert code == 0, err
+    assert set(load_file(str(out / "blocks.safetensors"))) == {
+        "transformer_blocks.0.attn.add_k_proj.weight", "transformer_blocks.0.attn.add_v_proj.weight",
+        "time_text_embed.text_embedder.linear_1.weight"}
+    assert "in double.0 and the pooled projection" in stdout
+    code, _, err = _cli(args + [str(tmp_path / "single"), "--blocks", "single.0"], capsys)
+    assert code == 2 and "single-stream block" in err and len(err.strip().splitlines()) == 1
+
 # --------------------------------------------------------------------------
 # The ground truth's joint-attention conditions (bench/ground_truth/joint.py)
 # --------------------------------------------------------------------------

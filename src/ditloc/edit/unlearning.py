@@ -246,6 +246,10 @@ def unlearn(
     erasures, locs = _choose(pipe, erasures, blocks, k, out if out is None else Path(out), options=options,
                              progress=progress, eligible=eligible, localize_method=localize_method)
     out = Path(out) if out is not None else None
+    if closed_form:
+        for e in erasures:
+            for b in e.blocks:
+                adapter.text_projections(b)  # a block without text projections: one line, before any work
     if progress:
         union = list(dict.fromkeys(b for e in erasures for b in e.blocks))
         verb = "editing" if closed_form else "training"
@@ -266,9 +270,6 @@ def unlearn(
 
 
 def _closed_form(pipe, adapter, kw, erasures, preserve, config, out, progress, details, auto_k, model):
-    for e in erasures:
-        for b in e.blocks:
-            adapter.text_projections(b)  # a block without text projections: one line, before any work
     anchors = [a for e in erasures for a in e.anchor_prompts]
     if adapter.text_states_depend_on_image:
         n_images = min(len(anchors), config.timesteps)
