@@ -421,6 +421,24 @@ def test_race_completes_only_what_can_be_best(tmp_path):
     assert min(plain, key=plain.get) == frozenset({"b1", "b3"})
 
 
+def test_a_long_batch_says_how_far_it_is(tmp_path, monkeypatch):
+    """Inside a batch of conditions a line comes at most every PROGRESS_EVERY seconds (here: every condition)."""
+    pairs, table = _pair_table()
+    run, _ = _fake_run(tmp_path, table, screen=None)
+    said = []
+    run.say = said.append
+    monkeypatch.setattr(gt_run, "PROGRESS_EVERY", 0.0)
+    run.measure(_FakeConcept, pairs[:4], "pairs")
+    assert len(said) == 4  # three lines inside the batch, then the batch's own line
+    for i, line in enumerate(said[:3], 1):
+        assert line.startswith(f"ground-truth shape/triangle: pairs, {i}/4 condition(s) in "), line
+    assert said[3].startswith("ground-truth shape/triangle: pairs, 4 condition(s) in ")
+    said.clear()
+    monkeypatch.setattr(gt_run, "PROGRESS_EVERY", 3600.0)
+    run.measure(_FakeConcept, pairs[4:8], "pairs")
+    assert len(said) == 1  # a quick batch: its own line only
+
+
 def test_race_without_an_erasing_pair_screens_nothing(tmp_path):
     """No pair reads below 1 - margin: a screen could stop none, so none is screened."""
     pairs, table = _pair_table(erasing=False)

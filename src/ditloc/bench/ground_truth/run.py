@@ -72,6 +72,10 @@ class GroundTruthResult:
     summary: dict  # summary.json's content
 
 
+#: within a batch of conditions, a progress line at most this often (seconds): a raced step can run for an hour
+PROGRESS_EVERY = 60.0
+
+
 def _fmt_seconds(s: float) -> str:
     s = round(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
@@ -167,9 +171,13 @@ class _Run:
         self.reused += sum(1 for _, s in fresh if s in cached)
         self.seen += len(fresh)
         self.counted |= fresh
-        t_batch = time.time()
+        t_batch = t_said = time.time()
         n = self.settings.n_images
-        for s in todo:
+        for i, s in enumerate(todo):
+            if i and time.time() - t_said >= PROGRESS_EVERY:
+                t_said = time.time()
+                self.say(f"ground-truth {c.category}/{c.concept}: {label}, {i}/{len(todo)} condition(s) in "
+                         f"{t_said - t_batch:.0f}s")
             record = {"category": c.category, "concept": c.concept, "blocks": _in_order(s, self.blocks)}
             if screen:
                 indices = screen_indices(n, self.settings.screen)
