@@ -416,9 +416,8 @@ def closed_form_unlearn(pipe, adapter, erasures, preserve, kw, config: ClosedFor
         drift = max((f.get("preserve_change", 0.0) for f in fit.values()), default=0.0)
         also = " and the pooled projection" if pooled_path else ""
         progress(f"solved {len(blocks)} block(s){also} for {len(erasures)} concept(s) in {solve_seconds:.1f}s: "
-                 f"concept "
-                 f"rows keep at most {worst:.1%} of their distance to the anchor; preserved rows move at most "
-                 f"{drift:.2%}")
+                 f"concept rows keep at most {worst:.1%} of their distance to the anchor; preserved rows move at "
+                 f"most {drift:.2%}")
     return result
 
 
