@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from evaluate_editing import CATS, average, generate, labels, rate  # same directory
+from editing_eval import CATS, average, generate, labels, rate  # same directory
 from evaluate_fidelity import expected
 
 from ditloc.edit import ClosedFormConfig, TrainConfig, unlearn

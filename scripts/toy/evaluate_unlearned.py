@@ -21,7 +21,8 @@ import torch
 from ditloc.edit import load_edit
 from ditloc.toy import load_pipeline
 from ditloc.toy.oracle import load_oracle
-from evaluate_editing import build_sets, evaluate  # same directory
+from editing_eval import evaluate  # same directory
+from evaluate_editing import build_sets
 
 
 def main(argv=None) -> int:
