@@ -37,19 +37,9 @@ def localize(
 ) -> Localization:
     """Localize `concept`: score every block (method.md §1, §7), or search block sets (§9).
 
-    The trajectory of each (prompt, seed) is exactly the one
-    ``pipe(prompt, num_inference_steps=N, guidance_scale=G,
-    generator=torch.Generator(generator_device).manual_seed(seed), max_sequence_length=L)``
-    samples. `options` (:class:`~ditloc.options.RunOptions`) says how the pipeline
-    is called; keyword arguments override its fields (``num_inference_steps``,
-    ``guidance_scale``, ...) or are passed to the pipeline.
-
-    `method`: ``contribution`` (default; `variant`, `out_bias` choose its form),
-    ``patch`` or ``attribution``. The causal methods compare with `clean_prompts`
-    (one per prompt; default: the prompt with the concept removed). Cost per
-    denoising step, in conditional-row forwards: contribution none extra; patch
-    1 + blocks (batched `block_batch` blocks per forward); attribution 2 forwards
-    and one backward. Only the conditional half of a CFG batch is measured.
+    `method`: ``contribution`` (default), ``patch`` or ``attribution``: the per-block scores of
+    :func:`~ditloc.localize.scores.block_scores` (its doc: the sampled trajectory, `options`, the
+    clean prompts, the cost per step), which takes every argument but the search's.
 
     ``search`` (method.md §9): the set-level search over block sets
     (`ditloc.localize.search`), configured by `search` (a `SearchConfig`), scoring presence
