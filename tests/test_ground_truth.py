@@ -13,8 +13,8 @@ from bench_helpers import run_cli
 from ditloc.bench import ground_truth as gt
 from ditloc.bench.ground_truth import run as gt_run
 from ditloc.bench.ground_truth import (GroundTruthSettings, greedy_sets, method_metrics,
-                                       oracle_result, run_ground_truth, samples, spearman, summarize_ground_truth,
-                                       summarize_methods)
+                                       oracle_result, paired_regrets, run_ground_truth, samples, spearman,
+                                       summarize_ground_truth, summarize_methods)
 from ditloc.errors import DitlocError
 from ditloc.localize import Localization
 
@@ -96,6 +96,26 @@ def test_spearman_average_ranks():
     x, y = np.array([1.5, 1.5, 3, 4]), np.array([1, 2, 3, 4.0])
     expected = np.corrcoef(x, y)[0, 1]
     assert spearman([5, 5, 7, 9], [1, 2, 3, 4]) == pytest.approx(expected)
+
+
+def test_paired_regrets_pair_each_method_with_the_reference_on_the_same_concepts():
+    def entry(**regrets):  # method -> (regret@1, regret@2, regret@4), or None: not measured
+        return {"methods": {m: None if r is None else {"regret": dict(zip(("1", "2", "4"), r))}
+                            for m, r in regrets.items()}}
+
+    concepts = [entry(search=(0.0, 0.1, 0.2), patch=(0.0, 0.3, 0.5)),
+                entry(search=(0.0, 0.0, 0.1), patch=(0.0, 0.2, 0.3)),
+                entry(search=(0.2, 0.4, 0.4), patch=(0.1, 0.4, 0.4)),
+                entry(search=None, patch=(0.9, 0.9, 0.9))]  # the reference is missing: not paired
+    p = paired_regrets(concepts, "search")
+    assert set(p) == {"patch"}
+    r2, r4, r1 = p["patch"]["regret_2"], p["patch"]["regret_4"], p["patch"]["regret_1"]
+    assert r2["n"] == 3 and r2["mean"] == pytest.approx(0.4 / 3)
+    half = 1.959964 * np.std([0.2, 0.2, 0.0], ddof=1) / np.sqrt(3)
+    assert r2["low"] == pytest.approx(0.4 / 3 - half) and r2["high"] == pytest.approx(0.4 / 3 + half)
+    assert (r2["worse"], r2["better"]) == (2, 0)  # the third concept ties
+    assert r4["mean"] == pytest.approx(0.5 / 3) and (r4["worse"], r4["better"]) == (2, 0)
+    assert (r1["worse"], r1["better"]) == (0, 1) and r1["mean"] == pytest.approx(-0.1 / 3)
 
 
 def test_greedy_stops_where_data_ends():
@@ -231,6 +251,31 @@ def test_summary_files(tiny_run):
     assert code == 0, err
     assert (copy / gt.SUMMARY_JSON).read_text() == before
     assert json.loads(json.dumps(summarize_ground_truth(copy))) == json.loads(before)
+
+
+def test_summary_pairs_the_methods_with_the_reference(tiny_run, tmp_path, monkeypatch):
+    import shutil
+
+    from ditloc.bench.ground_truth import summary as gt_summary
+    from ditloc.bench.ground_truth.settings import TIE
+
+    out, _ = tiny_run
+    assert "paired" not in json.loads((out / gt.SUMMARY_JSON).read_text())  # no `search` in this run: no reference
+    copy = tmp_path / "paired"
+    shutil.copytree(out, copy)
+    monkeypatch.setattr(gt_summary, "PAIRED_REFERENCE", "contribution")
+    summary = summarize_ground_truth(copy)
+    (concept,) = summary["concepts"]
+    assert summary["paired"]["reference"] == "contribution" and set(summary["paired"]["methods"]) == {"patch", "attribution"}
+    for method in ("patch", "attribution"):
+        for k in ("1", "2", "4"):
+            d = summary["paired"]["methods"][method][f"regret_{k}"]
+            diff = concept["methods"][method]["regret"][k] - concept["methods"]["contribution"]["regret"][k]
+            assert d["n"] == 1 and d["mean"] == pytest.approx(diff) and d["worse"] + d["better"] == int(abs(diff) > TIE)
+    md = (copy / gt.SUMMARY_MD).read_text()
+    assert "## Against `contribution`, paired over concepts" in md
+    starts = [line.split(" |")[0] for line in md.splitlines()]
+    assert starts.count("| patch") == 2 and starts.count("| attribution") == 2  # the per-method table and the paired one
 
 
 def test_rerun_generates_nothing(tiny_run, toy_pipe, monkeypatch):

@@ -51,6 +51,7 @@ from .metrics import (
                       method_conditions,
                       method_metrics,
                       oracle_result,
+                      paired_regrets,
                       ranking,
                       spearman,
                       summarize_methods,
@@ -82,7 +83,7 @@ __all__ = [
     "FORMAT", "HALF", "LOCALIZATIONS_FILE", "MAX_K", "METHODS", "SCREEN_DELTA", "SETTINGS_FILE", "STORE_FILE", "SUMMARY_JSON",
     "SUMMARY_MD", "GroundTruthResult", "GroundTruthSettings", "MethodMetrics", "OracleResult", "auto_k",
     "check_ground_truth_dir", "expected_conditions", "greedy_sets", "joint", "localization_file", "method_conditions",
-    "method_metrics", "oracle_result", "plan_ground_truth", "ranking", "read_conditions", "read_localizations",
+    "method_metrics", "oracle_result", "paired_regrets", "plan_ground_truth", "ranking", "read_conditions", "read_localizations",
     "run_ground_truth", "samples", "screen_indices", "screen_margin", "spearman", "summarize_ground_truth", "summarize_methods", "summary_markdown",
     "summary_tables",
 ]

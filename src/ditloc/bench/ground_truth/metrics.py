@@ -259,3 +259,25 @@ def summarize_methods(rows: Sequence[tuple[OracleResult, MethodMetrics]]) -> dic
                             "mean_abs": _mean(abs(m.k_diff) for m in known if m.k_diff is not None)["mean"]},
         }
     return out
+
+
+def paired_regrets(concepts: Sequence[Mapping], reference: str) -> dict:
+    """Every other method's regret@K minus `reference`'s, paired over the concepts both
+    were measured on (per-concept entries of the summary: {"methods": {method: metrics
+    dict or None}}): the mean difference with its 95% CI over concepts, and on how many
+    concepts the method's regret is above the reference's (`worse`) or below it
+    (`better`), ties within TIE. Pairing removes what the concepts share (how hard each
+    is), so it can find a difference the per-method intervals both cover."""
+    methods = list(dict.fromkeys(m for c in concepts for m in c["methods"] if m != reference))
+    out = {}
+    for method in methods:
+        both = [(c["methods"][method], c["methods"][reference]) for c in concepts
+                if c["methods"].get(method) is not None and c["methods"].get(reference) is not None]
+        row = {}
+        for k in REGRET_KS:
+            diffs = [m["regret"][str(k)] - r["regret"][str(k)] for m, r in both
+                     if m["regret"].get(str(k)) is not None and r["regret"].get(str(k)) is not None]
+            row[f"regret_{k}"] = {**_mean(diffs), "worse": sum(d > TIE for d in diffs),
+                                  "better": sum(d < -TIE for d in diffs)}
+        out[method] = row
+    return out

@@ -22,6 +22,7 @@ SUMMARY_MD = "summary.md"
 #: search (§9) with the toy oracle's soft presence ("search") or the model as its own judge ("search-self")
 METHODS = ("contribution", "patch", "attribution", "search", "search-self")
 SEARCH_METHODS = {"search": "evaluator", "search-self": "self"}
+PAIRED_REFERENCE = "search"  # the summary pairs every other method's regrets with this one's
 #: the search runs on its own prompts, not the held-out ones it is judged on: SEARCH_PROMPTS of the concept's
 #: localization prompts (evenly spread) x SEARCH_SEEDS, at SEARCH_STEPS sampling steps
 SEARCH_PROMPTS = 6

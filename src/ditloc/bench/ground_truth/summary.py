@@ -9,12 +9,13 @@ from ...errors import DitlocError
 from ...localize import minimal_k_of
 from ...stats import mean_ci
 from .joint import joint_summary, read_joint, streams
-from .metrics import method_metrics, oracle_result, summarize_methods
+from .metrics import method_metrics, oracle_result, paired_regrets, summarize_methods
 from .settings import (
     AUTO_K_FRACTION,
     FORMAT,
     HALF,
     MAX_K,
+    PAIRED_REFERENCE,
     REGRET_KS,
     SCREEN_DELTA,
     SETTINGS_FILE,
@@ -114,6 +115,9 @@ def summarize_ground_truth(out, *, threshold: float = HALF) -> dict:
         "concepts": per_concept,
         "incomplete": incomplete,
         "summary": summarize_methods(rows),
+        # the set-level search is the reference: the other methods' regrets against it, paired over concepts
+        **({"paired": {"reference": PAIRED_REFERENCE, "methods": paired_regrets(per_concept, PAIRED_REFERENCE)}}
+           if PAIRED_REFERENCE in methods and len(methods) > 1 else {}),
     }
     write_json(out / SUMMARY_JSON, summary, allow_nan=False)
     write_atomic(out / SUMMARY_MD, summary_markdown(summary))
@@ -183,6 +187,10 @@ def summary_tables(summary: dict) -> tuple[str, list[tuple[str, str, list[str], 
             [method, str(v["concepts"]), ci(v["hit_at_1"], "rate", 2)]
             + [ci(v[f"regret_{k}"], "mean") for k in REGRET_KS]
             + [ci(v["spearman"], "mean", 2), ci(v["auto_k_match"], "rate", 2), ci(v["auto_k_miss"], "mean_abs", 2)])
+    paired = []
+    for method, row in summary.get("paired", {}).get("methods", {}).items():
+        paired.append([method] + [f"{ci(row[f'regret_{k}'], 'mean')}; {row[f'regret_{k}']['worse']} / "
+                                  f"{row[f'regret_{k}']['better']}" for k in REGRET_KS])
     tables = [
         ("The search, per concept", "",
          ["category", "concept", "baseline (95% CI)", "best block", "drop", "best pair", "drop", "greedy 4", "drop",
@@ -197,6 +205,13 @@ def summary_tables(summary: dict) -> tuple[str, list[tuple[str, str, list[str], 
          ["method", "concepts", "hit@1 (n)", "regret@1 (n)", "regret@2 (n)", "regret@4 (n)", "spearman (n)",
           "auto-K match (n)", "mean abs miss (n)"], per_method),
     ]
+    if paired:
+        ref = summary["paired"]["reference"]
+        tables.append((
+            f"Against `{ref}`, paired over concepts",
+            (f"Each method's regret@K minus `{ref}`'s on the same concept: mean [95% CI over concepts] (n); then on "
+             f"how many concepts the method's regret is above `{ref}`'s / below it. A CI above 0: `{ref}` is better."),
+            ["method"] + [f"regret@{k} - {ref} (n); worse / better" for k in REGRET_KS], paired))
     return intro, tables + joint_tables(summary)
 
 
