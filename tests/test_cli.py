@@ -61,6 +61,8 @@ def test_localize_search_prints_the_curve_and_resumes(model_dir, tmp_path, capsy
     rows = [line.split() for line in stdout.splitlines() if line.strip()[:2] in ("1 ", "2 ")]
     assert [float(r[1]) for r in rows] == pytest.approx(d["search"]["presence"], abs=1e-3)
     assert "search: " in err and "block sets" in err
+    # no halving set found by the forward search: the line says what else to try
+    assert ("none up to 2 halves presence" in stdout and "--direction both" in stdout) == (d["search"]["auto_k"] is None)
     sets = len((out / "search.jsonl").read_text().splitlines())
     code, stdout, err = run(argv, capsys)  # the same command again: every set comes from the checkpoint
     assert code == 0 and "(0 generated now" in stdout

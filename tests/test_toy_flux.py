@@ -152,6 +152,9 @@ def test_cli_localize_search_uses_the_toy_oracle_and_settings(toy_flux, tmp_path
     assert d["settings"]["max_sequence_length"] == 32
     assert FLUX_CALL.items() <= d["settings"]["pipeline_kwargs"].items()
     assert "presence unedited" in stdout
+    # no single block halves zibbit (a set concept): the line names the backward search
+    assert d["search"]["auto_k"] is None
+    assert "none up to 1 halves presence" in stdout and "--direction both" in stdout
 
 
 def test_cli_closed_form_unlearning_with_the_pooled_edit(toy_flux, tmp_path, capsys):

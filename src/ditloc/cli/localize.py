@@ -234,7 +234,10 @@ def _localize_search(args, pipe, config, evaluator) -> None:
         mark = " <- K" if k == auto else ""
         print(f"{k:>2}  {p:>8.3f} {s.baseline - p:>6.3f} {rel:>8.2f}  {', '.join(blocks)}{mark}")
     if auto is None:
-        print(f"automatic K: none up to {s.max_k} halves presence (raise --max-k, or the knowledge is spread wider)")
+        hint = ("; a concept that several blocks hold redundantly, each alone removing ~0, may need --direction both, "
+                "which also eliminates backward from every block withheld" if config.direction == "forward" else "")
+        print(f"automatic K: none up to {s.max_k} halves presence (raise --max-k, or the knowledge is spread "
+              f"wider{hint})")
     else:
         print(f"automatic K = {auto} (the smallest K whose set halves presence)")
     if args.auto_k and auto is None:
