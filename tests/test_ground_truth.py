@@ -154,6 +154,16 @@ def test_samples_fill_with_seeds():
     assert len(set(samples(15, 32))) == 32
 
 
+def test_sample_calls_generate_the_samples_in_their_order():
+    (c,) = gt.plan_ground_truth(GroundTruthSettings(concepts=("triangle",)))
+    for n in (32, 15, 4):
+        made = [(c.evaluation_prompts.index(p), seed) for plan, seeds in gt.sample_calls(c, n)
+                for p in plan.evaluation_prompts for seed in seeds]  # prompt-major within each call
+        assert made == samples(len(c.evaluation_prompts), n)
+        for plan, _ in gt.sample_calls(c, n):
+            assert plan.clean_prompts == c.clean_prompts[:len(plan.evaluation_prompts)]
+
+
 def test_settings_validated():
     with pytest.raises(DitlocError, match="unknown method 'nope'"):
         GroundTruthSettings(methods=("nope",))

@@ -23,7 +23,6 @@ Resumable: finished concepts are kept in probe.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ditloc.bench.ground_truth import GroundTruthSettings, plan_ground_truth
+from ditloc.bench.ground_truth import GroundTruthSettings, plan_ground_truth, sample_calls
 from ditloc.bench.runner import generate_scored
 from ditloc.evaluate import get_evaluator
 from ditloc.stats import mean_ci
@@ -69,11 +68,7 @@ def main() -> None:
     for c in plans:
         if c.concept in done:
             continue
-        # the ground truth's samples: every prompt x seeds 0 .. full-1, then the first `rest` prompts at seed `full`
-        full, rest = divmod(args.n_images, len(c.evaluation_prompts))
-        groups = ([(c, list(range(full)))] if full else []) + ([(dataclasses.replace(
-            c, evaluation_prompts=c.evaluation_prompts[:rest], clean_prompts=c.clean_prompts[:rest]), [full])]
-            if rest else [])
+        groups = sample_calls(c, args.n_images)  # the ground truth's images, in its order
         rows = {}
         for label, withheld, pooled in conditions(blocks):
             t = time.time()

@@ -18,7 +18,6 @@ evaluated set in `searches/`, a finished concept keeps its file; two runs on dif
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -26,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ditloc.bench.ground_truth import GroundTruthSettings, plan_ground_truth, read_conditions, read_localizations
+from ditloc.bench.ground_truth import (GroundTruthSettings, plan_ground_truth, read_conditions, read_localizations,
+                                       sample_calls)
 from ditloc.bench.ground_truth.settings import MAX_K, SEARCH_SEEDS, SEARCH_STEPS, search_prompt_indices
 from ditloc.bench.runner import generate_scored
 from ditloc.evaluate import get_evaluator
@@ -37,12 +37,8 @@ from ditloc.toy import load_pipeline
 
 def held_out(pipe, c, blocks: list[str], n_images: int, evaluator, options) -> list[float]:
     """The set's scores on the ground truth's held-out images, in its `samples` order."""
-    full, rest = divmod(n_images, len(c.evaluation_prompts))
-    groups = ([(c, list(range(full)))] if full else []) + ([(dataclasses.replace(
-        c, evaluation_prompts=c.evaluation_prompts[:rest], clean_prompts=c.clean_prompts[:rest]), [full])]
-        if rest else [])
     scores = []
-    for plan, seeds in groups:
+    for plan, seeds in sample_calls(c, n_images):
         _, v = generate_scored(pipe, plan, blocks, evaluator, seeds=seeds, batch_size=64, options=options)
         scores += [float(x) for x in v]
     return scores

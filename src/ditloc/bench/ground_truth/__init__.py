@@ -72,6 +72,7 @@ from .settings import (
                       check_ground_truth_dir,
                       localization_file,
                       plan_ground_truth,
+                      sample_calls,
                       samples,
                       screen_indices,
                       screen_margin,
@@ -84,6 +85,6 @@ __all__ = [
     "SUMMARY_MD", "GroundTruthResult", "GroundTruthSettings", "MethodMetrics", "OracleResult", "auto_k",
     "check_ground_truth_dir", "expected_conditions", "greedy_sets", "joint", "localization_file", "method_conditions",
     "method_metrics", "oracle_result", "paired_regrets", "plan_ground_truth", "ranking", "read_conditions", "read_localizations",
-    "run_ground_truth", "samples", "screen_indices", "screen_margin", "spearman", "summarize_ground_truth", "summarize_methods", "summary_markdown",
+    "run_ground_truth", "sample_calls", "samples", "screen_indices", "screen_margin", "spearman", "summarize_ground_truth", "summarize_methods", "summary_markdown",
     "summary_tables",
 ]

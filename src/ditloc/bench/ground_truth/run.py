@@ -44,6 +44,7 @@ from .settings import (
     check_ground_truth_dir,
     localization_file,
     plan_ground_truth,
+    sample_calls,
     samples,
     screen_indices,
     screen_margin,
@@ -263,13 +264,7 @@ class _Run:
         blocks = _in_order(condition, self.blocks) or (None if pooled is None else [])
         generation = {} if pooled is None else {"pooled": pooled}
         if indices is None:
-            full, rest = divmod(s.n_images, len(c.evaluation_prompts))
-            groups = []  # the calls that make `samples(...)`, in its order
-            if full:
-                groups.append((c, list(range(full))))
-            if rest:
-                groups.append((dataclasses.replace(c, evaluation_prompts=c.evaluation_prompts[:rest],
-                                                   clean_prompts=c.clean_prompts[:rest]), [full]))
+            groups = sample_calls(c, s.n_images)
         else:  # one call per seed, over that seed's prompts (each image's noise is its own seed's)
             every = samples(len(c.evaluation_prompts), s.n_images)
             wanted = [every[i] for i in indices]

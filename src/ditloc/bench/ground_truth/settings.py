@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -128,6 +129,17 @@ def samples(n_prompts: int, n_images: int) -> list[tuple[int, int]]:
     n_images = F * n_prompts + R. Fewer images than prompts: the first n_images prompts, seed 0."""
     full, rest = divmod(n_images, n_prompts)
     return [(p, s) for p in range(n_prompts) for s in range(full)] + [(p, full) for p in range(rest)]
+
+
+def sample_calls(c: ConceptPlan, n_images: int) -> list[tuple[ConceptPlan, list[int]]]:
+    """The generation calls, (plan, seeds), whose images are a condition's `samples(...)`, in its order:
+    every prompt x seeds 0..F-1, then the first R prompts at seed F."""
+    full, rest = divmod(n_images, len(c.evaluation_prompts))
+    calls = [(c, list(range(full)))] if full else []
+    if rest:
+        calls.append((dataclasses.replace(c, evaluation_prompts=c.evaluation_prompts[:rest],
+                                          clean_prompts=c.clean_prompts[:rest]), [full]))
+    return calls
 
 
 def screen_indices(n_images: int, screen: int) -> list[int]:
