@@ -3,12 +3,14 @@ same prompts, measured side by side in one process: search to K = 4 with and wit
 candidate pruning, with the evaluator objective and with the model as its own judge.
 
     python benchmarks/search_cost.py --model toy                       # the shipped toy PixArt, toy oracle
+    python benchmarks/search_cost.py --model toy-flux                  # the shipped toy FLUX
     python benchmarks/search_cost.py --model pixart --size small       # CPU-sized shapes of each family
     python benchmarks/search_cost.py --model flux --size small
     python benchmarks/search_cost.py --counts                          # generations at real-model sizes
 
-Every run uses the same prompts x seeds; the plain generation and each search run at
-`--steps` sampling steps, the search's generations at `--search-steps` (default half).
+Every run uses the same prompts x seeds; the plain generation runs at `--steps` sampling
+steps; the default search at its own (`SearchConfig().search_steps`), the exhaustive greedy
+(rank "generation") at `--search-steps` (default half of `--steps`).
 On the toy the evaluator is the toy oracle; on random-weight shapes a stand-in (the
 mean of one color channel: cheap, so the evaluator objective's ratio is the generations'
 own cost). Wall times are medians of `--repeats` runs after one warm-up; the search
@@ -16,8 +18,9 @@ runs without a checkpoint. Benchmark idle: other processes on the cores change t
 numbers, not only the ratios.
 
 `--counts` prints, without running anything, the number of generations the search needs
-(one generation = every prompt x seed once, at the search's steps) for PixArt-XL (28 blocks)
-and FLUX.1-dev (57 blocks), and the equivalent number of plain generations at 20 steps.
+(one generation = every prompt x seed once, at the search's steps) for PixArt-XL (28 blocks),
+SANA-1600M (20), SD3.5-large (38) and FLUX.1-dev (57), and the equivalent number of plain
+generations at 20 steps: the exhaustive greedy at 10 steps, and the default search.
 """
 
 from __future__ import annotations
@@ -57,32 +60,49 @@ class MeanChannel(Evaluator):
 
 
 def generations(n_blocks: int, max_k: int = 4, candidates: int | None = None, objective: str = "evaluator") -> int:
-    """Generations of a greedy forward search (beam 1): the baseline, (the clean prompt's for
-    self), and m + (m-1) + ... + (m-max_k+1) sets over m candidate blocks."""
+    """Generations of the exhaustive greedy forward search (rank "generation", beam 1): the
+    baseline, (the clean prompt's for self), and m + (m-1) + ... + (m-max_k+1) sets over m blocks."""
     m = candidates or n_blocks
     return 1 + (objective == "self") + sum(m - k for k in range(max_k))
 
 
-def counts_table(steps: int = 20, search_steps: int = 10) -> str:
+def ranked_generations(max_k: int = 4, verify: int = 2, objective: str = "evaluator") -> int:
+    """Generations of the gradient-ranked search (the default): the baseline, (the clean prompt's
+    for self), and `verify` sets per step, whatever the number of blocks (a kept set the
+    ranking did not expect to win is generated once more; not counted)."""
+    return 1 + (objective == "self") + max_k * verify
+
+
+def counts_table(steps: int = 20) -> str:
     """Generations for real-model sizes, and their cost in plain generations at `steps`."""
+    default = SearchConfig()
+    s_new, verify, g_steps = default.search_steps, default.verify, default.gradient_steps
     lines = ["| model | blocks | search | generations | = plain generations at 20 steps |", "|---|---:|---|---:|---:|"]
-    # rows of one denoising step: PixArt samples with CFG (2), FLUX.1-dev is guidance-distilled (1)
-    for name, n, rows in (("PixArt-XL (28 blocks)", 28, 2), ("FLUX.1-dev (19 double + 38 single)", 57, 1)):
-        for label, cand in (("K <= 4, every block", None), (f"K <= 4, candidates {2 * n // 3}", 2 * n // 3)):
-            for objective in ("evaluator", "self"):
-                g = generations(n, 4, cand, objective)
-                # self: each image is also judged by len(LEVELS) x DRAWS x 2 single-row forwards, against rows x steps
-                # rows of a CFG generation; pruning by contribution adds one generation at the search's steps
-                judge = len(LEVELS) * DRAWS * 2 / (rows * search_steps) if objective == "self" else 0.0
-                plain = g * search_steps / steps * (1 + judge) + (search_steps / steps if cand else 0.0)
-                lines.append(f"| {name} | {n} | {label}, {objective} | {g} | {plain:.0f} |")
+    # rows of one denoising step: PixArt, SANA and SD3.5 sample with CFG (2), FLUX.1-dev is guidance-distilled (1)
+    models = (("PixArt-XL", 28, 2), ("SANA-1600M", 20, 2), ("SD3.5-large", 38, 2),
+              ("FLUX.1-dev (19 double + 38 single)", 57, 1))
+    for name, n, rows in models:
+        for objective in ("evaluator", "self"):
+            # self: each image is also judged by len(LEVELS) x DRAWS x 2 single-row forwards
+            judge = len(LEVELS) * DRAWS * 2 / rows
+            g = generations(n, 4, None, objective)
+            plain = g * 10 / steps * (1 + (judge / 10 if objective == "self" else 0.0))
+            lines.append(f"| {name} | {n} | exhaustive greedy K <= 4, 10 steps, {objective} | {g} | {plain:.0f} |")
+            g = ranked_generations(4, verify, objective)
+            # a gradient step: a clean pass, a differentiable forward and its backward (~2 forwards) of the
+            # conditional rows, at `g_steps` steps of each of the K kept sets; the VAE decode is not counted
+            extra = 4 * g_steps * 4 / (rows * steps)
+            plain = g * s_new / steps * (1 + (judge / s_new if objective == "self" else 0.0)) + extra
+            lines.append(f"| {name} | {n} | default (gradient, verify {verify}, {s_new} steps), {objective} | {g} | "
+                         f"{plain:.1f} |")
     return "\n".join(lines)
 
 
 def _pipe(model: str, size: str):
-    if model == "toy":
-        pipe = ditloc.toy.load_pipeline()
-        return pipe, TOY_PROMPTS, "zibbit", None, dict(max_sequence_length=32, clean_caption=False)
+    if model in ("toy", "toy-flux"):
+        pipe = ditloc.toy.load_pipeline(model)
+        run = dict(max_sequence_length=32) if model == "toy-flux" else dict(max_sequence_length=32, clean_caption=False)
+        return pipe, TOY_PROMPTS, "zibbit", None, run
     pipe, call = build_pipeline(model, SHAPES[model][size], "cpu", torch.float32)  # call: the shape's pipe(...) kwargs
     return pipe, SHAPE_PROMPTS, "van gogh", MeanChannel(), dict(call)
 
@@ -98,10 +118,11 @@ def measure(args) -> dict:
     candidates = args.candidates or max(args.max_k, 2 * n_blocks // 3)
     variants = {"plain": None}
     for objective in ("evaluator", "self"):
+        variants[f"search {objective} (default)"] = SearchConfig(objective=objective, max_k=args.max_k)
         for cand in (None, candidates):
-            label = f"search {objective}" + (f", candidates {cand}" if cand else "")
+            label = f"exhaustive greedy {objective}" + (f", candidates {cand}" if cand else "")
             variants[label] = SearchConfig(objective=objective, max_k=args.max_k, candidates=cand,
-                                           search_steps=search_steps)
+                                           search_steps=search_steps, rank="generation")
 
     def run_variant(config):
         t0 = time.perf_counter()
@@ -126,7 +147,7 @@ def measure(args) -> dict:
     plain = statistics.median(times["plain"])
     rows = {name: {"seconds": statistics.median(t), "ratio": statistics.median(t) / plain, **found.get(name, {})}
             for name, t in times.items()}
-    return {"model": args.model, "size": args.size if args.model != "toy" else None, "blocks": n_blocks,
+    return {"model": args.model, "size": args.size if not args.model.startswith("toy") else None, "blocks": n_blocks,
             "prompts": len(prompts), "seeds": len(seeds), "steps": args.steps, "search_steps": search_steps,
             "max_k": args.max_k, "threads": args.threads, "repeats": args.repeats, "rows": rows,
             "cpu": _cpu_name(), "torch": torch.__version__}
@@ -144,7 +165,7 @@ def _cpu_name() -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="toy", choices=("toy", "pixart", "sana", "flux", "sd3"))
+    ap.add_argument("--model", default="toy", choices=("toy", "toy-flux", "pixart", "sana", "flux", "sd3"))
     ap.add_argument("--size", default="small", choices=("tiny", "small"))
     ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--seeds", type=int, default=2)
@@ -163,9 +184,9 @@ def main(argv=None) -> int:
     result = measure(args)
     print(f"{args.model} ({result['blocks']} blocks), {result['prompts']} prompts x {result['seeds']} seeds, "
           f"{args.steps} steps (search {result['search_steps']}), {args.threads} threads, {result['cpu']}")
-    print(f"{'run':<36} {'seconds':>8} {'x plain':>8} {'generations':>12}")
+    print(f"{'run':<40} {'seconds':>8} {'x plain':>8} {'generations':>12}  sets")
     for name, r in result["rows"].items():
-        print(f"{name:<36} {r['seconds']:>8.2f} {r['ratio']:>8.1f} {r.get('generations', ''):>12}")
+        print(f"{name:<40} {r['seconds']:>8.2f} {r['ratio']:>8.1f} {r.get('generations', ''):>12}  {r.get('sets', '')}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0

@@ -20,7 +20,8 @@ out = {}
 for c in plan_ground_truth(settings):
     idx = search_prompt_indices(len(c.localization_prompts))
     loc = ditloc.localize(pipe, [c.localization_prompts[i] for i in idx], c.concept, method="search",
-                          search=SearchConfig(objective="evaluator", direction="backward", search_steps=SEARCH_STEPS),
+                          search=SearchConfig(objective="evaluator", direction="backward", search_steps=SEARCH_STEPS,
+                                              rank="generation"),
                           eval_text=c.eval_text, clean_prompts=[c.localization_clean_prompts[i] for i in idx],
                           seed=list(SEARCH_SEEDS), options=settings.run_options,
                           checkpoint=f"{OUT}/{c.concept}.jsonl")

@@ -2,6 +2,7 @@
 single-block withholding predictions made the way `generate` makes them, and
 `attribution` equals finite differences of the same metric, for every family."""
 
+import functools
 import copy
 import json
 
@@ -13,6 +14,8 @@ from ditloc.engine import CausalProbe, Session, instrument
 from ditloc.localize import Localization
 from ditloc.options import RunOptions
 from ditloc.testing import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sana_pipeline, tiny_sd3_pipeline
+
+localize_contribution = functools.partial(ditloc.localize, method="contribution")
 
 PROMPTS = ["a photo of van gogh in the city", "van gogh painting of a dog"]
 CLEAN = ["a photo in the city", "painting of a dog"]
@@ -155,7 +158,7 @@ def test_causal_localization_round_trips_and_derives_clean_prompts(tmp_path):
 def test_bad_causal_arguments_are_refused_before_work(bad, message):
     pipe = _PIPES.get("pixart") or tiny_pixart_pipeline()
     with pytest.raises(ditloc.DitlocError, match=message):
-        ditloc.localize(pipe, PROMPTS, CONCEPT, **bad, **CASES["pixart"][1])
+        localize_contribution(pipe, PROMPTS, CONCEPT, **bad, **CASES["pixart"][1])
 
 
 def _loc(scores):

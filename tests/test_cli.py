@@ -36,7 +36,8 @@ def test_localize_writes_json_and_table(model_dir, tmp_path, capsys):
     prompts.write_text("# a comment\nvan gogh at night\n\n")
     out = tmp_path / "loc"
     code, stdout, err = run(["localize", model_dir, "--concept", "Van Gogh", "--prompt", "a photo of van gogh",
-                             "--prompts-file", str(prompts), "--top-k", "2", "--out", str(out), *COMMON], capsys)
+                             "--prompts-file", str(prompts), "--top-k", "2", "--method", "contribution",
+                             "--out", str(out), *COMMON], capsys)
     assert code == 0, err
     d = json.loads((out / "localization.json").read_text())
     assert d["blocks"] == ["block.0", "block.1", "block.2", "block.3"]
@@ -79,7 +80,7 @@ def test_localize_search_prints_the_curve_and_resumes(model_dir, tmp_path, capsy
 def test_intervene_from_localization(model_dir, tmp_path, capsys):
     out = tmp_path / "loc"
     assert run(["localize", model_dir, "--concept", "van gogh", "--prompt", "a photo of van gogh",
-                "--out", str(out), *COMMON], capsys)[0] == 0
+                "--method", "contribution", "--out", str(out), *COMMON], capsys)[0] == 0
     iv = tmp_path / "iv"
     code, stdout, err = run(["intervene", model_dir, "--concept", "van gogh", "--prompt", "a photo of van gogh",
                              "--top-k", "2", "--localization", str(out / "localization.json"),
@@ -126,7 +127,8 @@ BAD = [
     (["--concept", "snoopy", "--prompt", "a photo of van gogh"], "not in prompt"),
     (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "gradient"], "invalid choice"),
     (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--top-k", "2", "--auto-k"], "not both"),
-    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--clean-prompt", "a photo"], "patch, attribution or search"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "contribution", "--clean-prompt",
+      "a photo"], "patch, attribution or search"),
     (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "patch", "--clean-prompt", "a",
       "--clean-prompt", "b"], "one per prompt"),
     (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "patch", "--block-batch", "0"],
@@ -145,7 +147,11 @@ BAD = [
      "unknown objective 'judge'"),
     (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "search", "--objective", "evaluator"],
      "needs --evaluator"),
-    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--max-k", "3"], "setting of --method search"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "patch", "--max-k", "3"],
+     "setting of --method search"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--rank", "sideways"], "unknown search ranking"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--rank", "gradient", "--evaluator", "vlm"],
+     "not differentiable"),
     (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "search", "--evaluator", "toy"],
      "'van gogh' is not a toy concept"),
     (["--concept", "van gogh", "--prompts-file", "/nonexistent/prompts.txt"], "cannot read prompts file"),
@@ -203,3 +209,16 @@ def test_entry_point_subprocess(model_dir, tmp_path):
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("ditloc: error: concept 'snoopy' is not in prompt")
+
+
+def test_localize_searches_by_default_and_says_its_objective(model_dir, tmp_path, capsys):
+    """No --method: the set-level search; on a model without an evaluator the self objective,
+    said in one line before the run."""
+    out = tmp_path / "loc"
+    code, stdout, err = run(["localize", model_dir, "--concept", "van gogh", "--prompt", "a photo of van gogh",
+                             "--max-k", "2", "--verify", "1", "--out", str(out), *COMMON], capsys)
+    assert code == 0, err
+    assert stdout.splitlines()[0].startswith("search objective: self")
+    d = json.loads((out / "localization.json").read_text())
+    assert d["settings"]["method"] == "search" and d["search"]["objective"] == "self"
+    assert d["settings"]["search"]["rank"] == "gradient" and len(d["search"]["sets"]) == 2

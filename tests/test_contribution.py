@@ -1,5 +1,6 @@
 """Streaming contributions equal a naive computation from materialized attention maps."""
 
+import functools
 import pytest
 import torch
 
@@ -8,6 +9,8 @@ from ditloc.adapters import get_adapter
 from ditloc.engine import concept_contribution
 
 from conftest import RUN
+
+localize_contribution = functools.partial(ditloc.localize, method="contribution")
 
 
 def naive(q, k, v, pos, mask, w, b, variant):
@@ -118,7 +121,7 @@ def test_localize_matches_naive_maps(any_pipe, variant, out_bias):
     prompts = ["a photo of van gogh", "van gogh painting of a dog in the city at night", "the van gogh, the van gogh"]
     adapter, calls, handles = _capture_attn2_inputs(pipe)
     try:
-        loc = ditloc.localize(pipe, prompts, "Van Gogh", variant=variant, out_bias=out_bias, guidance_scale=4.5, **RUN)
+        loc = localize_contribution(pipe, prompts, "Van Gogh", variant=variant, out_bias=out_bias, guidance_scale=4.5, **RUN)
     finally:
         for h in handles:
             h.remove()
@@ -136,7 +139,7 @@ def test_padding_mask_is_respected(pixart):
     """Without the mask the softmax would spread over padding; with it, results match the masked naive map."""
     adapter, calls, handles = _capture_attn2_inputs(pixart)
     try:
-        ditloc.localize(pixart, ["a photo of van gogh"], "van gogh", **RUN)
+        localize_contribution(pixart, ["a photo of van gogh"], "van gogh", **RUN)
     finally:
         for h in handles:
             h.remove()
@@ -147,8 +150,8 @@ def test_padding_mask_is_respected(pixart):
 def test_unconditional_half_not_measured(pixart):
     """CFG batch [uncond, cond]: scores come from the conditional half only, so they do not
     depend on the negative prompt's contents."""
-    a = ditloc.localize(pixart, ["a photo of van gogh"], "van gogh", **RUN)
-    b = ditloc.localize(pixart, ["a photo of van gogh"], "van gogh", negative_prompt="a dog", **RUN)
+    a = localize_contribution(pixart, ["a photo of van gogh"], "van gogh", **RUN)
+    b = localize_contribution(pixart, ["a photo of van gogh"], "van gogh", negative_prompt="a dog", **RUN)
     # The trajectories differ (CFG mixes both halves), so scores differ from step 1 on,
     # but at step 0 the conditional half's inputs are identical.
     torch.testing.assert_close(a.per_sample_step[:, 0], b.per_sample_step[:, 0], rtol=1e-6, atol=0)
@@ -156,7 +159,7 @@ def test_unconditional_half_not_measured(pixart):
 
 
 def test_no_guidance_batch(pixart):
-    loc = ditloc.localize(pixart, ["a photo of van gogh"], "van gogh", guidance_scale=1.0, **RUN)
+    loc = localize_contribution(pixart, ["a photo of van gogh"], "van gogh", guidance_scale=1.0, **RUN)
     assert loc.per_sample_step.shape[2] == 1 and torch.isfinite(loc.scores).all()
 
 

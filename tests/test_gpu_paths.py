@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import types
@@ -38,6 +39,8 @@ from ditloc.engine import (
     kernels,
     sdpa_with_lse,
 )
+
+localize_contribution = functools.partial(ditloc.localize, method="contribution")
 
 
 def _qkv(n=2, H=3, N=37, L=13, d=8, dtype=torch.float32, seed=0):
@@ -283,7 +286,7 @@ def _host_reads(fn, steps):
 
 def _runs(pipe, run):
     def localize(steps):
-        ditloc.localize(pipe, PROMPTS, "van gogh", seed=0, **{**run, "num_inference_steps": steps})
+        localize_contribution(pipe, PROMPTS, "van gogh", seed=0, **{**run, "num_inference_steps": steps})
 
     def withhold(steps):
         names = get_adapter(pipe).block_names()

@@ -1,5 +1,6 @@
 """Everything installed is undone, also after an exception."""
 
+import functools
 import pytest
 import torch
 
@@ -9,6 +10,8 @@ from ditloc.errors import DitlocError
 from ditloc.engine import Probe, Session, instrument
 
 from conftest import RUN
+
+localize_contribution = functools.partial(ditloc.localize, method="contribution")
 
 
 def snapshot(pipe):
@@ -27,7 +30,7 @@ def assert_same(pipe, before):
 
 def test_restored_after_success(any_pipe):
     before = snapshot(any_pipe)
-    ditloc.localize(any_pipe, ["a photo of van gogh"], "van gogh", **RUN)
+    localize_contribution(any_pipe, ["a photo of van gogh"], "van gogh", **RUN)
     ditloc.generate(any_pipe, ["a photo of van gogh"], withhold=["block.0"], concept="van gogh", **RUN)
     assert_same(any_pipe, before)
 
@@ -39,7 +42,7 @@ def test_restored_after_exception(pixart):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        ditloc.localize(pixart, ["a photo of van gogh"], "van gogh", callback=boom, **RUN)
+        localize_contribution(pixart, ["a photo of van gogh"], "van gogh", callback=boom, **RUN)
     assert_same(pixart, before)
     with pytest.raises(RuntimeError, match="boom"):
         ditloc.generate(pixart, ["a photo of van gogh"], withhold="all", concept="van gogh", callback=boom, **RUN)
@@ -48,7 +51,7 @@ def test_restored_after_exception(pixart):
 
 def test_unknown_pipeline_keyword_is_an_error(pixart):
     with pytest.raises(DitlocError, match="takes no argument 'callback_on_step_end'"):
-        ditloc.localize(pixart, ["a photo of van gogh"], "van gogh", callback_on_step_end=print, **RUN)
+        localize_contribution(pixart, ["a photo of van gogh"], "van gogh", callback_on_step_end=print, **RUN)
     with pytest.raises(DitlocError, match="ditloc's own argument"):
         ditloc.generate(pixart, ["a photo of van gogh"], output_type="np", **{**RUN, "generator": None})
 
@@ -81,7 +84,7 @@ def test_nested_instrumentation_is_refused(pixart):
     before = snapshot(pixart)
     with instrument(adapter, Session()):
         with pytest.raises(DitlocError, match="already instrumented"):
-            ditloc.localize(pixart, ["a photo of van gogh"], "van gogh", **RUN)
+            localize_contribution(pixart, ["a photo of van gogh"], "van gogh", **RUN)
     assert_same(pixart, before)
 
 

@@ -1,6 +1,7 @@
 """Joint-attention DiTs (FLUX, SD3/SD3.5): streaming contributions, intervention
 invariants, and concept positions in the text stream the transformer reads."""
 
+import functools
 import numpy as np
 import pytest
 import torch
@@ -10,6 +11,8 @@ from ditloc.adapters import get_adapter
 from ditloc.testing import tiny_flux_pipeline, tiny_sd3_pipeline
 
 from test_contribution import naive
+
+localize_contribution = functools.partial(ditloc.localize, method="contribution")
 
 FLUX_RUN = dict(num_inference_steps=3, height=16, width=16, max_sequence_length=32)
 SD3_RUN = dict(num_inference_steps=3, height=8, width=8, max_sequence_length=32)
@@ -150,7 +153,7 @@ def test_streaming_matches_naive_joint_maps(request, case_name, variant, out_bia
     name, pipe = case_name, request.getfixturevalue(case_name)
     run = {**CASES[name][0], **CASES[name][1]}
     prompts = PROMPTS
-    loc = ditloc.localize(pipe, prompts, "van gogh", variant=variant, out_bias=out_bias, **run)
+    loc = localize_contribution(pipe, prompts, "van gogh", variant=variant, out_bias=out_bias, **run)
     adapter = get_adapter(pipe)
     calls = sdpa_calls_of(monkeypatch, pipe.transformer, lambda: plain(pipe, prompts, run))
     calls = [c for c in calls if c[1].shape[2] > 64]  # joint attentions (SD3.5's attn2 is image-only)
@@ -245,15 +248,15 @@ def test_flux_truncated_concept(flux):
 
 
 def test_sd3_text_stream_option(sd3):
-    both = ditloc.localize(sd3, ["a photo of van gogh"], "van gogh", **SD3_RUN)
-    t5 = ditloc.localize(sd3, ["a photo of van gogh"], "van gogh", adapter_options={"text_stream": "t5"}, **SD3_RUN)
-    clip = ditloc.localize(sd3, ["a photo of van gogh"], "van gogh", adapter_options={"text_stream": "clip"}, **SD3_RUN)
+    both = localize_contribution(sd3, ["a photo of van gogh"], "van gogh", **SD3_RUN)
+    t5 = localize_contribution(sd3, ["a photo of van gogh"], "van gogh", adapter_options={"text_stream": "t5"}, **SD3_RUN)
+    clip = localize_contribution(sd3, ["a photo of van gogh"], "van gogh", adapter_options={"text_stream": "clip"}, **SD3_RUN)
     clip_len = sd3.tokenizer_max_length
     assert set(both.spans[0].positions) == set(t5.spans[0].positions) | set(clip.spans[0].positions)
     assert all(p >= clip_len for p in t5.spans[0].positions) and all(p < clip_len for p in clip.spans[0].positions)
     assert t5.settings["adapter_options"] == {"text_stream": "t5"}
     with pytest.raises(ditloc.DitlocError, match="text_stream must be one of"):
-        ditloc.localize(sd3, ["a photo of van gogh"], "van gogh", adapter_options={"text_stream": "x"}, **SD3_RUN)
+        localize_contribution(sd3, ["a photo of van gogh"], "van gogh", adapter_options={"text_stream": "x"}, **SD3_RUN)
     with pytest.raises(ditloc.DitlocError, match="sd3 has no option 'bogus'"):
         get_adapter(sd3, bogus=1)
     no_t5 = _quiet(tiny_sd3_pipeline(with_t5=False))

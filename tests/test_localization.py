@@ -1,5 +1,6 @@
 """The Localization result: ranking, top-k, JSON round trip, determinism."""
 
+import functools
 import json
 
 import pytest
@@ -10,10 +11,12 @@ from ditloc import DitlocError, Localization
 
 from conftest import RUN
 
+localize_contribution = functools.partial(ditloc.localize, method="contribution")
+
 
 @pytest.fixture(scope="module")
 def loc(pixart):
-    return ditloc.localize(pixart, ["a photo of van gogh", "van gogh at night"], "van gogh", seed=[0, 1], **RUN)
+    return localize_contribution(pixart, ["a photo of van gogh", "van gogh at night"], "van gogh", seed=[0, 1], **RUN)
 
 
 def test_shapes_and_aggregates(loc):
@@ -59,7 +62,7 @@ def test_bad_files(tmp_path):
 
 
 def test_deterministic(pixart, loc):
-    again = ditloc.localize(pixart, ["a photo of van gogh", "van gogh at night"], "van gogh", seed=[0, 1],
+    again = localize_contribution(pixart, ["a photo of van gogh", "van gogh at night"], "van gogh", seed=[0, 1],
                             batch_size=3, **RUN)
     torch.testing.assert_close(again.per_sample_step, loc.per_sample_step, rtol=1e-5, atol=1e-7)
     assert again.ranking == loc.ranking
@@ -67,6 +70,6 @@ def test_deterministic(pixart, loc):
 
 def test_single_prompt_trajectory_is_the_plain_one(pixart):
     """Batched localization measures each prompt on its own `pipe(prompt, generator=seed)` trajectory."""
-    both = ditloc.localize(pixart, ["a photo of van gogh", "van gogh at night"], "van gogh", seed=7, **RUN)
-    one = ditloc.localize(pixart, ["van gogh at night"], "van gogh", seed=7, **RUN)
+    both = localize_contribution(pixart, ["a photo of van gogh", "van gogh at night"], "van gogh", seed=7, **RUN)
+    one = localize_contribution(pixart, ["van gogh at night"], "van gogh", seed=7, **RUN)
     torch.testing.assert_close(both.per_sample_step[:, :, 1], one.per_sample_step[:, :, 0], rtol=1e-4, atol=1e-6)

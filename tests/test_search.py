@@ -4,6 +4,7 @@ the search with a full beam finds the exhaustive best pair; the self objective r
 the unedited images and 0 on the clean prompt's; a search resumes from its checkpoint
 without evaluating a set twice; bad settings are refused before any work."""
 
+import functools
 import itertools
 import json
 
@@ -17,6 +18,8 @@ from ditloc._io import OutputLock
 from ditloc.evaluate.base import Evaluator
 from ditloc.localize import Localization, PresenceRunner, SetSearch
 from test_causal import CASES as CAUSAL_CASES  # same directory
+
+localize_contribution = functools.partial(ditloc.localize, method="contribution")
 
 PROMPTS = ["a photo of van gogh in the city", "van gogh painting of a dog"]
 CONCEPT = "van gogh"
@@ -102,7 +105,7 @@ def test_search_with_full_beam_finds_the_exhaustive_best_pair():
     pipe, run = _pipe("pixart")
     names = ditloc.get_adapter(pipe).block_names()
     evaluator = MeanChannel(channel=1)
-    config = SearchConfig(max_k=2, beam=len(names))
+    config = SearchConfig(max_k=2, beam=len(names), rank="generation", search_steps=None)
     loc = ditloc.localize(pipe, PROMPTS, CONCEPT, method="search", search=config, evaluator=evaluator, seed=[0, 1],
                           **run)
     pairs = [list(p) for p in itertools.combinations(names, 2)]
@@ -140,7 +143,7 @@ def test_search_result_round_trips_and_k_from_the_curve(tmp_path):
 def test_search_resumes_without_evaluating_a_set_twice(tmp_path, monkeypatch):
     pipe, run = _pipe("pixart")
     evaluator = MeanChannel()
-    config = SearchConfig(max_k=2)
+    config = SearchConfig(max_k=2, rank="generation")
     path = tmp_path / "search.jsonl"
     first = ditloc.localize(pipe, PROMPTS, CONCEPT, method="search", search=config, evaluator=evaluator,
                             checkpoint=path, **run)
@@ -150,9 +153,9 @@ def test_search_resumes_without_evaluating_a_set_twice(tmp_path, monkeypatch):
     measured = []
     real = PresenceRunner._measure
 
-    def spy(self, group):
+    def spy(self, group, gradient=False):
         measured.extend(group)
-        return real(self, group)
+        return real(self, group, gradient)
 
     monkeypatch.setattr(PresenceRunner, "_measure", spy)
     again = ditloc.localize(pipe, PROMPTS, CONCEPT, method="search", search=config, evaluator=evaluator,
@@ -177,8 +180,8 @@ def test_search_resumes_without_evaluating_a_set_twice(tmp_path, monkeypatch):
 def test_candidates_restrict_the_search():
     pipe, run = _pipe("pixart")
     loc = ditloc.localize(pipe, PROMPTS, CONCEPT, method="search", evaluator=MeanChannel(),
-                          search=SearchConfig(max_k=2, candidates=2, candidate_method="contribution"), **run)
-    cheap = ditloc.localize(pipe, PROMPTS, CONCEPT, **run)
+                          search=SearchConfig(max_k=2, candidates=2, candidate_method="contribution", rank="generation"), **run)
+    cheap = localize_contribution(pipe, PROMPTS, CONCEPT, **run)
     assert set(loc.settings["candidates"]) == set(cheap.ranking[:2])
     assert set(loc.top(2)) == set(cheap.ranking[:2])
     assert all(set(s) <= set(cheap.ranking[:2]) for s, _ in loc.search.evaluated)
@@ -187,13 +190,13 @@ def test_candidates_restrict_the_search():
 def test_stop_drop_ends_the_search_at_the_first_set_that_removes_that_much():
     pipe, run = _pipe("pixart")
     evaluator = MeanChannel(channel=1)
-    full = ditloc.localize(pipe, PROMPTS, CONCEPT, method="search", search=SearchConfig(max_k=3), evaluator=evaluator,
+    full = ditloc.localize(pipe, PROMPTS, CONCEPT, method="search", search=SearchConfig(max_k=3, rank="generation"), evaluator=evaluator,
                            seed=[0, 1], **run)
     rel = full.search.relative_curve
     # a stop between the first and second sizes' drops: the search ends at the size that first reaches it
     target = (rel[0] + rel[1]) / 2 if rel[1] > rel[0] else rel[0]
     stopped = ditloc.localize(pipe, PROMPTS, CONCEPT, method="search", evaluator=evaluator, seed=[0, 1],
-                              search=SearchConfig(max_k=3, stop_drop=target), **run)
+                              search=SearchConfig(max_k=3, stop_drop=target, rank="generation"), **run)
     k = next(i for i, r in enumerate(rel, 1) if r >= target)
     assert stopped.search.max_k == k and stopped.search.sets == full.search.sets[:k]
     assert stopped.search.presence == pytest.approx(full.search.presence[:k])
@@ -210,6 +213,9 @@ def test_stop_drop_ends_the_search_at_the_first_set_that_removes_that_much():
     (SearchConfig(candidate_method="oracle"), "unknown candidate method"),
     (SearchConfig(stop_drop=1.5), "stop_drop must be in"),
     (SearchConfig(stop_drop=0.5, direction="both"), "stop_drop stops a forward search"),
+    (SearchConfig(rank="random"), "unknown search ranking"),
+    (SearchConfig(verify=0), "verify must be a positive integer"),
+    (SearchConfig(gradient_steps=0), "gradient_steps must be a positive integer"),
 ])
 def test_bad_search_settings_are_refused_before_work(config, message, monkeypatch):
     pipe, run = _pipe("pixart")
@@ -225,3 +231,55 @@ def test_no_evaluator_is_refused_and_self_is_the_fallback(monkeypatch):
         ditloc.presence(pipe, PROMPTS, CONCEPT, sets=[["block.0"]], **run)
     runner = PresenceRunner(pipe, PROMPTS, CONCEPT, objective="self", **run)
     assert runner.judge is not None and runner.evaluator is None
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_attribution_at_a_set_leaves_its_images_unchanged(family):
+    """A set generated with conditional attribution (extra forwards after each of the
+    pipeline's own) gives the images it gives without: the extra forwards restore the call's
+    own withholding."""
+    pipe, run = _pipe(family)
+    names = ditloc.get_adapter(pipe).block_names()
+    sets = [frozenset(names[:2])]
+    plain = PresenceRunner(pipe, PROMPTS, CONCEPT, evaluator=MeanChannel(), seed=[0, 1], **run).raw(sets)
+    runner = PresenceRunner(pipe, PROMPTS, CONCEPT, evaluator=MeanChannel(), seed=[0, 1], **run)
+    ranked = runner.raw(sets, gradient=True)
+    np.testing.assert_allclose(ranked, plain, rtol=0, atol=1e-6)
+    score = runner.gradient(names[:2])
+    assert set(score) == set(names) and all(np.isfinite(v) for v in score.values())
+
+
+@pytest.mark.parametrize("family", ["pixart", "flux"])
+def test_gradient_search_generates_verify_sets_per_step_whatever_the_blocks(family):
+    pipe, run = _pipe(family)
+    names = ditloc.get_adapter(pipe).block_names()
+    config = SearchConfig(max_k=2, verify=1, search_steps=None)
+    loc = ditloc.localize(pipe, PROMPTS, CONCEPT, method="search", search=config, evaluator=MeanChannel(),
+                          seed=[0, 1], **run)
+    # the baseline, then one set per step: no set of a block the ranking did not propose
+    assert loc.search.cost["sets_evaluated"] == 1 + config.max_k * config.verify
+    assert len(loc.search.sets) == 2 and set(loc.search.sets[0]) < set(loc.search.sets[1])
+    assert loc.search.cost["gradient_generations"] >= 2 and len(names) >= 3
+
+
+def test_gradient_search_resumes_with_its_rankings(tmp_path, monkeypatch):
+    """A gradient-ranked search's checkpoint keeps each set's attribution: a rerun measures nothing
+    and proposes the same sets."""
+    pipe, run = _pipe("pixart")
+    config = SearchConfig(max_k=2, search_steps=None)
+    path = tmp_path / "search.jsonl"
+    first = ditloc.localize(pipe, PROMPTS, CONCEPT, method="search", search=config, evaluator=MeanChannel(),
+                            checkpoint=path, **run)
+    assert any("gradient" in json.loads(line) for line in path.read_text().splitlines()[1:])
+    measured = []
+    real = PresenceRunner._measure
+
+    def spy(self, group, gradient=False):
+        measured.extend(group)
+        return real(self, group, gradient)
+
+    monkeypatch.setattr(PresenceRunner, "_measure", spy)
+    again = ditloc.localize(pipe, PROMPTS, CONCEPT, method="search", search=config, evaluator=MeanChannel(),
+                            checkpoint=path, **run)
+    assert measured == [] and again.search.sets == first.search.sets
+    assert again.search.presence == pytest.approx(first.search.presence)

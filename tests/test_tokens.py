@@ -1,5 +1,6 @@
 """Concept -> token positions, checked against the embedding the transformer receives."""
 
+import functools
 import warnings
 
 import pytest
@@ -10,6 +11,8 @@ import ditloc
 from ditloc.adapters import get_adapter
 from ditloc.errors import DitlocError
 from ditloc.testing import WORDS
+
+localize_contribution = functools.partial(ditloc.localize, method="contribution")
 
 
 def ids_seen_by_transformer(pipe, prompt, **call):
@@ -136,8 +139,8 @@ def test_positions_property(pixart, sana, before, after, repeat, punct, upper):
 
 def test_localize_validates_before_running(pixart):
     with pytest.raises(DitlocError, match="not in prompt"):
-        ditloc.localize(pixart, ["a photo of van gogh", "a dog"], "van gogh", num_inference_steps=2)
+        localize_contribution(pixart, ["a photo of van gogh", "a dog"], "van gogh", num_inference_steps=2)
     with pytest.raises(DitlocError, match="no prompts"):
-        ditloc.localize(pixart, [], "van gogh")
+        localize_contribution(pixart, [], "van gogh")
     with pytest.raises(DitlocError, match="unknown variant"):
-        ditloc.localize(pixart, ["van gogh"], "van gogh", variant="bogus")
+        localize_contribution(pixart, ["van gogh"], "van gogh", variant="bogus")

@@ -1,6 +1,8 @@
 """The toy-flux model by name (`ditloc.toy.load_pipeline("toy-flux")`, MODEL `toy-flux` on the command line),
 on a tiny random export made by the training scripts' own code: the shipped model is not needed."""
 
+import ditloc
+import functools
 import itertools
 import json
 import sys
@@ -15,6 +17,8 @@ import ditloc.toy
 from ditloc.cli import main
 from ditloc.errors import DitlocError
 from ditloc.options import RunOptions
+
+localize_contribution = functools.partial(ditloc.localize, method="contribution")
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts" / "toy"
 FLUX_CALL = {"height": 32, "width": 32, "max_sequence_length": 32, "true_cfg_scale": 4.0, "negative_prompt": ""}
@@ -323,7 +327,7 @@ def test_shipped_toy_flux_contributions_match_naive_joint_maps(shipped_flux, mon
     from ditloc.adapters import get_adapter
 
     pipe = shipped_flux
-    loc = ditloc.localize(pipe, SHIPPED_PROMPTS, "red", variant="attn_value_out", **SHIPPED_RUN)
+    loc = localize_contribution(pipe, SHIPPED_PROMPTS, "red", variant="attn_value_out", **SHIPPED_RUN)
     adapter = get_adapter(pipe)
     calls = sdpa_calls_of(monkeypatch, pipe.transformer, lambda: _plain(pipe, SHIPPED_PROMPTS))
     names = adapter.block_names()

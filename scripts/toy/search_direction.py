@@ -74,7 +74,7 @@ def main() -> None:
         t = time.time()
         checkpoint = out / "searches" / f"{c.slug}.{args.direction}.jsonl"
         loc = search(pipe, [c.localization_prompts[i] for i in idx], c.concept,
-                     config=SearchConfig(objective="evaluator", max_k=MAX_K, search_steps=SEARCH_STEPS,
+                     config=SearchConfig(objective="evaluator", max_k=MAX_K, search_steps=SEARCH_STEPS, rank="generation",
                                          direction=args.direction),
                      evaluator=evaluator, eval_text=c.eval_text,
                      clean_prompts=[c.localization_clean_prompts[i] for i in idx], seed=list(SEARCH_SEEDS),

@@ -179,6 +179,18 @@ class Adapter(ABC):
         """The pipeline's ``output_type="latent"`` result as [B, C, h, w] (FLUX packs them)."""
         return latents
 
+    #: the scheduler's timestep (0..1000) per unit of the transformer's `timestep` input
+    timestep_scale = 1.0
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as the pipeline's `output_type="latent"` gives them -> images [B, 3, H, W]
+        in [0, 1], as the pipeline decodes them (differentiable)."""
+        vae = self.pipe.vae
+        z = self.unpack_latents(latents)
+        z = z / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+        image = vae.decode(z.to(vae.dtype), return_dict=False)[0]  # [B, 3, H, W] in [-1, 1]
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
     # ---- extra forwards (causal localization) ------------------------------------------
     def cond_inputs(self, args: tuple, kwargs: dict, rows: slice, repeat: int = 1) -> tuple[tuple, dict]:
         """A transformer forward's inputs restricted to the conditional `rows` and tiled

@@ -23,6 +23,7 @@ from .joint_attention import JointAttentionAdapter, JointProcessor
 
 class FluxAdapter(JointAttentionAdapter):
     family = "flux"
+    timestep_scale = 1000.0  # the pipeline passes t / 1000
     transformer_classes = ("FluxTransformer2DModel",)
 
     lora_suffixes = (

@@ -25,11 +25,12 @@ def add_parsers(sub) -> None:
     add_common(p)
     p.add_argument("--prompt", action="append", help="a prompt containing the concept (repeatable)")
     p.add_argument("--prompts-file", help="text file, one prompt per line")
-    p.add_argument("--method", choices=("contribution", "patch", "attribution", "search"), default="contribution",
-                   help="contribution: where the concept is read (cheapest); patch: the effect of withholding each "
-                        "block alone (1 + blocks forwards per step); attribution: its first-order estimate "
-                        "(one backward pass per step); search: block *sets* by their effect on the concept's "
-                        "presence (greedy, about blocks x max-k generations; resumable). Default contribution")
+    p.add_argument("--method", choices=("search", "contribution", "patch", "attribution"), default="search",
+                   help="search (default): block *sets* by their effect on the concept's presence (greedy; each "
+                        "step ranks every block by conditional attribution and generates the best --verify; "
+                        "resumable); contribution: where the concept is read (cheapest); patch: the effect of "
+                        "withholding each block alone (1 + blocks forwards per step); attribution: its "
+                        "first-order estimate (one backward pass per step)")
     p.add_argument("--clean-prompt", action="append", default=None,
                    help="patch/attribution: the clean prompt of each --prompt, in order (repeatable; default: the "
                         "prompt with the concept removed)")
@@ -57,7 +58,13 @@ def add_parsers(sub) -> None:
                    help="search only the M blocks ranked best by --candidate-method (default: every block)")
     g.add_argument("--candidate-method", default="contribution", help="contribution (default), patch or attribution")
     g.add_argument("--search-steps", type=int, default=None,
-                   help="sampling steps of the search's generations (default: --steps)")
+                   help="sampling steps of the search's generations (default 6)")
+    g.add_argument("--rank", default=None,
+                   help="gradient (default: conditional attribution ranks every block, --verify best generated) "
+                        "or generation (every candidate set generated: the exact greedy, blocks x max-k sets)")
+    g.add_argument("--verify", type=int, default=None, help="sets generated per step with --rank gradient (default 2)")
+    g.add_argument("--gradient-steps", type=int, default=None,
+                   help="denoising steps the attribution is measured at (default 2)")
     p.set_defaults(check=check_localize, func=cmd_localize)
 
     p = sub.add_parser("intervene", help="generate with the concept withheld from / injected into blocks")
@@ -106,6 +113,11 @@ def cmd_localize(args) -> None:
         fail(f"--block-batch must be at least 1, got {args.block_batch}")
     if config is not None:
         evaluator = _search_evaluator(args)
+        if args.objective is None and evaluator is None:
+            print("search objective: self (the model judges itself; no evaluator for this model: "
+                  "--evaluator clip scores presence with CLIP)")
+        elif args.objective is None:
+            print(f"search objective: evaluator ({args.evaluator or 'toy'})")
         pipe = models.load_pipeline(args.model, device=args.device, dtype=args.dtype)
         config.check(len(_adapter_for(pipe, args).block_names()))
         return _localize_search(args, pipe, config, evaluator)
@@ -153,7 +165,7 @@ def _adapter_for(pipe, args):
 #: the --method search settings and their defaults
 _SEARCH_FLAGS = {"objective": None, "evaluator": None, "evaluator_model": None, "eval_text": None, "max_k": 4,
                  "beam": 1, "direction": "forward", "candidates": None, "candidate_method": "contribution",
-                 "search_steps": None}
+                 "search_steps": None, "rank": None, "verify": None, "gradient_steps": None}
 
 
 def _search_config(args):
@@ -165,10 +177,14 @@ def _search_config(args):
         if given:
             fail(f"--{given[0].replace('_', '-')} is a setting of --method search")
         return None
+    given = {k: getattr(args, k) for k in ("search_steps", "rank", "verify", "gradient_steps")
+             if getattr(args, k) is not None}
     config = SearchConfig(objective=args.objective, max_k=args.max_k, beam=args.beam, direction=args.direction,
-                          candidates=args.candidates, candidate_method=args.candidate_method,
-                          search_steps=args.search_steps)
+                          candidates=args.candidates, candidate_method=args.candidate_method, **given)
     config.check(models.count_blocks(args.model))
+    if args.rank == "gradient" and args.evaluator == "vlm":
+        fail("--rank gradient differentiates the evaluator's presence and the vlm evaluator's answer is not "
+             "differentiable; use --rank generation, or --evaluator clip")
     if args.objective == "self" and (args.evaluator or args.eval_text):
         fail("--evaluator/--eval-text score the evaluator objective; --objective self needs none")
     if args.evaluator is not None and args.evaluator not in ("toy", "clip", "vlm"):

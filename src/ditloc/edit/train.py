@@ -125,6 +125,19 @@ class NoiseRule:
             raise DitlocError(f"scheduler prediction_type {kind!r} is not supported for training")
         return cls(kind, ddpm.alphas_cumprod, n)
 
+    def x0(self, x_t: torch.Tensor, timestep: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+        """The clean sample a prediction implies at `timestep` [B] (the scheduler's 0..1000
+        scale); differentiable in `prediction`."""
+        shape = (-1,) + (1,) * (x_t.ndim - 1)
+        if self.kind == "flow":
+            sigma = (timestep.to(x_t.device, torch.float32) / self.num_train_timesteps).view(shape)
+            return x_t - sigma.to(x_t.dtype) * prediction
+        t = timestep.round().long().clamp(0, self.num_train_timesteps - 1).cpu()
+        a = to_device(self.alphas_cumprod[t], x_t.device, x_t.dtype).view(shape)
+        if self.kind == "epsilon":
+            return (x_t - (1 - a).sqrt() * prediction) / a.sqrt()
+        return a.sqrt() * x_t - (1 - a).sqrt() * prediction  # v prediction
+
     def sample(self, x0: torch.Tensor, generator: torch.Generator):
         """-> (x_t [B, C, h, w], timestep [B], target [B, C, h, w]). The draws come from
         the host `generator` (the same numbers on any device) and reach the device

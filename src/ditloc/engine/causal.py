@@ -43,7 +43,8 @@ class CausalProbe:
     """
 
     def __init__(self, adapter, session: Session, method: str, clean: dict, block_batch: int | None = None,
-                 alpha: torch.Tensor | None = None):
+                 alpha: torch.Tensor | None = None, base: torch.Tensor | None = None, objective=None,
+                 steps=None):
         if method not in CAUSAL_METHODS:
             raise ValueError(f"not a causal method: {method!r}")
         self.adapter = adapter
@@ -53,6 +54,16 @@ class CausalProbe:
         self.block_batch = block_batch
         #: for tests (finite differences): evaluate m(alpha) [blocks] instead of its gradient
         self.alpha = alpha
+        #: attribution *at a set* (conditional attribution, method.md §11): [blocks, n] gates the
+        #: gradient is taken at (1: the image's block reads the clean conditioning, as the call's own
+        #: swap withholds it; 0: the prompt's); None: at 0, the plain trajectory's attribution
+        self.base = base
+        #: attribution of another objective than m: ``objective(pred, x_t, timestep) -> [n]`` on the
+        #: conditional rows (e.g. an evaluator's presence in the predicted clean image); the
+        #: score is its derivative's negative (what lowers it ranks first)
+        self.objective = objective
+        #: the steps (transformer forward indices) to measure at; None: every step
+        self.steps = None if steps is None else frozenset(steps)
         self.records: dict[tuple[int, int], torch.Tensor] = {}
 
     @contextmanager
@@ -64,28 +75,31 @@ class CausalProbe:
             handle.remove()
 
     def stacked(self, n_blocks: int, n_steps: int) -> torch.Tensor:
-        """Scores [blocks, steps, n] on the CPU."""
-        missing = [(b, t) for b in range(n_blocks) for t in range(n_steps) if (b, t) not in self.records]
+        """Scores [blocks, steps, n] on the CPU (the steps measured, where `steps` says)."""
+        wanted = range(n_steps) if self.steps is None else sorted(t for t in self.steps if t < n_steps)
+        missing = [(b, t) for b in range(n_blocks) for t in wanted if (b, t) not in self.records]
         if missing:
             raise RuntimeError(f"no causal score for (block, step) {missing[0]}")
-        return torch.stack([torch.stack([self.records[(b, t)] for t in range(n_steps)]) for b in range(n_blocks)]).cpu()
+        return torch.stack([torch.stack([self.records[(b, t)] for t in wanted]) for b in range(n_blocks)]).cpu()
 
     # ---- the extra forwards ------------------------------------------------------------
     @contextmanager
     def _nested(self, swap, context: ForwardContext):
         session = self.session
-        outer = session.context
+        outer, outer_swap = session.context, session.swap  # the call's own swap (a set withheld), if any
         session.swap, session.nested = swap, context
         try:
             yield
         finally:
-            session.swap, session.nested, session.context = None, None, outer
+            session.swap, session.nested, session.context = outer_swap, None, outer
 
     def _after_forward(self, module, args, kwargs, output):
         session = self.session
         ctx = session.context
         if session.nested is not None or ctx is None or not ctx.active:
             return None  # our own forward, or a separate negative-prompt forward
+        if self.steps is not None and ctx.step not in self.steps:
+            return None
         adapter = self.adapter
         hidden = args[0] if args else kwargs["hidden_states"]
         n = session.n_images
@@ -96,6 +110,8 @@ class CausalProbe:
         text = kwargs.get("encoder_hidden_states")
         n_text = int(text.shape[1]) if torch.is_tensor(text) and text.ndim == 3 else 0
         step = ctx.step
+        if self.objective is not None:
+            return self._objective_gradient(args, kwargs, hidden, rows, n, n_text, step)
 
         # the clean pass: ε_clean, and what every block reads there
         swap = adapter.make_swap(frozenset(names), self.clean, False)
@@ -132,7 +148,8 @@ class CausalProbe:
         alpha.requires_grad_(not fixed)
         with torch.set_grad_enabled(not fixed), self._nested(swap, ForwardContext(step=step, rows=slice(0, n),
                                                                                    n_text=n_text)):
-            swap.alpha = {name: alpha[i] for i, name in enumerate(names)}  # views recorded by autograd
+            gates = alpha if self.base is None else alpha + self.base.to(alpha.device, torch.float32)  # [blocks, n]
+            swap.alpha = {name: gates[i] for i, name in enumerate(names)}  # views recorded by autograd
             out = adapter.transformer(*c_args, **c_kwargs)
             pred = adapter.prediction(out, hidden).flatten(1).float()  # ε(α) [n, E]
             if fixed:
@@ -144,4 +161,30 @@ class CausalProbe:
             (grad,) = torch.autograd.grad(objective, alpha)
         for b in range(len(names)):
             self.records[(b, step)] = -grad[b].detach()  # ∂m/∂α_b [n]
+        return None
+
+    def _objective_gradient(self, args, kwargs, hidden, rows, n, n_text, step):
+        """-∂objective/∂α_b at the gates `base` for every block, from one differentiable
+        forward of the conditional rows (the blocks read their clean conditioning through
+        `text_kv`, kept in a clean pass that stops at the last block)."""
+        adapter = self.adapter
+        names = adapter.block_names()
+        c_args, c_kwargs = adapter.cond_inputs(args, kwargs, rows)
+        swap = adapter.make_swap(frozenset(names), self.clean, False)
+        swap.capturing = True
+        with torch.no_grad(), self._nested(swap, ForwardContext(step=step, rows=slice(0, n), n_text=n_text)):
+            adapter.transformer(*c_args, **adapter.with_text(c_kwargs, self.clean))
+        swap.capturing = False
+        alpha = torch.zeros(len(names), n, device=hidden.device, dtype=torch.float32, requires_grad=True)
+        timestep = kwargs.get("timestep")
+        if torch.is_tensor(timestep) and timestep.ndim > 0 and timestep.shape[0] == hidden.shape[0]:
+            timestep = timestep[rows]
+        with torch.enable_grad(), self._nested(swap, ForwardContext(step=step, rows=slice(0, n), n_text=n_text)):
+            gates = alpha if self.base is None else alpha + self.base.to(alpha.device, torch.float32)  # [blocks, n]
+            swap.alpha = {name: gates[i] for i, name in enumerate(names)}
+            out = adapter.transformer(*c_args, **c_kwargs)
+            value = self.objective(adapter.prediction(out, hidden), hidden[rows], timestep)  # [n]
+            (grad,) = torch.autograd.grad(value.float().sum(), alpha)
+        for b in range(len(names)):
+            self.records[(b, step)] = -grad[b].detach()
         return None

@@ -128,6 +128,15 @@ class Evaluator:
     def _score_batch(self, images: list[Image.Image], texts: list[str]) -> np.ndarray:
         raise NotImplementedError
 
+    #: whether :meth:`score_tensor` is differentiable (gradient-ranked search, method.md §11)
+    differentiable = False
+
+    def score_tensor(self, images, text: str):
+        """Presence of `text` in images given as a tensor [N, 3, H, W] in [0, 1], differentiable
+        in the pixels (a torch tensor [N]). Evaluators that cannot say so refuse."""
+        raise DitlocError(f"the {type(self).__name__} evaluator is not differentiable; "
+                          "use the search's rank='generation'")
+
     def clear_cache(self) -> None:
         self._cache.clear()
 

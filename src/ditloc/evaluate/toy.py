@@ -64,6 +64,20 @@ class ToyOracle(Evaluator):
         if (width, height) != (size, size):
             raise DitlocError(f"the toy oracle reads {size}x{size} images, got {width}x{height}")
 
+    @property
+    def differentiable(self) -> bool:
+        return not self.hard
+
+    def score_tensor(self, images, text: str):
+        """The oracle's probability of the label, differentiable in the pixels [N, 3, 32, 32] in [0, 1]."""
+        if self.hard:
+            return super().score_tensor(images, text)
+        category, label = self.check_text(text).split(": ")
+        net = self.oracle.net
+        param = next(net.parameters())
+        logits = net(images.to(param.device, param.dtype) * 2 - 1)[category]  # [N, n_labels]
+        return logits.softmax(-1)[:, self.oracle.classes[category].index(label)]
+
     def _score_batch(self, images: list[Image.Image], texts: list[str]) -> np.ndarray:
         for im in images:
             self.check_image_size(*im.size)

@@ -19,7 +19,7 @@ def localize(
     prompts,
     concept: str,
     *,
-    method: str = "contribution",
+    method: str = "search",
     clean_prompts=None,
     seed=0,
     variant: str = "attn_value_out",
@@ -37,18 +37,21 @@ def localize(
 ) -> Localization:
     """Localize `concept`: score every block (method.md §1, §7), or search block sets (§9).
 
-    `method`: ``contribution`` (default), ``patch`` or ``attribution``: the per-block scores of
+    ``search`` (the default, method.md §9, §11): the set-level search over block sets
+    (`ditloc.localize.search`), configured by `search` (a `SearchConfig`), scoring presence
+    with `evaluator`/`eval_text` (default: the model's own evaluator, the oracle on the toys)
+    or, where there is none, the model itself; resumable through `checkpoint`;
+    `block_batch` is then the number of block sets per pipeline call.
+
+    ``contribution``, ``patch`` or ``attribution``: the per-block scores of
     :func:`~ditloc.localize.scores.block_scores` (its doc: the sampled trajectory, `options`, the
     clean prompts, the cost per step), which takes every argument but the search's.
-
-    ``search`` (method.md §9): the set-level search over block sets
-    (`ditloc.localize.search`), configured by `search` (a `SearchConfig`), scoring presence
-    with `evaluator`/`eval_text` or the model itself, resumable through `checkpoint`;
-    `block_batch` is then the number of block sets per pipeline call.
     """
     if method not in METHODS:
         raise DitlocError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "search":
+        if variant != "attn_value_out" or out_bias:
+            raise DitlocError("variant and out_bias are options of method 'contribution', not 'search'")
         return set_search(pipe, prompts, concept, config=search, evaluator=evaluator, eval_text=eval_text,
                           clean_prompts=clean_prompts, seed=seed, block_batch=block_batch, batch_size=batch_size,
                           options=options, checkpoint=checkpoint, progress=progress, only=only, **run)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..engine import Session, instrument
+from ..engine import CausalProbe, Session, instrument
 from ..errors import DitlocError
 from ..options import RunOptions, as_prompt_list, as_seed_list, chunks, model_record
 from .judge import SelfJudge, normalise
@@ -127,7 +127,17 @@ class PresenceRunner:
         else:
             self.judge = SelfJudge(self.adapter, seed=judge_seed)
         self._raw: dict[frozenset, np.ndarray] = {}
+        self._gradient: dict[frozenset, np.ndarray] = {}
+        #: conditional attribution's objective: the evaluator's presence in the predicted clean image
+        #: where the evaluator is differentiable, else (None) the prediction's move toward the clean prompt's
+        self.gradient_objective = None
+        if self.evaluator is not None and self.evaluator.differentiable:
+            from .gradient import PredictedPresence
+
+            self.gradient_objective = PredictedPresence(self.adapter, self.evaluator, self.eval_text)
+        self.gradient_steps = None  # the steps attribution is measured at (None: every step)
         self.generations = 0  # images generated, in units of one generation of all samples
+        self.gradient_generations = 0  # of which generated with conditional attribution
         self.seconds = 0.0
 
     # ---- sets ---------------------------------------------------------------------------
@@ -143,26 +153,41 @@ class PresenceRunner:
     def known(self, blocks) -> bool:
         return frozenset(blocks) in self._raw
 
-    def remember(self, blocks, values) -> None:
-        """A set's raw per-image values, from a store (resume)."""
+    def remember(self, blocks, values, gradient=None) -> None:
+        """A set's raw per-image values (and its conditional attribution), from a store (resume)."""
         self._raw[frozenset(blocks)] = np.asarray(values, dtype=np.float64)
+        if gradient is not None:
+            self._gradient[frozenset(blocks)] = np.asarray(gradient, dtype=np.float64)
 
-    def raw(self, sets, on_set=None) -> np.ndarray:
-        """[len(sets), samples] raw values; `on_set(blocks, values)` after each new set."""
+    def raw(self, sets, on_set=None, gradient: bool = False) -> np.ndarray:
+        """[len(sets), samples] raw values; `on_set(blocks, values, gradient)` after each new set.
+        `gradient`: also measure each set's conditional attribution (:meth:`gradient`)."""
         sets = [frozenset(s) for s in sets]
-        todo = list(dict.fromkeys(s for s in sets if s not in self._raw))
+        have = self._gradient if gradient else self._raw
+        todo = list(dict.fromkeys(s for s in sets if s not in have))
         per_call = self.block_batch or max(1, PRESENCE_IMAGES // len(self.samples))
         for group in chunks(todo, per_call):
-            for set_values in self._measure(group):
-                blocks, values = set_values
+            for blocks, values, grad in self._measure(group, gradient):
                 self._raw[blocks] = values
+                if grad is not None:
+                    self._gradient[blocks] = grad
                 if on_set is not None:
-                    on_set(blocks, values)
+                    on_set(blocks, values, grad)
         return np.stack([self._raw[s] for s in sets])
 
-    def presence(self, sets, on_set=None) -> np.ndarray:
+    def gradient(self, blocks) -> dict[str, float]:
+        """Conditional attribution at a measured set (method.md §11): for every block, the
+        first-order effect of withholding the concept from it too, given `blocks` withheld:
+        d m / d g_b at the set's gates, m the move of the model's prediction toward the clean
+        prompt's (`ditloc.engine.causal`), summed over the steps, averaged over the images."""
+        return dict(zip(self.names, self._gradient[frozenset(blocks)].tolist()))
+
+    def presence(self, sets, on_set=None, gradient: bool = False) -> np.ndarray:
         """[len(sets), samples] presence: evaluator scores, or the judge's q normalised by the
-        unedited (empty set) and clean-prompt (every block, pooled text clean) images."""
+        unedited (empty set) and clean-prompt (every block, pooled text clean) images.
+        `gradient`: the sets are generated with conditional attribution (:meth:`gradient`)."""
+        if gradient:
+            self.raw(list(sets), on_set, gradient=True)
         values = self.raw(list(sets) + self.references(), on_set)
         if self.objective == "evaluator":
             return values[: len(sets)]
@@ -174,12 +199,14 @@ class PresenceRunner:
         return [frozenset()] + ([frozenset(self.names)] if self.objective == "self" else [])
 
     # ---- generation -------------------------------------------------------------------
-    def _measure(self, group: list[frozenset]):
+    def _measure(self, group: list[frozenset], gradient: bool = False):
         """Generate every sample with each set of `group` withheld (set-major rows of one call
-        per chunk of samples) and score it: yields (set, values [samples])."""
+        per chunk of samples) and score it: yields (set, values [samples], conditional
+        attribution [blocks] or None)."""
         start = time.perf_counter()
         adapter, kw = self.adapter, self.kw
         out: dict[frozenset, list[np.ndarray]] = {s: [] for s in group}
+        grads: dict[frozenset, list[torch.Tensor]] = {s: [] for s in group}
         session = Session()
         with instrument(adapter, session):
             for chunk in chunks(self.samples, self.batch_size):
@@ -198,16 +225,29 @@ class PresenceRunner:
                     if adapter.has_pooled_text:
                         swap.pooled_rows = torch.tensor(pooled_rows, device=device)
                 session.begin_call(g * n, swap=swap)
-                result = self.pipe(prompt=prompts, generator=self.resolved.generators([s for _ in group for _, s in chunk]),
-                                   output_type="latent" if self.judge is not None else "pil", **kw).images
+                call = dict(prompt=prompts, generator=self.resolved.generators([s for _ in group for _, s in chunk]),
+                            output_type="latent" if self.judge is not None else "pil", **kw)
+                if gradient:
+                    base = torch.tensor([[float(b in s) for s in group for _ in chunk] for b in self.names])  # [blocks, g*n]
+                    probe = CausalProbe(adapter, session, "attribution", adapter.encode_text(clean, kw), base=base,
+                                        objective=self.gradient_objective, steps=self.gradient_steps)
+                    with probe.installed():
+                        result = self.pipe(**call).images
+                    scores = probe.stacked(len(self.names), session.forwards).sum(1)  # [blocks, g*n]
+                    for k, s in enumerate(group):
+                        grads[s].append(scores[:, k * n : (k + 1) * n])
+                else:
+                    result = self.pipe(**call).images
                 session.begin_call(0)  # drop the swap before scoring
                 values = self._score(result, [j for _ in group for j in self._indices(chunk)], prompts, clean)
                 for k, s in enumerate(group):
                     out[s].append(values[k * n : (k + 1) * n])
         self.generations += len(group)
+        self.gradient_generations += len(group) if gradient else 0
         self.seconds += time.perf_counter() - start
         for s in group:
-            yield s, np.concatenate(out[s])
+            grad = torch.cat(grads[s], 1).mean(1).double().numpy() if gradient else None  # [blocks]
+            yield s, np.concatenate(out[s]), grad
 
     def _indices(self, chunk) -> list[int]:
         index = {sample: j for j, sample in enumerate(self.samples)}

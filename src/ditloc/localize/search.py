@@ -29,6 +29,9 @@ from .result import AUTO_K_DROP, Localization, SetSearch
 from .scores import block_scores
 
 DIRECTIONS = ("forward", "backward", "both")
+#: how a forward step chooses the block to add: every candidate set generated ("generation"), or the
+#: candidates ranked by conditional attribution at the current set and the best `verify` generated
+RANKINGS = ("gradient", "generation")
 #: block-score methods that may prune the search's candidates (cheap: a few generations' cost)
 CANDIDATE_METHODS = ("attribution", "patch", "contribution")
 CHECKPOINT_FORMAT = "ditloc.search/1"
@@ -43,6 +46,14 @@ class SearchConfig:
     - `max_k`: the largest set; `beam`: sets kept per size (1: plain greedy);
     - `direction`: "forward" (greedy selection), "backward" (elimination from all
       candidates withheld) or "both" (the better set per K);
+    - `rank`: how a forward step picks the block to add. "gradient" (method.md §11): one
+      generation of the current set with conditional attribution ranks every remaining block
+      (the first-order effect of withholding it too, given the set withheld), and only the
+      `verify` best are generated as sets; the cost no longer grows with the number of
+      blocks. "generation": every remaining candidate is generated as a set (exact greedy);
+    - `verify`: sets generated per forward step under "gradient";
+    - `gradient_steps`: the attribution is measured at this many denoising steps, evenly
+      spread inside the run (None: at every step);
     - `candidates`: search only the M blocks ranked best by `candidate_method` (None: all);
     - `search_steps`: sampling steps of the search's generations (None: the run's own);
     - `threshold`: `auto_k`'s relative drop;
@@ -55,9 +66,12 @@ class SearchConfig:
     max_k: int = 4
     beam: int = 1
     direction: str = "forward"
+    rank: str = "gradient"
+    verify: int = 2
+    gradient_steps: int | None = 2
     candidates: int | None = None
     candidate_method: str = "contribution"
-    search_steps: int | None = None
+    search_steps: int | None = 6
     threshold: float = AUTO_K_DROP
     stop_drop: float | None = None
 
@@ -74,6 +88,11 @@ class SearchConfig:
         positive("beam", self.beam)
         if self.direction not in DIRECTIONS:
             raise DitlocError(f"unknown search direction {self.direction!r}; choose one of {', '.join(DIRECTIONS)}")
+        if self.rank not in RANKINGS:
+            raise DitlocError(f"unknown search ranking {self.rank!r}; choose one of {', '.join(RANKINGS)}")
+        positive("verify", self.verify)
+        if self.gradient_steps is not None:
+            positive("gradient_steps", self.gradient_steps)
         if self.candidates is not None:
             positive("candidates", self.candidates)
             if self.candidates < self.max_k:
@@ -108,7 +127,7 @@ class _Checkpoint:
         self.identity = identity
         self.store = ResultStore(self.path)
 
-    def load(self) -> list[tuple[list[str], list[float]]]:
+    def load(self) -> list[tuple[list[str], list[float], list[float] | None]]:
         records = ResultStore.read(self.path)
         if not records:
             self.store.append({"format": CHECKPOINT_FORMAT, "identity": self.identity})
@@ -121,10 +140,13 @@ class _Checkpoint:
                            if self.identity.get(k) != head.get("identity", {}).get(k))
             raise DitlocError(f"{self.path} holds a search with other settings ({', '.join(diffs[:4])}); "
                               "use another checkpoint path or the same settings")
-        return [(r["set"], r["values"]) for r in records[1:]]
+        return [(r["set"], r["values"], r.get("gradient")) for r in records[1:]]
 
-    def append(self, blocks, values) -> None:
-        self.store.append({"set": list(blocks), "values": [float(v) for v in values]})
+    def append(self, blocks, values, gradient=None) -> None:
+        record = {"set": list(blocks), "values": [float(v) for v in values]}
+        if gradient is not None:
+            record["gradient"] = [float(v) for v in gradient]
+        self.store.append(record)
 
 
 def _ordered(s, order: list[str]) -> tuple[str, ...]:
@@ -165,6 +187,8 @@ def search(pipe, prompts, concept: str, *, config: SearchConfig | None = None, e
     runner = PresenceRunner(pipe, prompts, concept, objective=objective, evaluator=evaluator, eval_text=eval_text,
                             clean_prompts=clean_prompts, seed=seed, block_batch=block_batch, batch_size=batch_size,
                             pooled=pooled, options=opts)
+    steps = int(runner.resolved.record()["num_inference_steps"])
+    runner.gradient_steps = gradient_steps(steps, config.gradient_steps)
     names = runner.names
     spans = tuple(runner.adapter.concept_span(p, concept, runner.kw) for p in runner.prompts)
     start = time.perf_counter()
@@ -187,21 +211,21 @@ def search(pipe, prompts, concept: str, *, config: SearchConfig | None = None, e
         lock = OutputLock(path.parent, name=path.name + ".lock")
         lock.__enter__()
         store = _Checkpoint(path, identity)
-        for blocks, values in store.load():
-            runner.remember(blocks, values)
+        for blocks, values, gradient in store.load():
+            runner.remember(blocks, values, gradient)
     try:
         total = _planned(len(candidates), config, objective)
         done = [0]
 
-        def on_set(blocks, values):
+        def on_set(blocks, values, gradient=None):
             if store is not None:
-                store.append(_ordered(blocks, names), values)
+                store.append(_ordered(blocks, names), values, gradient)
             done[0] += 1
             if progress is not None:
                 progress(done[0], total)
 
-        def mean(sets) -> list[float]:
-            return runner.presence(sets, on_set).mean(axis=1).tolist()
+        def mean(sets, gradient: bool = False) -> list[float]:
+            return runner.presence(sets, on_set, gradient).mean(axis=1).tolist()
 
         best: dict[int, tuple[tuple[str, ...], float]] = {}
         stop = None
@@ -211,7 +235,9 @@ def search(pipe, prompts, concept: str, *, config: SearchConfig | None = None, e
             def stop(value: float) -> bool:
                 return base > 0 and (base - value) / base >= config.stop_drop
 
-        if config.direction in ("forward", "both"):
+        if config.direction in ("forward", "both") and config.rank == "gradient":
+            _forward_ranked(candidates, config, mean, runner.gradient, best, names, stop)
+        elif config.direction in ("forward", "both"):
             _forward(candidates, config, mean, best, names, stop)
         if config.direction in ("backward", "both"):
             _backward(candidates, config, mean, best, names)
@@ -228,7 +254,8 @@ def search(pipe, prompts, concept: str, *, config: SearchConfig | None = None, e
     result = SetSearch(
         objective=objective, baseline=baseline, sets=tuple(best[k][0] for k in ks),
         presence=tuple(best[k][1] for k in ks), evaluated=evaluated,
-        cost={"generations": runner.generations, "sets_evaluated": len(evaluated),
+        cost={"generations": runner.generations, "gradient_generations": runner.gradient_generations,
+              "sets_evaluated": len(evaluated),
               "search_steps": runner.resolved.record()["num_inference_steps"],
               "seconds": round(time.perf_counter() - start, 3), "candidate_seconds": round(candidate_seconds, 3)},
     )
@@ -244,6 +271,14 @@ def search(pipe, prompts, concept: str, *, config: SearchConfig | None = None, e
                         per_head_step=drops.new_zeros(*drops.shape, 0), spans=spans, settings=settings, search=result)
 
 
+def gradient_steps(steps: int, count: int | None) -> tuple[int, ...] | None:
+    """`count` step indices evenly spread inside a run of `steps` (None: every step): 1 of 6 is
+    step 3, 2 of 6 steps 2 and 4."""
+    if count is None or count >= steps:
+        return None
+    return tuple(sorted({min(steps - 1, round((i + 1) * steps / (count + 1))) for i in range(count)}))
+
+
 def _can_score(evaluator, text: str) -> bool:
     try:
         evaluator.check_text(text)
@@ -256,7 +291,11 @@ def _planned(m: int, config: SearchConfig, objective: str) -> int:
     """Sets the search evaluates at most (the progress total), the baseline (and for the self
     objective the clean prompt's images) included."""
     total = 2 if objective == "self" else 1
-    if config.direction in ("forward", "both"):
+    if config.direction in ("forward", "both") and config.rank == "gradient":
+        # each step: the verified sets (a kept set measured again with attribution only when it surprised)
+        total += sum(
+            min(config.beam * config.verify, config.beam * (m - k), math.comb(m, k + 1)) for k in range(config.max_k))
+    elif config.direction in ("forward", "both"):
         total += sum(min(config.beam * (m - k), math.comb(m, k + 1)) for k in range(config.max_k))
     if config.direction in ("backward", "both"):
         total += 1 + sum(range(2, m + 1))
@@ -283,6 +322,41 @@ def _forward(candidates: list[str], config: SearchConfig, mean, best: dict, name
         # lowest presence first; ties: the set whose blocks come first in model order
         order = sorted(range(len(sets)), key=lambda i: (values[i], sorted(names.index(b) for b in sets[i])))
         beam = [grown[sets[i]] for i in order[: config.beam]]
+        _keep(best, k, beam[0], values[order[0]])
+        if stop is not None and stop(values[order[0]]):
+            break
+
+
+def _forward_ranked(candidates: list[str], config: SearchConfig, mean, gradient, best: dict, names: list[str],
+                    stop=None) -> None:
+    """Greedy forward selection in which conditional attribution proposes (method.md §11):
+    a kept set's attribution ranks every remaining candidate by its first-order effect given
+    the set withheld, and the `verify` best additions are generated as sets; the lowest
+    presence wins. The attribution is measured while a set is generated, for the set the
+    ranking expects to win (and again for another winner, only then). With a beam, each kept
+    set proposes its own `verify` additions."""
+    beam: list[tuple[str, ...]] = [()]
+    mean([frozenset()], gradient=True)  # the baseline, with its attribution
+    for k in range(1, config.max_k + 1):
+        last = k == config.max_k
+        mean([frozenset(s) for s in beam], gradient=True)  # measured already, except after a surprise
+        grown: dict[frozenset, tuple[str, ...]] = {}
+        expected: list[frozenset] = []  # each kept set's first proposal
+        for s in beam:
+            score = gradient(s)
+            # largest first-order drop first; ties: model order
+            order = sorted((b for b in candidates if b not in s), key=lambda b: (-score[b], names.index(b)))
+            for i, b in enumerate(order[: config.verify]):
+                key = frozenset(s + (b,))
+                grown.setdefault(key, s + (b,))
+                if i == 0 and key not in expected:
+                    expected.append(key)
+        sets = list(grown)
+        rest = [x for x in sets if x not in expected]
+        values = dict(zip(expected, mean(expected, gradient=not last)))
+        values.update(zip(rest, mean(rest)))
+        order = sorted(sets, key=lambda x: (values[x], sorted(names.index(b) for b in x)))
+        beam = [grown[x] for x in order[: config.beam]]
         _keep(best, k, beam[0], values[order[0]])
         if stop is not None and stop(values[order[0]]):
             break
