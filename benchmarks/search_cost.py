@@ -7,6 +7,7 @@ candidate pruning, with the evaluator objective and with the model as its own ju
     python benchmarks/search_cost.py --model pixart --size small       # CPU-sized shapes of each family
     python benchmarks/search_cost.py --model flux --size small
     python benchmarks/search_cost.py --counts                          # generations at real-model sizes
+    python benchmarks/search_cost.py --depth --steps 6                 # 12 vs 57 blocks of a tiny FLUX shape
 
 Every run uses the same prompts x seeds; the plain generation runs at `--steps` sampling
 steps; the default search at its own (`SearchConfig().search_steps`), the exhaustive greedy
@@ -153,6 +154,41 @@ def measure(args) -> dict:
             "cpu": _cpu_name(), "torch": torch.__version__}
 
 
+def depth_scan(args) -> dict:
+    """The default search's cost at 12 and 57 blocks of the same tiny FLUX shape (4 + 8 and
+    19 + 38 double + single blocks), each as a ratio to a plain generation of that model,
+    with the generations it counted against `ranked_generations`."""
+    import dataclasses
+
+    torch.set_num_threads(args.threads)
+    base = SHAPES["flux"]["tiny"]
+    rows = {}
+    for double, single in ((4, 8), (19, 38)):
+        shape = dataclasses.replace(base, config=dict(base.config, num_layers=double, num_single_layers=single))
+        pipe, call = build_pipeline("flux", shape, "cpu", torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        prompts, seeds = SHAPE_PROMPTS[: args.prompts], list(range(args.seeds))
+        config = SearchConfig(max_k=args.max_k, search_steps=None)
+        kw = dict(call, num_inference_steps=args.steps)
+        ditloc.generate(pipe, prompts, seed=seeds, output_type="latent", **kw)  # warm-up
+        plain, search = [], []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            ditloc.generate(pipe, prompts, seed=seeds, output_type="latent", **kw)
+            plain.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            loc = ditloc.localize(pipe, prompts, "van gogh", method="search", search=config, evaluator=MeanChannel(),
+                                  seed=seeds, **kw)
+            search.append(time.perf_counter() - t0)
+        n = double + single
+        rows[n] = {"plain_s": statistics.median(plain), "search_s": statistics.median(search),
+                   "ratio": statistics.median(search) / statistics.median(plain),
+                   "sets_evaluated": loc.search.cost["sets_evaluated"], "generations": loc.search.cost["generations"],
+                   "gradient_generations": loc.search.cost["gradient_generations"],
+                   "formula_sets": ranked_generations(args.max_k, config.verify)}
+    return rows
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -177,9 +213,23 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the result here")
     ap.add_argument("--counts", action="store_true", help="only the generation counts at real-model sizes")
+    ap.add_argument("--depth", action="store_true",
+                    help="the default search at 12 and 57 blocks of a tiny FLUX shape (search steps = --steps)")
     args = ap.parse_args(argv)
     if args.counts:
         print(counts_table())
+        return 0
+    if args.depth:
+        rows = depth_scan(args)
+        print(f"tiny FLUX, {args.prompts} prompts x {args.seeds} seeds, {args.steps} steps, K <= {args.max_k}, "
+              f"{args.threads} threads, {_cpu_name()}")
+        print(f"{'blocks':>6} {'plain s':>8} {'search s':>9} {'x plain':>8} {'sets':>5} {'formula':>8} {'gradient':>8}")
+        for n, r in rows.items():
+            print(f"{n:>6} {r['plain_s']:>8.2f} {r['search_s']:>9.2f} {r['ratio']:>8.2f} {r['sets_evaluated']:>5} "
+                  f"{r['formula_sets']:>8} {r['gradient_generations']:>8}")
+        print(f"57 blocks / 12 blocks, in plain generations: {rows[57]['ratio'] / rows[12]['ratio']:.2f}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
         return 0
     result = measure(args)
     print(f"{args.model} ({result['blocks']} blocks), {result['prompts']} prompts x {result['seeds']} seeds, "

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench_helpers import ENV, N_ROWS, N_UNITS, bench_argv, reference_run, run_cli, setup_files, store_lines
+from bench_helpers import ENV, KS, N_ROWS, N_UNITS, bench_argv, reference_run, run_cli, setup_files, store_lines
 from ditloc.bench import CONTROLS, ResultStore, control_blocks, random_blocks
+from ditloc.errors import DitlocError
 from ditloc.localize import Localization
 
 
@@ -233,6 +234,51 @@ def test_several_methods_in_one_run(files, reference, tmp_path):
     # a second run with other methods is refused before any work
     code, _, err = run_cli(bench_argv(model, probes, out) + ["--method", "patch"])
     assert code == 2 and "other settings" in err and len(err.strip().splitlines()) == 1
+
+
+def test_search_method_withholds_its_sets(files, tmp_path):
+    """--method search: one search per concept up to the largest K, scored by the bench's evaluator; its
+    top-K rows withhold S_K, random-K as for every method, no bottom-K; a rerun reuses every unit."""
+    from ditloc.bench import read_run
+    from ditloc.report import build_report
+
+    model, probes = files
+    argv = bench_argv(model, probes, tmp_path / "run") + ["--method", "search"]
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(argv)
+    assert code == 0, err
+    assert "no bottom-K rows" in stdout
+    rows = rows_of(out)
+    n_units = 2 * (1 + 1 + 2 * len(KS))  # per concept: the search, the baseline, (top, random) x K
+    units = [json.loads(line) for line in store_lines(out)]
+    assert len(units) == n_units
+    for concept, category in (("red", "color"), ("beach", "place")):
+        loc = Localization.load(out / f"localizations/{category}/{concept}.search.json")
+        assert loc.method == "search" and loc.search.max_k == max(KS)
+        # the bench's toy evaluator scored the search (the tiny PixArt has no evaluator of its own)
+        assert loc.search.objective == "evaluator" and loc.settings["eval_text"] == f"{category}: {concept}"
+        record = next(u for u in units if u["unit"] == f"localize/{category}/{concept}/search")
+        assert record["sets"] == [list(s) for s in loc.search.sets] and record["objective"] == "evaluator"
+        mine = [r for r in rows if r["concept"] == concept]
+        assert {(r["control"], r["k"]) for r in mine} == {("baseline", 0)} | {
+            (c, k) for c in ("top", "random") for k in KS}
+        for r in mine:
+            if r["control"] == "top":
+                assert r["method"] == "search" and r["unit"] == f"generate/{category}/{concept}/top@search/k{r['k']}"
+                assert r["blocks"] == list(loc.search.sets[r["k"] - 1]) == loc.top(r["k"])
+            elif r["control"] == "random":
+                assert r["blocks"] == control_blocks(loc, "random", r["k"], category, concept)
+        with pytest.raises(DitlocError, match="no bottom-K"):
+            control_blocks(loc, "bottom", 1, category, concept)
+    data = read_run(out)
+    assert data.n_generation_units == len({r["unit"] for r in rows})
+    # the report's heat map reads a search's blocks in the order they entered its sets: S_K as prefixes
+    assert data.rankings["color", "red"][:2] == Localization.load(
+        out / "localizations/color/red.search.json").search.sets[-1]
+    assert build_report(out).html.is_file()
+    code, stdout, err = run_cli(argv)  # finished: the rerun runs nothing
+    assert code == 0, err
+    assert "0 unit(s) run" in stdout and f"{n_units} reused" in stdout
 
 
 def test_unknown_method_refused(files, tmp_path):

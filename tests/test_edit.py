@@ -649,3 +649,95 @@ def test_cached_latents_are_reused_only_for_the_same_model_prompts_and_sampling(
     jobs._cached_latents(tmp_path, "anchor_latents", pipe, ["a blue cat"], 1, 0, {**kw, "num_inference_steps": 3})
     assert len(drawn) == 4  # another model
     assert other.shape == a.shape
+
+
+# ---- the search of --blocks auto: objective and evaluator -------------------------------------------------------
+def _image_folder(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    _save(folder / "a.png", (np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    return folder
+
+
+TINY_EDIT = ["--train-steps", "1", "--steps", "2"]
+UNLEARN_DOG = ["--concept", "dog", "--anchor", "cat", "--prompt", "a dog on the beach", "--images-per-prompt", "1"]
+
+
+@pytest.mark.parametrize("case, extra, line, objective", [
+    # not chosen: said before the run (the tiny PixArt has no evaluator of its own: the model judges itself)
+    ("default", [], "search objective: self (the model judges itself", "self"),
+    ("evaluator", ["--evaluator", "toy", "--eval-text", "shape: star"], "search objective: evaluator (toy)",
+     "evaluator"),
+    # chosen: nothing to say
+    ("chosen", ["--objective", "evaluator", "--evaluator", "toy", "--eval-text", "shape: star"], None, "evaluator"),
+])
+def test_cli_unlearn_search_flags_reach_the_search(tmp_path, capsys, pixart_dir, case, extra, line, objective):
+    out = tmp_path / "out"
+    code = _cli(["unlearn", str(pixart_dir), *UNLEARN_DOG, *extra, *TINY_EDIT, "--out", str(out)])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    said = [s for s in stdout.splitlines() if s.startswith("search objective:")]
+    assert said == ([] if line is None else [stdout.splitlines()[0]]) and (line is None or said[0].startswith(line))
+    settings = json.loads((out / "localization.json").read_text())["settings"]
+    assert settings["objective"] == objective and settings["method"] == "search"
+    if objective == "evaluator":
+        assert settings["evaluator"] == "ToyOracle" and settings["eval_text"] == "shape: star"
+    rec = json.loads((out / "ditloc_edit.json").read_text())
+    assert rec["details"]["localization"]["search"]["objective"] == objective
+
+
+def test_cli_personalize_search_flags_reach_the_search(tmp_path, capsys, pixart_dir):
+    out = tmp_path / "out"
+    code = _cli(["personalize", str(pixart_dir), "--images", str(_image_folder(tmp_path)), "--token", "sks",
+                 "--class-word", "cat", "--evaluator", "toy", "--eval-text", "shape: star", *TINY_EDIT,
+                 "--out", str(out)])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    assert stdout.splitlines()[0] == "search objective: evaluator (toy)"
+    rec = json.loads((out / "ditloc_edit.json").read_text())
+    settings = rec["details"]["localization"]["settings"]
+    assert settings["objective"] == "evaluator" and settings["eval_text"] == "shape: star"
+    assert json.loads((out / "localization.json").read_text())["search"]["objective"] == "evaluator"
+
+
+BAD_SEARCH_FLAGS = [
+    (["--evaluator", "bogus"], "unknown evaluator 'bogus'; use toy, clip or vlm"),
+    (["--objective", "judge"], "unknown objective 'judge'"),
+    (["--objective", "evaluator"], "--objective evaluator needs --evaluator clip|vlm"),
+    (["--objective", "self", "--evaluator", "toy"], "--objective self needs none"),
+    (["--eval-text", "a dog"], "pass --evaluator clip|vlm"),
+    (["--evaluator-model", "/models/clip"], "pass one of them"),
+    (["--blocks", "block.1", "--objective", "self"], "pass --blocks auto"),
+    (["--blocks", "all", "--evaluator", "toy"], "pass --blocks auto"),
+    (["--localize-method", "patch", "--objective", "self"], "pass --localize-method search"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_SEARCH_FLAGS)
+@pytest.mark.parametrize("command", ["unlearn", "personalize"])
+def test_cli_bad_search_flags_one_line_before_the_model(tmp_path, capsys, command, extra, message):
+    """Refused before the model loads: the model directory does not even exist."""
+    args = (UNLEARN_DOG if command == "unlearn" else
+            ["--images", str(tmp_path / "imgs"), "--token", "sks", "--class-word", "cat"])
+    code = _cli([command, str(tmp_path / "pixart"), *args, *extra, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("ditloc: error:") and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--evaluator", "toy"], "'dog' is not a toy concept"),  # the evaluator cannot score the concept
+    (["--concept", "beach", "--anchor", "sea", "--evaluator", "toy", "--eval-text", "shape: star"],
+     "--eval-text names what the evaluator looks for in one concept"),
+])
+def test_cli_unlearn_evaluator_text_refused_before_the_model(tmp_path, capsys, extra, message):
+    code = _cli(["unlearn", str(tmp_path / "pixart"), *UNLEARN_DOG, *extra, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_choose_blocks_refuses_search_settings_of_another_method():
+    from ditloc.edit import choose_blocks
+
+    with pytest.raises(DitlocError, match="settings of the search, not of method 'patch'"):
+        choose_blocks(None, "auto", 2, ["a dog"], "dog", method="patch", objective="self")

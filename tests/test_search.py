@@ -216,6 +216,7 @@ def test_stop_drop_ends_the_search_at_the_first_set_that_removes_that_much():
     (SearchConfig(rank="random"), "unknown search ranking"),
     (SearchConfig(verify=0), "verify must be a positive integer"),
     (SearchConfig(gradient_steps=0), "gradient_steps must be a positive integer"),
+    (SearchConfig(gradient_gate=1.0), "gradient_gate must be in"),
 ])
 def test_bad_search_settings_are_refused_before_work(config, message, monkeypatch):
     pipe, run = _pipe("pixart")

@@ -47,11 +47,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", default=None)
     ap.add_argument("--verify", type=int, default=None)
     ap.add_argument("--gradient-steps", type=int, default=None)
+    ap.add_argument("--gradient-gate", type=float, default=None)
     ap.add_argument("--search-steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     fields = {k: v for k, v in (("rank", args.rank), ("verify", args.verify), ("gradient_steps", args.gradient_steps),
+                                ("gradient_gate", args.gradient_gate),
                                 ("search_steps", args.search_steps)) if v is not None}
     config = SearchConfig(objective=args.objective, max_k=4, **fields)
     gt_dir = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / (

@@ -23,8 +23,8 @@ its evaluation text.
 
 from __future__ import annotations
 
-from .plan import (BASELINE, CONTROLS, DEFAULT_METHOD, FORMAT, BenchPlan, BenchSettings, ConceptPlan, Unit, control_blocks,
-                   derived_seed, localization_path, plan_bench, random_blocks, slugify)
+from .plan import (BASELINE, CONTROLS, DEFAULT_METHOD, FORMAT, NO_BOTTOM, BenchPlan, BenchSettings, ConceptPlan, Unit,
+                   control_blocks, derived_seed, localization_path, method_controls, plan_bench, random_blocks, slugify)
 from .ground_truth import (GroundTruthResult, GroundTruthSettings, MethodMetrics, OracleResult,
                            check_ground_truth_dir, method_metrics, oracle_result, plan_ground_truth,
                            run_ground_truth, summarize_ground_truth)
@@ -47,6 +47,7 @@ __all__ = [
     "GroundTruthResult",
     "GroundTruthSettings",
     "MethodMetrics",
+    "NO_BOTTOM",
     "OracleResult",
     "RESULTS_FILE",
     "ResultStore",
@@ -63,6 +64,7 @@ __all__ = [
     "localization_path",
     "make_evaluator",
     "merge_results",
+    "method_controls",
     "method_metrics",
     "oracle_result",
     "plan_ground_truth",

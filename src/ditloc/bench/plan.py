@@ -9,8 +9,9 @@ The work is cut into *units*, each done whole or not at all:
                                                    -> one row per prompt x seed (control: top, random, bottom)
 
 The localization method (`BenchSettings.methods`: contribution, patch,
-attribution) decides the top-K and bottom-K blocks; the default method,
-contribution, leaves names without a suffix. Random-K blocks do not depend on
+attribution, search) decides the top-K and bottom-K blocks; the default method,
+contribution, leaves names without a suffix. A set-level search's top-K is its
+searched set S_K, and it has no bottom-K (`NO_BOTTOM`). Random-K blocks do not depend on
 the method: they are drawn from a seed derived from the concept and K, so every
 unit is computed the same way whoever runs it and whenever.
 """
@@ -36,6 +37,15 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CONTROLS = ("top", "random", "bottom")
 #: the method whose names carry no suffix (and the only one of runs made before `methods` existed)
 DEFAULT_METHOD = "contribution"
+#: methods without a bottom-K control: a set-level search ranks block *sets*, and its per-block scores are
+#: the single-block drops it happened to generate (zero for the others), so its "bottom K" would be model order
+NO_BOTTOM = ("search",)
+
+
+def method_controls(method: str) -> tuple[str, ...]:
+    """The controls whose blocks `method`'s localization chooses: top and bottom; top only for a
+    set-level search (see NO_BOTTOM). Random-K belongs to no method."""
+    return tuple(c for c in CONTROLS if c != "random" and not (c == "bottom" and method in NO_BOTTOM))
 
 
 @dataclass(frozen=True)
@@ -72,8 +82,9 @@ class BenchSettings:
     pipeline_kwargs: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
+        from ..engine import VARIANTS
         from ..evaluate import EVALUATORS
-        from ..engine import METHODS, VARIANTS
+        from ..localize import METHODS
 
         methods = tuple(self.methods)
         unknown = [m for m in methods if m not in METHODS]
@@ -209,7 +220,8 @@ class BenchPlan:
             units.append(Unit("generate", c, BASELINE, 0))
             for k in self.settings.ks:
                 for control in CONTROLS:
-                    methods = [""] if control == "random" else self.settings.methods
+                    methods = [""] if control == "random" else [
+                        m for m in self.settings.methods if control in method_controls(m)]
                     units += [Unit("generate", c, control, k, m) for m in methods]
         return units
 
@@ -311,14 +323,18 @@ def random_blocks(blocks: list[str], k: int, rng: np.random.Generator) -> list[s
 
 
 def control_blocks(loc, control: str, k: int, category: str, concept: str) -> list[str]:
-    """The K blocks a control withholds: the top-K of the localization, the bottom-K,
-    or K blocks drawn at random (model order) from a seed derived from the concept and K."""
+    """The K blocks a control withholds: the top-K of the localization (a search's S_K), the
+    bottom-K (not for a search: NO_BOTTOM), or K blocks drawn at random (model order) from a
+    seed derived from the concept and K."""
     blocks = list(loc.blocks)
     if not 1 <= k <= len(blocks):
         raise DitlocError(f"K must be between 1 and {len(blocks)} (the number of blocks), got {k}")
     if control == "top":
         return loc.top(k)
     if control == "bottom":
+        if loc.search is not None:
+            raise DitlocError("a set-level search has no bottom-K (it ranks block sets, not single blocks); "
+                              "compare its top-K with random-K")
         return loc.ranking[-k:]
     if control == "random":
         return random_blocks(blocks, k, np.random.default_rng(derived_seed("random-k", category, concept, k)))

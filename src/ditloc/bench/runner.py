@@ -139,20 +139,48 @@ def generate_scored(pipe, concept: ConceptPlan, blocks: list[str] | None, evalua
     return images, evaluator.score(images, concept.eval_text)  # [prompts x seeds], prompt-major
 
 
-def _localize_unit(pipe, plan: BenchPlan, unit: Unit, out: Path) -> dict:
-    from ..localize import localize
+def _search_evaluator(evaluator, text: str):
+    """The bench's evaluator as the search's objective where it can score `text` (an `Evaluator`
+    that takes it), else None: the search then uses the model's own evaluator or judges itself."""
+    from ..evaluate import Evaluator
+
+    if not isinstance(evaluator, Evaluator):
+        return None
+    try:
+        evaluator.check_text(text)
+    except DitlocError:
+        return None
+    return evaluator
+
+
+def _localize_unit(pipe, plan: BenchPlan, unit: Unit, out: Path, evaluator=None) -> dict:
+    """One localization. A set-level search finds S_K for every K up to the largest K (capped at the
+    blocks), scoring presence with the bench's evaluator where it can, and checkpoints each
+    scored set next to the localization file, so a killed search resumes mid-way."""
+    from ..localize import SearchConfig, localize
 
     s, c = plan.settings, unit.concept
     method = unit.method or DEFAULT_METHOD
     clean = list(c.localization_clean_prompts) if method != DEFAULT_METHOD and c.localization_clean_prompts else None
-    loc = localize(pipe, list(c.localization_prompts), c.concept, method=method, clean_prompts=clean,
-                   seed=s.localize_seed, variant=s.variant, batch_size=s.batch_size, options=s.run_options)
     path = c.localization_file(method)
+    if method == "search":
+        n_blocks = len(s.run_options.resolve(pipe).adapter.block_names())
+        scorer = _search_evaluator(evaluator, c.eval_text)
+        how = {"search": SearchConfig(max_k=min(max(s.ks), n_blocks)), "evaluator": scorer,
+               "eval_text": c.eval_text if scorer is not None else None,
+               "checkpoint": out / (path.removesuffix(".json") + ".jsonl")}  # e.g. red.search.jsonl
+    else:
+        how = {"variant": s.variant}
+    loc = localize(pipe, list(c.localization_prompts), c.concept, method=method, clean_prompts=clean,
+                   seed=s.localize_seed, batch_size=s.batch_size, options=s.run_options, **how)
     loc.save(out / path)
     record = {"unit": unit.id, "kind": "localize", "category": c.category, "concept": c.concept,
               "localization": path, "ranking": loc.ranking, "scores": loc.scores.tolist()}
     if method != DEFAULT_METHOD:
         record["method"] = method
+    if loc.search is not None:
+        record["objective"] = loc.search.objective
+        record["sets"] = [list(b) for b in loc.search.sets]
     return record
 
 
@@ -177,8 +205,11 @@ def _generate_unit(pipe, plan: BenchPlan, unit: Unit, loc, evaluator, out: Path)
     return {"unit": unit.id, "kind": "generate", "rows": rows}
 
 
-def _pipeline_calls(settings: BenchSettings, unit: Unit) -> int:
-    """How many `pipe(...)` calls a unit makes: its images (localize: prompts x one seed) in batches."""
+def _pipeline_calls(settings: BenchSettings, unit: Unit) -> int | None:
+    """How many `pipe(...)` calls a unit makes: its images (localize: prompts x one seed) in batches;
+    None for a search (its sets are chosen as it goes)."""
+    if unit.kind == "localize" and unit.method == "search":
+        return None
     c = unit.concept
     images = len(c.localization_prompts) if unit.kind == "localize" else len(c.evaluation_prompts) * len(settings.seeds)
     return math.ceil(images / settings.batch_size)
@@ -256,7 +287,7 @@ def _run_bench(pipe, plan: BenchPlan, out, *, resuming: bool, evaluator, workers
         return _generate_unit(pipe, plan, unit, localizations.get(path), evaluator, out)
 
     with overall:
-        phase(mine[0], lambda unit: _localize_unit(pipe, plan, unit, out))
+        phase(mine[0], lambda unit: _localize_unit(pipe, plan, unit, out, evaluator))
         workers.barrier()  # every localization is on disk before any generation needs it
         phase(mine[1], generate_unit)
     workers.barrier()

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from .._io import ResultStore, write_atomic  # noqa: F401  (ResultStore: re-exported)
 from ..errors import DitlocError
-from .plan import CONTROLS, DEFAULT_METHOD, FORMAT, BenchPlan, BenchSettings, localization_path, slugify
+from .plan import (CONTROLS, DEFAULT_METHOD, FORMAT, BenchPlan, BenchSettings, localization_path, method_controls,
+                   slugify)
 
 SETTINGS_FILE = "bench.json"
 RESULTS_FILE = "results.jsonl"
@@ -170,7 +171,8 @@ class BenchRun:
     @property
     def n_generation_units(self) -> int:
         n_concepts = sum(len(v) for v in self.record["concepts"].values())
-        per_k = sum(1 if control == "random" else len(self.methods) for control in CONTROLS)
+        per_k = sum(1 if control == "random" else sum(control in method_controls(m) for m in self.methods)
+                    for control in CONTROLS)
         return n_concepts * (1 + per_k * len(self.ks))
 
     @property
@@ -215,6 +217,17 @@ def _read_rows(out: Path) -> list[BenchRow]:
     return rows
 
 
+def _ranking(d: dict) -> tuple[str, ...]:
+    """A localization file's blocks, best first. A search's: its largest set in the order the blocks
+    entered, then the per-block ranking (`Localization.top` of every block), so a forward search's
+    top-k prefix is its S_k."""
+    ranking = list(d["ranking"])
+    if d.get("search"):
+        largest = list(d["search"]["sets"][-1])
+        ranking = largest + [b for b in ranking if b not in largest]
+    return tuple(ranking)
+
+
 def read_run(run) -> BenchRun:
     """Read a bench run directory (finished, or partial while it runs). A damaged
     results.jsonl is rebuilt in memory from the result stores; other damage is a
@@ -239,7 +252,7 @@ def read_run(run) -> BenchRun:
                     continue
                 d = _read_json(loc_path, "delete it and rerun `ditloc bench` with the same command to redo it")
                 try:
-                    by_method[category, concept, method] = tuple(d["ranking"])
+                    by_method[category, concept, method] = _ranking(d)
                     blocks = tuple(d["blocks"])
                 except (KeyError, TypeError):
                     raise DitlocError(f"{loc_path} is not a localization; delete it and rerun `ditloc bench` "

@@ -44,7 +44,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-sequence-length", type=int, default=None)
     p.add_argument("--method", default="contribution", metavar="M,M,...",
                    help="localization method(s) whose top-K and bottom-K are withheld, compared in one run: "
-                        "contribution, patch, attribution (default contribution)")
+                        "contribution, patch, attribution, search (default contribution). search: the set-level "
+                        "search up to the largest --k, scored by --evaluator; its top-K is the searched set S_K "
+                        "and it has no bottom-K (it ranks block sets, not blocks)")
     p.add_argument("--variant", choices=("attn", "attn_value", "attn_value_out"), default="attn_value_out")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None, help="default: where the pipeline loads; each process's own "
@@ -131,6 +133,9 @@ def cmd_bench(args) -> None:
     if workers.rank == 0:
         print(f"bench: {result.units_run} unit(s) run, {result.units_reused} reused (process 0) in "
               f"{result.seconds:.0f} s; {len(result.rows)} rows")
+        if "search" in settings.methods:
+            print("search: top-K withheld its searched set S_K; no bottom-K rows (a search ranks block sets, "
+                  "not single blocks): compare its top-K with random-K")
         print(f"wrote {result.path} (then: ditloc report {args.out})")
 
 

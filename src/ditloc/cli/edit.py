@@ -107,6 +107,15 @@ def _add_edit_args(p, *, method: dict) -> None:
                    default="search",
                    help="how --blocks auto localizes (default search: block sets by their effect on the "
                         "concept's presence, the best method on the toy ground truth; see docs/recipes.md)")
+    g = p.add_argument_group("the search of --blocks auto (--localize-method search)")
+    g.add_argument("--objective", default=None,
+                   help="evaluator (soft presence by --evaluator; the default where the model has one, as the toy "
+                        "models' oracle) or self (the model judges itself; the default elsewhere)")
+    g.add_argument("--evaluator", default=None,
+                   help="toy, clip or vlm: the objective's evaluator (default: the model's own, toy on the toy models)")
+    g.add_argument("--evaluator-model", default=None, help="the CLIP / VLM checkpoint (a local path or cached id)")
+    g.add_argument("--eval-text", default=None,
+                   help="what the evaluator looks for (default: the concept, or the class word; one concept only)")
     p.add_argument("--method", **method)
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--lora-modules", default=None,
@@ -165,6 +174,9 @@ def check_unlearn(args) -> None:
         fail("--pooled-edit works with --method closed-form; lora and full train the chosen blocks only")
     if args.auto_k and args.blocks != "auto":
         fail("--auto-k ranks the blocks by a localization; pass --blocks auto")
+    if args.eval_text is not None and len(args.pairs) > 1:
+        fail("--eval-text names what the evaluator looks for in one concept; with several concepts leave it out "
+             "(each concept is scored by its own text)")
     if args.auto_k and len(args.pairs) > 1:
         fail("--auto-k measures one concept's edit; leave it out to take each concept's K from its localization")
     if args.blocks.endswith(".json") and len(args.pairs) > 1:
@@ -221,6 +233,37 @@ def _check_blocks_and_settings(args) -> None:
         Localization.load(args.blocks)  # a missing or broken file: one line, before the model loads
     check_run_settings(args)
     check_blocks_named(args.blocks, " (or auto, all)")
+    _check_search_flags(args)
+
+
+#: the settings of --blocks auto's search (how it scores presence)
+_SEARCH_FLAGS = ("objective", "evaluator", "evaluator_model", "eval_text")
+
+
+def _check_search_flags(args) -> None:
+    """--objective, --evaluator, --evaluator-model and --eval-text, before the model loads (as `ditloc
+    localize` checks them): they set how the search of --blocks auto scores the concept's presence."""
+    given = [name for name in _SEARCH_FLAGS if getattr(args, name) is not None]
+    if not given:
+        return
+    flag = "--" + given[0].replace("_", "-")
+    if args.blocks != "auto":
+        fail(f"{flag} sets how the search of --blocks auto scores presence; pass --blocks auto, or leave it out")
+    if args.localize_method != "search":
+        fail(f"{flag} is a setting of the search; pass --localize-method search (the default), or leave it out")
+    if args.objective is not None and args.objective not in ("evaluator", "self"):
+        fail(f"unknown objective {args.objective!r}; use evaluator or self")
+    if args.objective == "self" and (args.evaluator or args.evaluator_model or args.eval_text):
+        fail("--evaluator/--evaluator-model/--eval-text score the evaluator objective; --objective self needs none")
+    if args.evaluator is not None and args.evaluator not in ("toy", "clip", "vlm"):
+        fail(f"unknown evaluator {args.evaluator!r}; use toy, clip or vlm")
+    if args.evaluator_model is not None and args.evaluator in (None, "toy"):
+        fail("--evaluator-model is the checkpoint of --evaluator clip or vlm; pass one of them")
+    if not models.is_toy(args.model) and args.evaluator is None:
+        if args.objective == "evaluator":
+            fail("--objective evaluator needs --evaluator clip|vlm (with --evaluator-model) on this model")
+        if args.eval_text is not None:
+            fail("--eval-text is what the evaluator looks for; pass --evaluator clip|vlm on this model")
 
 
 def _check_training(args) -> None:
@@ -275,12 +318,16 @@ def cmd_personalize(args) -> None:
     from ..edit.blocks import category_prompts
 
     loc_prompts = category_prompts(args.category, args.class_word, args.probes) if args.category else None
+    concepts = [args.class_word.strip()]
+    evaluator = _search_evaluator(args, concepts)
     pipe = models.load_pipeline(args.model, device=device, dtype=dtype)
+    if main_process:
+        _say_objective(args, pipe, concepts, evaluator)
     res = personalize(pipe, args.images, args.token, args.class_word, instance_prompt=args.instance_prompt,
                       localize_prompts=loc_prompts, captions=args.caption_texts, class_prompts=args.class_prompt,
                       prior_weight=args.prior_weight, prior_target=args.prior_target,
                       prior_preservation=args.prior_preservation, num_class_images=args.num_class_images,
-                      **common)
+                      evaluator=evaluator, **common)
     if main_process:
         _print_result(args, pipe, res)
 
@@ -294,10 +341,14 @@ def cmd_unlearn(args) -> None:
     if args.images_per_prompt < 1:
         raise DitlocError(f"--images-per-prompt must be >= 1 (got {args.images_per_prompt})")
     preserve = _preserve_prompts(args)
+    concepts = [c for c, _ in args.pairs]
+    evaluator = _search_evaluator(args, concepts)
     pipe = models.load_pipeline(args.model, device=device, dtype=dtype)
+    if main_process:
+        _say_objective(args, pipe, concepts, evaluator)
     res = unlearn(pipe, concepts=args.pairs, prompts=prompts, images_per_prompt=args.images_per_prompt,
                   preserve=preserve, preserve_target=args.preserve_target, preserve_weight=args.preserve_weight,
-                  **common)
+                  evaluator=evaluator, **common)
     if main_process:
         _print_result(args, pipe, res)
 
@@ -326,8 +377,54 @@ def _edit_setup(args) -> tuple[dict, str | None, str | None, bool]:
     dtype = args.dtype or ("bfloat16" if args.mixed_precision == "bf16" else None)
     k = "auto" if getattr(args, "auto_k", False) else args.k
     common = {"blocks": args.blocks, "k": k, "config": config, "out": args.out, "options": run_options(args),
-              "progress": _progress.write if main_process else None, "localize_method": args.localize_method}
+              "progress": _progress.write if main_process else None, "localize_method": args.localize_method,
+              "objective": args.objective, "eval_text": args.eval_text}
     return common, device, dtype, main_process
+
+
+def _search_evaluator(args, concepts: list[str]):
+    """The evaluator the search of --blocks auto scores with: --evaluator, or the toy oracle for
+    --objective evaluator on a toy model (None: the search decides, `search_objective`). Each
+    concept's text is checked here, before the model loads."""
+    from ..evaluate import get_evaluator
+
+    name = args.evaluator or ("toy" if models.is_toy(args.model) and args.objective == "evaluator" else None)
+    if name is None:
+        return None
+    kwargs = {"model": args.evaluator_model} if args.evaluator_model else {}
+    if name == "vlm":
+        from ..bench import VLM_QUESTION
+
+        kwargs["question"] = VLM_QUESTION
+    evaluator = get_evaluator(name, **kwargs)
+    for concept in concepts:
+        evaluator.check_text(args.eval_text if args.eval_text is not None else concept)
+    return evaluator
+
+
+def _say_objective(args, pipe, concepts: list[str], evaluator) -> None:
+    """One line before the run, where the user did not choose: the objective the search of --blocks
+    auto scores presence with (as `ditloc localize` says it), so a fall-back to self is never silent."""
+    if args.blocks != "auto" or args.localize_method != "search" or args.objective is not None:
+        return
+    from ..edit.blocks import search_objective
+    from ..localize import default_evaluator
+
+    chosen = [search_objective(pipe, c, evaluator=evaluator, eval_text=args.eval_text) for c in concepts]
+    scored = [c for c, (objective, _) in zip(concepts, chosen) if objective == "evaluator"]
+    judged = [c for c in concepts if c not in scored]
+    own = evaluator if evaluator is not None else default_evaluator(pipe)
+    kind = getattr(own, "kind", type(own).__name__)
+    parts = []
+    if scored:
+        parts.append(f"evaluator ({kind})" + (f" for {', '.join(map(repr, scored))}" if judged else ""))
+    if judged:
+        which = f" for {', '.join(map(repr, judged))}" if scored else ""
+        why = ("no evaluator for this model: --evaluator clip scores presence with CLIP" if own is None else
+               f"the {kind} evaluator cannot score {', '.join(map(repr, judged))}"
+               + ("; --eval-text names what it looks for" if len(concepts) == 1 else ""))
+        parts.append(f"self (the model judges itself{which}; {why})")
+    print("search objective: " + "; ".join(parts))
 
 
 def _preserve_prompts(args) -> list[str] | None:

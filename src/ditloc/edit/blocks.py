@@ -15,18 +15,45 @@ def _adapter(pipe):
     return get_adapter(pipe)
 
 
+def search_objective(pipe, concept: str, *, objective: str | None = None, evaluator=None,
+                     eval_text: str | None = None) -> tuple[str, object]:
+    """(objective, evaluator) the search for `concept` runs with, decided as `ditloc.localize.search`
+    decides it: `objective` as given; else "evaluator" where `evaluator` is given or the model has
+    one (the toy's oracle) and it can score `eval_text` (default: the concept), else "self" (the
+    model judges itself). The edit commands print it before the run, and pass it to the search."""
+    from ..localize import default_evaluator
+
+    if objective == "self":
+        return "self", None
+    candidate = evaluator if evaluator is not None else default_evaluator(pipe)
+    if objective is None and candidate is not None:
+        try:
+            candidate.check_text(eval_text if eval_text is not None else concept)
+        except DitlocError:
+            candidate = None
+    if objective is None:
+        return ("evaluator", candidate) if candidate is not None else ("self", None)
+    return objective, candidate  # "evaluator" without one: the search refuses it in one line
+
+
 def choose_blocks(pipe, blocks, k, localize_prompts, concept, *, seeds=(0, 1), progress=None, eligible=None,
-                  method: str = "search", checkpoint=None, **localize_kw):
+                  method: str = "search", checkpoint=None, objective: str | None = None, evaluator=None,
+                  eval_text: str | None = None, **localize_kw):
     """Block names to edit: explicit names / "all"; a saved localization (a `Localization`
     or its JSON path: search once, edit many times); or "auto" = a localization of
     `concept` on `localize_prompts` by `method`. From a localization, `k` blocks (None:
     its own K: a search's automatic K from its curve, else `minimal_k`). `eligible`: the
     blocks an edit can change (the search runs over those only; a ranking keeps its first
-    k of them). When the chosen blocks do not halve the concept's presence (measured by the
-    search, or by one presence run for the block-score methods), `progress` says so in one
-    line, naming the K that would. -> (blocks, localization or None)."""
+    k of them). `objective`, `evaluator`, `eval_text`: how the search scores the concept's
+    presence (:func:`search_objective`; method "search" only). When the chosen blocks do not
+    halve the concept's presence (measured by the search, or by one presence run for the
+    block-score methods), `progress` says so in one line, naming the K that would.
+    -> (blocks, localization or None)."""
     from ..localize import Localization
 
+    if method != "search" and (objective is not None or evaluator is not None or eval_text is not None):
+        raise DitlocError(f"objective, evaluator and eval_text are settings of the search, not of method {method!r}; "
+                          "localize with method 'search'")
     adapter = _adapter(pipe)
     names = adapter.block_names()
     saved = isinstance(blocks, Localization) or (isinstance(blocks, (str, Path)) and str(blocks).endswith(".json"))
@@ -55,9 +82,12 @@ def choose_blocks(pipe, blocks, k, localize_prompts, concept, *, seeds=(0, 1), p
             # held-out images judge best (benchmarks/results/ground_truth_toy)
             steps = localize_kw["options"].resolve(pipe).effective("num_inference_steps") \
                 if localize_kw.get("options") is not None else None
-            config = SearchConfig(max_k=min(4, len(pool)),
+            objective, evaluator = search_objective(pipe, concept, objective=objective, evaluator=evaluator,
+                                                    eval_text=eval_text)
+            config = SearchConfig(objective=objective, max_k=min(4, len(pool)),
                                   search_steps=max(2, int(steps) // 2) if steps else None)
-            localize_kw = {**localize_kw, "search": config, "checkpoint": checkpoint, "only": pool}
+            localize_kw = {**localize_kw, "search": config, "checkpoint": checkpoint, "only": pool,
+                           "evaluator": evaluator, "eval_text": eval_text if objective == "evaluator" else None}
         loc = localize(pipe, localize_prompts, concept, seed=list(seeds), method=method, **localize_kw)
     if loc.search is not None:
         outside = [b for b in loc.search.sets[-1] if b not in pool]

@@ -49,10 +49,11 @@ def run_options(options: RunOptions | None, run: dict) -> RunOptions:
 
 
 def _plan(pipe, blocks, k, localize_prompts, concept, config, out, *, options: RunOptions, progress,
-          require_concept=False, eligible=None, localize_method="search"):
+          require_concept=False, eligible=None, localize_method="search", search=None):
     """What both jobs do before training: pipeline call arguments (native size
     unless given), the output folder, and the blocks (localized with those same
-    arguments for ``auto``). -> (adapter, call kwargs, out, blocks, localization)."""
+    arguments for ``auto``; `search`: the search's objective, evaluator and eval_text).
+    -> (adapter, call kwargs, out, blocks, localization)."""
     options = RunOptions.of(options, pipeline_kwargs=_native_size(pipe, options.pipeline_kwargs))
     resolved = options.resolve(pipe)
     adapter, kw = resolved.adapter, resolved.call_kwargs
@@ -65,7 +66,7 @@ def _plan(pipe, blocks, k, localize_prompts, concept, config, out, *, options: R
     checkpoint = out / "search.jsonl" if out is not None and localize_method == "search" else None
     chosen, loc = procs.share(lambda: choose_blocks(  # the main process localizes; every process gets its blocks
         pipe, blocks, k, list(localize_prompts), concept, progress=progress, options=options, eligible=eligible,
-        method=localize_method, checkpoint=checkpoint))
+        method=localize_method, checkpoint=checkpoint, **(search or {})))
     if loc is not None and out is not None and procs.is_main:
         loc.save(out / "localization.json")
     if progress:
@@ -259,6 +260,9 @@ def personalize(
     instance_prompt: str = "a {token} {class_word}",
     localize_prompts=None,
     localize_method: str = "search",
+    objective: str | None = None,
+    evaluator=None,
+    eval_text: str | None = None,
     prior_preservation: bool = False,
     class_prompt: str | None = None,
     num_class_images: int = 16,
@@ -278,8 +282,11 @@ def personalize(
     ``height``/``width`` then also fix the training resolution.
     `localize_prompts` (with ``blocks="auto"``): prompts containing the class
     word to localize it on (default: the class prompt), with `localize_method`
-    (``contribution``, ``patch`` or ``attribution``, method.md section 7); see
-    :func:`category_prompts` for a probe-set category's.
+    (``search``, the default, or ``contribution``, ``patch`` or ``attribution``, method.md
+    section 7); see :func:`category_prompts` for a probe-set category's. `objective`
+    ("evaluator" or "self"), `evaluator` and `eval_text` (default: the class word): how the
+    search scores the class word's presence (default: the model's own evaluator where it can,
+    else the model judges itself; :func:`~ditloc.edit.blocks.search_objective`).
 
     `captions` (one per image, each containing `token`; as diffusers' DreamBooth
     scripts' ``caption_column``): image i is trained on its own caption, e.g.
@@ -319,7 +326,8 @@ def personalize(
     class_prompts = [str(c).strip() for c in class_prompts]
     adapter, kw, out, chosen, loc = _plan(
         pipe, blocks, k, localize_prompts or [class_prompt], class_word.strip(), config, out,
-        options=options, progress=progress, localize_method=localize_method)
+        options=options, progress=progress, localize_method=localize_method,
+        search=_search_settings(objective, evaluator, eval_text))
 
     instance = encode_images(pipe, pixels).to(_data_dtype(pipe, config))  # [N, C, h, w]
     # text row of each instance image, of each class image (rows of `text`: prompts, then class prompts)
@@ -371,6 +379,13 @@ def personalize(
     wall = run_training(trainer, loss_fn, out, _identity("personalize", pipe, chosen, config, data), progress)
     details = dict(data, localization=loc.to_dict() if loc is not None else None)
     return _finish("personalize", pipe, trainer, out, wall, details)
+
+
+def _search_settings(objective, evaluator, eval_text) -> dict:
+    """The search's objective, evaluator and eval_text as `choose_blocks` keywords, those given only
+    (`choose_blocks` refuses them with another localization method)."""
+    return {k: v for k, v in (("objective", objective), ("evaluator", evaluator), ("eval_text", eval_text))
+            if v is not None}
 
 
 def check_personalize_prompts(token: str, n_images: int, captions=None, class_prompts=None,

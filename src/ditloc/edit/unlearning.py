@@ -38,6 +38,7 @@ from .jobs import (
     _identity,
     _native_size,
     _one_writer,
+    _search_settings,
     _text_editable,
     run_options,
 )
@@ -81,11 +82,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "concept"
 
 
-def _choose(pipe, erasures, blocks, k, out, *, options, progress, eligible, localize_method):
+def _choose(pipe, erasures, blocks, k, out, *, options, progress, eligible, localize_method, search=None):
     """Each erasure with its blocks, and its localization (None for explicit blocks).
     `blocks`: "auto", "all", names, a saved localization (one concept), or a dict
     {concept: any of those}. "auto" (or a saved search) without `k`: the smallest searched set
-    that removes ERASE_DROP of the concept's presence, or, when none does, every editable block. A search runs on at most LOCALIZE_PROMPTS of the concept's prompts.
+    that removes ERASE_DROP of the concept's presence, or, when none does, every editable block. A search runs on at most LOCALIZE_PROMPTS of the concept's prompts,
+    scored as `search` says (`choose_blocks`' objective, evaluator, eval_text).
     Several concepts: each localization is checkpointed and saved under ``out/localizations/``; a
     rerun reuses them."""
     procs = current_processes()
@@ -106,7 +108,7 @@ def _choose(pipe, erasures, blocks, k, out, *, options, progress, eligible, loca
             progress(f"[{e.concept}] choosing blocks")
         names, loc = procs.share(lambda e=e, spec=spec, checkpoint=checkpoint: choose_blocks(
             pipe, spec, k, _spread(list(e.prompts), LOCALIZE_PROMPTS), e.concept, progress=progress,
-            options=options, eligible=eligible, method=localize_method, checkpoint=checkpoint))
+            options=options, eligible=eligible, method=localize_method, checkpoint=checkpoint, **(search or {})))
         if k is None and loc is not None and loc.search is not None:
             erase_k = loc.search.auto_k(ERASE_DROP)
             if erase_k is not None:
@@ -163,6 +165,9 @@ def unlearn(
     preserve_target: str | None = None,
     preserve_weight: float = 1.0,
     localize_method: str = "search",
+    objective: str | None = None,
+    evaluator=None,
+    eval_text: str | None = None,
     out=None,
     options: RunOptions | None = None,
     progress=None,
@@ -178,6 +183,10 @@ def unlearn(
     replaces the word substitution, e.g. to drop a whole phrase ("with a hazard sign").
     `blocks`: "auto" (each concept localized by `localize_method`, K its own unless `k`),
     "all", names, a saved localization (one concept) or ``{concept: any of those}``.
+    `objective` ("evaluator" or "self"), `evaluator` and `eval_text` (one concept only;
+    default: the concept): how a search scores each concept's presence (default: the model's
+    own evaluator where it can, else the model judges itself;
+    :func:`~ditloc.edit.blocks.search_objective`).
 
     With a :class:`~ditloc.edit.closed_form.ClosedFormConfig` there is no training: the text
     key/value projections of the chosen blocks are solved in closed form (method.md §8),
@@ -215,6 +224,9 @@ def unlearn(
     if preserve is not None and not closed_form and preserve_target is None:
         raise DitlocError("preservation prompts need --method closed-form or --preserve-target teacher")
     erasures = plan_erasures(concepts, prompts, anchor_prompts)
+    if eval_text is not None and len(erasures) > 1:
+        raise DitlocError("eval_text names what the evaluator looks for in one concept; with several concepts "
+                          "leave it out (each concept's own text is scored)")
     if preserve is not None:
         preserve = check_preserve(preserve, erasures)
     if (closed_form or preserve_target) and preserve is None:
@@ -244,7 +256,8 @@ def unlearn(
     if eligible is not None:
         eligible = eligible(adapter)
     erasures, locs = _choose(pipe, erasures, blocks, k, out if out is None else Path(out), options=options,
-                             progress=progress, eligible=eligible, localize_method=localize_method)
+                             progress=progress, eligible=eligible, localize_method=localize_method,
+                             search=_search_settings(objective, evaluator, eval_text))
     out = Path(out) if out is not None else None
     if closed_form:
         for e in erasures:

@@ -136,6 +136,7 @@ class PresenceRunner:
 
             self.gradient_objective = PredictedPresence(self.adapter, self.evaluator, self.eval_text)
         self.gradient_steps = None  # the steps attribution is measured at (None: every step)
+        self.gradient_gate = 0.0  # the gates of the blocks outside a set where its attribution is taken
         self.generations = 0  # images generated, in units of one generation of all samples
         self.gradient_generations = 0  # of which generated with conditional attribution
         self.seconds = 0.0
@@ -228,7 +229,9 @@ class PresenceRunner:
                 call = dict(prompt=prompts, generator=self.resolved.generators([s for _ in group for _, s in chunk]),
                             output_type="latent" if self.judge is not None else "pil", **kw)
                 if gradient:
-                    base = torch.tensor([[float(b in s) for s in group for _ in chunk] for b in self.names])  # [blocks, g*n]
+                    rest = self.gradient_gate  # the other blocks' gates where the derivative is taken
+                    base = torch.tensor([[1.0 if b in s else rest for s in group for _ in chunk]
+                                         for b in self.names])  # [blocks, g*n]
                     probe = CausalProbe(adapter, session, "attribution", adapter.encode_text(clean, kw), base=base,
                                         objective=self.gradient_objective, steps=self.gradient_steps)
                     with probe.installed():

@@ -54,6 +54,10 @@ class SearchConfig:
     - `verify`: sets generated per forward step under "gradient";
     - `gradient_steps`: the attribution is measured at this many denoising steps, evenly
       spread inside the run (None: at every step);
+    - `gradient_gate`: where the derivative is taken: the set's own gates at 1, every other
+      block's at this value. At 0 a block whose effect is masked by a backup reads ~0; half
+      way, each block's derivative is taken with the others half withheld, so blocks that
+      hold the concept together rank first;
     - `candidates`: search only the M blocks ranked best by `candidate_method` (None: all);
     - `search_steps`: sampling steps of the search's generations (None: the run's own);
     - `threshold`: `auto_k`'s relative drop;
@@ -69,6 +73,7 @@ class SearchConfig:
     rank: str = "gradient"
     verify: int = 2
     gradient_steps: int | None = 2
+    gradient_gate: float = 0.5
     candidates: int | None = None
     candidate_method: str = "contribution"
     search_steps: int | None = 6
@@ -93,6 +98,9 @@ class SearchConfig:
         positive("verify", self.verify)
         if self.gradient_steps is not None:
             positive("gradient_steps", self.gradient_steps)
+        if isinstance(self.gradient_gate, bool) or not isinstance(self.gradient_gate, (int, float)) \
+                or not 0 <= self.gradient_gate < 1:
+            raise DitlocError(f"gradient_gate must be in [0, 1), got {self.gradient_gate!r}")
         if self.candidates is not None:
             positive("candidates", self.candidates)
             if self.candidates < self.max_k:
@@ -189,6 +197,7 @@ def search(pipe, prompts, concept: str, *, config: SearchConfig | None = None, e
                             pooled=pooled, options=opts)
     steps = int(runner.resolved.record()["num_inference_steps"])
     runner.gradient_steps = gradient_steps(steps, config.gradient_steps)
+    runner.gradient_gate = float(config.gradient_gate)
     names = runner.names
     spans = tuple(runner.adapter.concept_span(p, concept, runner.kw) for p in runner.prompts)
     start = time.perf_counter()
@@ -204,6 +213,10 @@ def search(pipe, prompts, concept: str, *, config: SearchConfig | None = None, e
 
     identity = {"concept": concept, **{k: v for k, v in runner.settings().items() if k != "model"},
                 "model": runner.settings()["model"]["name_or_path"], "candidates": candidates}
+    if config.rank == "gradient":  # the checkpoint keeps attributions, which these settings change
+        steps_at = None if runner.gradient_steps is None else list(runner.gradient_steps)
+        identity["gradient"] = {"steps": steps_at, "gate": runner.gradient_gate,
+                                "objective": "presence" if runner.gradient_objective is not None else "prediction"}
     lock = None
     store = None
     if checkpoint is not None:
