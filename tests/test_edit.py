@@ -276,9 +276,9 @@ def test_personalize_auto_localizes_and_fits(tmp_path):
                       num_class_images=2, num_inference_steps=2,
                       config=TrainConfig(steps=30, batch_size=2, lr=3e-3), out=tmp_path)
     loc = json.loads((tmp_path / "localization.json").read_text())
-    assert loc["concept"] == "cat"
-    ranking = sorted(zip(loc["scores"], loc["blocks"]), key=lambda p: -p[0])
-    assert list(res.blocks) == sorted([b for _, b in ranking[:2]], key=lambda b: int(b.split(".")[1]))
+    assert loc["concept"] == "cat" and loc["settings"]["method"] == "search"
+    # the blocks edited are the search's 2-block set
+    assert list(res.blocks) == sorted(loc["search"]["sets"][1], key=lambda b: int(b.split(".")[1]))
     assert np.mean(res.losses[-10:]) < np.mean(res.losses[:10])  # it learns
     assert (tmp_path / "pytorch_lora_weights.safetensors").exists()
 

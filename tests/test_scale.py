@@ -262,3 +262,32 @@ def test_two_processes_personalize_with_captions_and_teacher_prior(model, tmp_pa
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
     rec = json.loads((tmp_path / "two" / "ditloc_edit.json").read_text())
     assert rec["config"]["processes"] == 2 and rec["details"]["prior_target"] == "teacher"
+
+
+def search_argv(model, out) -> list[str]:
+    return ["localize", str(model), "--concept", "dog", "--prompt", "a red dog", "--prompt", "a dog on the beach",
+            "--seed", "0", "--steps", "2", "--search-steps", "2", "--max-k", "2", "--objective", "self",
+            "--out", str(out)]
+
+
+def test_search_under_two_processes_finds_what_one_finds_and_resumes(model, tmp_path):
+    """`accelerate launch` splits the search's pipeline calls over 2 processes: the same sets and
+    presence as one process, one checkpoint written by the main process, resumed after a kill."""
+    code, _, err = run_cli(search_argv(model, tmp_path / "one"))
+    assert code == 0, err
+    one = json.loads((tmp_path / "one" / "localization.json").read_text())
+    proc = launch(search_argv(model, tmp_path / "two"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "localization.json").read_text())
+    assert two["search"]["sets"] == one["search"]["sets"]
+    assert two["search"]["presence"] == pytest.approx(one["search"]["presence"], abs=1e-5)
+    assert two["search"]["cost"]["generations"] == one["search"]["cost"]["generations"]
+    lines = (tmp_path / "two" / "search.jsonl").read_text().splitlines()
+    assert len(lines) == len((tmp_path / "one" / "search.jsonl").read_text().splitlines())  # one writer
+    # killed after two sets: the rerun keeps them and generates the rest
+    (tmp_path / "two" / "search.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    proc = launch(search_argv(model, tmp_path / "two"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((tmp_path / "two" / "localization.json").read_text())
+    assert again["search"]["sets"] == one["search"]["sets"]
+    assert 0 < again["search"]["cost"]["generations"] < one["search"]["cost"]["generations"]

@@ -273,7 +273,7 @@ def _check_training(args) -> None:
 
         TrainConfig(method=args.method, lora_modules=args.lora_modules)  # its checks: one line, exit 2
     from ..edit import precision
-    from ..edit.processes import launched
+    from ..processes import launched
 
     if args.method == "closed-form":
         if launched():
@@ -298,7 +298,7 @@ def _check_training(args) -> None:
 def _train_device(args) -> str | None:
     """Where training runs: --device (None: where the pipeline loads, the CPU); under accelerate
     launch, each process's own accelerator, or the CPU (gloo) with --device cpu or on a machine without one."""
-    from ..edit.processes import current, launched
+    from ..processes import current, launched
 
     if not launched():
         return args.device
@@ -357,7 +357,7 @@ def _edit_setup(args) -> tuple[dict, str | None, str | None, bool]:
     """The keyword arguments personalize and unlearn share (the edit's config among them), where the model
     loads and in what dtype, and whether this process reports (under accelerate launch only process 0)."""
     from ..edit import ClosedFormConfig, TrainConfig
-    from ..edit.processes import current
+    from ..processes import current
 
     if args.method == "closed-form":
         config = ClosedFormConfig(preserve_weight=args.preserve_weight, ridge=args.ridge, positions=args.positions,

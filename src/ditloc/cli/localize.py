@@ -118,7 +118,11 @@ def cmd_localize(args) -> None:
                   "--evaluator clip scores presence with CLIP)")
         elif args.objective is None:
             print(f"search objective: evaluator ({args.evaluator or 'toy'})")
-        pipe = models.load_pipeline(args.model, device=args.device, dtype=args.dtype)
+        from ..processes import current, launched
+
+        # under accelerate launch, each process generates its share of the search's sets on its own device
+        device = str(current(args.device).device) if launched() else args.device
+        pipe = models.load_pipeline(args.model, device=device, dtype=args.dtype)
         config.check(len(_adapter_for(pipe, args).block_names()))
         return _localize_search(args, pipe, config, evaluator)
     pipe = models.load_pipeline(args.model, device=args.device, dtype=args.dtype)
@@ -233,6 +237,10 @@ def _localize_search(args, pipe, config, evaluator) -> None:
                        eval_text=args.eval_text, clean_prompts=args.clean_prompt, seed=args.seed,
                        batch_size=args.batch_size, block_batch=args.block_batch, options=run_options(args),
                        checkpoint=checkpoint, progress=progress)
+    from ..processes import current
+
+    if not current().is_main:  # the main process writes and prints
+        return
     s = loc.search
     auto = s.auto_k(config.threshold)
     top_k = auto if args.auto_k else args.top_k

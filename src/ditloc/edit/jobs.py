@@ -29,7 +29,7 @@ from .data import encode_images, image_size, load_image_folder
 from .devices import peak_memory, reset_peak_memory, to_device
 from .files import BLOCKS_FILE, RESULT_FILE
 from .lora import save_lora
-from .processes import current as current_processes
+from ..processes import current as current_processes
 from .train import EditResult, LocalizedTrainer, TrainConfig, run_training
 
 EMPTY_PRESERVE = ("the preservation set is empty; pass prompts to keep (--preserve / --preserve-file) "

@@ -36,7 +36,8 @@ import torch
 
 from .. import _state
 from ..errors import DitlocError, Interrupted
-from . import precision, processes
+from .. import processes
+from . import precision
 from .devices import to_device
 from .lora import LoraSpec, add_lora, lora_state_dict, lora_targets
 

@@ -42,7 +42,7 @@ from .jobs import (
     _text_editable,
     run_options,
 )
-from .processes import current as current_processes
+from ..processes import current as current_processes
 from .train import EditResult, LocalizedTrainer, TrainConfig, run_training
 
 PRESERVE_TARGETS = (None, "teacher")

@@ -115,6 +115,9 @@ class PresenceRunner:
         self.evaluator = None
         self.eval_text = None
         self.judge = None
+        from ..processes import current
+
+        self.processes = current(pipe._execution_device)  # one, or those accelerate launch started
         if objective == "evaluator":
             self.evaluator = evaluator if evaluator is not None else default_evaluator(pipe)
             if self.evaluator is None:
@@ -160,20 +163,39 @@ class PresenceRunner:
         if gradient is not None:
             self._gradient[frozenset(blocks)] = np.asarray(gradient, dtype=np.float64)
 
-    def raw(self, sets, on_set=None, gradient: bool = False) -> np.ndarray:
+    def raw(self, sets, on_set=None, gradient=False) -> np.ndarray:
         """[len(sets), samples] raw values; `on_set(blocks, values, gradient)` after each new set.
-        `gradient`: also measure each set's conditional attribution (:meth:`gradient`)."""
+        `gradient`: also measure the conditional attribution (:meth:`gradient`) of every set
+        (True) or of the sets it holds (a collection of sets).
+
+        Under ``accelerate launch`` the pipeline calls are dealt round-robin to the processes
+        and every process receives every result: each call is the one a single process
+        makes, so the values are the single-process values."""
         sets = [frozenset(s) for s in sets]
-        have = self._gradient if gradient else self._raw
-        todo = list(dict.fromkeys(s for s in sets if s not in have))
+        ranked = set(sets) if gradient is True else {frozenset(s) for s in (gradient or ())}
+        todo_ranked = list(dict.fromkeys(s for s in sets if s in ranked and s not in self._gradient))
+        todo = list(dict.fromkeys(s for s in sets if s not in ranked and s not in self._raw))
         per_call = self.block_batch or max(1, PRESENCE_IMAGES // len(self.samples))
-        for group in chunks(todo, per_call):
-            for blocks, values, grad in self._measure(group, gradient):
+        calls = [(group, True) for group in chunks(todo_ranked, per_call)] + \
+                [(group, False) for group in chunks(todo, per_call)]
+        procs = self.processes
+        start = time.perf_counter()
+        mine = [(i, [(sorted(b), v.tolist(), None if g is None else g.tolist())
+                     for b, v, g in self._measure(group, grad)])
+                for i, (group, grad) in enumerate(calls) if i % procs.world == procs.rank]
+        results = dict(procs.gather(mine))  # call index -> [(blocks, values, attribution)]
+        self.seconds += time.perf_counter() - start
+        for i, (group, grad) in enumerate(calls):
+            self.generations += len(group)
+            self.gradient_generations += len(group) if grad else 0
+            for blocks, values, attribution in results[i]:
+                blocks, values = frozenset(blocks), np.asarray(values, dtype=np.float64)
+                attribution = None if attribution is None else np.asarray(attribution, dtype=np.float64)
                 self._raw[blocks] = values
-                if grad is not None:
-                    self._gradient[blocks] = grad
+                if attribution is not None:
+                    self._gradient[blocks] = attribution
                 if on_set is not None:
-                    on_set(blocks, values, grad)
+                    on_set(blocks, values, attribution)
         return np.stack([self._raw[s] for s in sets])
 
     def gradient(self, blocks) -> dict[str, float]:
@@ -186,10 +208,9 @@ class PresenceRunner:
     def presence(self, sets, on_set=None, gradient: bool = False) -> np.ndarray:
         """[len(sets), samples] presence: evaluator scores, or the judge's q normalised by the
         unedited (empty set) and clean-prompt (every block, pooled text clean) images.
-        `gradient`: the sets are generated with conditional attribution (:meth:`gradient`)."""
-        if gradient:
-            self.raw(list(sets), on_set, gradient=True)
-        values = self.raw(list(sets) + self.references(), on_set)
+        `gradient`: as for :meth:`raw`."""
+        sets = [frozenset(x) for x in sets]
+        values = self.raw(sets + self.references(), on_set, sets if gradient is True else gradient)
         if self.objective == "evaluator":
             return values[: len(sets)]
         q_full, q_clean = values[len(sets)].mean(), values[len(sets) + 1].mean()
@@ -204,7 +225,6 @@ class PresenceRunner:
         """Generate every sample with each set of `group` withheld (set-major rows of one call
         per chunk of samples) and score it: yields (set, values [samples], conditional
         attribution [blocks] or None)."""
-        start = time.perf_counter()
         adapter, kw = self.adapter, self.kw
         out: dict[frozenset, list[np.ndarray]] = {s: [] for s in group}
         grads: dict[frozenset, list[torch.Tensor]] = {s: [] for s in group}
@@ -245,9 +265,6 @@ class PresenceRunner:
                 values = self._score(result, [j for _ in group for j in self._indices(chunk)], prompts, clean)
                 for k, s in enumerate(group):
                     out[s].append(values[k * n : (k + 1) * n])
-        self.generations += len(group)
-        self.gradient_generations += len(group) if gradient else 0
-        self.seconds += time.perf_counter() - start
         for s in group:
             grad = torch.cat(grads[s], 1).mean(1).double().numpy() if gradient else None  # [blocks]
             yield s, np.concatenate(out[s]), grad

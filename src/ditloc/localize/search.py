@@ -219,12 +219,27 @@ def search(pipe, prompts, concept: str, *, config: SearchConfig | None = None, e
                                 "objective": "presence" if runner.gradient_objective is not None else "prediction"}
     lock = None
     store = None
+    procs = runner.processes  # under accelerate launch: the main process alone holds the lock and writes
     if checkpoint is not None:
         path = Path(checkpoint)
-        lock = OutputLock(path.parent, name=path.name + ".lock")
-        lock.__enter__()
-        store = _Checkpoint(path, identity)
-        for blocks, values, gradient in store.load():
+
+        def load():
+            nonlocal lock, store
+            try:
+                lock = OutputLock(path.parent, name=path.name + ".lock")
+                lock.__enter__()
+                store = _Checkpoint(path, identity)
+                return "ok", store.load()
+            except DitlocError as e:  # said by every process, not left waiting on the main one
+                if lock is not None:
+                    lock.__exit__(None, None, None)
+                lock = store = None
+                return "error", str(e)
+
+        status, records = procs.share(load)
+        if status == "error":
+            raise DitlocError(records)
+        for blocks, values, gradient in records:
             runner.remember(blocks, values, gradient)
     try:
         total = _planned(len(candidates), config, objective)
@@ -234,10 +249,10 @@ def search(pipe, prompts, concept: str, *, config: SearchConfig | None = None, e
             if store is not None:
                 store.append(_ordered(blocks, names), values, gradient)
             done[0] += 1
-            if progress is not None:
+            if progress is not None and procs.is_main:
                 progress(done[0], total)
 
-        def mean(sets, gradient: bool = False) -> list[float]:
+        def mean(sets, gradient=False) -> list[float]:
             return runner.presence(sets, on_set, gradient).mean(axis=1).tolist()
 
         best: dict[int, tuple[tuple[str, ...], float]] = {}
@@ -365,9 +380,7 @@ def _forward_ranked(candidates: list[str], config: SearchConfig, mean, gradient,
                 if i == 0 and key not in expected:
                     expected.append(key)
         sets = list(grown)
-        rest = [x for x in sets if x not in expected]
-        values = dict(zip(expected, mean(expected, gradient=not last)))
-        values.update(zip(rest, mean(rest)))
+        values = dict(zip(sets, mean(sets, gradient=() if last else expected)))  # one round of calls
         order = sorted(sets, key=lambda x: (values[x], sorted(names.index(b) for b in x)))
         beam = [grown[x] for x in order[: config.beam]]
         _keep(best, k, beam[0], values[order[0]])

@@ -1,11 +1,13 @@
-"""The processes of one training run: this one alone (``python``, ``ditloc``), or the
-several that ``accelerate launch`` / ``torchrun`` started (data-parallel training).
+"""The processes of one run: this one alone (``python``, ``ditloc``), or the several
+that ``accelerate launch`` / ``torchrun`` started (data-parallel training, or a search
+whose generations are split over the processes).
 
 Read from accelerate's ``PartialState`` (which sets up the process group: NCCL
 on GPUs, gloo on CPUs); a plain run never touches it. Process 0 is the main
-process: it alone holds the output lock, localizes, draws the frozen model's
-class/anchor images, prints progress and writes files; the others receive what
-it made (:meth:`Processes.share`) and wait for its writes (:meth:`Processes.wait`).
+process: it alone holds the output lock, draws the frozen model's class/anchor
+images, prints progress and writes files; the others receive what it made
+(:meth:`Processes.share`), what every process made (:meth:`Processes.gather`) and
+wait for its writes (:meth:`Processes.wait`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from datetime import timedelta
 
 import torch
 
-from ..errors import DitlocError
+from .errors import DitlocError
 
 #: environment variables through which launchers give the number of processes
 WORLD_ENV = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -51,6 +53,15 @@ class Processes:
         box = [send_to_device(make(), "cpu") if self.is_main else None]
         broadcast_object_list(box, from_process=0)
         return box[0]
+
+
+    def gather(self, items: list) -> list:
+        """Every process's `items` (picklable), concatenated in process order, on every process."""
+        if self.world == 1:
+            return list(items)
+        from accelerate.utils import gather_object
+
+        return gather_object(list(items))
 
 
 def launched() -> bool:
