@@ -222,3 +222,34 @@ def test_localize_searches_by_default_and_says_its_objective(model_dir, tmp_path
     d = json.loads((out / "localization.json").read_text())
     assert d["settings"]["method"] == "search" and d["search"]["objective"] == "self"
     assert d["settings"]["search"]["rank"] == "gradient" and len(d["search"]["sets"]) == 2
+
+
+def test_localize_concepts_file_searches_each_concept_on_its_prompts(model_dir, tmp_path, capsys):
+    concepts = tmp_path / "concepts.txt"
+    concepts.write_text("# the list\nvan gogh\ndog\n")
+    out = tmp_path / "many"
+    code, stdout, err = run(["localize", model_dir, "--concepts-file", str(concepts), "--prompt", "a photo of van gogh",
+                             "--prompt", "van gogh painting of a dog", "--max-k", "1", "--verify", "1",
+                             "--out", str(out), *COMMON], capsys)
+    assert code == 0, err
+    van_gogh = json.loads((out / "van-gogh" / "localization.json").read_text())
+    dog = json.loads((out / "dog" / "localization.json").read_text())
+    assert van_gogh["concept"] == "van gogh" and dog["concept"] == "dog"
+    assert van_gogh["settings"]["prompts"] == ["a photo of van gogh", "van gogh painting of a dog"]
+    assert dog["settings"]["prompts"] == ["van gogh painting of a dog"]  # only the prompts that hold it
+    assert "[1/2] 'van gogh'" in stdout and "[2/2] 'dog'" in stdout
+
+
+@pytest.mark.parametrize("text,extra,message", [
+    ("van gogh\ncat\n", [], "'cat' of"),
+    ("dog\ndog\n", [], "listed twice"),
+    ("# nothing\n", [], "lists no concept"),
+    ("dog\n", ["--concept", "dog"], "not both"),
+    ("dog\n", ["--method", "patch"], "use it with --method search"),
+])
+def test_localize_concepts_file_bad_input(model_dir, tmp_path, capsys, text, extra, message):
+    concepts = tmp_path / "concepts.txt"
+    concepts.write_text(text)
+    code, _, err = run(["localize", model_dir, "--concepts-file", str(concepts), "--prompt", "van gogh painting of a dog",
+                        *extra, "--out", str(tmp_path / "o"), *COMMON], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err

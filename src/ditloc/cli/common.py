@@ -35,10 +35,10 @@ class Parser(argparse.ArgumentParser):
 
 # --- options ---------------------------------------------------------------------------------------------------
 
-def add_common(p: argparse.ArgumentParser) -> None:
+def add_common(p: argparse.ArgumentParser, *, concept_required: bool = True) -> None:
     """MODEL, --concept, the sampling settings and --out of `localize` and `intervene`."""
     p.add_argument("model", metavar="MODEL", help="diffusers pipeline directory, hub id, 'toy' or 'toy-flux'")
-    p.add_argument("--concept", required=True, help="the concept's words as they appear in the prompt")
+    p.add_argument("--concept", required=concept_required, help="the concept's words as they appear in the prompt")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's; on FLUX base models without a guidance embedding, true_cfg_scale)")
     p.add_argument("--seed", type=int, default=0)

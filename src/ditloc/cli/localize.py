@@ -8,6 +8,7 @@ from pathlib import Path
 from .. import _progress
 from . import models
 from .common import (
+    _words,
     adapter_options,
     add_common,
     check_blocks_named,
@@ -21,8 +22,11 @@ from .common import (
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("localize", help="rank blocks for a concept (attention contribution, patch or attribution)")
-    add_common(p)
+    p = sub.add_parser("localize", help="find the blocks that hold a concept (set-level search, or per-block scores)")
+    add_common(p, concept_required=False)
+    p.add_argument("--concepts-file", default=None,
+                   help="instead of --concept: a text file, one concept a line (# comments); each is searched on "
+                        "the prompts that contain it, into OUT/<concept>/ (one model load for all)")
     p.add_argument("--prompt", action="append", help="a prompt containing the concept (repeatable)")
     p.add_argument("--prompts-file", help="text file, one prompt per line")
     p.add_argument("--method", choices=("search", "contribution", "patch", "attribution"), default="search",
@@ -80,11 +84,41 @@ def add_parsers(sub) -> None:
 
 
 def check_localize(args) -> None:
-    """Before the model loads (sets ``args.prompts``)."""
+    """Before the model loads (sets ``args.prompts``, and ``args.concept_prompts`` with --concepts-file)."""
     check_out_and_counts(args)
     check_run_settings(args)
     args.prompts = read_prompts(args)
-    check_concept(args.prompts, args.concept, exact=False)
+    args.concept_prompts = None
+    if args.concepts_file is None:
+        if args.concept is None:
+            fail("give --concept TEXT, or --concepts-file FILE with one concept a line")
+        check_concept(args.prompts, args.concept, exact=False)
+        return
+    if args.concept is not None:
+        fail("give --concept or --concepts-file, not both")
+    if args.method != "search":
+        fail("--concepts-file searches each concept; use it with --method search (the default)")
+    if args.clean_prompt is not None or args.top_k is not None:
+        fail("--clean-prompt and --top-k apply to one concept; with --concepts-file each concept's K comes from "
+             "its curve (--auto-k)")
+    args.concept_prompts = {c: [p for p in args.prompts if _words(c) <= _words(p)] for c in _read_concepts(args)}
+    for concept, prompts in args.concept_prompts.items():
+        if not prompts:
+            fail(f"concept {concept!r} of {args.concepts_file} is in none of the prompts; add a prompt that contains it")
+
+
+def _read_concepts(args) -> list[str]:
+    try:
+        text = Path(args.concepts_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read concepts file {args.concepts_file!r}: {e.strerror if isinstance(e, OSError) else e}")
+    concepts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not concepts:
+        fail(f"{args.concepts_file} lists no concept; write one a line")
+    twice = [c for c in concepts if concepts.count(c) > 1]
+    if twice:
+        fail(f"concept {twice[0]!r} is listed twice in {args.concepts_file}")
+    return concepts
 
 
 def check_intervene(args) -> None:
@@ -111,13 +145,11 @@ def cmd_localize(args) -> None:
             fail(f"got {len(args.clean_prompt)} --clean-prompt for {len(prompts)} prompts; give one per prompt")
     if args.block_batch is not None and args.block_batch < 1:
         fail(f"--block-batch must be at least 1, got {args.block_batch}")
+    if args.concept_prompts is not None:
+        return _localize_many(args, config)
     if config is not None:
         evaluator = _search_evaluator(args)
-        if args.objective is None and evaluator is None:
-            print("search objective: self (the model judges itself; no evaluator for this model: "
-                  "--evaluator clip scores presence with CLIP)")
-        elif args.objective is None:
-            print(f"search objective: evaluator ({args.evaluator or 'toy'})")
+        _say_objective(args, evaluator)
         from ..processes import current, launched
 
         # under accelerate launch, each process generates its share of the search's sets on its own device
@@ -214,6 +246,37 @@ def _search_evaluator(args):
     evaluator = get_evaluator(name, **kwargs)
     evaluator.check_text(args.eval_text if args.eval_text is not None else args.concept)
     return evaluator
+
+
+def _say_objective(args, evaluator) -> None:
+    """One line before the run, where the user did not choose the search's objective."""
+    if args.objective is None and evaluator is None:
+        print("search objective: self (the model judges itself; no evaluator for this model: "
+              "--evaluator clip scores presence with CLIP)")
+    elif args.objective is None:
+        print(f"search objective: evaluator ({args.evaluator or 'toy'})")
+
+
+def _localize_many(args, config) -> None:
+    """--concepts-file: every concept searched on its own prompts with one loaded model, each into
+    OUT/<concept>/ (its own checkpoint: a rerun resumes every concept)."""
+    import copy
+
+    from ..bench.plan import slugify
+    from ..processes import current, launched
+
+    jobs = []
+    for concept, prompts in args.concept_prompts.items():  # every evaluator text checked before the model loads
+        one = copy.copy(args)
+        one.concept, one.prompts, one.out = concept, prompts, str(Path(args.out) / slugify(concept))
+        jobs.append((one, _search_evaluator(one)))
+    _say_objective(args, jobs[0][1])
+    device = str(current(args.device).device) if launched() else args.device
+    pipe = models.load_pipeline(args.model, device=device, dtype=args.dtype)
+    config.check(len(_adapter_for(pipe, args).block_names()))
+    for i, (one, evaluator) in enumerate(jobs, 1):
+        print(f"[{i}/{len(jobs)}] {one.concept!r}: {len(one.prompts)} prompt(s) -> {one.out}")
+        _localize_search(one, pipe, config, evaluator)
 
 
 def _localize_search(args, pipe, config, evaluator) -> None:
