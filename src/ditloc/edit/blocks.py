@@ -78,14 +78,14 @@ def choose_blocks(pipe, blocks, k, localize_prompts, concept, *, seeds=(0, 1), p
         if progress:
             progress(f"localizing {concept!r} by {method} on {len(localize_prompts)} prompt(s) x {len(seeds)} seed(s)")
         if method == "search":
-            # half the sampling steps: on the toy ground truth a 10-step search found the sets that 20-step
-            # held-out images judge best (benchmarks/results/ground_truth_toy)
+            # the default search (docs/search.md), at no more sampling steps than the run's own
             steps = localize_kw["options"].resolve(pipe).effective("num_inference_steps") \
                 if localize_kw.get("options") is not None else None
             objective, evaluator = search_objective(pipe, concept, objective=objective, evaluator=evaluator,
                                                     eval_text=eval_text)
+            search_steps = SearchConfig().search_steps
             config = SearchConfig(objective=objective, max_k=min(4, len(pool)),
-                                  search_steps=max(2, int(steps) // 2) if steps else None)
+                                  search_steps=min(search_steps, int(steps)) if steps else search_steps)
             localize_kw = {**localize_kw, "search": config, "checkpoint": checkpoint, "only": pool,
                            "evaluator": evaluator, "eval_text": eval_text if objective == "evaluator" else None}
         loc = localize(pipe, localize_prompts, concept, seed=list(seeds), method=method, **localize_kw)

@@ -203,7 +203,11 @@ class PresenceRunner:
         first-order effect of withholding the concept from it too, given `blocks` withheld:
         d m / d g_b at the set's gates, m the move of the model's prediction toward the clean
         prompt's (`ditloc.engine.causal`), summed over the steps, averaged over the images."""
-        return dict(zip(self.names, self._gradient[frozenset(blocks)].tolist()))
+        return dict(zip(self.names, self._gradient[frozenset(blocks)].mean(axis=1).tolist()))
+
+    def gradient_per_image(self, blocks) -> np.ndarray | None:
+        """[blocks, samples] the attribution of :meth:`gradient` per image (None: not measured)."""
+        return self._gradient.get(frozenset(blocks))
 
     def presence(self, sets, on_set=None, gradient: bool = False) -> np.ndarray:
         """[len(sets), samples] presence: evaluator scores, or the judge's q normalised by the
@@ -266,7 +270,7 @@ class PresenceRunner:
                 for k, s in enumerate(group):
                     out[s].append(values[k * n : (k + 1) * n])
         for s in group:
-            grad = torch.cat(grads[s], 1).mean(1).double().numpy() if gradient else None  # [blocks]
+            grad = torch.cat(grads[s], 1).double().numpy() if gradient else None  # [blocks, samples]
             yield s, np.concatenate(out[s]), grad
 
     def _indices(self, chunk) -> list[int]:

@@ -152,8 +152,8 @@ class _Checkpoint:
 
     def append(self, blocks, values, gradient=None) -> None:
         record = {"set": list(blocks), "values": [float(v) for v in values]}
-        if gradient is not None:
-            record["gradient"] = [float(v) for v in gradient]
+        if gradient is not None:  # [blocks, samples]
+            record["gradient"] = [[float(v) for v in row] for row in gradient]
         self.store.append(record)
 
 
@@ -249,8 +249,8 @@ def search(pipe, prompts, concept: str, *, config: SearchConfig | None = None, e
             if store is not None:
                 store.append(_ordered(blocks, names), values, gradient)
             done[0] += 1
-            if progress is not None and procs.is_main:
-                progress(done[0], total)
+            if progress is not None and procs.is_main:  # a set measured again for its attribution adds one
+                progress(done[0], max(total, done[0]))
 
         def mean(sets, gradient=False) -> list[float]:
             return runner.presence(sets, on_set, gradient).mean(axis=1).tolist()
@@ -289,12 +289,19 @@ def search(pipe, prompts, concept: str, *, config: SearchConfig | None = None, e
     )
     n = len(runner.samples)
     drops = torch.zeros(len(names), 1, n)
-    if singles:
+    attribution = runner.gradient_per_image(frozenset())
+    if singles:  # every single block generated: the scores are their presence drops
         per_image = runner.presence([frozenset()] + [frozenset([b]) for b in candidates])
         for i, b in enumerate(candidates):
             drops[names.index(b), 0] = torch.from_numpy(per_image[0] - per_image[i + 1]).float()
+        scores = "single-block presence drop"
+    elif attribution is not None:  # a gradient-ranked search: its first ranking, on every block
+        drops[:, 0] = torch.from_numpy(attribution).float()
+        scores = "attribution at the baseline (first-order presence drop, other gates half way)"
+    else:
+        scores = None
     settings = {**runner.settings(), "method": "search", "search": asdict(config), "objective": objective,
-                "candidates": candidates}
+                "candidates": candidates, "scores": scores}
     return Localization(concept=concept, blocks=tuple(names), per_sample_step=drops,
                         per_head_step=drops.new_zeros(*drops.shape, 0), spans=spans, settings=settings, search=result)
 

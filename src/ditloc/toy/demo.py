@@ -11,7 +11,7 @@ its presence with the oracle (the fraction of images it classifies as the
 concept). Generating and scoring, the random-K draw and the figures are the
 bench's and the report's; the demo adds its prompts (drawn from the toy world)
 and its summary. Writes `localization.json` per category, a heat map (categories
-x blocks: each block's own presence drop), image grids (original | searched set
+x blocks: each block's first-order effect on presence, the search's first ranking), image grids (original | searched set
 withheld | random set withheld) and `summary.json`.
 """
 
@@ -56,9 +56,9 @@ class DemoConfig:
     seed: int = 0
     guidance_scale: float | None = None
     max_k: int = 4  # the search's largest set
-    search_steps: int | None = None  # None: half of `steps`
-    search_seeds: tuple[int, ...] = (0,)  # the search's images: n_localize prompts x these seeds
-    candidates: int | None = 8  # the search's blocks: the 8 that read the concept most (contribution)
+    search_steps: int | None = None  # None: the default search's (SearchConfig().search_steps), at most `steps`
+    search_seeds: tuple[int, ...] = (0, 1)  # the search's images: n_localize prompts x these seeds
+    candidates: int | None = None  # None: the search ranks every block (else the M that read the concept most)
 
     @classmethod
     def fast(cls, model: str = "toy") -> DemoConfig:
@@ -70,10 +70,9 @@ class DemoConfig:
     def for_model(cls, model: str = "toy") -> DemoConfig:
         """The demo's settings for a toy model, each within 5 minutes on 2 CPU cores. toy-flux costs about
         twice the toy PixArt per image (true CFG runs the negative prompt as a second transformer call; FLUX's
-        MLPs and RoPE): its search runs on 4 prompts over 6 candidate blocks, and 2 random sets are the control
-        (toy-flux with the toy's settings: 7.9 min from a fresh clone)."""
+        MLPs and RoPE): its search runs on 4 prompts, and 2 random sets are the control."""
         if model == "toy-flux":
-            return cls(model=model, n_localize=4, candidates=6, n_random=2)
+            return cls(model=model, n_localize=4, n_random=2)
         return cls(model=model)
 
 
@@ -134,7 +133,7 @@ def run_demo(out_dir="runs/demo", config: DemoConfig | None = None, *, pipe=None
     # toy ground truth it kept both blocks of every concept's best pair (15 of 15, docs/recipes.md)
     # K from the curve (the smallest K whose set halves presence): the search stops at that K
     search = SearchConfig(objective="evaluator", max_k=cfg.max_k, candidates=cfg.candidates,
-                          candidate_method="contribution", search_steps=cfg.search_steps or max(2, cfg.steps // 2),
+                          candidate_method="contribution", search_steps=min(cfg.search_steps or SearchConfig().search_steps, cfg.steps),
                           stop_drop=AUTO_K_DROP if cfg.k is None else None)
     with _progress.bar(desc="demo", unit="set") as bar:
         for n, (category, (concept, label)) in enumerate(DEMO_CONCEPTS.items(), 1):
@@ -152,7 +151,7 @@ def run_demo(out_dir="runs/demo", config: DemoConfig | None = None, *, pipe=None
                            clean_prompts=[world.clean_prompt(p, category, concept) for p in c.localization_prompts],
                            options=options, progress=tick)
             loc.save(out / category / "localization.json")
-            heat[category] = loc.scores.tolist()  # each candidate's own presence drop (the search's K = 1 step; 0 if pruned)
+            heat[category] = loc.scores.tolist()  # the search's first ranking: each block's attribution at the baseline
             k = cfg.k if cfg.k is not None else loc.choose_k()
             top, blocks = loc.top(k), list(loc.blocks)
             random_sets = [random_blocks(blocks, k, rng) for _ in range(cfg.n_random)]
@@ -189,9 +188,10 @@ def run_demo(out_dir="runs/demo", config: DemoConfig | None = None, *, pipe=None
                         out / category / "grid.png")
     rows = {f"{category}: {summary[category]['concept']}": _scaled(scores) for category, scores in heat.items()}
     marked = {f"{category}: {e['concept']}": e["top_k_blocks"] for category, e in summary.items()}
-    save_figure(heatmap_figure(rows, list(loc.blocks), title="Presence drop when each block alone is withheld",
-                               subtitle="each row scaled to its own range (lowest white, highest red)",
-                               quantity="single-block presence drop (scaled per row)", marked=marked,
+    save_figure(heatmap_figure(rows, list(loc.blocks), title="Each block's first-order effect on presence",
+                               subtitle="the search's first ranking (attribution at the baseline, the other blocks "
+                                        "half withheld); each row scaled to its own range (lowest white, highest red)",
+                               quantity="attribution (scaled per row)", marked=marked,
                                mark_label="searched set (withheld)", row_axis="category: concept"),
                 out / "heatmap.png")
     result = {
