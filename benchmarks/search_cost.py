@@ -120,6 +120,11 @@ def measure(args) -> dict:
     variants = {"plain": None}
     for objective in ("evaluator", "self"):
         variants[f"search {objective} (default)"] = SearchConfig(objective=objective, max_k=args.max_k)
+        if args.variants == "default":  # the exhaustive greedy once, as the reference
+            if objective == "evaluator":
+                variants["exhaustive greedy evaluator"] = SearchConfig(
+                    objective=objective, max_k=args.max_k, search_steps=search_steps, rank="generation")
+            continue
         for cand in (None, candidates):
             label = f"exhaustive greedy {objective}" + (f", candidates {cand}" if cand else "")
             variants[label] = SearchConfig(objective=objective, max_k=args.max_k, candidates=cand,
@@ -213,6 +218,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the result here")
     ap.add_argument("--counts", action="store_true", help="only the generation counts at real-model sizes")
+    ap.add_argument("--variants", default="all", choices=("all", "default"),
+                    help="default: plain, the default search (both objectives) and the exhaustive greedy (evaluator)")
     ap.add_argument("--depth", action="store_true",
                     help="the default search at 12 and 57 blocks of a tiny FLUX shape (search steps = --steps)")
     args = ap.parse_args(argv)

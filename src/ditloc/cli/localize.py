@@ -55,7 +55,7 @@ def add_parsers(sub) -> None:
                                                    "the toy models)")
     g.add_argument("--evaluator-model", default=None, help="the CLIP / VLM checkpoint (a local path or cached id)")
     g.add_argument("--eval-text", default=None, help="what the evaluator looks for (default: the concept)")
-    g.add_argument("--max-k", type=int, default=4, help="largest block set (default 4)")
+    g.add_argument("--max-k", type=int, default=None, help="largest block set (default 4, or every block of a smaller model)")
     g.add_argument("--beam", type=int, default=1, help="sets kept per size (default 1: greedy)")
     g.add_argument("--direction", default="forward", help="forward (default), backward or both")
     g.add_argument("--candidates", type=int, default=None,
@@ -155,7 +155,7 @@ def cmd_localize(args) -> None:
         # under accelerate launch, each process generates its share of the search's sets on its own device
         device = str(current(args.device).device) if launched() else args.device
         pipe = models.load_pipeline(args.model, device=device, dtype=args.dtype)
-        config.check(len(_adapter_for(pipe, args).block_names()))
+        config = _fit_max_k(args, config, len(_adapter_for(pipe, args).block_names()))
         return _localize_search(args, pipe, config, evaluator)
     pipe = models.load_pipeline(args.model, device=args.device, dtype=args.dtype)
     if args.top_k is not None:
@@ -199,7 +199,7 @@ def _adapter_for(pipe, args):
 
 
 #: the --method search settings and their defaults
-_SEARCH_FLAGS = {"objective": None, "evaluator": None, "evaluator_model": None, "eval_text": None, "max_k": 4,
+_SEARCH_FLAGS = {"objective": None, "evaluator": None, "evaluator_model": None, "eval_text": None, "max_k": None,
                  "beam": 1, "direction": "forward", "candidates": None, "candidate_method": "contribution",
                  "search_steps": None, "rank": None, "verify": None, "gradient_steps": None}
 
@@ -215,9 +215,11 @@ def _search_config(args):
         return None
     given = {k: getattr(args, k) for k in ("search_steps", "rank", "verify", "gradient_steps")
              if getattr(args, k) is not None}
-    config = SearchConfig(objective=args.objective, max_k=args.max_k, beam=args.beam, direction=args.direction,
+    blocks = models.count_blocks(args.model)
+    max_k = args.max_k if args.max_k is not None else min(4, blocks or 4)
+    config = SearchConfig(objective=args.objective, max_k=max_k, beam=args.beam, direction=args.direction,
                           candidates=args.candidates, candidate_method=args.candidate_method, **given)
-    config.check(models.count_blocks(args.model))
+    config.check(blocks)
     if args.rank == "gradient" and args.evaluator == "vlm":
         fail("--rank gradient differentiates the evaluator's presence and the vlm evaluator's answer is not "
              "differentiable; use --rank generation, or --evaluator clip")
@@ -248,6 +250,16 @@ def _search_evaluator(args):
     return evaluator
 
 
+def _fit_max_k(args, config, n_blocks: int):
+    """Without --max-k, a model of fewer than 4 blocks searches up to all of them; then the checks."""
+    import dataclasses
+
+    if args.max_k is None and config.max_k > n_blocks:
+        config = dataclasses.replace(config, max_k=n_blocks)
+    config.check(n_blocks)
+    return config
+
+
 def _say_objective(args, evaluator) -> None:
     """One line before the run, where the user did not choose the search's objective."""
     if args.objective is None and evaluator is None:
@@ -273,7 +285,7 @@ def _localize_many(args, config) -> None:
     _say_objective(args, jobs[0][1])
     device = str(current(args.device).device) if launched() else args.device
     pipe = models.load_pipeline(args.model, device=device, dtype=args.dtype)
-    config.check(len(_adapter_for(pipe, args).block_names()))
+    config = _fit_max_k(args, config, len(_adapter_for(pipe, args).block_names()))
     for i, (one, evaluator) in enumerate(jobs, 1):
         print(f"[{i}/{len(jobs)}] {one.concept!r}: {len(one.prompts)} prompt(s) -> {one.out}")
         _localize_search(one, pipe, config, evaluator)

@@ -150,8 +150,10 @@ class _Run:
         checkpoint = self.out / "searches" / Path(localization_file(c.category, c.slug, method)).with_suffix(".jsonl")
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         loc = search(self.pipe, [c.localization_prompts[i] for i in idx], c.concept,
-                     config=SearchConfig(objective=SEARCH_METHODS[method], max_k=MAX_K, search_steps=SEARCH_STEPS,
-                                         rank="generation"),  # the exhaustive greedy: the reference
+                     config=SearchConfig(objective=SEARCH_METHODS[method], max_k=MAX_K)  # the default search
+                     if method.startswith("search-gradient") else
+                     SearchConfig(objective=SEARCH_METHODS[method], max_k=MAX_K, search_steps=SEARCH_STEPS,
+                                  rank="generation"),  # the exhaustive greedy: the reference
                      evaluator=self.evaluator, eval_text=c.eval_text,
                      clean_prompts=[c.localization_clean_prompts[i] for i in idx], seed=list(SEARCH_SEEDS),
                      options=s.run_options, checkpoint=checkpoint)

@@ -20,9 +20,12 @@ LOCALIZATIONS_FILE = "localizations.jsonl"
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 #: the localization methods a ground truth can judge: block scores (method.md §1, §7) and the set-level
-#: search (§9) with the toy oracle's soft presence ("search") or the model as its own judge ("search-self")
-METHODS = ("contribution", "patch", "attribution", "search", "search-self")
-SEARCH_METHODS = {"search": "evaluator", "search-self": "self"}
+#: search (§9) with the toy oracle's soft presence ("search") or the model as its own judge ("search-self"): the
+#: exhaustive greedy (every candidate set generated) at SEARCH_STEPS; "search-gradient" and "search-gradient-self":
+#: the default `SearchConfig` (gradient-ranked steps, its own search steps)
+METHODS = ("contribution", "patch", "attribution", "search", "search-self", "search-gradient", "search-gradient-self")
+SEARCH_METHODS = {"search": "evaluator", "search-self": "self", "search-gradient": "evaluator",
+                  "search-gradient-self": "self"}
 PAIRED_REFERENCE = "search"  # the summary pairs every other method's regrets with this one's
 #: the search runs on its own prompts, not the held-out ones it is judged on: SEARCH_PROMPTS of the concept's
 #: localization prompts (evenly spread) x SEARCH_SEEDS, at SEARCH_STEPS sampling steps
