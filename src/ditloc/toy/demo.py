@@ -68,7 +68,7 @@ class DemoConfig:
 
     @classmethod
     def for_model(cls, model: str = "toy") -> DemoConfig:
-        """The demo's settings for a toy model, each within 5 minutes on 2 CPU cores. toy-flux costs about
+        """The demo's settings for a toy model, each about 4-5 minutes on 2 CPU cores. toy-flux costs about
         twice the toy PixArt per image (true CFG runs the negative prompt as a second transformer call; FLUX's
         MLPs and RoPE): its search runs on 4 prompts, and 2 random sets are the control."""
         if model == "toy-flux":
