@@ -140,6 +140,19 @@ def test_search_result_round_trips_and_k_from_the_curve(tmp_path):
         plain.auto_k()
 
 
+def _spy_measure(monkeypatch) -> list:
+    """The block sets every later pipeline call generates, in order."""
+    measured = []
+    real = PresenceRunner._measure
+
+    def spy(self, group, gradient=False):
+        measured.extend(group)
+        return real(self, group, gradient)
+
+    monkeypatch.setattr(PresenceRunner, "_measure", spy)
+    return measured
+
+
 def test_search_resumes_without_evaluating_a_set_twice(tmp_path, monkeypatch):
     pipe, run = _pipe("pixart")
     evaluator = MeanChannel()
@@ -150,14 +163,7 @@ def test_search_resumes_without_evaluating_a_set_twice(tmp_path, monkeypatch):
     lines = path.read_text().splitlines()
     n_sets = len(lines) - 1  # a header, then one line per evaluated set
     assert n_sets == first.search.cost["sets_evaluated"]
-    measured = []
-    real = PresenceRunner._measure
-
-    def spy(self, group, gradient=False):
-        measured.extend(group)
-        return real(self, group, gradient)
-
-    monkeypatch.setattr(PresenceRunner, "_measure", spy)
+    measured = _spy_measure(monkeypatch)
     again = ditloc.localize(pipe, PROMPTS, CONCEPT, method="search", search=config, evaluator=evaluator,
                             checkpoint=path, **run)
     assert measured == [] and again.search.sets == first.search.sets
@@ -272,14 +278,7 @@ def test_gradient_search_resumes_with_its_rankings(tmp_path, monkeypatch):
     first = ditloc.localize(pipe, PROMPTS, CONCEPT, method="search", search=config, evaluator=MeanChannel(),
                             checkpoint=path, **run)
     assert any("gradient" in json.loads(line) for line in path.read_text().splitlines()[1:])
-    measured = []
-    real = PresenceRunner._measure
-
-    def spy(self, group, gradient=False):
-        measured.extend(group)
-        return real(self, group, gradient)
-
-    monkeypatch.setattr(PresenceRunner, "_measure", spy)
+    measured = _spy_measure(monkeypatch)
     again = ditloc.localize(pipe, PROMPTS, CONCEPT, method="search", search=config, evaluator=MeanChannel(),
                             checkpoint=path, **run)
     assert measured == [] and again.search.sets == first.search.sets
