@@ -283,3 +283,17 @@ def test_gradient_search_resumes_with_its_rankings(tmp_path, monkeypatch):
                             checkpoint=path, **run)
     assert measured == [] and again.search.sets == first.search.sets
     assert again.search.presence == pytest.approx(first.search.presence)
+
+
+@pytest.mark.parametrize("scheduler", ["DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler"])
+def test_predicted_clean_sample_inverts_the_noising(scheduler):
+    """`NoiseRule.x0` (what the gradient-ranked search decodes) recovers x0 from x_t and the exact target."""
+    import diffusers
+
+    from ditloc.edit.train import NoiseRule
+
+    rule = NoiseRule.from_scheduler(getattr(diffusers, scheduler)())
+    x0 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x_t, t, target = rule.noised(x0, torch.tensor([0.1, 0.5, 0.9]), noise)
+    torch.testing.assert_close(rule.x0(x_t, t.double(), target), x0, rtol=0, atol=1e-9)

@@ -133,8 +133,8 @@ class NoiseRule:
         if self.kind == "flow":
             sigma = (timestep.to(x_t.device, torch.float32) / self.num_train_timesteps).view(shape)
             return x_t - sigma.to(x_t.dtype) * prediction
-        t = timestep.round().long().clamp(0, self.num_train_timesteps - 1).cpu()
-        a = to_device(self.alphas_cumprod[t], x_t.device, x_t.dtype).view(shape)
+        t = timestep.to(x_t.device).round().long().clamp(0, self.num_train_timesteps - 1)  # stays on the device
+        a = to_device(self.alphas_cumprod, x_t.device, x_t.dtype)[t].view(shape)
         if self.kind == "epsilon":
             return (x_t - (1 - a).sqrt() * prediction) / a.sqrt()
         return a.sqrt() * x_t - (1 - a).sqrt() * prediction  # v prediction

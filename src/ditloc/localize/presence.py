@@ -255,7 +255,7 @@ class PresenceRunner:
                 if gradient:
                     rest = self.gradient_gate  # the other blocks' gates where the derivative is taken
                     base = torch.tensor([[1.0 if b in s else rest for s in group for _ in chunk]
-                                         for b in self.names])  # [blocks, g*n]
+                                         for b in self.names]).to(device)  # [blocks, g*n], once per call
                     probe = CausalProbe(adapter, session, "attribution", adapter.encode_text(clean, kw), base=base,
                                         objective=self.gradient_objective, steps=self.gradient_steps)
                     with probe.installed():
