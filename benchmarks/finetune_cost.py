@@ -92,7 +92,7 @@ def child(args) -> None:
 
     from ditloc.adapters import get_adapter
     from ditloc.edit import LocalizedTrainer, TrainConfig
-    from ditloc.edit.devices import on_accelerator, peak_memory, reset_peak_memory, synchronize
+    from ditloc.devices import on_accelerator, peak_memory, reset_peak_memory, synchronize
 
     torch.set_num_threads(args.threads)
     mixed = args.precision == "bf16"

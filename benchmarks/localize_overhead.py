@@ -25,7 +25,7 @@ from `ditloc.testing`), so their cost is negligible in every run.
 Goals (issue 15, on a GPU at the xl shapes in bfloat16): localize (contribution) <=
 1.10x plain time and <= 1.05x peak memory; withhold <= 1.05x time for cross-attention
 models (PixArt, SANA) and <= 1.35x for joint-attention models (FLUX, SD3). patch <=
-(blocks + 1)x and attribution <= 3x time (method.md section 7).
+(blocks + 1)x and attribution <= 3x time.
 
 Peak memory: on CUDA the allocator's peak (torch.cuda.max_memory_allocated, reset
 before each run); on CPU the process's peak resident set (VmHWM, reset through

@@ -1,4 +1,4 @@
-"""Cost of the set-level search (method.md §9) as a ratio to one plain generation of the
+"""Cost of the set-level search as a ratio to one plain generation of the
 same prompts, measured side by side in one process: search to K = 4 with and without
 candidate pruning, with the evaluator objective and with the model as its own judge.
 

@@ -1,4 +1,4 @@
-"""Backward elimination vs forward selection (method.md §9) on the ground truth's search settings (6 localization prompts x
+"""Backward elimination vs forward selection on the ground truth's search settings (6 localization prompts x
 seeds 0,1 at 10 steps, toy oracle soft presence): which K = 1..4 sets backward elimination finds, to compare with
 the forward search's sets in benchmarks/results/ground_truth_toy/localizations.jsonl. Resumable (checkpoints).
 

@@ -1,4 +1,4 @@
-"""Causal localization (method.md §7): `patch` equals an explicit loop of
+"""Causal localization: `patch` equals an explicit loop of
 single-block withholding predictions made the way `generate` makes them, and
 `attribution` equals finite differences of the same metric, for every family."""
 

@@ -1,4 +1,4 @@
-"""Closed-form localized unlearning (method.md section 8): the solve is the stated
+"""Closed-form localized unlearning: the solve is the stated
 least-squares optimum, only the chosen blocks' text projections change, the edit
 saves and loads, every family, and bad input is refused before any work."""
 

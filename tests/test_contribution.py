@@ -14,7 +14,7 @@ localize_contribution = functools.partial(ditloc.localize, method="contribution"
 
 
 def naive(q, k, v, pos, mask, w, b, variant):
-    """Materialize softmax(q kᵀ/√d + mask) and apply method.md §1 literally, per sample."""
+    """Materialize softmax(q kᵀ/√d + mask) and apply the contribution formula literally, per sample."""
     n, H, N, d = q.shape
     tot, heads = [], []
     for s in range(n):

@@ -16,7 +16,7 @@ from ditloc.edit import (
     save_lora, unlearn,
 )
 from ditloc.edit.data import image_size
-from ditloc.edit.train import NoiseRule
+from ditloc.noise import NoiseRule
 from ditloc.errors import DitlocError
 from ditloc.testing import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sana_pipeline, tiny_sd3_pipeline
 
@@ -602,7 +602,7 @@ def test_per_step_draws_reach_an_accelerator_without_a_blocking_copy(monkeypatch
     """Host draws (noise, timesteps, indices) go to a non-CPU device through page-locked
     memory and a non-blocking copy; the CPU keeps the plain copy. (The 'meta' device stands
     in for an accelerator: no CUDA here.)"""
-    from ditloc.edit.devices import to_device
+    from ditloc.devices import to_device
 
     pinned, copies = [], []
     real_to = torch.Tensor.to

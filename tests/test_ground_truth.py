@@ -1,4 +1,4 @@
-"""The ground-truth benchmark (method.md §7): its metrics on synthetic presences, and
+"""The ground-truth benchmark: its metrics on synthetic presences, and
 one tiny end-to-end run on the toy model (4 blocks, 2 steps, 2 images)."""
 
 from __future__ import annotations

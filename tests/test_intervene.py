@@ -1,4 +1,4 @@
-"""Exact invariants of intervention (method.md §2), for any weights."""
+"""Exact invariants of intervention, for any weights."""
 
 import numpy as np
 import pytest

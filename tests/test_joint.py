@@ -149,7 +149,7 @@ NAIVE_CASES.append(("flux_cfg", "attn_value_out", False))  # true CFG: the cond 
 @pytest.mark.parametrize("case_name,variant,out_bias", NAIVE_CASES)
 def test_streaming_matches_naive_joint_maps(request, case_name, variant, out_bias, monkeypatch):
     """Record every joint attention's q/k/v in a plain run (same trajectory), materialize the
-    maps, and apply method.md §1 with image queries and the concept's text keys."""
+    maps, and apply the contribution formula with image queries and the concept's text keys."""
     name, pipe = case_name, request.getfixturevalue(case_name)
     run = {**CASES[name][0], **CASES[name][1]}
     prompts = PROMPTS

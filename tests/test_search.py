@@ -1,4 +1,4 @@
-"""Set-level presence and search (method.md §9) on tiny random pipelines of every family:
+"""Set-level presence and search on tiny random pipelines of every family:
 presence of batched block sets equals explicit `generate(withhold=S)` + evaluator calls;
 the search with a full beam finds the exhaustive best pair; the self objective reads 1 on
 the unedited images and 0 on the clean prompt's; a search resumes from its checkpoint
@@ -290,7 +290,7 @@ def test_predicted_clean_sample_inverts_the_noising(scheduler):
     """`NoiseRule.x0` (what the gradient-ranked search decodes) recovers x0 from x_t and the exact target."""
     import diffusers
 
-    from ditloc.edit.train import NoiseRule
+    from ditloc.noise import NoiseRule
 
     rule = NoiseRule.from_scheduler(getattr(diffusers, scheduler)())
     x0 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

@@ -1,6 +1,6 @@
 """Editing the toy model, scored by the oracle in model-editing terms
-(method.md section 4), every rate with its 95% interval: closed-form localized
-unlearning (method.md section 8) in the top-K blocks and in all blocks, localized
+every rate with its 95% interval: closed-form localized
+unlearning in the top-K blocks and in all blocks, localized
 LoRA (top-K blocks), all-block LoRA and full fine-tuning of every block.
 
     python scripts/toy/evaluate_editing.py --out runs/editing --n 64 --n-quality 128

@@ -1,4 +1,4 @@
-"""The pooled vector and the two block streams of the toy FLUX, per concept (issue 27, method.md §10): a
+"""The pooled vector and the two block streams of the toy FLUX, per concept (issue 27): a
 quick probe with the ground truth's own held-out images, while `ditloc ground-truth --model toy-flux` (which
 measures the same conditions after its full search, `ditloc.bench.ground_truth.joint`) runs.
 
@@ -6,7 +6,7 @@ measures the same conditions after its full search, `ditloc.bench.ground_truth.j
         --out benchmarks/results/joint_probe_toy_flux
 
 Per concept, the ground truth's held-out images (`--n-images`, its prompts and seeds, 20 steps, the model's own
-sampling) under these conditions (method.md §10: withholding swaps the text tokens of the chosen blocks and, by
+sampling) under these conditions (withholding swaps the text tokens of the chosen blocks and, by
 default, the pooled vector of every block):
 
     baseline                   plain

@@ -1,5 +1,5 @@
 """The set-level search of the ground truth, rerun with another `SearchConfig.direction`, and its sets judged
-on the ground truth's held-out images (method.md §9).
+on the ground truth's held-out images.
 
     python scripts/toy/search_direction.py --model toy-flux --concepts forest --direction both \
         --gt benchmarks/results/ground_truth_toy_flux --out benchmarks/results/search_direction_toy_flux

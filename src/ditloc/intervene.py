@@ -1,5 +1,5 @@
 """Intervene: generate with a concept withheld from, or injected into, a set of
-blocks (method.md §2). Cross-attention models swap the text conditioning that
+blocks. Cross-attention models swap the text conditioning that
 `attn2` reads in the chosen blocks; everything else runs as usual."""
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ class Adapter(ABC):
     #: default LoRA targets: module names relative to a block (those a block lacks are skipped)
     lora_suffixes: ClassVar[tuple[str, ...]] = ()
     #: per-block projections that read text states only (keys/values of the text): what a
-    #: closed-form edit (method.md section 8) rewrites; module names relative to a block
+    #: closed-form edit rewrites; module names relative to a block
     text_projection_suffixes: ClassVar[tuple[str, ...]] = ()
     #: the text states a block reads depend on the image and the timestep (joint attention
     #: updates the text stream), not only on the prompt

@@ -1,7 +1,7 @@
 """Shared logic of the joint-attention DiTs (FLUX, SD3/SD3.5): text and image
 tokens share one attention, and the text stream is itself updated block by block.
 
-Withholding (method.md §2): at every denoising step the transformer first runs
+Withholding: at every denoising step the transformer first runs
 on the clean prompts alone (same latents, timestep and guidance) and each
 withheld block's text keys/values are kept; in the real pass, the image queries of
 those blocks read them instead of the prompt's. The pooled text embedding, which

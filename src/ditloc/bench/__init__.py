@@ -1,4 +1,4 @@
-"""Bench: the causal benchmark of method.md §4 over a probe set, resumable and sharded.
+"""Bench: the causal benchmark over a probe set, resumable and sharded.
 
 For every concept of the chosen categories: localize it on its localization
 prompts; then generate its evaluation prompts (x seeds) plainly (the baseline)
@@ -16,7 +16,7 @@ its evaluation text.
     run_bench(pipe, plan, "runs/bench")
     run = read_run("runs/bench")          # settings record, rows, rankings
 
-    ground_truth  the toy world's localization ground truth (method.md §7): every single
+    ground_truth  the toy world's localization ground truth: every single
             block and pair withheld, greedy to K = 4, each localization method judged
             against it (`run_ground_truth`, `summarize_ground_truth`, `ditloc ground-truth`)
 """

@@ -33,7 +33,7 @@ from ..errors import DitlocError
 FORMAT = "ditloc.bench/1"
 BASELINE = "baseline"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-#: the withholding conditions compared for every K (method.md §4: top-K against random-K and bottom-K)
+#: the withholding conditions compared for every K (top-K against random-K and bottom-K)
 CONTROLS = ("top", "random", "bottom")
 #: the method whose names carry no suffix (and the only one of runs made before `methods` existed)
 DEFAULT_METHOD = "contribution"

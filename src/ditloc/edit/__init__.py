@@ -1,4 +1,4 @@
-"""Localized editing (method.md §5): personalization and unlearning that train
+"""Localized editing: personalization and unlearning that train
 only the localized blocks, with LoRA (peft) or the blocks' own weights.
 
     from ditloc.edit import personalize, unlearn, TrainConfig, load_edit

@@ -1,4 +1,4 @@
-"""Closed-form localized unlearning (method.md section 8): no training.
+"""Closed-form localized unlearning: no training.
 
 In each chosen block, the projections that read only text states ``W`` (cross-attention
 ``to_k``/``to_v``; the text stream's ``add_k_proj``/``add_v_proj`` in joint blocks) are
@@ -10,7 +10,7 @@ replaced by the least-squares solution
 with ``c_i`` the text states the block receives for the prompts with the concept,
 ``a_i`` the states at the aligned positions of the anchor prompts, ``d_j`` the states
 of the prompts to preserve, ``C = mean c c^T``, ``A_ca = mean a c^T``, ``D = mean d d^T``.
-The sums of method.md are means here (so ``lam`` weighs the two sets whatever their
+The sums of the usual closed-form objective are means here (so ``lam`` weighs the two sets whatever their
 sizes) and ``mu' = mu * trace(C + lam D) / dim``, so both weights are scale-free. The
 key and value projections of a block read the same states, so one solve per block
 serves both.
@@ -50,9 +50,10 @@ import torch
 
 from .._io import write_json
 from ..errors import DitlocError
-from .devices import peak_memory, reset_peak_memory
+from ..devices import peak_memory, reset_peak_memory
 from .moments import _Moments
-from .train import EditResult, NoiseRule
+from ..noise import NoiseRule
+from .train import EditResult
 
 POSITIONS = ("all", "changed")
 PRESERVE_MODES = ("weighted", "nullspace")

@@ -1,4 +1,4 @@
-"""The two editing jobs of method.md §5, on the localized engine.
+"""The two editing jobs, on the localized engine.
 
 - :func:`personalize`: DreamBooth-style; a few images of a new subject bound to a
   rare token ("a sks dog"), optional prior preservation on the class.
@@ -26,7 +26,7 @@ from ..options import RunOptions, _jsonable, generators, model_record
 from ..text import find_occurrences, substitute, tidy
 from .blocks import category_prompts, choose_blocks, neighbour_prompts  # noqa: F401  (re-exported)
 from .data import encode_images, image_size, load_image_folder
-from .devices import peak_memory, reset_peak_memory, to_device
+from ..devices import peak_memory, reset_peak_memory, to_device
 from .files import BLOCKS_FILE, RESULT_FILE
 from .lora import save_lora
 from ..processes import current as current_processes
@@ -282,8 +282,7 @@ def personalize(
     ``height``/``width`` then also fix the training resolution.
     `localize_prompts` (with ``blocks="auto"``): prompts containing the class
     word to localize it on (default: the class prompt), with `localize_method`
-    (``search``, the default, or ``contribution``, ``patch`` or ``attribution``, method.md
-    section 7); see :func:`category_prompts` for a probe-set category's. `objective`
+    (``search``, the default, or ``contribution``, ``patch`` or ``attribution``); see :func:`category_prompts` for a probe-set category's. `objective`
     ("evaluator" or "self"), `evaluator` and `eval_text` (default: the class word): how the
     search scores the class word's presence (default: the model's own evaluator where it can,
     else the model judges itself; :func:`~ditloc.edit.blocks.search_objective`).

@@ -1,5 +1,5 @@
 """Second moments of one block's text states and the closed-form solves on them
-(method.md section 8; see :mod:`ditloc.edit.closed_form`)."""
+(see :mod:`ditloc.edit.closed_form`)."""
 
 from __future__ import annotations
 

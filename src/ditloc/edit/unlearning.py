@@ -1,4 +1,4 @@
-"""Unlearning (method.md §5 and §8): one concept or many, in the blocks each is
+"""Unlearning: one concept or many, in the blocks each is
 localized in, by a closed-form solve (no training) or by training LoRA / full weights.
 
     unlearn(pipe, "zibbit", "triangle")                                  # one concept
@@ -26,7 +26,7 @@ from ..text import find_occurrences, substitute
 from .blocks import choose_blocks, general_prompts, neighbour_prompts
 from .closed_form import ClosedFormConfig, closed_form_unlearn
 from .concepts import Erasure, check_preserve, plan_erasures
-from .devices import reset_peak_memory, to_device
+from ..devices import reset_peak_memory, to_device
 from .jobs import (
     EMPTY_PRESERVE,
     _adapter,
@@ -189,7 +189,7 @@ def unlearn(
     :func:`~ditloc.edit.blocks.search_objective`).
 
     With a :class:`~ditloc.edit.closed_form.ClosedFormConfig` there is no training: the text
-    key/value projections of the chosen blocks are solved in closed form (method.md §8),
+    key/value projections of the chosen blocks are solved in closed form,
     each block once for all its concepts, keeping the text states of `preserve` (default:
     the anchor prompts and the erased concepts' probe-set neighbours). ``k="auto"`` (one
     concept, closed form, ``blocks="auto"``): every editable block is solved and the

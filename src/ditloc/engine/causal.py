@@ -1,4 +1,4 @@
-"""Causal block scores on the plain sampling trajectory (method.md §7).
+"""Causal block scores on the plain sampling trajectory.
 
 During an ordinary pipeline call (every image is exactly the one `pipe(...)`
 samples), a forward hook on the transformer runs extra forwards on the same
@@ -54,7 +54,7 @@ class CausalProbe:
         self.block_batch = block_batch
         #: for tests (finite differences): evaluate m(alpha) [blocks] instead of its gradient
         self.alpha = alpha
-        #: attribution *at a set* (conditional attribution, method.md §11): [blocks, n] gates the
+        #: attribution *at a set* (conditional attribution): [blocks, n] gates the
         #: gradient is taken at (1: the image's block reads the clean conditioning, as the call's own
         #: swap withholds it; 0: the prompt's); None: at 0, the plain trajectory's attribution
         self.base = base

@@ -1,6 +1,6 @@
-"""The contribution math (method.md §1), for any attention layout.
+"""The contribution math, for any attention layout.
 
-The contribution of a concept's text tokens S to image token i (method.md §1):
+The contribution of a concept's text tokens S to image token i:
 
     o_i = W_o · concat_heads( Σ_{j∈S} A_ij v_j )          C = mean_i ‖o_i‖₂
 

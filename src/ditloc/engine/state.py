@@ -88,7 +88,7 @@ class Probe:
 
 @dataclass
 class Swap:
-    """What withheld blocks read instead of the prompt's text (method.md §2, §7).
+    """What withheld blocks read instead of the prompt's text (§7).
 
     `blocks`: the blocks that read the clean prompts' conditioning;
     `clean`: the adapter's `encode_text` of the clean prompts.

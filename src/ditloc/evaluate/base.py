@@ -128,7 +128,7 @@ class Evaluator:
     def _score_batch(self, images: list[Image.Image], texts: list[str]) -> np.ndarray:
         raise NotImplementedError
 
-    #: whether :meth:`score_tensor` is differentiable (gradient-ranked search, method.md §11)
+    #: whether :meth:`score_tensor` is differentiable (gradient-ranked search)
     differentiable = False
 
     def score_tensor(self, images, text: str):

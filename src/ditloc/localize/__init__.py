@@ -2,7 +2,7 @@
 
 - `methods`: `localize`, every method by name;
 - `scores`: block scores on the ordinary sampling trajectory (`contribution`, `patch`,
-  `attribution`; method.md §1, §7);
+  `attribution`);
 - `presence`: the concept's presence under sets of withheld blocks (§9);
 - `search`: the set-level causal search over block sets, K from its curve (§9);
 - `judge`: the model as its own judge of a concept's presence (the search's `self` objective);

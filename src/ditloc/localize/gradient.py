@@ -1,4 +1,4 @@
-"""What the gradient-ranked search differentiates (method.md §11).
+"""What the gradient-ranked search differentiates.
 
 With an evaluator that is differentiable in the pixels (`Evaluator.differentiable`), a
 gate's effect is read on the concept's *presence*: at a denoising step, the model's
@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import torch
 
+from ..noise import NoiseRule
+
 
 class PredictedPresence:
     """``(prediction, x_t, timestep) -> [n]``: the evaluator's presence of `text` in the clean
     image each conditional row's prediction implies (the objective of `CausalProbe`)."""
 
     def __init__(self, adapter, evaluator, text: str):
-        from ..edit.train import NoiseRule
-
         self.adapter = adapter
         self.evaluator = evaluator
         self.text = text

@@ -1,4 +1,4 @@
-"""The model as its own judge (method.md §9, issue 26 §2): how much of a concept an
+"""The model as its own judge (issue 26 §2): how much of a concept an
 image holds, measured by the unedited model itself, with no evaluator.
 
 A diffusion model is a classifier over its prompts: noise an image `x` to level `u`,
@@ -26,6 +26,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..noise import NoiseRule
+
 #: noise levels (fraction of the way to pure noise) and draws per level
 LEVELS = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85)
 DRAWS = 2
@@ -36,13 +38,11 @@ JUDGE_ROWS = 256
 class SelfJudge:
     """Scores q(x) (module doc) for final latents, with the pipeline's own model.
 
-    `adapter`: the pipeline's adapter; `noise_rule`: `ditloc.edit.train.NoiseRule` of its
+    `adapter`: the pipeline's adapter; `noise_rule`: `ditloc.noise.NoiseRule` of its
     scheduler (epsilon, v or flow-matching targets); `seed`: the draws' seed.
     """
 
     def __init__(self, adapter, *, levels=LEVELS, draws: int = DRAWS, seed: int = 0):
-        from ..edit.train import NoiseRule
-
         self.adapter = adapter
         self.rule = NoiseRule.from_scheduler(adapter.pipe.scheduler)
         self.levels = tuple(float(u) for u in levels)

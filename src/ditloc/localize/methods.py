@@ -35,9 +35,9 @@ def localize(
     only=None,
     **run,
 ) -> Localization:
-    """Localize `concept`: score every block (method.md §1, §7), or search block sets (§9).
+    """Localize `concept`: score every block (§7), or search block sets (§9).
 
-    ``search`` (the default, method.md §9, §11): the set-level search over block sets
+    ``search`` (the default, §11): the set-level search over block sets
     (`ditloc.localize.search`), configured by `search` (a `SearchConfig`), scoring presence
     with `evaluator`/`eval_text` (default: the model's own evaluator, the oracle on the toys)
     or, where there is none, the model itself; resumable through `checkpoint`;

@@ -1,4 +1,4 @@
-"""The presence of a concept under sets of withheld blocks (method.md §9).
+"""The presence of a concept under sets of withheld blocks.
 
 For each block set S, every (prompt, seed) is generated with the concept withheld
 from the blocks of S (they read the clean prompt, all others the prompt) and the
@@ -199,7 +199,7 @@ class PresenceRunner:
         return np.stack([self._raw[s] for s in sets])
 
     def gradient(self, blocks) -> dict[str, float]:
-        """Conditional attribution at a measured set (method.md §11): for every block, the
+        """Conditional attribution at a measured set: for every block, the
         first-order effect of withholding the concept from it too, given `blocks` withheld:
         d m / d g_b at the set's gates, m the move of the model's prediction toward the clean
         prompt's (`ditloc.engine.causal`), summed over the steps, averaged over the images."""
@@ -301,7 +301,7 @@ def presence(pipe, prompts, concept: str, sets=(), *, evaluator=None, eval_text:
              objective: str = "evaluator", clean_prompts=None, seed=0, block_batch: int | None = None,
              batch_size: int | None = None, pooled: str | None = None, options: RunOptions | None = None,
              **run) -> SetPresence:
-    """Presence of `concept` with it withheld from each block set of `sets` (method.md §9).
+    """Presence of `concept` with it withheld from each block set of `sets`.
 
     Each (prompt, seed) follows the trajectory ``ditloc.generate(pipe, prompt,
     withhold=S, concept=concept, seed=seed)`` samples. The result's first set is the

@@ -1,5 +1,5 @@
 """The one result type every caller of localization reads: `Localization`, block
-scores of one concept and, for the set-level search (method.md §9), the searched
+scores of one concept and, for the set-level search, the searched
 block sets and their presence curve (`SetSearch`)."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ AUTO_K_DROP = 0.5
 
 @dataclass(frozen=True)
 class SetSearch:
-    """What a set-level search found (method.md §9).
+    """What a set-level search found.
 
     `sets[K-1]`: the K-block set with the largest presence drop the search found, blocks in
     the order they entered; `presence[K-1]`: its mean presence, `baseline` the unedited one

@@ -1,7 +1,7 @@
 """Block scores: rank a DiT's blocks for a concept, measured on the ordinary sampling
 trajectory, by one of three methods:
 
-- ``contribution`` (method.md §1): how much the concept's text tokens contribute
+- ``contribution``: how much the concept's text tokens contribute
   to the image tokens' attention output (where the concept is *read*);
 - ``patch`` (§7): how far withholding the concept from the block alone moves the
   model's prediction toward the clean prompt's (where reading it *matters*);
@@ -37,7 +37,7 @@ def block_scores(
     progress=None,
     **run,
 ) -> Localization:
-    """Score every block for `concept` by a per-block method (method.md §1, §7).
+    """Score every block for `concept` by a per-block method (§7).
 
     The trajectory of each (prompt, seed) is exactly the one
     ``pipe(prompt, num_inference_steps=N, guidance_scale=G,

@@ -1,4 +1,4 @@
-"""Set-level causal search (method.md §9): for every K up to `max_k`, the K-block set
+"""Set-level causal search: for every K up to `max_k`, the K-block set
 whose withholding lowers the concept's presence most, and K from the curve.
 
 Per-block scores cannot see knowledge that several blocks hold redundantly: a pair
@@ -46,7 +46,7 @@ class SearchConfig:
     - `max_k`: the largest set; `beam`: sets kept per size (1: plain greedy);
     - `direction`: "forward" (greedy selection), "backward" (elimination from all
       candidates withheld) or "both" (the better set per K);
-    - `rank`: how a forward step picks the block to add. "gradient" (method.md §11): one
+    - `rank`: how a forward step picks the block to add. "gradient": one
       generation of the current set with conditional attribution ranks every remaining block
       (the first-order effect of withholding it too, given the set withheld), and only the
       `verify` best are generated as sets; the cost no longer grows with the number of
@@ -166,7 +166,7 @@ def search(pipe, prompts, concept: str, *, config: SearchConfig | None = None, e
            eval_text: str | None = None, clean_prompts=None, seed=0, block_batch: int | None = None,
            batch_size: int | None = None, pooled: str | None = None, options: RunOptions | None = None,
            checkpoint=None, progress=None, only=None, **run) -> Localization:
-    """Set-level search for `concept` (method.md §9): a `Localization` whose `search`
+    """Set-level search for `concept`: a `Localization` whose `search`
     holds S_K and its presence for K = 1..max_k, and whose `top(k)` is S_k.
 
     Prompts, seeds and run options are those of `ditloc.localize` (the search's
@@ -364,7 +364,7 @@ def _forward(candidates: list[str], config: SearchConfig, mean, best: dict, name
 
 def _forward_ranked(candidates: list[str], config: SearchConfig, mean, gradient, best: dict, names: list[str],
                     stop=None) -> None:
-    """Greedy forward selection in which conditional attribution proposes (method.md §11):
+    """Greedy forward selection in which conditional attribution proposes:
     a kept set's attribution ranks every remaining candidate by its first-order effect given
     the set withheld, and the `verify` best additions are generated as sets; the lowest
     presence wins. The attribution is measured while a set is generated, for the set the

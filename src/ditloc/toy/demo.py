@@ -2,7 +2,7 @@
 (``toy``, PixArt-alpha, or ``toy-flux``, FLUX; each sampled as it was trained, see `ditloc.toy`).
 
 For one concept of each of the six toy categories: localize it by the set-level
-search (method.md §9) on training-template prompts (the oracle's soft presence,
+search on training-template prompts (the oracle's soft presence,
 at half the sampling steps, over the 8 blocks that read the concept most), take K
 from the search's curve (the smallest K whose
 set halves presence; its largest set where none does), then on held-out prompts

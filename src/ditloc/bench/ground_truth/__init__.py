@@ -1,4 +1,4 @@
-"""Ground truth for localization on the toy world (method.md §7), and every method judged against it.
+"""Ground truth for localization on the toy world, and every method judged against it.
 
 Per toy concept, withhold the concept from every single block, every pair of
 blocks and greedily up to K = 4 blocks, generate held-out images and read the

@@ -1,4 +1,4 @@
-"""Joint attention in the ground truth (method.md §10): the pooled text vector and the two block streams.
+"""Joint attention in the ground truth: the pooled text vector and the two block streams.
 
 A joint-attention model (FLUX, SD3) reads the prompt twice: its text tokens in the
 joint sequence of every block, and a pooled text vector that reaches every block

@@ -19,7 +19,7 @@ STORE_FILE = "conditions.jsonl"
 LOCALIZATIONS_FILE = "localizations.jsonl"
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
-#: the localization methods a ground truth can judge: block scores (method.md §1, §7) and the set-level
+#: the localization methods a ground truth can judge: block scores (§7) and the set-level
 #: search (§9) with the toy oracle's soft presence ("search") or the model as its own judge ("search-self"): the
 #: exhaustive greedy (every candidate set generated) at SEARCH_STEPS; "search-gradient" and "search-gradient-self":
 #: the default `SearchConfig` (gradient-ranked steps, its own search steps)
