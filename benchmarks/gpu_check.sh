@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU check (issue 15, part 4), under 8 minutes on one H200:
+# One GPU check, under 8 minutes on one H200:
 #   (a) the intervention invariants and streaming-vs-naive parity, on the tiny random pipelines, on the
 #       device, in float32 (DITLOC_TEST_DEVICE moves the test fixtures' pipelines there);
 #   (b) benchmarks/localize_overhead.py at the released shapes (PixArt-XL-2-1024, SANA-1600M-1024px,

@@ -22,7 +22,7 @@ float32), and its zero-initialised layers are randomized there. Text encoders an
 tiny (one layer, output width = the transformer's text width; word-level tokenizers
 from `ditloc.testing`), so their cost is negligible in every run.
 
-Goals (issue 15, on a GPU at the xl shapes in bfloat16): localize (contribution) <=
+Goals (on a GPU at the xl shapes in bfloat16): localize (contribution) <=
 1.10x plain time and <= 1.05x peak memory; withhold <= 1.05x time for cross-attention
 models (PixArt, SANA) and <= 1.35x for joint-attention models (FLUX, SD3). patch <=
 (blocks + 1)x and attribution <= 3x time.

@@ -1,4 +1,4 @@
-"""Clean prompts derived from a prompt and a concept read as English (issue 26, item 6).
+"""Clean prompts derived from a prompt and a concept read as English.
 
 Every causal score compares the prompt with its clean prompt, so a broken clean prompt
 ("there is in the ocean", "a dog in style") biases all of them. Each row is a form users

@@ -1,4 +1,4 @@
-"""The accelerator paths, tested on the CPU where they can be (issue 15):
+"""The accelerator paths, tested on the CPU where they can be:
 
 - kernel selection: the normalizer comes from the kernel PyTorch picks, called as
   F.scaled_dot_product_attention calls it (CPU flash for real; the CUDA kernels'

@@ -1,4 +1,4 @@
-"""Erasing N concepts at once on the toy model, scored by the oracle (issue 28 tables):
+"""Erasing N concepts at once on the toy model, scored by the oracle:
 for N = 1, 3, 10 erased concepts and each method (localized / all-block closed form,
 localized / all-block LoRA with the teacher target on preserved prompts):
 

@@ -1,4 +1,4 @@
-"""The pooled vector and the two block streams of the toy FLUX, per concept (issue 27): a
+"""The pooled vector and the two block streams of the toy FLUX, per concept: a
 quick probe with the ground truth's own held-out images, while `ditloc ground-truth --model toy-flux` (which
 measures the same conditions after its full search, `ditloc.bench.ground_truth.joint`) runs.
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the toy FLUX (issue 27): the VAE first (skipped once $RUN/vae/model exists), then the DiT, which
+# Train the toy FLUX: the VAE first (skipped once $RUN/vae/model exists), then the DiT, which
 # resumes bit-exactly from $RUN/dit/ckpt.{safetensors,json} when one exists (else it starts fresh).
 # Starting and resuming are the same command; see scripts/toy/FLUX_TRAINING.md.
 #

@@ -1,4 +1,4 @@
-"""The model as its own judge (issue 26 §2): how much of a concept an
+"""The model as its own judge: how much of a concept an
 image holds, measured by the unedited model itself, with no evaluator.
 
 A diffusion model is a classifier over its prompts: noise an image `x` to level `u`,

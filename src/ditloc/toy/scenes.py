@@ -72,7 +72,7 @@ HAZARD_PHRASE = "with a hazard sign"
 GLYPH = "heart"
 
 SIZE_RANGE = (16, 22)  # inclusive object bounding-box side in pixels
-#: Objects are centred in the image (session 4).  With the object at a random
+#: Objects are centred in the image.  With the object at a random
 #: position, the small toy DiT never learned to draw outlines: every token must
 #: then locate the object before it can tell inside from outside, and after
 #: 11,000 steps shape fidelity was still at chance (0.23).  A centred object
