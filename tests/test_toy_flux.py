@@ -126,7 +126,7 @@ def test_the_toy_models_and_other_pipelines():
     from ditloc.testing import tiny_flux_pipeline
 
     assert ditloc.toy.model_dir() == ditloc.toy.MODEL_DIR  # load_pipeline() is still the PixArt toy
-    assert not ditloc.toy.is_toy_pipeline(tiny_flux_pipeline()) and ditloc.toy.call_defaults(object()) == {}
+    assert not ditloc.toy.is_toy_pipeline(tiny_flux_pipeline()) and ditloc.registry.call_defaults(object()) == {}
     with pytest.raises(DitlocError, match="unknown toy model 'toy-sd3'; the toy models are toy, toy-flux"):
         ditloc.toy.load_pipeline("toy-sd3")
 

@@ -76,3 +76,33 @@ def test_demo_fast_end_to_end(tmp_path, capsys, monkeypatch):
     for png in [tmp_path / "demo" / "heatmap.png", *(tmp_path / "demo").glob("*/grid.png")]:
         with Image.open(png) as im:
             assert im.format == "PNG" and 400 < im.width < 2500 and 200 < im.height < 1500, (png, im.size)
+
+
+def test_a_copied_and_resaved_toy_is_still_the_toy(toy, tmp_path):
+    """The toy is known by the key in its transformer's config, not by its path: a copy of its
+    directory and a `save_pretrained` of it keep its sampling arguments, oracle and probe set."""
+    import shutil
+
+    from diffusers import DiffusionPipeline
+
+    from ditloc import registry
+    from ditloc.evaluate.toy import ToyOracle
+    from ditloc.options import RunOptions
+
+    copy = tmp_path / "copied"
+    shutil.copytree(ditloc.toy.MODEL_DIR, copy)
+    copied = DiffusionPipeline.from_pretrained(str(copy), local_files_only=True)
+    copied.save_pretrained(tmp_path / "resaved", safe_serialization=True)
+    resaved = DiffusionPipeline.from_pretrained(str(tmp_path / "resaved"), local_files_only=True)
+    for pipe in (copied, resaved):
+        assert ditloc.toy.toy_model_of(pipe).name == "toy"
+        assert isinstance(registry.default_evaluator(pipe), ToyOracle)
+        assert registry.probe_set_name(pipe) == "toy"
+        assert RunOptions().resolve(pipe).call_kwargs["clean_caption"] is False  # its own sampling argument
+    # without the key it is a PixArt pipeline like any other
+    config = json.loads((copy / "transformer" / "config.json").read_text())
+    del config[registry.MARKER]
+    (copy / "transformer" / "config.json").write_text(json.dumps(config))
+    plain = DiffusionPipeline.from_pretrained(str(copy), local_files_only=True)
+    assert registry.model_of(plain) is None and registry.default_evaluator(plain) is None
+    assert registry.probe_set_name(plain) == "lock"

@@ -195,6 +195,8 @@ def main():
             if p.name != "PROVENANCE.md":
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    # the key by which ditloc knows the model, kept by copies and re-saves (ditloc.registry)
+    pipe.transformer.register_to_config(_ditloc_model="toy" if family.name == "pixart" else "toy-flux")
     pipe.save_pretrained(out, safe_serialization=True)
     total = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
     info = {

@@ -4,7 +4,8 @@ from ._version import __version__
 from .errors import DitlocError  # noqa: E402
 from .adapters import get_adapter, supported_families  # noqa: E402
 from .localize import Localization, SearchConfig, localize, presence  # noqa: E402
-from .intervene import derive_clean_prompt, generate  # noqa: E402
+from .intervene import generate  # noqa: E402
+from .text import derive_clean_prompt  # noqa: E402
 from .tokens import ConceptSpan  # noqa: E402
 from . import toy  # noqa: E402, F401  (ditloc.toy.load_pipeline() after a plain `import ditloc`)
 

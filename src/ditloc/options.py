@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .errors import DitlocError
+from .registry import call_defaults
 
 
 def as_prompt_list(prompts) -> list[str]:
@@ -120,9 +121,7 @@ def _jsonable(kw: Mapping) -> dict:
 
 def call_kwargs(adapter, options: RunOptions) -> dict:
     """Arguments for `pipe(...)`: the pipeline's defaults where ours are None; on a toy model,
-    the arguments it was trained for (`ditloc.toy.ToyModel.call_defaults`) where the caller set none."""
-    from .toy import call_defaults
-
+    the arguments it was trained for (`ditloc.registry.KnownModel.call_defaults`) where the caller set none."""
     steps, guidance, max_len = options.num_inference_steps, options.guidance_scale, options.max_sequence_length
     if steps is not None and int(steps) <= 0:
         raise DitlocError(f"num_inference_steps must be positive, got {steps}")

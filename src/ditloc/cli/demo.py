@@ -24,7 +24,7 @@ def add_parsers(sub) -> None:
 def cmd_demo(args) -> None:
     import dataclasses
 
-    from ..toy.demo import DemoConfig, format_table, run_demo
+    from ..demo import DemoConfig, format_table, run_demo
 
     cfg = DemoConfig.fast(args.model) if args.fast else DemoConfig.for_model(args.model)
     n_blocks = models.count_blocks(args.model)  # None while the model is missing: loading it says what to do

@@ -137,10 +137,10 @@ def neighbour_prompts(pipe, concept: str, per_concept: int = 6) -> list[str]:
     no probe set knows the concept."""
     from ..probes import load_probe_set
     from ..probes.core import fill
-    from ..toy import is_toy_pipeline
+    from ..registry import probe_set_name
 
     key = concept.strip().lower()
-    for category in load_probe_set("toy" if is_toy_pipeline(pipe) else "lock").categories:
+    for category in load_probe_set(probe_set_name(pipe)).categories:
         if key in {c.name.lower() for c in category.concepts}:
             templates = category.localization_prompts[:per_concept]
             return [fill(t, c.text) for c in category.concepts if c.name.lower() != key for t in templates]
@@ -153,10 +153,10 @@ def general_prompts(pipe, per_concept: int = 2) -> list[str]:
     beyond the concept's own category, so that attributes of other kinds stay as they are."""
     from ..probes import load_probe_set
     from ..probes.core import fill
-    from ..toy import is_toy_pipeline
+    from ..registry import probe_set_name
 
     out = []
-    for category in load_probe_set("toy" if is_toy_pipeline(pipe) else "lock").categories:
+    for category in load_probe_set(probe_set_name(pipe)).categories:
         templates = category.localization_prompts[:per_concept]
         out += [fill(t, c.text) for c in category.concepts for t in templates]
     return out

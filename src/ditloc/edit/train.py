@@ -28,7 +28,7 @@ import contextlib
 import functools
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -38,7 +38,6 @@ from .. import _state
 from ..errors import DitlocError, Interrupted
 from .. import processes
 from . import precision
-from ..devices import to_device
 from ..noise import NoiseRule
 from .lora import LoraSpec, add_lora, lora_state_dict, lora_targets
 

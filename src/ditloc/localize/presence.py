@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..engine import CausalProbe, Session, instrument
+from .. import registry
 from ..errors import DitlocError
 from ..options import RunOptions, as_prompt_list, as_seed_list, chunks, model_record
 from .judge import SelfJudge, normalise
@@ -27,15 +28,10 @@ PRESENCE_IMAGES = 64
 
 
 def default_evaluator(pipe):
-    """The evaluator a pipeline has without being given one: the oracle for the shipped toy
-    model, None for any other (pass one, or use the self objective)."""
-    from ..toy import is_toy_pipeline
-
-    if is_toy_pipeline(pipe):
-        from ..evaluate.toy import ToyOracle
-
-        return ToyOracle()
-    return None
+    """The evaluator a pipeline has without being given one: the oracle of a toy model (any
+    model `ditloc.registry` knows with an evaluator), None for any other (pass one, or use the
+    self objective)."""
+    return registry.default_evaluator(pipe)
 
 
 @dataclass(frozen=True)
@@ -89,7 +85,7 @@ class PresenceRunner:
                  eval_text: str | None = None, clean_prompts=None, seed=0, block_batch: int | None = None,
                  batch_size: int | None = None, pooled: str | None = None, options: RunOptions | None = None,
                  judge_seed: int = 0, **run):
-        from ..intervene import clean_prompt_list
+        from ..text import clean_prompt_list
 
         if objective not in OBJECTIVES:
             raise DitlocError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")

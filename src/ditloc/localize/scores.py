@@ -67,7 +67,7 @@ def block_scores(
     causal = method in CAUSAL_METHODS
     clean: list[str] | None = None
     if causal:
-        from ..intervene import clean_prompt_list
+        from ..text import clean_prompt_list
 
         clean = clean_prompt_list(prompts, concept, clean_prompts)
     samples = [(i, s) for i in range(len(prompts)) for s in seeds]

@@ -11,29 +11,28 @@ default categories.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+
+from ..errors import DitlocError
+from ..registry import KnownModel, model_of, register
 
 MODEL_DIR = Path(__file__).parent / "model"
 FLUX_MODEL_DIR = Path(__file__).parent / "model_flux"
 #: an environment variable that overrides FLUX_MODEL_DIR (a toy-flux export not shipped yet)
 FLUX_DIR_ENV = "DITLOC_TOY_FLUX_DIR"
+#: a toy model: how it is sampled, judged and made (`ditloc.registry.KnownModel`)
+ToyModel = KnownModel
 
 
-@dataclass(frozen=True)
-class ToyModel:
-    """A toy model: how it is sampled and how its directory is made."""
+def _oracle():
+    from ..evaluate.toy import ToyOracle
 
-    name: str
-    #: `pipe(...)` arguments it was trained for; every ditloc run of it passes them unless the caller sets them
-    call_defaults: Mapping[str, Any]
-    #: the call argument that sets its classifier-free guidance scale
-    guidance_argument: str
-    #: what to do when its directory is missing
-    how_to_make: str
+    return ToyOracle()
+
+
+def _flux_dir() -> Path:
+    return Path(os.environ.get(FLUX_DIR_ENV) or FLUX_MODEL_DIR).expanduser()
 
 
 TOY_MODELS = {
@@ -45,6 +44,7 @@ TOY_MODELS = {
         call_defaults=MappingProxyType({"clean_caption": False}),
         guidance_argument="guidance_scale",
         how_to_make="train and export it with scripts/toy/ (train_dit.py, export_pipeline.py)",
+        evaluator=_oracle, probe_set="toy", directory=lambda: MODEL_DIR,
     ),
     "toy-flux": ToyModel(
         "toy-flux",
@@ -56,14 +56,15 @@ TOY_MODELS = {
         guidance_argument="true_cfg_scale",
         how_to_make=f"train and export it as scripts/toy/FLUX_TRAINING.md describes (or set {FLUX_DIR_ENV} "
                     "to an export)",
+        evaluator=_oracle, probe_set="toy", directory=_flux_dir,
     ),
 }
+for _model in TOY_MODELS.values():
+    register(_model)
 
 
 def toy_model(name: str) -> ToyModel:
     """The toy model called `name` ("toy" or "toy-flux")."""
-    from ..errors import DitlocError
-
     if name not in TOY_MODELS:
         raise DitlocError(f"unknown toy model {name!r}; the toy models are {', '.join(TOY_MODELS)}")
     return TOY_MODELS[name]
@@ -71,10 +72,7 @@ def toy_model(name: str) -> ToyModel:
 
 def model_dir(name: str = "toy") -> Path:
     """The directory of the toy model `name` (toy-flux: ``$DITLOC_TOY_FLUX_DIR`` when set)."""
-    toy_model(name)
-    if name == "toy":
-        return MODEL_DIR
-    return Path(os.environ.get(FLUX_DIR_ENV) or FLUX_MODEL_DIR).expanduser()
+    return toy_model(name).directory()
 
 
 def load_pipeline(name: str = "toy", torch_dtype=None):
@@ -82,13 +80,14 @@ def load_pipeline(name: str = "toy", torch_dtype=None):
     directory (its class is in model_index.json)."""
     from diffusers import DiffusionPipeline
 
-    from ..errors import DitlocError
+    from ..registry import mark
 
     spec, directory = toy_model(name), model_dir(name)
     if not (directory / "model_index.json").is_file():
         raise DitlocError(f"the {name} model is not in {directory}; {spec.how_to_make}")
     kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     pipe = DiffusionPipeline.from_pretrained(str(directory), local_files_only=True, **kwargs)
+    mark(pipe, name)  # an export that predates the key in its config
     height = spec.call_defaults.get("height")
     if height and hasattr(pipe, "default_sample_size"):
         # FluxPipeline's native size is a constant (1024 px), not the checkpoint's: set the model's own, so
@@ -98,23 +97,12 @@ def load_pipeline(name: str = "toy", torch_dtype=None):
 
 
 def toy_model_of(pipe) -> ToyModel | None:
-    """The toy model `pipe` was loaded from (by its directory), or None."""
-    path = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
-    if not path:
-        return None
-    try:
-        loaded = Path(path).resolve()
-        return next((spec for name, spec in TOY_MODELS.items() if loaded == model_dir(name).resolve()), None)
-    except (OSError, TypeError):
-        return None
+    """The toy model `pipe` is (by the ``_ditloc_model`` key of its transformer's config, which a
+    copy or a re-save keeps), or None."""
+    model = model_of(pipe)
+    return model if model is not None and model.name in TOY_MODELS else None
 
 
 def is_toy_pipeline(pipe) -> bool:
-    """Whether `pipe` was loaded from a toy model (its oracle is the default evaluator)."""
+    """Whether `pipe` is a toy model (its oracle is the default evaluator)."""
     return toy_model_of(pipe) is not None
-
-
-def call_defaults(pipe) -> dict:
-    """The `pipe(...)` arguments `pipe`'s toy model was trained for ({} for any other pipeline)."""
-    spec = toy_model_of(pipe)
-    return dict(spec.call_defaults) if spec is not None else {}

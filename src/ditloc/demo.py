@@ -23,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import _progress
-from .._io import write_json
-from ..bench import ConceptPlan, generate_scored, random_blocks, slugify
-from ..evaluate.toy import ToyOracle
-from ..localize import AUTO_K_DROP, SearchConfig, localize
-from ..options import RunOptions
-from ..report.figures import grid_figure, heatmap_figure, save_figure
-from . import world
+from . import _progress
+from ._io import write_json
+from .bench import ConceptPlan, generate_scored, random_blocks, slugify
+from .evaluate.toy import ToyOracle
+from .localize import AUTO_K_DROP, SearchConfig, localize
+from .options import RunOptions
+from .report.figures import grid_figure, heatmap_figure, save_figure
+from .toy import world
 
 LOCALIZE_BATCH = 8  # prompts per localize call (localize's default)
 #: one concept per category; the word the prompt contains and the oracle label it must produce
@@ -112,7 +112,7 @@ def _scaled(scores: list[float]) -> list[float]:
 
 def run_demo(out_dir="runs/demo", config: DemoConfig | None = None, *, pipe=None, oracle=None, progress=print) -> dict:
     """Run the demo; returns the summary (also written to `out_dir/summary.json`)."""
-    from . import load_pipeline
+    from .toy import load_pipeline
 
     cfg = config or DemoConfig()
     out = Path(out_dir)
