@@ -106,7 +106,7 @@ class ResolvedRun:
         """The settings a result file records."""
         return {
             "num_inference_steps": int(self.effective("num_inference_steps")),
-            # None where the pipeline's guidance_scale does nothing (FLUX base models: true_cfg_scale, in pipeline_kwargs)
+            # None where the pipeline's guidance_scale does nothing (the adapter's guidance_argument is another, in pipeline_kwargs)
             "guidance_scale": self.effective("guidance_scale") if self.adapter.uses_guidance_scale else None,
             "max_sequence_length": self.effective("max_sequence_length"),
             "generator_device": str(self.options.generator_device),
@@ -143,10 +143,10 @@ def call_kwargs(adapter, options: RunOptions) -> dict:
     if steps is not None:
         kw["num_inference_steps"] = int(steps)
     if guidance is not None:
-        if not adapter.uses_guidance_scale and "true_cfg_scale" in accepted:
-            kw["true_cfg_scale"] = float(guidance)  # a FLUX base model: its CFG scale (guidance_scale does nothing)
-        else:
-            kw["guidance_scale"] = float(guidance)
+        if adapter.guidance_argument not in accepted:
+            raise DitlocError(f"{type(adapter.pipe).__name__} takes no guidance argument "
+                              f"{adapter.guidance_argument!r}; leave the guidance scale unset")
+        kw[adapter.guidance_argument] = float(guidance)
     if max_len is not None:
         if int(max_len) <= 0:
             raise DitlocError(f"max_sequence_length must be positive, got {max_len}")

@@ -32,6 +32,12 @@ class Adapter(ABC):
         `guidance_scale` feeds a guidance embedding they lack; their CFG is `true_cfg_scale`)."""
         return True
 
+    @property
+    def guidance_argument(self) -> str:
+        """The `pipe(...)` argument that sets the classifier-free guidance scale (ditloc's
+        `guidance_scale` / ``--guidance`` goes there)."""
+        return "guidance_scale"
+
     #: family settings a user may pass as adapter options -> their valid values (None: the family's default)
     options: ClassVar[dict[str, tuple[str, ...]]] = {}
     #: transformer forward keyword arguments that carry the batch dimension (dicts are searched)

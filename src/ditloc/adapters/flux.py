@@ -39,6 +39,12 @@ class FluxAdapter(JointAttentionAdapter):
     def uses_guidance_scale(self) -> bool:
         return bool(self.transformer.config.guidance_embeds)  # else true CFG: `true_cfg_scale`, `negative_prompt`
 
+    @property
+    def guidance_argument(self) -> str:
+        # with a guidance embedding (FLUX.1-dev) `guidance_scale` feeds it; without one (base models,
+        # FLUX.1-schnell) the pipeline's classifier-free guidance is `true_cfg_scale`
+        return "guidance_scale" if self.uses_guidance_scale else "true_cfg_scale"
+
     def blocks(self):
         t = self.transformer
         double = [(f"double.{i}", b, b.attn) for i, b in enumerate(t.transformer_blocks)]
