@@ -1,5 +1,5 @@
-"""Cost of the joint closed-form solve for N concepts at a real model's text shape
-(issue 28): time and peak memory of everything after the text states are recorded.
+"""Cost of the joint closed-form solve for N concepts at a real model's text shape:
+time and peak memory of everything after the text states are recorded.
 
 Random text states stand in for recorded ones (the cost does not depend on their values).
 Each configuration runs in its own process, so its peak resident memory (VmHWM) is its own.
@@ -13,7 +13,7 @@ reads the same text states):
 
     python benchmarks/erase_many_solve.py                      # PixArt-XL: 28 blocks, 1152-d
     python benchmarks/erase_many_solve.py --dim 4096           # projections reading 4096-d T5 states
-    python benchmarks/erase_many_solve.py --device cuda        # where a GPU is lent
+    python benchmarks/erase_many_solve.py --device cuda        # on a GPU
 """
 
 from __future__ import annotations

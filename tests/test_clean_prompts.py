@@ -80,7 +80,7 @@ def test_clean_prompt_forms(prompt, concept, clean):
     assert derive_clean_prompt(prompt, concept) == clean
 
 
-def test_table_covers_the_forms_the_issue_names():
+def test_table_covers_the_common_prompt_forms():
     assert len(FORMS) >= 30
     prompts = " | ".join(p.lower() for p, _, _ in FORMS)
     for form in ("there is a", "in the style of", "in style of", " style", "-style", " by ", "a photo of",

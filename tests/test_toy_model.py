@@ -35,7 +35,7 @@ def test_shipped_pipeline_loads_offline_and_generates(toy):
 
 
 def test_oracle_accuracy_on_fresh_renders(oracle):
-    """A fast version of the >= 98% per-head bar (scripts/toy/train_oracle.py reports the full one)."""
+    """A fast version of the >= 98% per-head accuracy check (scripts/toy/train_oracle.py reports the full one)."""
     rng = np.random.default_rng(12345)  # scenes never seen in training (different seed stream)
     scenes = [world.sample_scene(rng) for _ in range(300)]
     result = oracle.classify(world.render_batch(scenes))

@@ -240,7 +240,7 @@ def run_personalization(args, oracle, out, methods):
                     for s in inst]
         captions[0] = train_prompt  # the plain prompt the reliability set asks for is one of them
         inst[0] = world.glyph_scene(rng, color="red", style="solid", hazard=False)
-    else:  # session 4's recipe: red solid renders, one prompt
+    else:  # without --p-captions: red solid renders, one prompt
         inst = [world.glyph_scene(rng, color="red", style="solid", hazard=False) for _ in range(args.p_images)]
         captions = None
     images = torch.from_numpy(np.stack([world.render(s) for s in inst])).permute(0, 3, 1, 2).float() / 127.5 - 1

@@ -145,7 +145,7 @@ def main():
                     help="weight of an auxiliary loss that keeps word identity in the text encoder: a linear head "
                          "(not exported) must recover each token from its encoding (0 = off)")
     ap.add_argument("--random-positions", action="store_true",
-                    help="objects at random positions, sizes 14-22 (the world of runs 1-5, before session 4)")
+                    help="objects at random positions, sizes 14-22 (the world of runs 1-5)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--vae", default=None,

@@ -49,7 +49,7 @@ class SearchConfig:
     - `rank`: how a forward step picks the block to add. "gradient": one
       generation of the current set with conditional attribution ranks every remaining block
       (the first-order effect of withholding it too, given the set withheld), and only the
-      `verify` best are generated as sets; the cost no longer grows with the number of
+      `verify` best are generated as sets; the cost does not grow with the number of
       blocks. "generation": every remaining candidate is generated as a set (exact greedy);
     - `verify`: sets generated per forward step under "gradient";
     - `gradient_steps`: the attribution is measured at this many denoising steps, evenly
