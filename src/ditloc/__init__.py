@@ -1,15 +1,18 @@
 """ditloc: find where a diffusion transformer keeps a concept, prove it, edit only there."""
 
 from ._version import __version__
-from .errors import DitlocError  # noqa: E402
+from .errors import BadOption, ConceptNotFound, DitlocError, UnsupportedModel  # noqa: E402
 from .adapters import get_adapter, supported_families  # noqa: E402
 from .localize import Localization, SearchConfig, localize, presence  # noqa: E402
 from .intervene import generate  # noqa: E402
 from .text import derive_clean_prompt  # noqa: E402
 from .tokens import ConceptSpan  # noqa: E402
 from . import toy  # noqa: E402, F401  (ditloc.toy.load_pipeline() after a plain `import ditloc`)
+from . import edit  # noqa: E402, F401  (ditloc.edit.unlearn(...) after a plain `import ditloc`)
 
 __all__ = [
+    "BadOption",
+    "ConceptNotFound",
     "ConceptSpan",
     "DitlocError",
     "Localization",
@@ -20,5 +23,6 @@ __all__ = [
     "localize",
     "presence",
     "supported_families",
+    "UnsupportedModel",
     "__version__",
 ]

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import DitlocError
+from .errors import BadOption, DitlocError
 from .registry import call_defaults
 
 
@@ -130,9 +130,9 @@ def call_kwargs(adapter, options: RunOptions) -> dict:
     extra = dict(options.pipeline_kwargs)
     for name in extra:
         if name in ours:
-            raise DitlocError(f"pass {name} as ditloc's own argument, not as a pipeline keyword")
+            raise BadOption(f"pass {name} as ditloc's own argument, not as a pipeline keyword")
         if name not in accepted or accepted[name].kind is inspect.Parameter.VAR_KEYWORD:
-            raise DitlocError(
+            raise BadOption(
                 f"{type(adapter.pipe).__name__} takes no argument {name!r}; valid ones: "
                 + ", ".join(n for n, v in accepted.items() if v.kind is not inspect.Parameter.VAR_KEYWORD and n not in ours)
             )
@@ -144,7 +144,7 @@ def call_kwargs(adapter, options: RunOptions) -> dict:
         kw["num_inference_steps"] = int(steps)
     if guidance is not None:
         if adapter.guidance_argument not in accepted:
-            raise DitlocError(f"{type(adapter.pipe).__name__} takes no guidance argument "
+            raise BadOption(f"{type(adapter.pipe).__name__} takes no guidance argument "
                               f"{adapter.guidance_argument!r}; leave the guidance scale unset")
         kw[adapter.guidance_argument] = float(guidance)
     if max_len is not None:

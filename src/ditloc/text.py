@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import DitlocError
+from .errors import ConceptNotFound, DitlocError
 
 Span = tuple[int, int]
 
@@ -229,7 +229,7 @@ def derive_clean_prompt(prompt: str, concept: str) -> str:
     belong to the probe set (:class:`~ditloc.probes.core.CleanRule`).
     """
     if not find_occurrences(prompt, concept):
-        raise DitlocError(
+        raise ConceptNotFound(
             f"concept {concept!r} is not in prompt {prompt!r}; give a clean prompt explicitly or fix the concept"
         )
     text = substitute(prompt, concept, _REMOVED, articles=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-from .errors import DitlocError
+from .errors import ConceptNotFound, DitlocError
 from .text import find_occurrences  # noqa: F401  (the adapters import it from here)
 
 
@@ -99,11 +99,11 @@ def token_positions(
         kept.append(got)
     if not kept:
         if cut:
-            raise DitlocError(
+            raise ConceptNotFound(
                 f"concept {concept!r} is cut off by max_sequence_length={max_length} in prompt "
                 f"{prompt!r}; shorten the prompt or raise --max-sequence-length"
             )
-        raise DitlocError(
+        raise ConceptNotFound(
             f"concept {concept!r} maps to no text token in prompt {prompt!r}; check the spelling"
         )
     if cut:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import DitlocError
+from ..errors import BadOption, UnsupportedModel
 from .base import Adapter
 from .flux import FluxAdapter
 from .pixart import PixArtAdapter
@@ -34,10 +34,10 @@ def check_adapter_options(options, transformer_class: str | None = None) -> None
         families = [a for a in ADAPTERS if name in a.options]
         if not families:
             valid = "; ".join(f"{a.family}: {', '.join(a.options)}" for a in ADAPTERS if a.options) or "none"
-            raise DitlocError(f"no model family has option {name!r} (options by family: {valid})")
+            raise BadOption(f"no model family has option {name!r} (options by family: {valid})")
         if value is not None and not any(value in a.options[name] for a in families):
             valid = sorted({v for a in families for v in a.options[name]})
-            raise DitlocError(f"option {name} must be one of {', '.join(valid)}; got {value!r}")
+            raise BadOption(f"option {name} must be one of {', '.join(valid)}; got {value!r}")
 
 
 def get_adapter(pipe, **options) -> Adapter:
@@ -49,7 +49,7 @@ def get_adapter(pipe, **options) -> Adapter:
     adapter = adapter_class(name)
     if adapter is not None:
         return adapter(pipe, **options)
-    raise DitlocError(
+    raise UnsupportedModel(
         f"unsupported model {type(pipe).__name__} with {name}; supported families: "
         + "; ".join(supported_families())
     )

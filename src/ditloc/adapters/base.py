@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import DitlocError
+from ..errors import BadOption, DitlocError, UnsupportedModel
 from ..tokens import ConceptSpan
 
 
@@ -68,9 +68,9 @@ class Adapter(ABC):
         for name, value in dict(options).items():
             if name not in cls.options:
                 valid = "; ".join(f"{k} ({', '.join(v)})" for k, v in cls.options.items()) or "none"
-                raise DitlocError(f"{cls.family} has no option {name!r} (its options: {valid})")
+                raise BadOption(f"{cls.family} has no option {name!r} (its options: {valid})")
             if value is not None and value not in cls.options[name]:
-                raise DitlocError(f"{cls.family} option {name} must be one of {', '.join(cls.options[name])}; "
+                raise BadOption(f"{cls.family} option {name} must be one of {', '.join(cls.options[name])}; "
                                   f"got {value!r}")
 
     # ---- structure -------------------------------------------------------------------
@@ -144,12 +144,12 @@ class Adapter(ABC):
         """The token id at every position of the text sequence the transformer
         receives for `prompt` (padding included; -1 where no token sits), to align
         a prompt with an edited version of it."""
-        raise DitlocError(f"token alignment is not implemented for {self.family}")
+        raise UnsupportedModel(f"token alignment is not implemented for {self.family}")
 
     def pooled_projection(self) -> str:
         """Full module name of the linear map that first reads the pooled text vector (shared by every
         block through the modulation); families without one are refused."""
-        raise DitlocError(f"{self.family} has no pooled text vector; --pooled-edit applies to FLUX and SD3")
+        raise UnsupportedModel(f"{self.family} has no pooled text vector; --pooled-edit applies to FLUX and SD3")
 
     def text_projections(self, block: str) -> list[str]:
         """Full module names of the projections in `block` that read only text states
