@@ -48,7 +48,13 @@ def get_adapter(pipe, **options) -> Adapter:
     name = type(transformer).__name__ if transformer is not None else type(pipe).__name__
     adapter = adapter_class(name)
     if adapter is not None:
-        return adapter(pipe, **options)
+        # one adapter per pipeline, transformer and options: every job on `pipe` shares it
+        key = (id(transformer), adapter, tuple(sorted((k, repr(v)) for k, v in options.items())))
+        cache = getattr(pipe, "__dict__", {}).setdefault("_ditloc_adapters", {})
+        if key not in cache:
+            cache.clear()  # a new transformer or other options: the old adapters are stale
+            cache[key] = adapter(pipe, **options)
+        return cache[key]
     raise UnsupportedModel(
         f"unsupported model {type(pipe).__name__} with {name}; supported families: "
         + "; ".join(supported_families())
