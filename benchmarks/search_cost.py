@@ -41,8 +41,8 @@ import torch  # noqa: E402
 
 import ditloc  # noqa: E402
 from ditloc.evaluate.base import Evaluator  # noqa: E402
-from ditloc.localize import SearchConfig  # noqa: E402
-from ditloc.localize.judge import DRAWS, LEVELS  # noqa: E402
+from ditloc.localization import SearchConfig  # noqa: E402
+from ditloc.localization.judge import DRAWS, LEVELS  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from localize_overhead import SHAPES, build_pipeline  # noqa: E402

@@ -10,7 +10,7 @@ import torch
 import ditloc
 from ditloc.bench.ground_truth import GroundTruthSettings, plan_ground_truth
 from ditloc.bench.ground_truth.settings import search_prompt_indices, SEARCH_SEEDS, SEARCH_STEPS
-from ditloc.localize import SearchConfig
+from ditloc.localization import SearchConfig
 torch.set_num_threads(1)
 pipe = ditloc.toy.load_pipeline(); pipe.set_progress_bar_config(disable=True)
 settings = GroundTruthSettings(concepts=tuple(sys.argv[1].split(",")))

@@ -18,7 +18,7 @@ import pytest
 from bench_helpers import ENV, KS, N_ROWS, N_UNITS, bench_argv, reference_run, run_cli, setup_files, store_lines
 from ditloc.bench import CONTROLS, ResultStore, control_blocks, random_blocks
 from ditloc.errors import DitlocError
-from ditloc.localize import Localization
+from ditloc.localization import Localization
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 
 import ditloc
 from ditloc.engine import CausalProbe, Session, instrument
-from ditloc.localize import Localization
+from ditloc.localization import Localization
 from ditloc.options import RunOptions
 from ditloc.testing import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sana_pipeline, tiny_sd3_pipeline
 

@@ -278,7 +278,7 @@ def test_cli_anchor_with_the_concept_refused_before_load(tmp_path, capsys, monke
 def test_blocks_from_a_saved_search_and_its_k(tmp_path):
     """`--blocks loc.json`: search once, edit many times; K defaults to the search's own."""
     import ditloc
-    from ditloc.localize import SearchConfig
+    from ditloc.localization import SearchConfig
 
     pipe = tiny_pixart_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -301,7 +301,7 @@ def test_blocks_from_a_saved_search_and_its_k(tmp_path):
 
 def test_weak_blocks_are_said_before_the_edit(tmp_path):
     from ditloc.edit.jobs import choose_blocks
-    from ditloc.localize import Localization, SetSearch
+    from ditloc.localization import Localization, SetSearch
 
     pipe = tiny_pixart_pipeline()
     names = tuple(get_adapter(pipe).block_names())
@@ -329,7 +329,7 @@ def test_weak_blocks_are_said_before_the_edit(tmp_path):
 def test_a_spread_concept_is_erased_in_every_editable_block():
     """When no searched set halves the concept's presence, the edit takes every editable block
     (an edit of the searched set would leave the concept), says so, and records it."""
-    from ditloc.localize import Localization, SetSearch
+    from ditloc.localization import Localization, SetSearch
 
     pipe = tiny_flux_pipeline()  # its single-stream blocks are not editable in closed form
     names = tuple(get_adapter(pipe).block_names())

@@ -274,7 +274,7 @@ def test_cli_bad_concepts_refused_before_the_model_loads(tmp_path, capsys, monke
     monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model before refusing"))
     monkeypatch.chdir(tmp_path)
     if "loc.json" in extra:
-        from ditloc.localize import (
+        from ditloc.localization import (
             Localization,  # taken as a valid file: the refusal is about the concepts
         )
 

@@ -18,7 +18,7 @@ from ditloc.bench.ground_truth import (GroundTruthSettings, greedy_sets, method_
                                        oracle_result, paired_regrets, run_ground_truth, samples, spearman,
                                        summarize_ground_truth, summarize_methods)
 from ditloc.errors import DitlocError
-from ditloc.localize import Localization
+from ditloc.localization import Localization
 
 BLOCKS = ("b0", "b1", "b2", "b3", "b4")
 

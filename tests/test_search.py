@@ -16,7 +16,7 @@ import ditloc
 from ditloc import DitlocError, SearchConfig
 from ditloc._io import OutputLock
 from ditloc.evaluate.base import Evaluator
-from ditloc.localize import Localization, PresenceRunner, SetSearch
+from ditloc.localization import Localization, PresenceRunner, SetSearch
 from test_causal import CASES as CAUSAL_CASES  # same directory
 
 localize_contribution = functools.partial(ditloc.localize, method="contribution")

@@ -33,7 +33,7 @@ from evaluate_fidelity import expected
 
 from ditloc.edit import ClosedFormConfig, TrainConfig, unlearn
 from ditloc.edit.blocks import choose_blocks
-from ditloc.localize import Localization
+from ditloc.localization import Localization
 from ditloc.options import RunOptions
 from ditloc.toy import load_pipeline, world
 from ditloc.toy.oracle import load_oracle

@@ -30,7 +30,7 @@ from ditloc.bench.ground_truth import (GroundTruthSettings, plan_ground_truth, r
 from ditloc.bench.ground_truth.settings import MAX_K, SEARCH_SEEDS, SEARCH_STEPS, search_prompt_indices
 from ditloc.bench.runner import generate_scored
 from ditloc.evaluate import get_evaluator
-from ditloc.localize import SearchConfig, search
+from ditloc.localization import SearchConfig, search
 from ditloc.stats import mean_ci
 from ditloc.toy import load_pipeline
 

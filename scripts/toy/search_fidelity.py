@@ -26,7 +26,7 @@ from ditloc import toy  # noqa: E402
 from ditloc.bench.ground_truth import GroundTruthSettings, plan_ground_truth  # noqa: E402
 from ditloc.bench.ground_truth.settings import SEARCH_SEEDS, search_prompt_indices  # noqa: E402
 from ditloc.evaluate import get_evaluator  # noqa: E402
-from ditloc.localize import PresenceRunner  # noqa: E402
+from ditloc.localization import PresenceRunner  # noqa: E402
 from ditloc.options import RunOptions  # noqa: E402
 
 DEFAULT = {"toy": ["star", "red", "striped", "beach", "blip", "hazard"],

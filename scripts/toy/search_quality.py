@@ -31,7 +31,7 @@ from ditloc import SearchConfig, toy  # noqa: E402
 from ditloc.bench.ground_truth import GroundTruthSettings, plan_ground_truth  # noqa: E402
 from ditloc.bench.ground_truth.settings import SEARCH_SEEDS, search_prompt_indices  # noqa: E402
 from ditloc.evaluate import get_evaluator  # noqa: E402
-from ditloc.localize import search  # noqa: E402
+from ditloc.localization.search import search  # noqa: E402
 from ditloc.stats import mean_ci, wilson  # noqa: E402
 
 PAIR_LOCALIZABLE = 0.2  # the best pair drops presence by at least this much

@@ -3,7 +3,8 @@
 from ._version import __version__
 from .errors import BadOption, ConceptNotFound, DitlocError, UnsupportedModel  # noqa: E402
 from .adapters import get_adapter, supported_families  # noqa: E402
-from .localize import Localization, SearchConfig, localize, presence  # noqa: E402
+from .localization import Localization, SearchConfig, localize  # noqa: E402
+from .localization.presence import presence  # noqa: E402
 from .intervene import generate  # noqa: E402
 from .text import derive_clean_prompt  # noqa: E402
 from .tokens import ConceptSpan  # noqa: E402

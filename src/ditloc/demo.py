@@ -27,7 +27,7 @@ from . import _progress
 from ._io import write_json
 from .bench import ConceptPlan, generate_scored, random_blocks, slugify
 from .evaluate.toy import ToyOracle
-from .localize import AUTO_K_DROP, SearchConfig, localize
+from .localization import AUTO_K_DROP, SearchConfig, localize
 from .options import RunOptions
 from .report.figures import grid_figure, heatmap_figure, save_figure
 from .toy import world

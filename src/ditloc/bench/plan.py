@@ -84,7 +84,7 @@ class BenchSettings:
     def __post_init__(self):
         from ..engine import VARIANTS
         from ..evaluate import EVALUATORS
-        from ..localize import METHODS
+        from ..localization import METHODS
 
         methods = tuple(self.methods)
         unknown = [m for m in methods if m not in METHODS]

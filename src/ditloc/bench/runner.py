@@ -157,7 +157,7 @@ def _localize_unit(pipe, plan: BenchPlan, unit: Unit, out: Path, evaluator=None)
     """One localization. A set-level search finds S_K for every K up to the largest K (capped at the
     blocks), scoring presence with the bench's evaluator where it can, and checkpoints each
     scored set next to the localization file, so a killed search resumes mid-way."""
-    from ..localize import SearchConfig, localize
+    from ..localization import SearchConfig, localize
 
     s, c = plan.settings, unit.concept
     method = unit.method or DEFAULT_METHOD
@@ -242,7 +242,7 @@ def run_bench(pipe, plan: BenchPlan, out, *, evaluator=None, workers: Workers = 
 
 def _run_bench(pipe, plan: BenchPlan, out, *, resuming: bool, evaluator, workers: Workers, progress,
                device) -> BenchResult:
-    from ..localize import Localization
+    from ..localization import Localization
 
     t0 = time.time()
     out = Path(out)

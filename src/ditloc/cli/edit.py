@@ -228,7 +228,7 @@ def _check_blocks_and_settings(args) -> None:
     if args.k is not None and args.k < 1:
         fail(f"--k must be at least 1, got {args.k}")
     if args.blocks.endswith(".json"):
-        from ..localize import Localization
+        from ..localization import Localization
 
         Localization.load(args.blocks)  # a missing or broken file: one line, before the model loads
     check_run_settings(args)
@@ -408,7 +408,7 @@ def _say_objective(args, pipe, concepts: list[str], evaluator) -> None:
     if args.blocks != "auto" or args.localize_method != "search" or args.objective is not None:
         return
     from ..edit.blocks import search_objective
-    from ..localize import default_evaluator
+    from ..localization import default_evaluator
 
     chosen = [search_objective(pipe, c, evaluator=evaluator, eval_text=args.eval_text) for c in concepts]
     scored = [c for c, (objective, _) in zip(concepts, chosen) if objective == "evaluator"]

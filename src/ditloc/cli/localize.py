@@ -132,7 +132,7 @@ def check_intervene(args) -> None:
 
 
 def cmd_localize(args) -> None:
-    from ..localize import localize
+    from ..localization import localize
 
     prompts = args.prompts
     config = _search_config(args)
@@ -206,7 +206,7 @@ _SEARCH_FLAGS = {"objective": None, "evaluator": None, "evaluator_model": None, 
 
 def _search_config(args):
     """The --method search settings as a SearchConfig, checked before the model loads."""
-    from ..localize import SearchConfig
+    from ..localization import SearchConfig
 
     if args.method != "search":
         given = [k for k, default in _SEARCH_FLAGS.items() if getattr(args, k) != default]
@@ -293,7 +293,7 @@ def _localize_many(args, config) -> None:
 
 def _localize_search(args, pipe, config, evaluator) -> None:
     """`ditloc localize --method search`: the curve, K from it, resumable from <out>/search.jsonl."""
-    from ..localize import localize
+    from ..localization import localize
 
     out = Path(args.out)
     checkpoint = out / "search.jsonl"
@@ -348,7 +348,7 @@ def cmd_intervene(args) -> None:
     from .._io import write_json
     from ..errors import DitlocError
     from ..intervene import derive_clean_prompt, generate
-    from ..localize import Localization
+    from ..localization import Localization
 
     if args.auto_k and args.top_k is not None:
         fail("choose --top-k or --auto-k, not both")

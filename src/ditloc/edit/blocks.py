@@ -17,11 +17,11 @@ def _adapter(pipe):
 
 def search_objective(pipe, concept: str, *, objective: str | None = None, evaluator=None,
                      eval_text: str | None = None) -> tuple[str, object]:
-    """(objective, evaluator) the search for `concept` runs with, decided as `ditloc.localize.search`
+    """(objective, evaluator) the search for `concept` runs with, decided as `ditloc.localization.search`
     decides it: `objective` as given; else "evaluator" where `evaluator` is given or the model has
     one (the toy's oracle) and it can score `eval_text` (default: the concept), else "self" (the
     model judges itself). The edit commands print it before the run, and pass it to the search."""
-    from ..localize import default_evaluator
+    from ..localization import default_evaluator
 
     if objective == "self":
         return "self", None
@@ -49,7 +49,7 @@ def choose_blocks(pipe, blocks, k, localize_prompts, concept, *, seeds=(0, 1), p
     halve the concept's presence (measured by the search, or by one presence run for the
     block-score methods), `progress` says so in one line, naming the K that would.
     -> (blocks, localization or None)."""
-    from ..localize import Localization
+    from ..localization import Localization
 
     if method != "search" and (objective is not None or evaluator is not None or eval_text is not None):
         raise DitlocError(f"objective, evaluator and eval_text are settings of the search, not of method {method!r}; "
@@ -73,7 +73,7 @@ def choose_blocks(pipe, blocks, k, localize_prompts, concept, *, seeds=(0, 1), p
             raise DitlocError(f"the localization was measured on a model with other blocks ({', '.join(loc.blocks)}); "
                               "localize this model first")
     else:
-        from ..localize import SearchConfig, localize
+        from ..localization import SearchConfig, localize
 
         if progress:
             progress(f"localizing {concept!r} by {method} on {len(localize_prompts)} prompt(s) x {len(seeds)} seed(s)")
@@ -104,7 +104,7 @@ def choose_blocks(pipe, blocks, k, localize_prompts, concept, *, seeds=(0, 1), p
 
 def _warn_weak(pipe, loc, chosen, prompts, concept, seeds, progress, options, *, measure: bool) -> None:
     """One line when withholding `chosen` leaves more than half the concept's presence."""
-    from ..localize import AUTO_K_DROP
+    from ..localization import AUTO_K_DROP
 
     if progress is None:
         return
@@ -112,7 +112,7 @@ def _warn_weak(pipe, loc, chosen, prompts, concept, seeds, progress, options, *,
     if s is not None and len(chosen) <= s.max_k and set(chosen) == set(s.sets[len(chosen) - 1]):
         relative = s.relative_curve[len(chosen) - 1]
     elif measure and s is None:
-        from ..localize import PresenceRunner, default_evaluator
+        from ..localization import PresenceRunner, default_evaluator
 
         objective = "evaluator" if default_evaluator(pipe) is not None else "self"
         runner = PresenceRunner(pipe, prompts, concept, objective=objective, seed=list(seeds), options=options)

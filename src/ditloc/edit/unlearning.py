@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DitlocError
-from ..localize import Localization
+from ..localization import Localization
 from ..options import RunOptions, model_record
 from ..text import find_occurrences, substitute
 from .blocks import choose_blocks, general_prompts, neighbour_prompts

@@ -88,7 +88,7 @@ class Probe:
 
 @dataclass
 class Swap:
-    """What withheld blocks read instead of the prompt's text (§7).
+    """What withheld blocks read instead of the prompt's text.
 
     `blocks`: the blocks that read the clean prompts' conditioning;
     `clean`: the adapter's `encode_text` of the clean prompts.
@@ -101,7 +101,7 @@ class Swap:
     - `alpha`: block -> [rows] mixing weights: the block's output for its rows is
       ``full + alpha * (clean - full)`` (differentiable) instead of the clean one.
 
-    And one used by set-level presence (`ditloc.localize.presence`), where each image of
+    And one used by set-level presence (`ditloc.localization.presence`), where each image of
     a call withholds its own block set:
     - `row_masks`: block -> bool [n] on the model's device, over the call's images: the
       images whose conditional row reads the clean conditioning in that block (the others

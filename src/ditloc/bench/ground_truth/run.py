@@ -117,7 +117,7 @@ class _Run:
     def localization(self, c: ConceptPlan, method: str) -> dict:
         """The concept's localization record by `method`: from the store, else from its
         file (a run killed between the two), else localized now."""
-        from ...localize import Localization, localize
+        from ...localization import Localization, localize
 
         key = (c.category, c.concept, method)
         if key in self.locs:
@@ -143,7 +143,7 @@ class _Run:
     def _search(self, c: ConceptPlan, method: str, path: Path):
         """The set-level search on SEARCH_PROMPTS localization prompts x SEARCH_SEEDS at SEARCH_STEPS steps
         (resumable: every evaluated set is kept in `searches/`)."""
-        from ...localize import SearchConfig, search
+        from ...localization import SearchConfig, search
 
         s, t = self.settings, time.time()
         idx = search_prompt_indices(len(c.localization_prompts))

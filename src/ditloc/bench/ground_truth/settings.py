@@ -19,8 +19,8 @@ STORE_FILE = "conditions.jsonl"
 LOCALIZATIONS_FILE = "localizations.jsonl"
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
-#: the localization methods a ground truth can judge: block scores (§7) and the set-level
-#: search (§9) with the toy oracle's soft presence ("search") or the model as its own judge ("search-self"): the
+#: the localization methods a ground truth can judge: block scores and the set-level
+#: search with the toy oracle's soft presence ("search") or the model as its own judge ("search-self"): the
 #: exhaustive greedy (every candidate set generated) at SEARCH_STEPS; "search-gradient" and "search-gradient-self":
 #: the default `SearchConfig` (gradient-ranked steps, its own search steps)
 METHODS = ("contribution", "patch", "attribution", "search", "search-self", "search-gradient", "search-gradient-self")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import DitlocError
-from ...localize import AUTO_K_DROP
+from ...localization import AUTO_K_DROP
 from ..plan import ConceptPlan
 from ..store import ResultStore
 from .metrics import auto_k

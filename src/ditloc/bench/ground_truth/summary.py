@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..._io import write_atomic, write_json
 from ...errors import DitlocError
-from ...localize import minimal_k_of
+from ...localization import minimal_k_of
 from ...stats import mean_ci
 from .joint import joint_summary, read_joint, streams
 from .metrics import method_metrics, oracle_result, paired_regrets, summarize_methods

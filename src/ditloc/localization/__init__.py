@@ -1,10 +1,12 @@
-"""Localize: which blocks of a DiT carry a concept.
+"""Localization: which blocks of a DiT carry a concept. The package's modules keep their names
+(`ditloc.localization.search`, `ditloc.localization.presence`); the functions `ditloc.localize`,
+`ditloc.presence` and `ditloc.localization.search.search` are reached by name.
 
 - `methods`: `localize`, every method by name;
 - `scores`: block scores on the ordinary sampling trajectory (`contribution`, `patch`,
   `attribution`);
-- `presence`: the concept's presence under sets of withheld blocks (§9);
-- `search`: the set-level causal search over block sets, K from its curve (§9);
+- `presence`: the concept's presence under sets of withheld blocks;
+- `search`: the set-level causal search over block sets, K from its curve;
 - `judge`: the model as its own judge of a concept's presence (the search's `self` objective);
 - `result`: `Localization`, the one result type every caller reads.
 """
@@ -15,11 +17,10 @@ from .presence import (
     PresenceRunner,
     SetPresence,
     default_evaluator,
-    presence,
 )
 from .result import AUTO_K_DROP, Localization, SetSearch, minimal_k_of
 from .scores import block_scores
-from .search import SearchConfig, search
+from .search import SearchConfig
 
 __all__ = [
     "AUTO_K_DROP",
@@ -34,6 +35,4 @@ __all__ = [
     "default_evaluator",
     "localize",
     "minimal_k_of",
-    "presence",
-    "search",
 ]

@@ -3,9 +3,9 @@ trajectory, by one of three methods:
 
 - ``contribution``: how much the concept's text tokens contribute
   to the image tokens' attention output (where the concept is *read*);
-- ``patch`` (§7): how far withholding the concept from the block alone moves the
+- ``patch``: how far withholding the concept from the block alone moves the
   model's prediction toward the clean prompt's (where reading it *matters*);
-- ``attribution`` (§7): a first-order estimate of ``patch`` for every block from
+- ``attribution``: a first-order estimate of ``patch`` for every block from
   one backward pass per step.
 """
 
@@ -37,7 +37,7 @@ def block_scores(
     progress=None,
     **run,
 ) -> Localization:
-    """Score every block for `concept` by a per-block method (§7).
+    """Score every block for `concept` by a per-block method.
 
     The trajectory of each (prompt, seed) is exactly the one
     ``pipe(prompt, num_inference_steps=N, guidance_scale=G,

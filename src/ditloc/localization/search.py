@@ -4,7 +4,7 @@ whose withholding lowers the concept's presence most, and K from the curve.
 Per-block scores cannot see knowledge that several blocks hold redundantly: a pair
 that erases a character while each of its blocks alone changes nothing scores 0 block
 by block. The search scores *sets* by their total effect on the concept's presence
-(`ditloc.localize.presence`): greedy forward selection with a beam (each step adds the
+(`ditloc.localization.presence`): greedy forward selection with a beam (each step adds the
 block that lowers presence most to each of the `beam` best sets), optionally backward
 elimination from all candidates withheld, keeping the better set for each K.
 

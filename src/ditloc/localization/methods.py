@@ -35,16 +35,16 @@ def localize(
     only=None,
     **run,
 ) -> Localization:
-    """Localize `concept`: score every block (§7), or search block sets (§9).
+    """Localize `concept`: score every block, or search block sets.
 
-    ``search`` (the default, §11): the set-level search over block sets
-    (`ditloc.localize.search`), configured by `search` (a `SearchConfig`), scoring presence
+    ``search`` (the default): the set-level search over block sets
+    (`ditloc.localization.search`), configured by `search` (a `SearchConfig`), scoring presence
     with `evaluator`/`eval_text` (default: the model's own evaluator, the oracle on the toys)
     or, where there is none, the model itself; resumable through `checkpoint`;
     `block_batch` is then the number of block sets per pipeline call.
 
     ``contribution``, ``patch`` or ``attribution``: the per-block scores of
-    :func:`~ditloc.localize.scores.block_scores` (its doc: the sampled trajectory, `options`, the
+    :func:`~ditloc.localization.scores.block_scores` (its doc: the sampled trajectory, `options`, the
     clean prompts, the cost per step), which takes every argument but the search's.
     """
     if method not in METHODS:

@@ -3,7 +3,7 @@
 For each block set S, every (prompt, seed) is generated with the concept withheld
 from the blocks of S (they read the clean prompt, all others the prompt) and the
 concept's presence in each image is scored *soft*: an evaluator's probability or
-score, or the model's own judgement (`objective="self"`, `ditloc.localize.judge`).
+score, or the model's own judgement (`objective="self"`, `ditloc.localization.judge`).
 Several sets run as rows of one pipeline call: image g·n + j of a call withholds set
 g (`Swap.row_masks`), so a call of G sets costs one generation of G·n images.
 """
