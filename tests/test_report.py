@@ -269,6 +269,26 @@ def test_heatmap_names_its_axes_colour_bar_and_marks_the_top_k():
     assert "top-2 blocks" in legend.get_texts()[0].get_text()
 
 
+def test_heatmap_draws_unmeasured_cells_as_not_searched():
+    """A NaN (or None) cell was not measured: a hatched grey patch over it and a legend entry, not the
+    white of a measured 0; top_k_of never marks it."""
+    from ditloc.report.figures import MISSING_LABEL, heatmap_figure, top_k_of
+    from ditloc.toy.demo import _scaled
+
+    blocks = ["block.0", "block.1", "block.2", "block.3"]
+    values = {"a": [0.0, float("nan"), 0.5, None], "b": [0.2, 0.1, 0.0, 0.3]}
+    assert top_k_of(values["a"], blocks, 3) == ["block.2"]
+    fig = heatmap_figure(values, blocks, title="t", quantity="q")
+    ax = fig.axes[0]
+    hatched = {(round(p.get_y() + 0.5), round(p.get_x() + 0.5)) for p in ax.patches if p.get_hatch()}
+    assert hatched == {(0, 1), (0, 3)}  # (row, block): the measured 0 of block.0 is not hatched
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == [MISSING_LABEL] == ["not searched"]
+    assert not heatmap_figure({"b": values["b"]}, blocks, title="t", quantity="q").legends  # nothing missing
+    scaled = _scaled([float("nan"), 1.0, 3.0, 2.0])  # the demo's per-row scaling keeps NaN
+    assert np.isnan(scaled[0]) and scaled[1:] == [0.0, 1.0, 0.5]
+
+
 def test_top_k_of_includes_ties_and_skips_zeros():
     from ditloc.report.figures import top_k_of
 

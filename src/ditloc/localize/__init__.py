@@ -17,7 +17,7 @@ from .presence import (
     default_evaluator,
     presence,
 )
-from .result import AUTO_K_DROP, Localization, SetSearch, minimal_k_of
+from .result import AUTO_K_DROP, Localization, SetSearch, minimal_k_of, nan_to_none, none_to_nan, ranking_of
 from .scores import block_scores
 from .search import SearchConfig, search
 
@@ -34,6 +34,9 @@ __all__ = [
     "default_evaluator",
     "localize",
     "minimal_k_of",
+    "nan_to_none",
+    "none_to_nan",
     "presence",
+    "ranking_of",
     "search",
 ]
