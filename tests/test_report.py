@@ -447,9 +447,9 @@ def test_score_figures_draw_unmeasured_blocks_as_not_searched():
     assert [t.get_text() for t in ax.get_xticklabels() if t.get_fontweight() == "bold"] == ["block.0"]
     fig = matrix_figure([[0.1, float("nan")], [-0.2, 0.3]], blocks[:2], ["0", "1"], title="t", quantity="q")
     assert [(round(p.get_y() + 0.5), round(p.get_x() + 0.5)) for p in fig.axes[0].patches if p.get_hatch()] == [(0, 1)]
-    search = SetSearch(objective="evaluator", baseline=0.8, sets=(("block.1",), ("block.1", "block.3")),
-                       presence=(0.6, 0.3), evaluated=(((), 0.8), (("block.1",), 0.6), (("block.2",), 0.7),
-                                                       (("block.1", "block.3"), 0.3)))
+    search = SetSearch(objective="evaluator", baseline=0.8, sets=(("block.3",), ("block.3", "block.1")),
+                       presence=(0.6, 0.3), evaluated=(((), 0.8), (("block.3",), 0.6), (("block.2",), 0.7),
+                                                       (("block.1", "block.3"), 0.3)))  # evaluated: model order
     ax = search_curve_figure(search, threshold=0.5, title="t").axes[0]
     lines = {line.get_label(): line for line in ax.get_lines()}
     assert list(lines["S_K withheld (the searched set)"].get_ydata()) == [0.8, 0.6, 0.3]

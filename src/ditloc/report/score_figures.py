@@ -38,7 +38,8 @@ def search_curve_figure(search: SetSearch, *, threshold: float, title: str) -> F
     search evaluated (grey, by its size), the automatic K's threshold and the K it picks."""
     ks = list(range(search.max_k + 1))
     curve = [search.baseline, *search.presence]
-    others = [(len(s), p) for s, p in search.evaluated if 0 < len(s) <= search.max_k and s not in search.sets]
+    kept = {frozenset(s) for s in search.sets}  # evaluated sets are in model order, S_K in the order of entry
+    others = [(len(s), p) for s, p in search.evaluated if 0 < len(s) <= search.max_k and frozenset(s) not in kept]
     line = (1 - threshold) * search.baseline
     auto = search.auto_k(threshold)
     lo, hi = presence_range(curve + [p for _, p in others] + [line])
