@@ -112,7 +112,7 @@ def test_report_cli(run, tmp_path):
     assert code == 0, err
     assert "minimal K" in out and "red" in out and "beach" in out and "index.html" in out
     code, _, err = run_cli(["report", str(tmp_path)])
-    assert code == 2 and err.count("\n") == 1 and "not a `ditloc bench` run directory" in err
+    assert code == 2 and err.count("\n") == 1 and "is not an output directory of ditloc" in err
 
 
 def _damaged_copy(run, tmp_path, name):
@@ -269,6 +269,26 @@ def test_heatmap_names_its_axes_colour_bar_and_marks_the_top_k():
     assert "top-2 blocks" in legend.get_texts()[0].get_text()
 
 
+def test_heatmap_draws_unmeasured_cells_as_not_searched():
+    """A NaN (or None) cell was not measured: a hatched grey patch over it and a legend entry, not the
+    white of a measured 0; top_k_of never marks it."""
+    from ditloc.report.figures import MISSING_LABEL, heatmap_figure, top_k_of
+    from ditloc.toy.demo import _scaled
+
+    blocks = ["block.0", "block.1", "block.2", "block.3"]
+    values = {"a": [0.0, float("nan"), 0.5, None], "b": [0.2, 0.1, 0.0, 0.3]}
+    assert top_k_of(values["a"], blocks, 3) == ["block.2"]
+    fig = heatmap_figure(values, blocks, title="t", quantity="q")
+    ax = fig.axes[0]
+    hatched = {(round(p.get_y() + 0.5), round(p.get_x() + 0.5)) for p in ax.patches if p.get_hatch()}
+    assert hatched == {(0, 1), (0, 3)}  # (row, block): the measured 0 of block.0 is not hatched
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == [MISSING_LABEL] == ["not searched"]
+    assert not heatmap_figure({"b": values["b"]}, blocks, title="t", quantity="q").legends  # nothing missing
+    scaled = _scaled([float("nan"), 1.0, 3.0, 2.0])  # the demo's per-row scaling keeps NaN
+    assert np.isnan(scaled[0]) and scaled[1:] == [0.0, 1.0, 0.5]
+
+
 def test_top_k_of_includes_ties_and_skips_zeros():
     from ditloc.report.figures import top_k_of
 
@@ -311,3 +331,128 @@ def test_saved_png_is_deterministic_and_undated(tmp_path):
     assert b"tIME" not in data[0] and b"Software" not in data[0] and b"matplotlib" not in data[0]
     with Image.open(paths[0]) as im:
         assert im.format == "PNG" and 600 < im.width < 1400 and 300 < im.height < 800
+
+
+# ---- `ditloc report` of a `ditloc localize` output directory ----------------------------------
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from ditloc.testing import tiny_pixart_pipeline
+
+    path = tmp_path_factory.mktemp("tiny_report") / "pixart"
+    tiny_pixart_pipeline().save_pretrained(path)
+    return str(path)
+
+
+LOCALIZE = ["--prompt", "a photo of van gogh", "--prompt", "van gogh painting of a dog", "--steps", "2"]
+#: the exhaustive greedy on 2 of the 4 blocks: the other two are not measured
+PRUNED = ["--objective", "self", "--max-k", "2", "--candidates", "2", "--rank", "generation"]
+
+
+def _no_model_loads(monkeypatch):
+    from ditloc.cli import models
+
+    monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("the report loaded a model"))
+
+
+def _figure_alts(page: str) -> list[str]:
+    return re.findall(r'<img src="data:image/png;base64,[^"]*" alt="([^"]*)"', page)
+
+
+def test_localize_report_of_a_pruned_search_with_images(tiny_model, tmp_path, monkeypatch):
+    out = tmp_path / "loc"
+    code, _, err = run_cli(["localize", tiny_model, "--concept", "van gogh", *LOCALIZE, *PRUNED, "--save-images", "2",
+                            "--out", str(out)])
+    assert code == 0, err
+    d = json.loads((out / "localization.json").read_text())
+    not_searched = [b for b, v in zip(d["blocks"], d["scores"]) if v is None]
+    assert len(not_searched) == 2 and not set(not_searched) & set(d["settings"]["candidates"])
+    shots = json.loads((out / "images.json").read_text())
+    assert [sorted(e["images"]) for e in shots["samples"]] == [["1", "2", "original"]] * 2
+    assert shots["sets"] == d["search"]["sets"] and shots["num_inference_steps"] == 2
+
+    _no_model_loads(monkeypatch)
+    code, stdout, err = run_cli(["report", str(out)])
+    assert code == 0, err
+    assert "'van gogh': 2 block(s) not searched; images of the searched sets" in stdout
+    report = out / "report"
+    assert sorted(p.name for p in report.glob("*.png")) == ["curve.png", "images.png", "scores.png"]
+    for path in report.glob("*.png"):
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.width > 200 and im.height > 100
+    page = (report / "index.html").read_text()
+    assert _figure_alts(page) == ["search curve", "block scores", "searched sets withheld"]
+    assert f"hatched grey: not searched (2 block(s): {', '.join(not_searched)})" in page
+    cells = re.findall(r"<td class=\"\">([^<]*)</td><td class=\"num\">not searched</td>", page)
+    assert cells == not_searched  # ranked after every measured block, in model order
+    assert "Not measured per step" in page and "Not measured per head" in page
+    for k, blocks in enumerate(d["search"]["sets"], 1):
+        assert f"<td class=\"num\">{k}</td><td class=\"\">{', '.join(blocks)}</td>" in page
+
+
+def test_localize_report_of_block_scores_has_step_and_head_maps(tiny_model, tmp_path):
+    out = tmp_path / "contribution"
+    code, _, err = run_cli(["localize", tiny_model, "--concept", "van gogh", *LOCALIZE, "--method", "contribution",
+                            "--out", str(out)])
+    assert code == 0, err
+    code, stdout, err = run_cli(["report", str(out)])
+    assert code == 0, err
+    assert "every block scored; no images saved" in stdout
+    assert sorted(p.name for p in (out / "report").glob("*.png")) == ["heads.png", "scores.png", "steps.png"]
+    page = (out / "report" / "index.html").read_text()
+    assert _figure_alts(page) == ["block scores", "blocks x steps", "blocks x heads"]
+    assert "not searched" not in page and "Images are not available" in page
+
+
+def test_localize_report_of_a_concepts_file_run_has_a_section_per_concept(tiny_model, tmp_path):
+    concepts = tmp_path / "concepts.txt"
+    concepts.write_text("van gogh\ndog\n")
+    out = tmp_path / "many"
+    code, _, err = run_cli(["localize", tiny_model, "--concepts-file", str(concepts), *LOCALIZE, *PRUNED,
+                            "--max-k", "1", "--out", str(out)])
+    assert code == 0, err
+    code, stdout, err = run_cli(["report", str(out)])
+    assert code == 0, err
+    assert "'van gogh':" in stdout and "'dog':" in stdout and str(out / "report" / "index.html") in stdout
+    page = (out / "report" / "index.html").read_text()
+    headings = re.findall(r"<h2>([^<]*)</h2>", page)
+    assert headings == ["&#x27;dog&#x27; (dog/)", "&#x27;van gogh&#x27; (van-gogh/)", "Settings"]
+    assert _figure_alts(page) == ["search curve", "block scores"] * 2
+    assert page.count("Images are not available: this localization saved none") == 2
+    names = sorted(p.name for p in (out / "report").glob("*.png"))
+    assert names == ["dog_curve.png", "dog_scores.png", "van-gogh_curve.png", "van-gogh_scores.png"]
+
+
+def test_report_of_an_unknown_or_damaged_directory_is_one_line(tiny_model, tmp_path):
+    for path in (tmp_path, tmp_path / "missing"):
+        code, _, err = run_cli(["report", str(path)])
+        assert code == 2 and err.count("\n") == 1 and "`ditloc report` reads the --out of `ditloc localize`" in err
+    (tmp_path / "localization.json").write_text('{"concept": "x"')
+    code, _, err = run_cli(["report", str(tmp_path)])
+    assert code == 2 and err.count("\n") == 1 and "localization.json" in err and "rerun `ditloc localize`" in err
+    code, _, err = run_cli(["localize", tiny_model, "--concept", "van gogh", *LOCALIZE, "--method", "patch",
+                            "--save-images", "1", "--out", str(tmp_path / "o")])
+    assert code == 2 and err.count("\n") == 1 and "--save-images is a setting of --method search" in err
+
+
+def test_score_figures_draw_unmeasured_blocks_as_not_searched():
+    from ditloc.localize import SetSearch
+    from ditloc.report.score_figures import matrix_figure, scores_figure, search_curve_figure
+
+    blocks = ["block.0", "block.1", "block.2", "block.3"]
+    fig = scores_figure(blocks, [0.3, float("nan"), -0.1, 0.0], title="t", quantity="q", marked=["block.0"])
+    ax = fig.axes[0]
+    hatched = [p for p in ax.patches if p.get_hatch()]
+    assert [round(p.get_x() + p.get_width() / 2) for p in hatched] == [1]  # block.1 alone; the 0 of block.3 is a bar
+    assert "not searched" in [t.get_text() for t in fig.legends[0].get_texts()]
+    assert [t.get_text() for t in ax.get_xticklabels() if t.get_fontweight() == "bold"] == ["block.0"]
+    fig = matrix_figure([[0.1, float("nan")], [-0.2, 0.3]], blocks[:2], ["0", "1"], title="t", quantity="q")
+    assert [(round(p.get_y() + 0.5), round(p.get_x() + 0.5)) for p in fig.axes[0].patches if p.get_hatch()] == [(0, 1)]
+    search = SetSearch(objective="evaluator", baseline=0.8, sets=(("block.3",), ("block.3", "block.1")),
+                       presence=(0.6, 0.3), evaluated=(((), 0.8), (("block.3",), 0.6), (("block.2",), 0.7),
+                                                       (("block.1", "block.3"), 0.3)))  # evaluated: model order
+    ax = search_curve_figure(search, threshold=0.5, title="t").axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["S_K withheld (the searched set)"].get_ydata()) == [0.8, 0.6, 0.3]
+    assert list(lines["automatic K = 2"].get_xdata()) == [2]
+    (others,) = ax.collections
+    assert others.get_offsets().tolist() == [[1.0, 0.7]]  # the set the search did not keep, at its size

@@ -7,6 +7,7 @@ without evaluating a set twice; bad settings are refused before any work."""
 import functools
 import itertools
 import json
+import math
 
 import numpy as np
 import pytest
@@ -191,6 +192,73 @@ def test_candidates_restrict_the_search():
     assert set(loc.settings["candidates"]) == set(cheap.ranking[:2])
     assert set(loc.top(2)) == set(cheap.ranking[:2])
     assert all(set(s) <= set(cheap.ranking[:2]) for s, _ in loc.search.evaluated)
+
+
+def _strict_json(path):
+    """The file as JSON, refusing the NaN / Infinity literals JSON does not have."""
+    return json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path} holds {c}"))
+
+
+def test_blocks_outside_the_candidates_are_not_measured(tmp_path):
+    """The exhaustive greedy on pruned candidates scores the candidates alone: every other
+    block is NaN (not measured), never 0 (measured, no effect), in memory, in the saved file
+    (null) and read back; the ranking puts them after every measured block."""
+    pipe, run = _pipe("pixart")
+    loc = ditloc.localize(pipe, PROMPTS, CONCEPT, method="search", evaluator=MeanChannel(),
+                          search=SearchConfig(max_k=2, candidates=2, rank="generation"), **run)
+    names, candidates = list(loc.blocks), loc.settings["candidates"]
+    outside = [b for b in names if b not in candidates]
+    assert loc.settings["scores"] == "single-block presence drop" and len(outside) == 2
+    assert loc.measured.tolist() == [b in candidates for b in names]
+    assert all(math.isnan(loc.scores[names.index(b)]) for b in outside)
+    assert bool(torch.isnan(loc.per_step[[names.index(b) for b in outside]]).all())
+    # a candidate's score is its single-block drop: the baseline's presence minus its own
+    presence = dict(loc.search.evaluated)
+    tol = 4 * len(loc.settings["seeds"]) * len(PROMPTS) * float(np.finfo(np.float32).eps)  # float32 per-image drops
+    for b in candidates:
+        assert float(loc.scores[names.index(b)]) == pytest.approx(presence[()] - presence[(b,)], abs=tol)
+    assert loc.ranking[len(candidates):] == outside and loc.top(len(names))[len(candidates):] == outside
+
+    d = _strict_json(loc.save(tmp_path / "loc.json"))
+    assert [d["scores"][names.index(b)] for b in outside] == [None, None]
+    assert all(d["per_step"][names.index(b)] == [None] for b in outside)
+    back = Localization.load(tmp_path / "loc.json")
+    assert back.measured.tolist() == loc.measured.tolist() and back.ranking == loc.ranking
+    torch.testing.assert_close(back.per_sample_step, loc.per_sample_step, equal_nan=True, rtol=0, atol=0)
+    # a file saved before unmeasured blocks were NaN holds 0 there: it loads with them NaN
+    old = tmp_path / "old.json"
+    zeros = {key: json.loads(json.dumps(d[key]).replace("null", "0.0")) for key in ("scores", "per_step",
+                                                                                   "per_sample_step")}
+    old.write_text(json.dumps({**d, **zeros}))
+    assert Localization.load(old).measured.tolist() == loc.measured.tolist()
+
+
+def test_the_default_search_scores_every_block_by_its_attribution(tmp_path):
+    """The gradient-ranked search on pruned candidates still measures every block: its scores are
+    the attribution at the baseline, taken on all of them."""
+    pipe, run = _pipe("pixart")
+    loc = ditloc.localize(pipe, PROMPTS, CONCEPT, method="search", evaluator=MeanChannel(),
+                          search=SearchConfig(max_k=2, candidates=3), **run)
+    outside = [b for b in loc.blocks if b not in loc.settings["candidates"]]
+    assert loc.settings["scores"].startswith("attribution at the baseline") and len(outside) == 1
+    assert bool(loc.measured.all()) and bool(torch.isfinite(loc.scores).all())
+    assert all(set(s) <= set(loc.settings["candidates"]) for s in loc.search.sets)
+    d = _strict_json(loc.save(tmp_path / "loc.json"))
+    assert None not in d["scores"] and Localization.load(tmp_path / "loc.json").measured.all()
+
+
+def test_top_never_picks_an_unmeasured_block_before_a_measured_one():
+    blocks = tuple(f"block.{i}" for i in range(5))
+    scores = torch.tensor([math.nan, 0.2, math.nan, -0.1, 0.0])  # a negative or zero score was measured
+    per = scores[:, None, None].expand(5, 1, 2).clone()
+    plain = Localization(concept="c", blocks=blocks, per_sample_step=per, per_head_step=per.new_zeros(5, 1, 2, 0),
+                         spans=())
+    assert plain.ranking == ["block.1", "block.4", "block.3", "block.0", "block.2"]
+    assert plain.top(3) == ["block.1", "block.4", "block.3"] and plain.minimal_k() == 1
+    search = SetSearch(objective="evaluator", baseline=1.0, sets=(("block.1",),), presence=(0.5,))
+    searched = Localization(concept="c", blocks=blocks, per_sample_step=per, per_head_step=plain.per_head_step,
+                            spans=(), settings={"method": "search"}, search=search)
+    assert searched.top(4) == ["block.1", "block.4", "block.3", "block.0"]
 
 
 def test_stop_drop_ends_the_search_at_the_first_set_that_removes_that_much():

@@ -105,9 +105,11 @@ def _concept(rng, category: str, concept: str, label: str, cfg: DemoConfig) -> C
 
 
 def _scaled(scores: list[float]) -> list[float]:
-    """Min-max scaled to [0, 1] (all 0 when the scores are equal)."""
-    lo, hi = min(scores), max(scores)
-    return [(s - lo) / (hi - lo) if hi > lo else 0.0 for s in scores]
+    """Min-max scaled to [0, 1] over the measured scores (all 0 when they are equal); a block not
+    measured stays NaN (the heat map's "not searched")."""
+    measured = [s for s in scores if not np.isnan(s)]
+    lo, hi = min(measured, default=0.0), max(measured, default=0.0)
+    return [s if np.isnan(s) else (s - lo) / (hi - lo) if hi > lo else 0.0 for s in scores]
 
 
 def run_demo(out_dir="runs/demo", config: DemoConfig | None = None, *, pipe=None, oracle=None, progress=print) -> dict:

@@ -157,7 +157,7 @@ def _localize_unit(pipe, plan: BenchPlan, unit: Unit, out: Path, evaluator=None)
     """One localization. A set-level search finds S_K for every K up to the largest K (capped at the
     blocks), scoring presence with the bench's evaluator where it can, and checkpoints each
     scored set next to the localization file, so a killed search resumes mid-way."""
-    from ..localization import SearchConfig, localize
+    from ..localization import SearchConfig, localize, nan_to_none
 
     s, c = plan.settings, unit.concept
     method = unit.method or DEFAULT_METHOD
@@ -175,7 +175,7 @@ def _localize_unit(pipe, plan: BenchPlan, unit: Unit, out: Path, evaluator=None)
                    seed=s.localize_seed, batch_size=s.batch_size, options=s.run_options, **how)
     loc.save(out / path)
     record = {"unit": unit.id, "kind": "localize", "category": c.category, "concept": c.concept,
-              "localization": path, "ranking": loc.ranking, "scores": loc.scores.tolist()}
+              "localization": path, "ranking": loc.ranking, "scores": nan_to_none(loc.scores.tolist())}
     if method != DEFAULT_METHOD:
         record["method"] = method
     if loc.search is not None:

@@ -1,5 +1,5 @@
 """`ditloc bench` (the causal benchmark over a probe set), `ditloc ground-truth` (the toy world's localization
-ground truth) and `ditloc report` (figures and HTML of either run)."""
+ground truth) and `ditloc report` (figures and HTML of either run, or of a `ditloc localize` output)."""
 
 from __future__ import annotations
 
@@ -77,12 +77,15 @@ def add_parsers(sub) -> None:
                    help="only recompute summary.json and summary.md from the directory (no model)")
     p.set_defaults(check=check_run, func=cmd_ground_truth)
 
-    p = sub.add_parser("report", help="HTML report and figures of a `ditloc bench` run")
-    p.add_argument("run", metavar="RUN", help="the run directory of `ditloc bench` or `ditloc ground-truth`")
-    p.add_argument("--k", type=int, default=None, help="K of the block-selection heat map (default: the largest)")
+    p = sub.add_parser("report", help="HTML report and figures of a `ditloc localize`, `bench` or `ground-truth` "
+                                      "output directory")
+    p.add_argument("run", metavar="DIR", help="the --out of `ditloc localize` (one concept, or one per concept "
+                                              "with --concepts-file), `ditloc bench` or `ditloc ground-truth`")
+    p.add_argument("--k", type=int, default=None,
+                   help="bench: K of the block-selection heat map (default: the largest)")
     p.add_argument("--threshold", type=float, default=0.5,
-                   help="minimal K: top-K presence below this fraction of the baseline (default 0.5)")
-    p.add_argument("--grid-samples", type=int, default=4, help="images per concept in the grids (default 4)")
+                   help="bench: minimal K, top-K presence below this fraction of the baseline (default 0.5)")
+    p.add_argument("--grid-samples", type=int, default=4, help="bench: images per concept in the grids (default 4)")
     p.set_defaults(check=check_report, func=cmd_report)
 
 
@@ -93,7 +96,12 @@ def check_run(args) -> None:
 
 
 def check_report(args) -> None:
-    """Nothing to check: the report reads the run directory and refuses it there."""
+    """DIR is an output directory ditloc knows (by its files); its contents are checked as it is read."""
+    from ..report import run_kind, unknown_run_message
+
+    args.kind = run_kind(args.run)
+    if args.kind is None:
+        fail(unknown_run_message(args.run))
 
 
 def cmd_bench(args) -> None:
@@ -187,10 +195,18 @@ def _names(text: str | None) -> tuple[str, ...]:
 
 
 def cmd_report(args) -> None:
-    from ..report import build_report
-    from ..report.ground_truth import build_ground_truth_report, is_ground_truth_dir
+    from ..report import build_localization_report, build_report
+    from ..report.ground_truth import build_ground_truth_report
 
-    if is_ground_truth_dir(args.run):
+    if args.kind == "localize":
+        loc = build_localization_report(args.run)
+        for concept in loc.concepts:
+            missing = loc.not_searched[concept]
+            print(f"  {concept!r}: " + (f"{len(missing)} block(s) not searched" if missing else "every block scored")
+                  + ("; images of the searched sets" if loc.images[concept] else "; no images saved"))
+        print(f"wrote {loc.html} and {len(loc.figures)} figures in {loc.html.parent}")
+        return
+    if args.kind == "ground-truth":
         gt = build_ground_truth_report(args.run)
         for method, v in gt.summary["summary"].items():
             hit = v["hit_at_1"]

@@ -14,7 +14,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 #: flags that take a count (at least 1), by argparse destination
 COUNTS = {"steps": "--steps", "max_sequence_length": "--max-sequence-length", "batch_size": "--batch-size",
           "top_k": "--top-k", "num_class_images": "--num-class-images", "images_per_prompt": "--images-per-prompt",
-          "max_k": "--max-k", "beam": "--beam", "candidates": "--candidates", "search_steps": "--search-steps"}
+          "max_k": "--max-k", "beam": "--beam", "candidates": "--candidates", "search_steps": "--search-steps",
+          "save_images": "--save-images"}
 #: pipeline arguments ditloc sets itself, and the flag that sets each
 OWN_PIPELINE_ARGS = {"prompt": "--prompt", "num_inference_steps": "--steps", "guidance_scale": "--guidance",
                      "max_sequence_length": "--max-sequence-length", "generator": "--seed",

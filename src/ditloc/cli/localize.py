@@ -69,6 +69,9 @@ def add_parsers(sub) -> None:
     g.add_argument("--verify", type=int, default=None, help="sets generated per step with --rank gradient (default 2)")
     g.add_argument("--gradient-steps", type=int, default=None,
                    help="denoising steps the attribution is measured at (default 2)")
+    g.add_argument("--save-images", type=int, default=None, metavar="N",
+                   help="after the search, generate (at --steps) the first N prompts' original image and each "
+                        "searched set withheld, into OUT/images/ for `ditloc report OUT` (default: none)")
     p.set_defaults(check=check_localize, func=cmd_localize)
 
     p = sub.add_parser("intervene", help="generate with the concept withheld from / injected into blocks")
@@ -201,7 +204,7 @@ def _adapter_for(pipe, args):
 #: the --method search settings and their defaults
 _SEARCH_FLAGS = {"objective": None, "evaluator": None, "evaluator_model": None, "eval_text": None, "max_k": None,
                  "beam": 1, "direction": "forward", "candidates": None, "candidate_method": "contribution",
-                 "search_steps": None, "rank": None, "verify": None, "gradient_steps": None}
+                 "search_steps": None, "rank": None, "verify": None, "gradient_steps": None, "save_images": None}
 
 
 def _search_config(args):
@@ -342,6 +345,12 @@ def _localize_search(args, pipe, config, evaluator) -> None:
     if args.auto_k and auto is None:
         loc.settings["top_k"] = s.max_k
     print(f"wrote {path}")
+    if args.save_images is not None:
+        from ..report.search_images import save_search_images
+
+        n = min(args.save_images, len(args.prompts))
+        images = save_search_images(pipe, loc, out, n, clean_prompts=args.clean_prompt, options=run_options(args))
+        print(f"wrote {images} ({n} prompt(s): original and {s.max_k} searched set(s) withheld, {args.steps} steps)")
 
 
 def cmd_intervene(args) -> None:

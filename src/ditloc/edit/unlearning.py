@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DitlocError
-from ..localization import Localization
+from ..localization import Localization, nan_to_none
 from ..options import RunOptions, model_record
 from ..text import find_occurrences, substitute
 from .blocks import choose_blocks, general_prompts, neighbour_prompts
@@ -143,7 +143,8 @@ def _concept_records(erasures, locs) -> list[dict]:
                 and set(e.blocks) == set(loc.search.sets[len(e.blocks) - 1]):
             rec["presence_drop"] = float(loc.search.relative_curve[len(e.blocks) - 1])
         elif loc is not None:
-            rec["scores"] = {b: float(loc.scores[loc.blocks.index(b)]) for b in e.blocks if b in loc.blocks}
+            rec["scores"] = {b: nan_to_none(float(loc.scores[loc.blocks.index(b)]))  # None: not measured
+                             for b in e.blocks if b in loc.blocks}
         out.append(rec)
     return out
 

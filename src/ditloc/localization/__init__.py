@@ -18,7 +18,7 @@ from .presence import (
     SetPresence,
     default_evaluator,
 )
-from .result import AUTO_K_DROP, Localization, SetSearch, minimal_k_of
+from .result import AUTO_K_DROP, Localization, SetSearch, minimal_k_of, nan_to_none, none_to_nan, ranking_of
 from .scores import block_scores
 from .search import SearchConfig
 
@@ -35,4 +35,7 @@ __all__ = [
     "default_evaluator",
     "localize",
     "minimal_k_of",
+    "nan_to_none",
+    "none_to_nan",
+    "ranking_of",
 ]

@@ -1,10 +1,15 @@
 """The one result type every caller of localization reads: `Localization`, block
 scores of one concept and, for the set-level search, the searched
-block sets and their presence curve (`SetSearch`)."""
+block sets and their presence curve (`SetSearch`).
+
+A block a localization did not measure (a search that pruned its candidates scores
+only those) holds NaN, never 0: 0 means "measured, no effect". JSON has no NaN, so a
+saved file holds null there, read back as NaN (`nan_to_none`, `none_to_nan`)."""
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,17 +88,57 @@ class SetSearch:
                    cost=dict(d.get("cost", {})))
 
 
+def nan_to_none(values):
+    """`values` (a nested list of floats) with every NaN as None: what JSON can hold for "not measured"."""
+    if isinstance(values, (list, tuple)):
+        return [nan_to_none(v) for v in values]
+    return None if values is None or math.isnan(values) else values
+
+
+def none_to_nan(values):
+    """`nan_to_none` undone: None (JSON null) read back as NaN."""
+    if isinstance(values, (list, tuple)):
+        return [none_to_nan(v) for v in values]
+    return math.nan if values is None else values
+
+
+def ranking_of(blocks, scores) -> list[str]:
+    """`blocks` by score, highest first, ties in the given order; blocks of NaN score (not
+    measured) after every measured one, in the given order."""
+    values = [math.nan if v is None else float(v) for v in scores]
+    # sorted is stable: ties keep the given order
+    order = sorted(range(len(values)), key=lambda i: (True, 0.0) if math.isnan(values[i]) else (False, -values[i]))
+    return [blocks[i] for i in order]
+
+
 def minimal_k_of(scores, fraction: float = 0.5) -> int:
-    """`Localization.minimal_k` of block scores [blocks] (a tensor or a sequence)."""
+    """`Localization.minimal_k` of block scores [blocks] (a tensor or a sequence; a NaN, a
+    block not measured, holds no score mass)."""
     if not 0 < fraction <= 1:
         raise DitlocError(f"fraction must be in (0, 1], got {fraction}")
-    scores = torch.as_tensor(scores, dtype=torch.float64)
+    if not torch.is_tensor(scores):
+        scores = none_to_nan(list(scores))
+    scores = torch.nan_to_num(torch.as_tensor(scores, dtype=torch.float64), nan=0.0)  # unmeasured: no mass
     positive = torch.sort(scores.clamp_min(0), descending=True, stable=True).values
     total = float(positive.sum())
     if total <= 0:
         return 1
     reached = (torch.cumsum(positive, 0) >= fraction * total - 1e-12 * total).nonzero()
     return int(reached[0]) + 1
+
+
+def unmeasured_blocks(settings: dict, blocks) -> set[str]:
+    """The blocks a localization with these settings did not score: a search's scores are
+    the single-block drops of its candidates (the others unmeasured), or its attribution
+    at the baseline (every block measured), or nothing (`settings["scores"]` None)."""
+    if settings.get("method") != "search" or "scores" not in settings:
+        return set()
+    how = settings["scores"]
+    if how is None:
+        return set(blocks)
+    if isinstance(how, str) and how.startswith("single-block"):
+        return set(blocks) - set(settings.get("candidates") or blocks)
+    return set()
 
 
 @dataclass(frozen=True)
@@ -104,7 +149,9 @@ class Localization:
     contribution C(b, t, p) or the causal effect E(b, t, p); samples are prompt x
     seed, prompt-major); `per_head_step` [blocks, steps, samples, heads] the
     per-head breakdown (contribution only; zero heads otherwise). Everything else
-    is a mean of these. `settings["method"]` says which method measured them.
+    is a mean of these. `settings["method"]` says which method measured them. A
+    block the method did not measure (a search's block outside its candidates) is
+    NaN throughout (`measured` is False), never 0.
     """
 
     concept: str
@@ -136,10 +183,15 @@ class Localization:
         return self.per_head_step.mean(dim=(1, 2))
 
     @property
+    def measured(self) -> torch.Tensor:
+        """[blocks] bool: False where the block was not measured (its scores NaN)."""
+        return ~torch.isnan(self.scores)
+
+    @property
     def ranking(self) -> list[str]:
-        """Block names, highest score first (ties keep model order)."""
-        order = torch.argsort(-self.scores, stable=True).tolist()
-        return [self.blocks[i] for i in order]
+        """Block names, highest score first (ties keep model order); blocks not measured
+        come after every measured one, in model order."""
+        return ranking_of(self.blocks, self.scores.tolist())
 
     @property
     def method(self) -> str:
@@ -148,12 +200,15 @@ class Localization:
     def minimal_k(self, fraction: float = 0.5) -> int:
         """Automatic K from the scores alone (no oracle, no evaluator): the smallest K
         whose top-K blocks hold `fraction` of the positive score mass. Blocks with
-        negative scores (withholding them strengthens the concept) hold none."""
+        negative scores (withholding them strengthens the concept) or none (not
+        measured) hold none."""
         return minimal_k_of(self.scores, fraction)
 
     def top(self, k: int) -> list[str]:
         """The k blocks to act on: for a set-level search the searched k-set (beyond its
-        max_k, the largest set then the ranking's next blocks), else the k highest-scoring."""
+        max_k, the largest set then the ranking's next blocks), else the k highest-scoring.
+        A block that was not measured (NaN score) is never picked before a measured one:
+        the ranking puts every unmeasured block last."""
         if not isinstance(k, int) or isinstance(k, bool) or k <= 0 or k > len(self.blocks):
             raise DitlocError(f"k must be between 1 and {len(self.blocks)} (the number of blocks), got {k}")
         if self.search is not None:
@@ -185,12 +240,12 @@ class Localization:
             "ditloc_version": __version__,
             "concept": self.concept,
             "blocks": list(self.blocks),
-            "scores": self.scores.tolist(),
+            "scores": nan_to_none(self.scores.tolist()),  # null: not measured
             "ranking": self.ranking,
-            "per_step": self.per_step.tolist(),
-            "per_head": self.per_head.tolist(),
-            "per_sample_step": self.per_sample_step.tolist(),
-            "per_head_step": self.per_head_step.tolist(),
+            "per_step": nan_to_none(self.per_step.tolist()),
+            "per_head": nan_to_none(self.per_head.tolist()),
+            "per_sample_step": nan_to_none(self.per_sample_step.tolist()),
+            "per_head_step": nan_to_none(self.per_head_step.tolist()),
             "spans": [s.to_dict() for s in self.spans],
             "settings": self.settings,
             "search": None if self.search is None else self.search.to_dict(),
@@ -199,16 +254,24 @@ class Localization:
     @classmethod
     def from_dict(cls, d: dict) -> "Localization":
         try:
+            blocks = tuple(d["blocks"])
+            settings = d.get("settings", {})
+            per_sample_step = torch.tensor(none_to_nan(d["per_sample_step"]), dtype=torch.float32)
+            per_head_step = torch.tensor(none_to_nan(d["per_head_step"]), dtype=torch.float32)
+            unmeasured = [i for i, b in enumerate(blocks) if b in unmeasured_blocks(settings, blocks)]
+            if unmeasured:  # files written before unmeasured blocks were NaN hold 0 there
+                per_sample_step[unmeasured] = math.nan
+                per_head_step[unmeasured] = math.nan
             return cls(
                 concept=d["concept"],
-                blocks=tuple(d["blocks"]),
-                per_sample_step=torch.tensor(d["per_sample_step"], dtype=torch.float32),
-                per_head_step=torch.tensor(d["per_head_step"], dtype=torch.float32),
+                blocks=blocks,
+                per_sample_step=per_sample_step,
+                per_head_step=per_head_step,
                 spans=tuple(ConceptSpan.from_dict(s) for s in d["spans"]),
-                settings=d.get("settings", {}),
+                settings=settings,
                 search=None if d.get("search") is None else SetSearch.from_dict(d["search"]),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, IndexError) as e:
             raise DitlocError(f"not a ditloc localization file (missing or bad field: {e})") from None
 
     def save(self, path) -> Path:

@@ -59,6 +59,9 @@ class SearchConfig:
       way, each block's derivative is taken with the others half withheld, so blocks that
       hold the concept together rank first;
     - `candidates`: search only the M blocks ranked best by `candidate_method` (None: all);
+      under rank "generation" the result's block scores are the candidates' single-block
+      drops, the other blocks' NaN (not measured); under "gradient" the attribution at the
+      baseline scores every block;
     - `search_steps`: sampling steps of the search's generations (None: the run's own);
     - `threshold`: `auto_k`'s relative drop;
     - `stop_drop`: stop growing the set once S_K removes this fraction of the baseline
@@ -288,7 +291,7 @@ def search(pipe, prompts, concept: str, *, config: SearchConfig | None = None, e
               "seconds": round(time.perf_counter() - start, 3), "candidate_seconds": round(candidate_seconds, 3)},
     )
     n = len(runner.samples)
-    drops = torch.zeros(len(names), 1, n)
+    drops = torch.full((len(names), 1, n), math.nan)  # a block left NaN was not measured (never 0: no effect)
     attribution = runner.gradient_per_image(frozenset())
     if singles:  # every single block generated: the scores are their presence drops
         per_image = runner.presence([frozenset()] + [frozenset([b]) for b in candidates])

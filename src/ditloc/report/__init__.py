@@ -1,4 +1,6 @@
-"""Report of a `ditloc bench` run: PNG figures and one self-contained HTML page.
+"""Reports: PNG figures and one self-contained HTML page of a `ditloc bench` run (here), a
+`ditloc ground-truth` directory (`ditloc.report.ground_truth`) or a `ditloc localize` output
+directory (`ditloc.report.localization`); `run_kind` tells them apart by their files.
 
     from ditloc.report import build_report
     report = build_report("runs/bench")      # -> runs/bench/report/index.html, *.png, summary.json
@@ -19,10 +21,36 @@ from pathlib import Path
 from PIL import Image
 
 from ..bench import BASELINE, BenchRun, read_run, slugify
+from ..bench import SETTINGS_FILE as BENCH_FILE
+from ..bench.ground_truth import SETTINGS_FILE as GROUND_TRUTH_FILE
 from ..errors import DitlocError
 from .data import CurvePoint, MinimalK, minimal_k, presence_curves, selection_frequency
 from .figures import curves_figure, grid_figure, heatmap_figure, save_figure, top_k_of
 from .html import Figure, render_page, table
+from .localization import LOCALIZATION_FILE, LocalizationReport, build_localization_report, is_localization_dir
+
+#: the output directories `ditloc report` reads, by the command that wrote them
+RUN_KINDS = ("bench", "ground-truth", "localize")
+
+
+def run_kind(path) -> str | None:
+    """What wrote the directory, by its files: "bench" (bench.json), "ground-truth" (ground_truth.json),
+    "localize" (localization.json, or one per concept in its subdirectories); None: none of them."""
+    path = Path(path)
+    if (path / BENCH_FILE).is_file():
+        return "bench"
+    if (path / GROUND_TRUTH_FILE).is_file():
+        return "ground-truth"
+    if is_localization_dir(path):
+        return "localize"
+    return None
+
+
+def unknown_run_message(path) -> str:
+    """The one line for a directory `run_kind` does not know."""
+    what = "does not exist" if not Path(path).exists() else "is not an output directory of ditloc"
+    return (f"{path} {what}: `ditloc report` reads the --out of `ditloc localize` ({LOCALIZATION_FILE}), "
+            f"`ditloc bench` ({BENCH_FILE}) or `ditloc ground-truth` ({GROUND_TRUTH_FILE})")
 
 CI_METHOD = "normal approximation: mean ± 1.96 s / sqrt(n) over every image (concept x prompt x seed)"
 
@@ -169,4 +197,5 @@ def build_report(run, *, k: int | None = None, threshold: float = 0.5, grid_samp
     return report
 
 
-__all__ = ["CI_METHOD", "Report", "build_report", "minimal_k", "presence_curves", "selection_frequency"]
+__all__ = ["CI_METHOD", "RUN_KINDS", "LocalizationReport", "Report", "build_localization_report", "build_report",
+           "minimal_k", "presence_curves", "run_kind", "selection_frequency", "unknown_run_message"]

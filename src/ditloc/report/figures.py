@@ -1,6 +1,6 @@
 """The report's and the demo's figures, drawn with matplotlib: a heat map
-(rows x blocks, marked cells), presence-vs-K curves with 95% confidence
-intervals, and image grids.
+(rows x blocks, marked cells, cells not measured hatched grey), presence-vs-K
+curves with 95% confidence intervals, and image grids.
 
 Each function returns a `matplotlib.figure.Figure` (inspectable: its axes,
 tick labels and artists); `save_figure` writes it as a PNG. Figures are built
@@ -52,6 +52,9 @@ METHOD_STYLES = [
 ]
 HEAT_CMAP = "Reds"  # white (0) to red (1)
 MARK_COLOR = "#111111"  # outline of a marked heat-map cell
+#: how a value that was not measured (NaN) is drawn: a hatched grey cell or bar, named in the legend
+MISSING_STYLE = {"facecolor": "#d9d9d9", "edgecolor": "#8c8c8c", "hatch": "///", "linewidth": 0.0}
+MISSING_LABEL = "not searched"
 CI_NOTE = "error bars: 95% CI, normal approximation\n(mean ± 1.96 s / √n)\nover prompts × seeds × concepts"
 
 
@@ -85,19 +88,27 @@ def _wrap(text: str, width: int, max_lines: int | None = None) -> str:
 
 
 # ---- heat map ---------------------------------------------------------------------------
+def missing_patch(label: str = MISSING_LABEL) -> Patch:
+    """The legend entry of a value not measured (`MISSING_STYLE`)."""
+    return Patch(label=label, **MISSING_STYLE)
+
+
 def heatmap_figure(values: Mapping[str, Sequence[float]], blocks: Sequence[str], *, title: str, subtitle: str = "",
                    quantity: str, marked: Mapping[str, Sequence[str]] | None = None, mark_label: str = "top-K block",
-                   row_axis: str = "category", col_axis: str = "block") -> Figure:
+                   row_axis: str = "category", col_axis: str = "block", missing_label: str = MISSING_LABEL) -> Figure:
     """Rows x blocks, each cell a value in [0, 1] (white 0, red 1; the colour bar names `quantity`).
 
     `marked`: row -> blocks outlined in that row (e.g. its top-K); a block marked in any row gets a
-    bold tick label, and the outline is explained by a legend entry `mark_label`."""
+    bold tick label, and the outline is explained by a legend entry `mark_label`. A NaN (or None)
+    cell was not measured: hatched grey, named by a legend entry `missing_label`, never white (0)."""
     marked = {row: set(bs) for row, bs in (marked or {}).items()}
     unknown = sorted({b for bs in marked.values() for b in bs} - set(blocks))
     if unknown:
         raise ValueError(f"marked blocks {unknown} are not among the heat map's blocks")
     rows = list(values)
-    data = np.array([list(values[r]) for r in rows], dtype=float).reshape(len(rows), len(blocks))  # [rows, blocks]
+    data = np.array([[np.nan if v is None else v for v in values[r]] for r in rows],
+                    dtype=float).reshape(len(rows), len(blocks))  # [rows, blocks]
+    missing = np.isnan(data)  # [rows, blocks]
     label_chars = max((len(r) for r in rows), default=4)
     block_chars = max((len(b) for b in blocks), default=4)
     width = min(max(3.2 + 0.08 * label_chars + 0.3 * len(blocks), 6.0), 24.0)
@@ -117,6 +128,8 @@ def heatmap_figure(values: Mapping[str, Sequence[float]], blocks: Sequence[str],
                 if v > 0:
                     ax.text(j, i, "1" if v >= 1 else f"{v:.2f}".lstrip("0"), ha="center", va="center",
                             fontsize=7, color="white" if v > 0.55 else "black")
+        for i, j in zip(*np.nonzero(missing)):
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, zorder=2, **MISSING_STYLE))
         for i, row in enumerate(rows):
             for j, block in enumerate(blocks):
                 if block in marked.get(row, ()):
@@ -129,10 +142,13 @@ def heatmap_figure(values: Mapping[str, Sequence[float]], blocks: Sequence[str],
         bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02, shrink=min(1.0, 0.4 + 0.1 * len(rows)))
         bar.set_label(_wrap(quantity, 40), fontsize=9)
         bar.ax.tick_params(labelsize=8)
-        if marked:  # below the plot, clear of the title and the colour bar
-            fig.legend(handles=[Patch(facecolor="none", edgecolor=MARK_COLOR, linewidth=2.0,
-                                      label=f"{mark_label} (bold tick: marked in a row)")],
-                       loc="outside lower left", frameon=False, fontsize=8)
+        handles = [Patch(facecolor="none", edgecolor=MARK_COLOR, linewidth=2.0,
+                         label=f"{mark_label} (bold tick: marked in a row)")] if marked else []
+        if missing.any():
+            handles.append(missing_patch(missing_label))
+        if handles:  # below the plot, clear of the title and the colour bar
+            fig.legend(handles=handles, loc="outside lower left", frameon=False, fontsize=8,
+                       ncols=len(handles))
         fig.suptitle(title, fontsize=12, x=0.02, ha="left")
         if subtitle:
             ax.set_title(_wrap(subtitle, int(width * 14)), fontsize=9, color="0.35", loc="left")
@@ -140,11 +156,13 @@ def heatmap_figure(values: Mapping[str, Sequence[float]], blocks: Sequence[str],
 
 
 def top_k_of(row: Sequence[float], blocks: Sequence[str], k: int) -> list[str]:
-    """The blocks of `row`'s k largest values, ties at the k-th value included; none of value <= 0."""
-    if k < 1 or not len(row):
+    """The blocks of `row`'s k largest values, ties at the k-th value included; none of value <= 0,
+    none not measured (NaN or None)."""
+    values = [v for v in row if v is not None and not np.isnan(v)]
+    if k < 1 or not values:
         return []
-    kth = sorted(row, reverse=True)[min(k, len(row)) - 1]
-    return [b for b, v in zip(blocks, row) if v >= kth and v > 0]
+    kth = sorted(values, reverse=True)[min(k, len(values)) - 1]
+    return [b for b, v in zip(blocks, row) if v is not None and not np.isnan(v) and v >= kth and v > 0]
 
 
 # ---- presence vs K ------------------------------------------------------------------------

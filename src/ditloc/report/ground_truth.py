@@ -10,10 +10,12 @@ with 95% confidence intervals (`ditloc.bench.ground_truth.summary_tables`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from .._io import write_atomic
+from ..localization import none_to_nan
 from ..bench.ground_truth import (
     SETTINGS_FILE,
     ranking,
@@ -36,9 +38,9 @@ def is_ground_truth_dir(path) -> bool:
 
 
 def _scaled(values: list[float]) -> list[float]:
-    """Values scaled to [0, 1] by the row's largest (negatives shown as 0)."""
-    top = max(values, default=0.0)
-    return [max(v, 0.0) / top if top > 0 else 0.0 for v in values]
+    """Values scaled to [0, 1] by the row's largest (negatives shown as 0; NaN, not measured, kept)."""
+    top = max((v for v in values if not math.isnan(v)), default=0.0)
+    return [v if math.isnan(v) else max(v, 0.0) / top if top > 0 else 0.0 for v in values]
 
 
 def build_ground_truth_report(run) -> GroundTruthReport:
@@ -69,9 +71,10 @@ def build_ground_truth_report(run) -> GroundTruthReport:
         for key, name in label.items():
             rec = locs.get((*key, method))
             if rec is not None:
-                scores = [float(rec["scores"][rec["blocks"].index(b)]) for b in blocks]
+                # NaN: not measured
+                scores = [float(none_to_nan(rec["scores"][rec["blocks"].index(b)])) for b in blocks]
                 rows[name] = _scaled(scores)
-                top[name] = ranking(blocks, scores)[:1]
+                top[name] = [b for b in ranking(blocks, scores)[:1] if not math.isnan(scores[blocks.index(b)])]
         if rows:
             path = save_figure(heatmap_figure(
                 rows, blocks, title=f"{method}: block scores, scaled per concept",
@@ -79,7 +82,7 @@ def build_ground_truth_report(run) -> GroundTruthReport:
                 quantity="score / the concept's largest", marked=top, mark_label=f"{method}'s top block",
                 row_axis="concept"), out / f"scores_{method}.png")
             figures.append(Figure(path, f"{method} scores", "compare with the ground truth's drops above; "
-                                  "outlined: the method's top block"))
+                                  "outlined: the method's top block; hatched grey: not searched"))
     intro, tables = summary_tables(summary)
     sections = [("Ground truth and methods", intro, figures)]
     for heading, text, header, rows in tables:

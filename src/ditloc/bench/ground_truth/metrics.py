@@ -46,9 +46,11 @@ def _average_ranks(values: Sequence[float]) -> np.ndarray:
 
 
 def ranking(blocks: Sequence[str], scores: Sequence[float]) -> list[str]:
-    """Blocks by score, highest first; ties keep the given order (as `Localization.ranking`)."""
-    order = sorted(range(len(blocks)), key=lambda i: -float(scores[i]))  # sorted is stable
-    return [blocks[i] for i in order]
+    """Blocks by score, highest first; ties keep the given order, blocks not measured (NaN
+    or None) come last (as `Localization.ranking`)."""
+    from ...localization import ranking_of
+
+    return ranking_of(list(blocks), scores)
 
 
 def auto_k(loc, fraction: float = AUTO_K_FRACTION) -> int:

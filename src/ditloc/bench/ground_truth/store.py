@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import DitlocError
-from ...localization import AUTO_K_DROP
+from ...localization import AUTO_K_DROP, nan_to_none, none_to_nan
 from ..plan import ConceptPlan
 from ..store import ResultStore
 from .metrics import auto_k
@@ -67,7 +67,7 @@ def read_localizations(out) -> dict[tuple[str, str, str], dict]:
 def _localization_record(c: ConceptPlan, method: str, loc) -> dict:
     record = {"category": c.category, "concept": c.concept, "method": method,
               "file": localization_file(c.category, c.slug, method), "blocks": list(loc.blocks),
-              "scores": [float(x) for x in loc.scores.tolist()], "ranking": list(loc.ranking), "auto_k": auto_k(loc),
+              "scores": nan_to_none(loc.scores.tolist()), "ranking": list(loc.ranking), "auto_k": auto_k(loc),
               "auto_k_rule": f"Localization.minimal_k({AUTO_K_FRACTION})"}
     if loc.search is not None:  # the set-level search: its sets, curve and cost; scores are single-block drops
         s = loc.search
@@ -84,9 +84,9 @@ def _presences(scores: Mapping[frozenset, list[float]]) -> dict[frozenset, float
 
 
 def _scores_of(record: dict, blocks: Sequence[str], what: str) -> list[float]:
-    """A localization record's scores of `blocks`, in that order."""
+    """A localization record's scores of `blocks`, in that order (NaN: not measured)."""
     missing = [b for b in blocks if b not in record["blocks"]]
     if missing:
         raise DitlocError(f"the localization of {what} has no block {missing[0]!r} (it has "
                           f"{', '.join(record['blocks'])}); it was measured on another model")
-    return [float(record["scores"][record["blocks"].index(b)]) for b in blocks]
+    return [float(none_to_nan(record["scores"][record["blocks"].index(b)])) for b in blocks]
