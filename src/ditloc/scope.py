@@ -54,9 +54,13 @@ def _indices(values, what: str) -> tuple[int, ...]:
     return tuple(sorted({_index(v, what) for v in values}))
 
 
-def _is_index_list(value) -> bool:
-    return isinstance(value, (str, int, range)) or torch.is_tensor(value) or all(
-        isinstance(v, int) or torch.is_tensor(v) for v in value)
+def _is_per_block(value) -> bool:
+    """Whether `value` is a list of head lists (one per block) rather than one list of heads."""
+    if isinstance(value, (str, int, range)) or torch.is_tensor(value):
+        return False
+    items = list(value)
+    return bool(items) and all(isinstance(v, (list, tuple, set, frozenset, range, str))
+                               or (torch.is_tensor(v) and v.ndim > 0) for v in items)
 
 
 def head_counts(adapter) -> dict[str, int]:
@@ -81,7 +85,7 @@ def resolve_heads(adapter, listed: list[str], heads) -> dict[str, tuple[int, ...
                 raise DitlocError(f"heads are given for {known[0]}, which is not intervened on; name heads only "
                                   f"for the chosen blocks ({', '.join(listed) or 'none'})")
             chosen[block] = _indices(hs, "heads")
-    elif _is_index_list(heads):
+    elif not _is_per_block(heads):
         chosen = {b: _indices(heads, "heads") for b in listed}
     else:
         per_block = list(heads)
