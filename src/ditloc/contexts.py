@@ -147,7 +147,7 @@ def _intervention(pipe, mode, blocks, concept, *, heads, steps, clean_prompt, po
         """Before every transformer forward: refuse a call whose prompt was not read; check the steps."""
         swap = session.swap
         if session.nested is not None or (swap is not None and swap.capturing):  # ditloc's own forwards
-            return None
+            return
         if not state.ready:
             raise DitlocError("ditloc.withheld()/injected() could not read this call's prompt: call the pipeline "
                               "itself, pipe(prompt=...), inside the context (it reads the prompt where the "
@@ -155,7 +155,6 @@ def _intervention(pipe, mode, blocks, concept, *, heads, steps, clean_prompt, po
         if not state.checked:
             state.checked = True
             scope.check_steps(len(pipe.scheduler.timesteps))
-        return None
 
     on_check_inputs._ditloc_context = on_encode_prompt._ditloc_context = True
     with ExitStack() as stack:
