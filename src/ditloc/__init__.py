@@ -7,6 +7,7 @@ from .localization import Localization, SearchConfig, localize  # noqa: E402
 from .localization.presence import presence  # noqa: E402
 from .intervene import generate  # noqa: E402
 from .text import derive_clean_prompt  # noqa: E402
+from .contexts import Intervention, injected, withheld  # noqa: E402
 from .tokens import ConceptSpan  # noqa: E402
 from . import toy  # noqa: E402, F401  (ditloc.toy.load_pipeline() after a plain `import ditloc`)
 from . import edit  # noqa: E402, F401  (ditloc.edit.unlearn(...) after a plain `import ditloc`)
@@ -16,14 +17,18 @@ __all__ = [
     "ConceptNotFound",
     "ConceptSpan",
     "DitlocError",
+    "Intervention",
     "Localization",
     "SearchConfig",
     "derive_clean_prompt",
     "generate",
     "get_adapter",
+    "injected",
     "localize",
     "presence",
     "supported_families",
     "UnsupportedModel",
+    "injected",
+    "withheld",
     "__version__",
 ]

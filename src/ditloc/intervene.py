@@ -11,6 +11,7 @@ import torch
 from .engine import Session, instrument
 from .errors import DitlocError
 from .options import RunOptions, as_prompt_list, as_seed_list, chunks
+from .scope import Scope
 from .text import clean_prompt_list, derive_clean_prompt  # noqa: F401  (ditloc.intervene.derive_clean_prompt)
 
 
@@ -31,6 +32,8 @@ def generate(
     inject=None,
     concept: str | None = None,
     clean_prompts=None,
+    heads=None,
+    steps=None,
     seed=0,
     output_type: str = "pil",
     batch_size: int | None = None,
@@ -46,6 +49,11 @@ def generate(
     (inject). `clean_prompts` (one per prompt) default to the prompt with the
     concept removed. With neither set this is a plain generation.
 
+    `heads`: only these attention heads of the blocks take part (one list for every
+    block, one list per block in the order named, or a dict block -> list); `steps`:
+    only at these denoising step indices (0-based). Withholding leaves every other
+    head and step plain; injection gives them the clean prompt (`ditloc.scope`).
+
     `pooled` (models with a pooled text embedding that modulates every block,
     `adapter.has_pooled_text`): "clean" or "full" prompt for that embedding. Default: withheld whenever
     any block sees the clean prompt, so withholding nowhere (or injecting
@@ -57,21 +65,22 @@ def generate(
     """
     if withhold is not None and inject is not None:
         raise DitlocError("choose either withhold or inject, not both")
+    intervene = withhold is not None or inject is not None
+    if not intervene and (heads is not None or steps is not None):
+        raise DitlocError("heads= and steps= narrow an intervention; give withhold= or inject= too")
     opts = RunOptions.of(options, **run)
     prompts, seeds = as_prompt_list(prompts), as_seed_list(seed)
     resolved = opts.resolve(pipe)
     adapter, kw = resolved.adapter, resolved.call_kwargs
-    intervene = withhold is not None or inject is not None
     if pooled not in (None, "clean", "full"):
         raise DitlocError(f"pooled must be 'clean' or 'full', got {pooled!r}")
-    swap_blocks: frozenset[str] = frozenset()
-    pooled_clean = False
+    scope = None
     clean: list[str] = []
     if intervene:
-        chosen = adapter.resolve_blocks(withhold if withhold is not None else inject)
-        names = adapter.block_names()
-        swap_blocks = frozenset(chosen) if withhold is not None else frozenset(b for b in names if b not in chosen)
-        pooled_clean = bool(swap_blocks) if pooled is None else pooled == "clean"
+        mode = "withhold" if withhold is not None else "inject"
+        scope = Scope.resolve(adapter, mode, withhold if withhold is not None else inject, heads=heads, steps=steps,
+                              pooled=pooled)
+        scope.check_steps(int(resolved.effective("num_inference_steps")))
         clean = clean_prompt_list(prompts, concept, clean_prompts)
         if concept is not None:
             for p in prompts:  # the concept must be readable by the model, as in localize
@@ -88,15 +97,15 @@ def generate(
             **kw,
         ).images
 
-    if not intervene:
+    if scope is None:
         return _stack([run_chunk(c) for c in chunks(samples, batch_size)], output_type)
     session = Session()
     with instrument(adapter, session):
         for chunk in chunks(samples, batch_size):
-            swap = None
-            if swap_blocks or (pooled_clean and adapter.has_pooled_text):
+            swap = schedule = None
+            if scope.acts(adapter):
                 cond = adapter.encode_text([clean[i] for i, _ in chunk], kw)
-                swap = adapter.make_swap(swap_blocks, cond, pooled_clean)
-            session.begin_call(len(chunk), swap=swap)
+                swap, schedule = scope.swaps(adapter, cond)
+            session.begin_call(len(chunk), swap=swap, schedule=schedule)
             outputs.append(run_chunk(chunk))
     return _stack(outputs, output_type)

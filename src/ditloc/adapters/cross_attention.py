@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from ..engine import CrossSwap, ForwardContext, Session, concept_contribution, sdpa_with_lse
 from ..errors import DitlocError
@@ -173,6 +174,7 @@ class CrossAttentionAdapter(Adapter):
     def on_forward(self, session: Session, args: tuple, kwargs: dict) -> None:
         step = session.forwards
         session.forwards += 1
+        session.swap_at(step)
         latents = args[0] if args else kwargs["hidden_states"]  # [B, C, h, w]
         rows = self.cond_rows(latents.shape[0], session.n_images) if session.busy else None
         swapping = session.swap is not None and bool(session.swap.blocks)
@@ -236,9 +238,11 @@ class CrossAttentionProcessor:
 
     Withheld blocks read the `CrossSwap`'s text conditioning. Without a probe the
     call is handed, otherwise unchanged, to the processor that was installed
-    before (so outputs are bit-identical to a plain run). With a probe it runs
-    the same computation as diffusers' `AttnProcessor2_0`/`SanaAttnProcessor2_0`
-    and measures the concept's contribution on the conditional rows.
+    before (so outputs are bit-identical to a plain run). With a probe, or where
+    only some heads read the clean text (`Swap.heads`), it runs the same computation
+    as diffusers' `AttnProcessor2_0`/`SanaAttnProcessor2_0`: it measures the concept's
+    contribution on the conditional rows, and the chosen heads' keys and values (and
+    padding mask) are the clean text's while the other heads keep the prompt's.
     """
 
     def __init__(self, inner, block: str, index: int, session: Session, qk_norm_before_split: bool):
@@ -250,6 +254,8 @@ class CrossAttentionProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         swap = self.session.swap
+        prompt_text = (encoder_hidden_states, attention_mask)  # what the block reads without the swap
+        heads = None
         if swap is not None and self.block in swap.blocks:
             if swap.capturing:  # the clean-prompt pass: keep what this block reads
                 swap.text_kv[self.block] = (encoder_hidden_states, attention_mask)
@@ -261,27 +267,58 @@ class CrossAttentionProcessor:
                 clean = self.inner(attn, hidden_states, clean_states, clean_mask, **kwargs)
                 alpha = swap.alpha[self.block].to(full.dtype).view(-1, *([1] * (full.ndim - 1)))
                 return full + alpha * (clean - full)
-            elif swap.row_masks is not None:  # per-image block sets: the masked rows read the clean prompt
-                rows = _batch_mask(swap.row_masks[self.block], self.session.context.rows,
-                                   encoder_hidden_states.shape[0]).view(-1, 1, 1)  # [B, 1, 1]
-                encoder_hidden_states = torch.where(rows, swap.states, encoder_hidden_states)
-                if attention_mask is not None:
-                    attention_mask = torch.where(rows, swap.mask, attention_mask)
-            elif swap.row_slices is not None:  # batched variants: only these rows read the clean prompt
-                rows = swap.row_slices[self.block]
-                clean_states, clean_mask = swap.text_kv[self.block]
-                encoder_hidden_states = _replace_rows(encoder_hidden_states, rows, clean_states)
-                if attention_mask is not None:
-                    attention_mask = _replace_rows(attention_mask, rows, clean_mask)
             else:
-                encoder_hidden_states, attention_mask = swap.states, swap.mask
+                if swap.row_masks is not None:  # per-image block sets: the masked rows read the clean prompt
+                    rows = _batch_mask(swap.row_masks[self.block], self.session.context.rows,
+                                       encoder_hidden_states.shape[0]).view(-1, 1, 1)  # [B, 1, 1]
+                    encoder_hidden_states = torch.where(rows, swap.states, encoder_hidden_states)
+                    if attention_mask is not None:
+                        attention_mask = torch.where(rows, swap.mask, attention_mask)
+                elif swap.row_slices is not None:  # batched variants: only these rows read the clean prompt
+                    rows = swap.row_slices[self.block]
+                    clean_states, clean_mask = swap.text_kv[self.block]
+                    encoder_hidden_states = _replace_rows(encoder_hidden_states, rows, clean_states)
+                    if attention_mask is not None:
+                        attention_mask = _replace_rows(attention_mask, rows, clean_mask)
+                else:
+                    encoder_hidden_states, attention_mask = swap.states, swap.mask
+                heads = swap.heads_of(self.block)
+        if heads is not None:  # only these heads read the clean text, the others the prompt's
+            return self._attend(attn, hidden_states, *prompt_text, temb,
+                                clean=(encoder_hidden_states, attention_mask, heads))
         if self.session.probe is None:
             if temb is not None:
                 kwargs["temb"] = temb
             return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
-        return self._measured(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        return self._attend(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
-    def _measured(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
+    def _key_value(self, attn, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text keys and values [B, H, L, d] that `states` [B, L, D] give, as the stock processor makes them."""
+        if attn.norm_cross:
+            states = attn.norm_encoder_hidden_states(states)
+        key = attn.to_k(states)  # [B, L, H*d]
+        value = attn.to_v(states)
+        if self.qk_norm_before_split and attn.norm_k is not None:
+            key = attn.norm_k(key)
+        batch, head_dim = key.shape[0], key.shape[-1] // attn.heads
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # [B, H, L, d]
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if not self.qk_norm_before_split and attn.norm_k is not None:
+            key = attn.norm_k(key)
+        return key, value
+
+    @staticmethod
+    def _head_mask(attn, mask: torch.Tensor | None, text_len: int, batch: int) -> torch.Tensor | None:
+        """The additive padding mask as the stock processor hands it to the kernel: [B, H, 1, L]."""
+        if mask is None:
+            return None
+        mask = attn.prepare_attention_mask(mask, text_len, batch)
+        return mask.view(batch, attn.heads, -1, mask.shape[-1])  # [B, H, 1, L]
+
+    def _attend(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, clean=None):
+        """The stock computation; with a probe, the concept's contribution is measured. `clean`:
+        (states [B, L, D], additive mask [B, 1, L] or None, heads bool [H]): those heads read
+        the clean text's keys, values and mask instead of the prompt's."""
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -290,35 +327,34 @@ class CrossAttentionProcessor:
             batch, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
         batch, text_len, _ = encoder_hidden_states.shape
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, text_len, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])  # [B, H, 1, L]
+        attention_mask = self._head_mask(attn, attention_mask, text_len, batch)  # [B, H, 1, L] or None
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         query = attn.to_q(hidden_states)  # [B, N, H*d]
-        if attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)  # [B, L, H*d]
-        value = attn.to_v(encoder_hidden_states)
-        if self.qk_norm_before_split:
-            if attn.norm_q is not None:
-                query = attn.norm_q(query)
-            if attn.norm_k is not None:
-                key = attn.norm_k(key)
-        head_dim = key.shape[-1] // attn.heads
+        if self.qk_norm_before_split and attn.norm_q is not None:
+            query = attn.norm_q(query)
+        head_dim = query.shape[-1] // attn.heads
         query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # [B, H, N, d]
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # [B, H, L, d]
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if not self.qk_norm_before_split:
-            if attn.norm_q is not None:
-                query = attn.norm_q(query)
-            if attn.norm_k is not None:
-                key = attn.norm_k(key)
+        if not self.qk_norm_before_split and attn.norm_q is not None:
+            query = attn.norm_q(query)
+        key, value = self._key_value(attn, encoder_hidden_states)  # [B, H, L, d]
+        if clean is not None:
+            clean_states, clean_mask, heads = clean
+            clean_key, clean_value = self._key_value(attn, clean_states)
+            pick = heads.to(key.device).view(1, -1, 1, 1)  # [1, H, 1, 1]
+            key, value = torch.where(pick, clean_key, key), torch.where(pick, clean_value, value)
+            clean_mask = self._head_mask(attn, clean_mask, text_len, batch)
+            if attention_mask is not None and clean_mask is not None:
+                attention_mask = torch.where(pick, clean_mask, attention_mask)
 
-        # the kernel F.scaled_dot_product_attention would run (same bits), and its softmax normalizer
-        out, lse = sdpa_with_lse(query, key, value, attention_mask)  # [B, H, N, d], [B, H, N] or None
-        self._record(attn, query, key, value, attention_mask, lse)
+        if self.session.probe is None:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                                 is_causal=False)  # [B, H, N, d]
+        else:
+            # the kernel F.scaled_dot_product_attention would run (same bits), and its softmax normalizer
+            out, lse = sdpa_with_lse(query, key, value, attention_mask)  # [B, H, N, d], [B, H, N] or None
+            self._record(attn, query, key, value, attention_mask, lse)
 
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)  # [B, N, H*d]
         out = attn.to_out[0](out)

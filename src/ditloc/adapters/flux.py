@@ -169,9 +169,9 @@ class FluxJointProcessor(JointProcessor):
         override = self._instrument(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), n_text, attend,
                                     lse)
         if override is not None:
-            rows, image_out, alpha = override
+            rows, image_out, alpha, heads = override
             out = out.clone()
-            out[rows, n_text:] = self._mix(out[rows, n_text:], image_out.transpose(1, 2), alpha)
+            out[rows, n_text:] = self._mix(out[rows, n_text:], image_out.transpose(1, 2), alpha, heads, head_dim=2)
         out = out.flatten(2, 3).to(query.dtype)  # [B, S, H*d]
         if encoder_hidden_states is not None:
             encoder_out, out = out.split_with_sizes([n_text, out.shape[1] - n_text], dim=1)

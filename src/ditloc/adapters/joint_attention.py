@@ -117,6 +117,7 @@ class JointAttentionAdapter(Adapter):
             return None
         step = session.forwards
         session.forwards += 1
+        swap = session.swap_at(step)
         batch = embeds.shape[0]
         rows = self.cond_rows(batch, session.n_images) if session.busy else None
         session.context = ForwardContext(step=step, rows=rows, n_text=embeds.shape[1])
@@ -201,8 +202,9 @@ class JointProcessor:
 
     def _instrument(self, q, k, v, n_text: int, attend, lse=None):
         """q, k, v: [B, H, S, d] joint (post-norm, post-rope); lse [B, H, S] from the
-        kernel or None. Returns (rows, image_out [n, H, N, d], alpha) when the image
-        outputs of `rows` must be replaced (`alpha`: mix weights, see :meth:`_mix`)."""
+        kernel or None. Returns (rows, image_out [n, H, N, d], alpha, heads) when the image
+        outputs of `rows` must be replaced (`alpha`: mix weights, `heads`: the heads that
+        take them, see :meth:`_mix`)."""
         session, ctx = self.session, self.session.context
         swap = session.swap
         txt, img = self._segments(k.shape[2], n_text)
@@ -240,15 +242,22 @@ class JointProcessor:
             alpha = None if swap.alpha is None else swap.alpha[self.block]
             if swap.row_masks is not None:  # per-image block sets: only the masked images take the swap
                 alpha = swap.row_masks[self.block]  # bool [n]
-            return rows, attend(q[rows][:, :, img], k2, v2), alpha  # image_out [n, H, N, d]
+            # image_out [n, H, N, d]; heads: bool [H] or None (every head)
+            return rows, attend(q[rows][:, :, img], k2, v2), alpha, swap.heads_of(self.block)
         return None
 
     @staticmethod
-    def _mix(current: torch.Tensor, new: torch.Tensor, alpha: torch.Tensor | None) -> torch.Tensor:
+    def _mix(current: torch.Tensor, new: torch.Tensor, alpha: torch.Tensor | None,
+             heads: torch.Tensor | None = None, head_dim: int = 1) -> torch.Tensor:
         """The image outputs that replace `current`: `new`, or with attribution weights
         ``current + alpha * (new - current)`` (differentiable in alpha), or with a bool
-        `alpha` [n] (per-image block sets) `new` in the masked rows and `current` elsewhere."""
+        `alpha` [n] (per-image block sets) `new` in the masked rows and `current` elsewhere.
+        `heads` (bool [H], along dimension `head_dim`): only those heads take `new`."""
         new = new.to(current.dtype)
+        if heads is not None:
+            shape = [1] * current.ndim
+            shape[head_dim] = -1
+            new = torch.where(heads.to(current.device).view(shape), new, current)
         if alpha is None:
             return new
         if alpha.dtype == torch.bool:

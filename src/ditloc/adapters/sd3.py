@@ -113,9 +113,9 @@ class SD3JointProcessor(JointProcessor):
         override = self._instrument(query, key, value, n_text, attend, lse)
         n_image = residual.shape[1]
         if override is not None:
-            rows, image_out, alpha = override
+            rows, image_out, alpha, heads = override
             out = out.clone()
-            out[rows, :, :n_image] = self._mix(out[rows, :, :n_image], image_out, alpha)
+            out[rows, :, :n_image] = self._mix(out[rows, :, :n_image], image_out, alpha, heads, head_dim=1)
         out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
         out, encoder_out = out[:, :n_image], out[:, n_image:]
         if not attn.context_pre_only:

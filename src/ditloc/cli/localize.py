@@ -83,6 +83,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--auto-k", action="store_true", help="with --localization: its top K, K chosen from its scores")
     p.add_argument("--localization", default=None, help="a localization.json from `ditloc localize`")
     p.add_argument("--mode", choices=("withhold", "inject"), default="withhold")
+    p.add_argument("--withhold-heads", default=None, metavar="H,H,...",
+                   help="only these attention heads of each block, 0-based (default: every head; with --mode "
+                        "inject, the heads the concept is injected into)")
+    p.add_argument("--withhold-steps", default=None, metavar="T,T,...",
+                   help="only at these denoising steps, 0-based, each below --steps (default: every step; with "
+                        "--mode inject, the steps the concept is injected at)")
     p.set_defaults(check=check_intervene, func=cmd_intervene)
 
 
@@ -132,6 +138,23 @@ def check_intervene(args) -> None:
         check_blocks_named(args.blocks)
     args.prompts = read_prompts(args)
     check_concept(args.prompts, args.concept, exact=False)
+    args.heads = _index_list(args.withhold_heads, "--withhold-heads", "heads")
+    args.withheld_steps = _index_list(args.withhold_steps, "--withhold-steps", "steps")
+    if args.withheld_steps and max(args.withheld_steps) >= args.steps:
+        fail(f"--withhold-steps {max(args.withheld_steps)} is out of range: the run has --steps {args.steps} "
+             f"(0 ... {args.steps - 1})")
+
+
+def _index_list(text: str | None, flag: str, what: str) -> list[int] | None:
+    """A comma list of 0-based indices (None when the flag is not given)."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        fail(f"{flag} is empty; name at least one of the {what}, e.g. {flag} 0,2")
+    if not all(p.isdigit() for p in parts):
+        fail(f"{flag} takes 0-based {what} as a comma list of whole numbers, e.g. {flag} 0,2; got {text!r}")
+    return sorted({int(p) for p in parts})
 
 
 def cmd_localize(args) -> None:
@@ -358,6 +381,7 @@ def cmd_intervene(args) -> None:
     from ..errors import DitlocError
     from ..intervene import derive_clean_prompt, generate
     from ..localization import Localization
+    from ..scope import Scope
 
     if args.auto_k and args.top_k is not None:
         fail("choose --top-k or --auto-k, not both")
@@ -376,11 +400,13 @@ def cmd_intervene(args) -> None:
     blocks = adapter.resolve_blocks(args.blocks) if args.blocks is not None else loc.top(args.top_k)
     if args.blocks is not None and not blocks:
         fail("--blocks is empty; name at least one block, e.g. --blocks block.3")
+    Scope.resolve(adapter, args.mode, blocks, heads=args.heads, steps=args.withheld_steps)  # heads in range
     clean = args.clean_prompt or derive_clean_prompt(args.prompt, args.concept)
     common = {"seed": args.seed, "options": run_options(args)}
     original = generate(pipe, args.prompt, **common)[0]
     key = "withhold" if args.mode == "withhold" else "inject"
-    intervened = generate(pipe, args.prompt, concept=args.concept, clean_prompts=[clean], **{key: blocks}, **common)[0]
+    intervened = generate(pipe, args.prompt, concept=args.concept, clean_prompts=[clean], heads=args.heads,
+                          steps=args.withheld_steps, **{key: blocks}, **common)[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     original.save(out / "original.png")
@@ -391,6 +417,8 @@ def cmd_intervene(args) -> None:
         "clean_prompt": clean,
         "mode": args.mode,
         "blocks": blocks,
+        "heads": args.heads,
+        "steps": args.withheld_steps,
         "localization": args.localization,
         "top_k": args.top_k,
         "model": args.model,
@@ -403,5 +431,7 @@ def cmd_intervene(args) -> None:
         "dtype": args.dtype,
     }
     write_json(out / "intervention.json", record)
-    print(f"{args.mode} {args.concept!r} in {', '.join(blocks)}; clean prompt {clean!r}")
+    where = "".join([f" (heads {','.join(map(str, args.heads))})" if args.heads is not None else "",
+                     f" at steps {','.join(map(str, args.withheld_steps))}" if args.withheld_steps is not None else ""])
+    print(f"{args.mode} {args.concept!r} in {', '.join(blocks)}{where}; clean prompt {clean!r}")
     print(f"wrote {out / 'original.png'}, {out / 'intervened.png'}, {out / 'intervention.json'}")

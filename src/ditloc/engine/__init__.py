@@ -8,7 +8,7 @@ from .causal import CAUSAL_METHODS, METHODS, CausalProbe
 from .contribution import CHUNK_ELEMENTS, VARIANTS, chunk_elements_for, concept_contribution
 from .instrument import instrument
 from .kernels import sdpa_with_lse
-from .state import CrossSwap, ForwardContext, JointSwap, Probe, Session, StopForward
+from .state import CrossSwap, ForwardContext, JointSwap, Probe, Session, StepSwaps, StopForward, Swap
 
 __all__ = [
     "CAUSAL_METHODS",
@@ -21,7 +21,9 @@ __all__ = [
     "JointSwap",
     "Probe",
     "Session",
+    "StepSwaps",
     "StopForward",
+    "Swap",
     "chunk_elements_for",
     "concept_contribution",
     "instrument",

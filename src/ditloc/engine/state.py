@@ -5,7 +5,9 @@ drops keyword arguments a processor does not declare, and not every pipeline
 forwards `attention_kwargs`. Who writes what:
 
 - `localize` / `generate` start a pipeline call (`Session.begin_call`) and set
-  the `Probe` (what to measure) or the swap (what withheld blocks read);
+  the `Probe` (what to measure) or the swap (what withheld blocks read), or a
+  `StepSwaps` schedule of swaps by denoising step (the adapter picks the step's
+  swap, `Session.swap_at`);
 - the adapter, once per transformer forward, replaces `Session.context` with a
   new immutable `ForwardContext` (and fills its swap's per-forward fields);
 - processors read the context and write only measurements (`Probe.record`) or,
@@ -107,6 +109,11 @@ class Swap:
       images whose conditional row reads the clean conditioning in that block (the others
       read the prompt's); `pooled_rows` (joint attention): bool [n], the images whose
       pooled text embedding is the clean prompt's.
+
+    And one used by head-level interventions (`ditloc.scope`):
+    - `heads`: block -> bool [H] on the model's device, the attention heads of that block
+      whose image queries read the clean conditioning (the others read the prompt's);
+      blocks it does not name read it in every head.
     """
 
     blocks: frozenset[str]
@@ -116,6 +123,11 @@ class Swap:
     row_slices: dict | None = None
     alpha: dict | None = None
     row_masks: dict | None = None
+    heads: dict | None = None
+
+    def heads_of(self, block: str) -> torch.Tensor | None:
+        """bool [H]: the heads of `block` that read the clean conditioning (None: every head)."""
+        return None if self.heads is None else self.heads.get(block)
 
     def rows_for(self, block: str, default):
         """The batch rows whose `block` reads the clean conditioning."""
@@ -166,6 +178,19 @@ class JointSwap(Swap):
     stop_after: str | None = None
 
 
+@dataclass(frozen=True)
+class StepSwaps:
+    """An intervention that changes with the denoising step: `inside` at the steps in
+    `steps`, `outside` at every other step (None: nothing is swapped there)."""
+
+    steps: frozenset[int]
+    inside: Swap | None
+    outside: Swap | None
+
+    def __call__(self, step: int) -> Swap | None:
+        return self.inside if step in self.steps else self.outside
+
+
 @dataclass
 class Session:
     """Shared by every processor installed on one transformer for one run."""
@@ -179,13 +204,16 @@ class Session:
     nested: ForwardContext | None = None  # set while ditloc runs its own extra forwards (causal methods)
     #: per call: values an adapter derives once from the call's inputs (e.g. the text key limit)
     call_cache: dict = field(default_factory=dict)
+    #: per call, when the swap changes with the denoising step: the swap of each step (`swap_at`)
+    schedule: StepSwaps | None = None
 
     @property
     def busy(self) -> bool:
         """Something to measure or swap (otherwise forwards need no context rows)."""
         return self.probe is not None or self.swap is not None
 
-    def begin_call(self, n_images: int, *, probe: Probe | None = None, swap: Swap | None = None) -> None:
+    def begin_call(self, n_images: int, *, probe: Probe | None = None, swap: Swap | None = None,
+                   schedule: StepSwaps | None = None) -> None:
         self.n_images = n_images
         self.forwards = 0
         self.call_key = None
@@ -198,6 +226,18 @@ class Session:
         if self.swap is not None:
             self.swap.release()
         self.swap = swap
+        self.schedule = schedule
+
+    def swap_at(self, step: int) -> Swap | None:
+        """The swap of denoising step `step`, made the current one (the adapter calls this
+        once per forward, when it knows the step); without a schedule, the call's swap."""
+        if self.schedule is not None:
+            swap = self.schedule(step)
+            if swap is not self.swap:
+                if self.swap is not None:
+                    self.swap.release()
+                self.swap = swap
+        return self.swap
 
     def release(self) -> None:
         """Drop per-forward tensors (the instrumentation's exit)."""

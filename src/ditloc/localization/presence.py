@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..engine import CausalProbe, Session, instrument
+from ..engine import CausalProbe, Session, StepSwaps, instrument
 from .. import registry
 from ..errors import DitlocError
 from ..options import RunOptions, as_prompt_list, as_seed_list, chunks, model_record
+from ..scope import check_steps, head_counts, head_masks, resolve_heads, resolve_steps
 from .judge import SelfJudge, normalise
 
 OBJECTIVES = ("evaluator", "self")
@@ -84,7 +85,7 @@ class PresenceRunner:
     def __init__(self, pipe, prompts, concept: str, *, objective: str = "evaluator", evaluator=None,
                  eval_text: str | None = None, clean_prompts=None, seed=0, block_batch: int | None = None,
                  batch_size: int | None = None, pooled: str | None = None, options: RunOptions | None = None,
-                 judge_seed: int = 0, **run):
+                 judge_seed: int = 0, heads=None, steps=None, **run):
         from ..text import clean_prompt_list
 
         if objective not in OBJECTIVES:
@@ -104,6 +105,13 @@ class PresenceRunner:
             self.adapter.concept_span(p, concept, self.kw)
         self.clean = clean_prompt_list(self.prompts, concept, clean_prompts)
         self.names = self.adapter.block_names()
+        #: block -> the heads a set withholds it in (blocks not in it: every head); the steps it is withheld at
+        self.heads = resolve_heads(self.adapter, self.names, heads)
+        self.steps = resolve_steps(steps)
+        check_steps(self.steps, int(self.resolved.effective("num_inference_steps")))
+        if objective == "self" and (self.heads or self.steps is not None):
+            raise DitlocError("heads= and steps= need objective='evaluator': the self objective's clean-prompt "
+                              "reference withholds every block in every head at every step")
         self.samples = [(i, s) for i in range(len(self.prompts)) for s in self.seeds]
         self.pooled = pooled
         self.block_batch = block_batch
@@ -169,6 +177,9 @@ class PresenceRunner:
         makes, so the values are the single-process values."""
         sets = [frozenset(s) for s in sets]
         ranked = set(sets) if gradient is True else {frozenset(s) for s in (gradient or ())}
+        if ranked and (self.heads or self.steps is not None):
+            raise DitlocError("conditional attribution gates whole blocks at every step; measure it without "
+                              "heads= and steps=")
         todo_ranked = list(dict.fromkeys(s for s in sets if s in ranked and s not in self._gradient))
         todo = list(dict.fromkeys(s for s in sets if s not in ranked and s not in self._raw))
         per_call = self.block_batch or max(1, PRESENCE_IMAGES // len(self.samples))
@@ -234,18 +245,24 @@ class PresenceRunner:
                 g, n = len(group), len(chunk)
                 prompts = [self.prompts[i] for _ in group for i, _ in chunk]
                 clean = [self.clean[i] for _ in group for i, _ in chunk]
-                union = frozenset().union(*group)
-                pooled_rows = [bool(s) if self.pooled is None else self.pooled == "clean" for s in group for _ in chunk]
+                # each set's blocks that withhold in some head (a block given no heads withholds nothing)
+                acting = [frozenset(b for b in s if self.heads.get(b, True)) for s in group]
+                union = frozenset().union(*acting)
+                pooled_rows = [bool(s) if self.pooled is None else self.pooled == "clean" for s in acting for _ in chunk]
                 swap = None
                 device = self.pipe._execution_device
                 if union or (adapter.has_pooled_text and any(pooled_rows)):
                     cond = adapter.encode_text(clean, kw)
                     swap = adapter.make_swap(union, cond, any(pooled_rows))
-                    swap.row_masks = {b: torch.tensor([b in s for s in group for _ in chunk], device=device)
+                    swap.row_masks = {b: torch.tensor([b in s for s in acting for _ in chunk], device=device)
                                       for b in union}
+                    swap.heads = head_masks({b: self.heads.get(b) for b in union}, head_counts(adapter), device)
                     if adapter.has_pooled_text:
                         swap.pooled_rows = torch.tensor(pooled_rows, device=device)
-                session.begin_call(g * n, swap=swap)
+                schedule = None
+                if self.steps is not None:  # the sets are withheld at these steps only
+                    swap, schedule = None, StepSwaps(self.steps, swap, None)
+                session.begin_call(g * n, swap=swap, schedule=schedule)
                 call = dict(prompt=prompts, generator=self.resolved.generators([s for _ in group for _, s in chunk]),
                             output_type="latent" if self.judge is not None else "pil", **kw)
                 if gradient:
@@ -287,6 +304,8 @@ class PresenceRunner:
             "model": model_record(self.pipe), "family": self.adapter.family, "objective": self.objective,
             "eval_text": self.eval_text, "evaluator": None if self.evaluator is None else type(self.evaluator).__name__,
             "prompts": self.prompts, "clean_prompts": self.clean, "seeds": self.seeds, "pooled": self.pooled,
+            **({"heads": {b: list(h) for b, h in self.heads.items()}} if self.heads else {}),
+            **({"steps": sorted(self.steps)} if self.steps is not None else {}),
             **{k: record[k] for k in ("num_inference_steps", "guidance_scale", "max_sequence_length",
                                       "generator_device", "adapter_options", "pipeline_kwargs")},
         }
@@ -296,7 +315,7 @@ class PresenceRunner:
 def presence(pipe, prompts, concept: str, sets=(), *, evaluator=None, eval_text: str | None = None,
              objective: str = "evaluator", clean_prompts=None, seed=0, block_batch: int | None = None,
              batch_size: int | None = None, pooled: str | None = None, options: RunOptions | None = None,
-             **run) -> SetPresence:
+             heads=None, steps=None, **run) -> SetPresence:
     """Presence of `concept` with it withheld from each block set of `sets`.
 
     Each (prompt, seed) follows the trajectory ``ditloc.generate(pipe, prompt,
@@ -306,10 +325,15 @@ def presence(pipe, prompts, concept: str, sets=(), *, evaluator=None, eval_text:
     `eval_text` (default: the concept) in each image; `objective="self"` uses the
     unedited model as the judge instead. `block_batch`: sets per pipeline call (default:
     as many as keep a call within 64 images); `batch_size`: samples per call.
+
+    `heads` (one list for every block, one list per block of the model, or a dict block ->
+    list) and `steps` (denoising step indices): each set withholds its blocks in those heads
+    only, at those steps only, as ``ditloc.generate(..., heads=, steps=)`` does; they need
+    ``objective="evaluator"``.
     """
     runner = PresenceRunner(pipe, prompts, concept, objective=objective, evaluator=evaluator, eval_text=eval_text,
                             clean_prompts=clean_prompts, seed=seed, block_batch=block_batch, batch_size=batch_size,
-                            pooled=pooled, options=options, **run)
+                            pooled=pooled, options=options, heads=heads, steps=steps, **run)
     chosen = [frozenset()] + [s for s in runner.check_sets(sets) if s]
     chosen = list(dict.fromkeys(chosen))
     values = runner.presence(chosen)
