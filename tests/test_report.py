@@ -273,7 +273,7 @@ def test_heatmap_draws_unmeasured_cells_as_not_searched():
     """A NaN (or None) cell was not measured: a hatched grey patch over it and a legend entry, not the
     white of a measured 0; top_k_of never marks it."""
     from ditloc.report.figures import MISSING_LABEL, heatmap_figure, top_k_of
-    from ditloc.toy.demo import _scaled
+    from ditloc.demo import _scaled
 
     blocks = ["block.0", "block.1", "block.2", "block.3"]
     values = {"a": [0.0, float("nan"), 0.5, None], "b": [0.2, 0.1, 0.0, 0.3]}
