@@ -108,18 +108,21 @@ class JointAttentionAdapter(Adapter):
             return None
         embeds = kwargs["encoder_hidden_states"]
         # FLUX's true CFG calls the transformer again for the negative prompt: only the
-        # call with the prompt's own text tensor is measured and intervened on.
+        # call with the prompt's own text tensor is measured and intervened on. A guidance
+        # forward that reads the prompt again (SD3.5's skip-layer guidance) is intervened on
+        # as the step's own forward was, and not measured.
         key = embeds.data_ptr()
         if session.call_key is None:
             session.call_key = key
-        if key != session.call_key:
+        measured = key == session.call_key
+        if not measured and not self.rereads_prompt(kwargs):
             session.context = ForwardContext(step=session.forwards - 1, rows=None, active=False)
             return None
-        step = session.forwards
-        session.forwards += 1
+        step = session.forwards if measured else session.forwards - 1
+        session.forwards += int(measured)
         batch = embeds.shape[0]
         rows = self.cond_rows(batch, session.n_images) if session.busy else None
-        session.context = ForwardContext(step=step, rows=rows, n_text=embeds.shape[1])
+        session.context = ForwardContext(step=step, rows=rows, n_text=embeds.shape[1], measured=measured)
         if swap is None:
             return None
         kwargs = dict(kwargs)
@@ -152,6 +155,11 @@ class JointAttentionAdapter(Adapter):
             kwargs["pooled_projections"] = pooled
         return args, kwargs
 
+
+    def rereads_prompt(self, kwargs: dict) -> bool:
+        """Whether a forward with other text than the step's first is a guidance pass over the
+        prompt's conditional rows (it takes the swap, unmeasured) rather than a negative prompt's."""
+        return False
 
     def _last_withheld(self, blocks, kwargs: dict) -> str | None:
         """The block after which the clean pass may stop (model order), or None to run
@@ -191,7 +199,8 @@ class JointProcessor:
         in_swap = swap is not None and self.block in swap.blocks
         if swap is not None and swap.capturing:  # the adapter's clean-prompt pass
             return in_swap
-        return session.context.active and (session.probe is not None or in_swap)
+        ctx = session.context
+        return ctx.active and ((session.probe is not None and ctx.measured) or in_swap)
 
     def _segments(self, total: int, n_text: int) -> tuple[slice, slice]:
         """(text, image) slices of the joint sequence."""
@@ -212,7 +221,7 @@ class JointProcessor:
                 raise StopForward  # nothing after this block is read: end the clean pass here
             return None
         rows = ctx.rows
-        if session.probe is not None:
+        if session.probe is not None and ctx.measured:
             probe = session.probe
             weight, bias = self.out_projection()
             with torch.no_grad():
