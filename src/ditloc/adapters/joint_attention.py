@@ -10,11 +10,13 @@ modulates every block, goes with the intervention (see `ditloc.generate`).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..engine import ForwardContext, JointSwap, Session, StopForward, concept_contribution
 from ..errors import DitlocError
-from ..tokens import ConceptSpan, find_occurrences, token_positions
+from ..tokens import ConceptCutOff, ConceptSpan, find_occurrences, token_positions
 from .base import Adapter
 
 
@@ -75,15 +77,26 @@ class JointAttentionAdapter(Adapter):
         if not concept or not concept.strip():
             raise DitlocError("the concept is empty; pass the words to localize, e.g. --concept 'van gogh'")
         positions, tokens, spans, seen = [], [], None, None
-        for tokenizer, text, length, offset in self.text_streams(prompt, call_kwargs):
+        streams = self.text_streams(prompt, call_kwargs)
+        cut: list[tuple[int, int, ConceptCutOff]] = []
+        for tokenizer, text, length, offset in streams:
             occ = find_occurrences(text, concept)
             if not occ:
                 raise DitlocError(f"concept {concept!r} is not in prompt {text!r}; use a prompt that contains it")
-            kept, toks = token_positions(tokenizer, text, occ, max_length=length, prompt=text, concept=concept)
+            try:
+                kept, toks = token_positions(tokenizer, text, occ, max_length=length, prompt=text, concept=concept)
+            except ConceptCutOff as error:  # past one encoder's tokens (SD3's 77 CLIP tokens): the other part counts
+                cut.append((offset, length, error))
+                continue
             positions += [offset + p for o in kept for p in o]
             tokens += toks
             if spans is None:
                 spans, seen = occ, text
+        if spans is None:  # the last part's is the error `max_sequence_length` can fix (SD3's T5 part)
+            raise cut[-1][2]
+        for offset, length, _ in cut:
+            warnings.warn(f"concept {concept!r} is cut off in the {length}-token text part at positions {offset} to "
+                          f"{offset + length - 1} in {prompt!r}; using its positions in the other part", stacklevel=2)
         return ConceptSpan(prompt=prompt, concept=concept, text=seen, char_spans=tuple(spans),
                            positions=tuple(sorted(set(positions))), tokens=tuple(tokens))
 
