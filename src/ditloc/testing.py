@@ -51,8 +51,9 @@ def word_tokenizer(words=WORDS, *, bos: bool = False, eos: bool = True, model_ma
     )
 
 
-#: the `tokenizers=` choices of the builders: one token per word, or the subword tokenizers of
-#: `ditloc.testing_tokenizers` (T5 Unigram, Gemma BPE, CLIP byte-level BPE), as real checkpoints have
+#: the `tokenizers=` choices of the builders: one token per word (`words` is the vocabulary), or the
+#: subword tokenizers of `ditloc.testing_tokenizers` (T5 Unigram, Gemma BPE, CLIP byte-level BPE), as real
+#: checkpoints have (`words` join the corpus their vocabulary is learned on)
 TOKENIZERS = ("word", "subword")
 
 
