@@ -13,7 +13,10 @@ import ditloc
 from ditloc.engine import CausalProbe, Session, instrument
 from ditloc.localization import Localization
 from ditloc.options import RunOptions
-from ditloc.testing import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sana_pipeline, tiny_sd3_pipeline
+from ditloc.testing import (
+    tiny_flux_pipeline, tiny_flux_schnell_pipeline, tiny_pixart_pipeline, tiny_pixart_sigma_pipeline, tiny_sana_pipeline,
+    tiny_sd3_pipeline,
+)
 
 localize_contribution = functools.partial(ditloc.localize, method="contribution")
 
@@ -29,6 +32,15 @@ CASES = {
                  dict(num_inference_steps=3, height=16, width=16, max_sequence_length=32,
                       negative_prompt="a dog", true_cfg_scale=2.0)),  # true CFG: separate negative forwards
     "sd3": (tiny_sd3_pipeline, dict(num_inference_steps=3, height=8, width=8, max_sequence_length=32)),
+    # PixArt-Sigma; SD3.5 with skip-layer guidance (a guidance forward per step, not measured); FLUX.1-schnell.
+    # In float64: the forwards' rounding, which the batch layout changes, is then far below the tolerances
+    "sigma": (lambda: tiny_pixart_sigma_pipeline(tokenizers="subword").to(torch.float64),
+              dict(num_inference_steps=3, height=32, width=32, use_resolution_binning=False, clean_caption=False)),
+    "sd35_slg": (lambda: tiny_sd3_pipeline(dual_attention_layers=(0, 1), tokenizers="subword").to(torch.float64),
+                 dict(num_inference_steps=3, height=8, width=8, max_sequence_length=32, skip_guidance_layers=[1],
+                      skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)),
+    "flux_schnell": (lambda: tiny_flux_schnell_pipeline(tokenizers="subword").to(torch.float64),
+                     dict(num_inference_steps=3, height=16, width=16, max_sequence_length=32, guidance_scale=0.0)),
 }
 _PIPES = {}
 
@@ -61,7 +73,7 @@ def _explicit_patch(pipe, run):
     inputs = []
     with instrument(adapter, session):
         def keep(module, args, kwargs):
-            if session.context.active:
+            if session.context.active and session.context.measured:  # not a negative prompt's or a guidance pass
                 inputs.append((args, dict(kwargs)))
 
         handle = pipe.transformer.register_forward_pre_hook(keep, with_kwargs=True)

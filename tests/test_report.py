@@ -435,7 +435,7 @@ def test_report_of_an_unknown_or_damaged_directory_is_one_line(tiny_model, tmp_p
 
 
 def test_score_figures_draw_unmeasured_blocks_as_not_searched():
-    from ditloc.localize import SetSearch
+    from ditloc.localization import SetSearch
     from ditloc.report.score_figures import matrix_figure, scores_figure, search_curve_figure
 
     blocks = ["block.0", "block.1", "block.2", "block.3"]

@@ -15,6 +15,10 @@ from .errors import ConceptNotFound, DitlocError
 from .text import find_occurrences  # noqa: F401  (the adapters import it from here)
 
 
+class ConceptCutOff(ConceptNotFound):
+    """Every occurrence of the concept lies past the tokens a text encoder reads."""
+
+
 @dataclass(frozen=True)
 class ConceptSpan:
     """Where a concept sits in one prompt, as the model reads it.
@@ -66,7 +70,7 @@ def token_positions(
 
     Returns one list of indices per surviving occurrence and the token strings.
     Occurrences cut off by truncation are dropped with a warning; if none
-    survives, this is an error.
+    survives, this is an error (`ConceptCutOff`).
     """
     if not getattr(tokenizer, "is_fast", False):
         raise DitlocError(
@@ -99,7 +103,7 @@ def token_positions(
         kept.append(got)
     if not kept:
         if cut:
-            raise ConceptNotFound(
+            raise ConceptCutOff(
                 f"concept {concept!r} is cut off by max_sequence_length={max_length} in prompt "
                 f"{prompt!r}; shorten the prompt or raise --max-sequence-length"
             )

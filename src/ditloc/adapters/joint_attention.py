@@ -10,11 +10,13 @@ modulates every block, goes with the intervention (see `ditloc.generate`).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..engine import ForwardContext, JointSwap, Session, StopForward, concept_contribution
 from ..errors import DitlocError
-from ..tokens import ConceptSpan, find_occurrences, token_positions
+from ..tokens import ConceptCutOff, ConceptSpan, find_occurrences, token_positions
 from .base import Adapter
 
 
@@ -75,15 +77,26 @@ class JointAttentionAdapter(Adapter):
         if not concept or not concept.strip():
             raise DitlocError("the concept is empty; pass the words to localize, e.g. --concept 'van gogh'")
         positions, tokens, spans, seen = [], [], None, None
-        for tokenizer, text, length, offset in self.text_streams(prompt, call_kwargs):
+        streams = self.text_streams(prompt, call_kwargs)
+        cut: list[tuple[int, int, ConceptCutOff]] = []
+        for tokenizer, text, length, offset in streams:
             occ = find_occurrences(text, concept)
             if not occ:
                 raise DitlocError(f"concept {concept!r} is not in prompt {text!r}; use a prompt that contains it")
-            kept, toks = token_positions(tokenizer, text, occ, max_length=length, prompt=text, concept=concept)
+            try:
+                kept, toks = token_positions(tokenizer, text, occ, max_length=length, prompt=text, concept=concept)
+            except ConceptCutOff as error:  # past one encoder's tokens (SD3's 77 CLIP tokens): the other part counts
+                cut.append((offset, length, error))
+                continue
             positions += [offset + p for o in kept for p in o]
             tokens += toks
             if spans is None:
                 spans, seen = occ, text
+        if spans is None:  # the last part's is the error `max_sequence_length` can fix (SD3's T5 part)
+            raise cut[-1][2]
+        for offset, length, _ in cut:
+            warnings.warn(f"concept {concept!r} is cut off in the {length}-token text part at positions {offset} to "
+                          f"{offset + length - 1} in {prompt!r}; using its positions in the other part", stacklevel=2)
         return ConceptSpan(prompt=prompt, concept=concept, text=seen, char_spans=tuple(spans),
                            positions=tuple(sorted(set(positions))), tokens=tuple(tokens))
 
@@ -108,19 +121,22 @@ class JointAttentionAdapter(Adapter):
             return None
         embeds = kwargs["encoder_hidden_states"]
         # FLUX's true CFG calls the transformer again for the negative prompt: only the
-        # call with the prompt's own text tensor is measured and intervened on.
+        # call with the prompt's own text tensor is measured and intervened on. A guidance
+        # forward that reads the prompt again (SD3.5's skip-layer guidance) is intervened on
+        # as the step's own forward was, and not measured.
         key = embeds.data_ptr()
         if session.call_key is None:
             session.call_key = key
-        if key != session.call_key:
+        measured = key == session.call_key
+        if not measured and not self.rereads_prompt(kwargs):
             session.context = ForwardContext(step=session.forwards - 1, rows=None, active=False)
             return None
-        step = session.forwards
-        session.forwards += 1
+        step = session.forwards if measured else session.forwards - 1
+        session.forwards += int(measured)
         swap = session.swap_at(step)
         batch = embeds.shape[0]
         rows = self.cond_rows(batch, session.n_images) if session.busy else None
-        session.context = ForwardContext(step=step, rows=rows, n_text=embeds.shape[1])
+        session.context = ForwardContext(step=step, rows=rows, n_text=embeds.shape[1], measured=measured)
         if swap is None:
             return None
         kwargs = dict(kwargs)
@@ -153,6 +169,11 @@ class JointAttentionAdapter(Adapter):
             kwargs["pooled_projections"] = pooled
         return args, kwargs
 
+
+    def rereads_prompt(self, kwargs: dict) -> bool:
+        """Whether a forward with other text than the step's first is a guidance pass over the
+        prompt's conditional rows (it takes the swap, unmeasured) rather than a negative prompt's."""
+        return False
 
     def _last_withheld(self, blocks, kwargs: dict) -> str | None:
         """The block after which the clean pass may stop (model order), or None to run
@@ -192,7 +213,8 @@ class JointProcessor:
         in_swap = swap is not None and self.block in swap.blocks
         if swap is not None and swap.capturing:  # the adapter's clean-prompt pass
             return in_swap
-        return session.context.active and (session.probe is not None or in_swap)
+        ctx = session.context
+        return ctx.active and ((session.probe is not None and ctx.measured) or in_swap)
 
     def _segments(self, total: int, n_text: int) -> tuple[slice, slice]:
         """(text, image) slices of the joint sequence."""
@@ -214,7 +236,7 @@ class JointProcessor:
                 raise StopForward  # nothing after this block is read: end the clean pass here
             return None
         rows = ctx.rows
-        if session.probe is not None:
+        if session.probe is not None and ctx.measured:
             probe = session.probe
             weight, bias = self.out_projection()
             with torch.no_grad():

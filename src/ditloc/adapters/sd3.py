@@ -1,7 +1,9 @@
 """Stable Diffusion 3 / 3.5 (`SD3Transformer2DModel`): MM-DiT joint attention.
 
 Blocks `block.0` ...; SD3.5's dual-attention blocks add an image-only `attn2`,
-which reads no text: the text is read in `attn` in every block. Joint sequence
+which reads no text: the text is read in `attn` in every block. SD3.5's skip-layer
+guidance runs the transformer once more per step on the conditional rows: that
+forward takes the intervention too, and is not measured. Joint sequence
 order: image first. The text sequence is the CLIP-L/CLIP-G part (77 positions,
 the two encoders concatenated along channels) followed by the T5 part.
 
@@ -36,6 +38,11 @@ class SD3Adapter(JointAttentionAdapter):
 
     def blocks(self):
         return [(f"block.{i}", b, b.attn) for i, b in enumerate(self.transformer.transformer_blocks)]
+
+    def rereads_prompt(self, kwargs: dict) -> bool:
+        # skip-layer guidance (SD3.5, `skip_guidance_layers=`): the prompt's conditional rows
+        # again with some blocks skipped; a withheld concept stays withheld there
+        return kwargs.get("skip_layers") is not None
 
     def text_streams(self, prompt: str, call_kwargs: dict):
         pipe = self.pipe

@@ -96,8 +96,8 @@ class CausalProbe:
     def _after_forward(self, module, args, kwargs, output):
         session = self.session
         ctx = session.context
-        if session.nested is not None or ctx is None or not ctx.active:
-            return None  # our own forward, or a separate negative-prompt forward
+        if session.nested is not None or ctx is None or not ctx.active or not ctx.measured:
+            return None  # our own forward, a separate negative-prompt forward, or a guidance pass
         if self.steps is not None and ctx.step not in self.steps:
             return None
         adapter = self.adapter

@@ -35,6 +35,7 @@ class ForwardContext:
     n_text: int = 0  # text tokens in the joint sequence (joint attention)
     key_limit: int | None = None  # text keys at and after this are padding in every row (cross attention)
     active: bool = True  # False for forwards that carry no conditional rows (a separate negative-prompt call)
+    measured: bool = True  # False for a forward that takes the swap but is not measured (SD3's skip-layer guidance)
 
 
 class Probe:
