@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from bench_helpers import ENV, setup_files
+
 from ditloc._io import LOCK_FILE
 
 ROUNDS = 20
@@ -107,6 +107,7 @@ CLI = """
 import contextlib, fcntl, io, json, os, sys, time
 from pathlib import Path
 from ditloc import cli
+from ditloc._io import write_atomic
 
 sync, me, commands = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 load = cli.models.load_pipeline
@@ -127,12 +128,12 @@ def held() -> bool:
 
 
 def spy(*args, **kwargs):
-    (sync / f"loaded.{current['name']}.{me}").write_text(json.dumps(held()))
+    write_atomic(sync / f"loaded.{current['name']}.{me}", json.dumps(held()))
     return load(*args, **kwargs)
 
 
 cli.models.load_pipeline = spy
-(sync / f"ready.{me}").touch()
+write_atomic(sync / f"ready.{me}", "")
 for name, lock, argv in commands:
     current.update(name=name, lock=lock)
     while not (sync / f"go.{name}").exists():
@@ -143,7 +144,7 @@ for name, lock, argv in commands:
             code = cli.main(argv)
         except SystemExit as e:
             code = e.code
-    (sync / f"result.{name}.{me}").write_text(json.dumps({"code": code, "stderr": err.getvalue()}))
+    write_atomic(sync / f"result.{name}.{me}", json.dumps({"code": code, "stderr": err.getvalue()}))
 """
 
 

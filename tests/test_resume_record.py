@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_helpers import run_cli, setup_files
 from PIL import Image
 
-from bench_helpers import run_cli, setup_files
 from ditloc import _progress
 from ditloc.localize.presence import PresenceRunner
 
