@@ -21,6 +21,8 @@ from .errors import DitlocError
 
 #: environment variables through which launchers give the number of processes
 WORLD_ENV = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+#: and this process's rank among them
+RANK_ENV = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,16 @@ def launched() -> bool:
     from accelerate.utils import get_int_from_env
 
     return get_int_from_env(list(WORLD_ENV), 1) > 1
+
+
+def launch_rank() -> int:
+    """This process's rank as its launcher gives it (0 in a plain run), read before any process
+    group is set up (the rank accelerate's ``PartialState`` reports later)."""
+    if not launched():
+        return 0
+    from accelerate.utils import get_int_from_env
+
+    return get_int_from_env(list(RANK_ENV), 0)
 
 
 def current(device=None) -> Processes:

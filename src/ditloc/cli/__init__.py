@@ -9,11 +9,11 @@ from __future__ import annotations
 import sys
 
 from . import bench, demo, edit, localize, models
-from .common import Parser, fail
+from .common import Parser, fail, writer_lock
 
 __all__ = ["build_parser", "main", "models"]
 
-#: commands a rerun resumes (they say so when interrupted)
+#: commands a rerun resumes (they say so when interrupted; so does `localize --method search`)
 RESUMABLE = ("bench", "ground-truth", "personalize", "unlearn")
 #: the command groups, in the order `ditloc --help` lists their commands
 GROUPS = (localize, edit, bench, demo)
@@ -40,17 +40,19 @@ def main(argv=None) -> int:
         import torch
 
         args.check(args)  # before any model loads
-        try:
-            args.func(args)
-        except torch.OutOfMemoryError:
-            fail("out of memory; lower --batch-size, use --dtype float16/bfloat16, or a smaller resolution")
+        with writer_lock(args):  # before any work: a second run on the same --out is refused here
+            try:
+                args.func(args)
+            except torch.OutOfMemoryError:
+                fail("out of memory; lower --batch-size, use --dtype float16/bfloat16, or a smaller resolution")
     except Interrupted as e:
         print(f"ditloc: {e}", file=sys.stderr)
         return 130
     except DitlocError as e:
         fail(str(e))
     except KeyboardInterrupt:
-        hint = "rerun the same command to resume" if args.command in RESUMABLE else "nothing more was written"
+        resumable = args.command in RESUMABLE or (args.command == "localize" and args.method == "search")
+        hint = "rerun the same command to resume" if resumable else "nothing more was written"
         print(f"ditloc: interrupted; {hint}", file=sys.stderr)
         return 130
     return 0

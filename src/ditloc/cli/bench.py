@@ -16,6 +16,7 @@ from .common import (
     check_out_and_counts,
     check_run_settings,
     fail,
+    main_process_lock,
     pipeline_kwargs,
 )
 
@@ -55,7 +56,7 @@ def add_parsers(sub) -> None:
     add_adapter_option(p)
     add_pipeline_args(p)
     p.add_argument("--out", required=True, help="run directory (rerun the same command to resume)")
-    p.set_defaults(check=check_run, func=cmd_bench)
+    p.set_defaults(check=check_run, func=cmd_bench, lock=bench_lock)
 
     p = sub.add_parser("ground-truth", help="toy world: withhold each concept from every block, pair and greedy "
                                             "set (K <= 4) and judge each localization method against that")
@@ -75,7 +76,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the pipeline loads)")
     p.add_argument("--report-only", action="store_true",
                    help="only recompute summary.json and summary.md from the directory (no model)")
-    p.set_defaults(check=check_run, func=cmd_ground_truth)
+    p.set_defaults(check=check_run, func=cmd_ground_truth, lock=main_process_lock)
 
     p = sub.add_parser("report", help="HTML report and figures of a `ditloc localize`, `bench` or `ground-truth` "
                                       "output directory")
@@ -93,6 +94,13 @@ def check_run(args) -> None:
     """`bench` and `ground-truth`, before the model loads (the run directory: by each command)."""
     check_out_and_counts(args)
     check_run_settings(args)
+
+
+def bench_lock(rank: int) -> str:
+    """Every process of a bench holds its rank's slot of --out (as `run_bench` does)."""
+    from .._io import LOCK_FILE
+
+    return f"{LOCK_FILE}.rank{rank}"
 
 
 def check_report(args) -> None:

@@ -201,3 +201,30 @@ def check_concept(prompts: list[str], concept: str, *, exact: bool) -> None:
             fail(f"prompt {i + 1} ({prompt!r}) does not contain the concept {concept!r}")
         if not exact and not _words(concept) <= _words(prompt):
             fail(f"concept {concept!r} is not in prompt {prompt!r}; use a prompt that contains it")
+
+
+# --- the one writer of --out ----------------------------------------------------------------------------------
+
+def writer_lock(args):
+    """The command's hold on its --out for its whole run, taken before any work (the model's loading
+    included): a second run on the same folder is refused at its start, with one line naming the PID
+    that writes it. Commands that write set ``lock``: the lock file's name, or a function of this
+    process's launch rank that gives it (None: this process writes nothing itself)."""
+    import contextlib
+
+    from .._io import OutputLock
+    from ..processes import launch_rank
+
+    name, out = getattr(args, "lock", None), getattr(args, "out", None)
+    if callable(name):
+        name = name(launch_rank())
+    if name is None or out is None:
+        return contextlib.nullcontext()
+    return OutputLock(out, name, reentrant=True)
+
+
+def main_process_lock(rank: int) -> str | None:
+    """The ``lock`` of a command whose main process alone writes (under accelerate launch)."""
+    from .._io import LOCK_FILE
+
+    return LOCK_FILE if rank == 0 else None

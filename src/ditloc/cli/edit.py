@@ -17,6 +17,7 @@ from .common import (
     check_out_and_counts,
     check_run_settings,
     fail,
+    main_process_lock,
     read_prompts,
     run_options,
 )
@@ -46,7 +47,7 @@ def add_parsers(sub) -> None:
                    help="with --blocks auto: localize the class word on this probe category's prompts")
     p.add_argument("--probes", default="lock", help="probe set for --category: lock, toy or a file")
     _add_edit_args(p, method={"choices": ("lora", "full"), "default": "lora"})
-    p.set_defaults(check=check_personalize, func=cmd_personalize)
+    p.set_defaults(check=check_personalize, func=cmd_personalize, lock=main_process_lock)
 
     p = sub.add_parser("unlearn", help="make the model forget concepts (concept ablation) in their localized blocks "
                                        "only")
@@ -92,7 +93,7 @@ def add_parsers(sub) -> None:
     _add_edit_args(p, method={"choices": ("lora", "full", "closed-form"), "default": "lora",
                               "help": "lora / full: train; closed-form: solve the blocks' text key/value "
                                       "projections (no training, seconds)"})
-    p.set_defaults(check=check_unlearn, func=cmd_unlearn)
+    p.set_defaults(check=check_unlearn, func=cmd_unlearn, lock=main_process_lock)
 
 
 def _add_edit_args(p, *, method: dict) -> None:

@@ -16,6 +16,7 @@ from .common import (
     check_out_and_counts,
     check_run_settings,
     fail,
+    main_process_lock,
     read_prompts,
     run_options,
 )
@@ -72,7 +73,7 @@ def add_parsers(sub) -> None:
     g.add_argument("--save-images", type=int, default=None, metavar="N",
                    help="after the search, generate (at --steps) the first N prompts' original image and each "
                         "searched set withheld, into OUT/images/ for `ditloc report OUT` (default: none)")
-    p.set_defaults(check=check_localize, func=cmd_localize)
+    p.set_defaults(check=check_localize, func=cmd_localize, lock=main_process_lock)
 
     p = sub.add_parser("intervene", help="generate with the concept withheld from / injected into blocks")
     add_common(p)
@@ -320,9 +321,11 @@ def _localize_many(args, config) -> None:
 def _localize_search(args, pipe, config, evaluator) -> None:
     """`ditloc localize --method search`: the curve, K from it, resumable from <out>/search.jsonl."""
     from ..localization import localize
+    from ..localization.search import checkpoint_generations
 
     out = Path(args.out)
     checkpoint = out / "search.jsonl"
+    resumed = checkpoint_generations(checkpoint)  # (the lock is held: nobody else adds to it)
     n_blocks = len(_adapter_for(pipe, args).block_names())
     if args.top_k is not None and not 1 <= args.top_k <= n_blocks:
         fail(f"--top-k must be between 1 and {n_blocks} (the number of blocks), got {args.top_k}")
@@ -352,7 +355,7 @@ def _localize_search(args, pipe, config, evaluator) -> None:
     cost = s.cost
     print(f"concept {args.concept!r}: {len(args.prompts)} prompt(s) x {len(loc.settings['seeds'])} seed(s), objective "
           f"{s.objective}, {cost['search_steps']} steps; {cost['sets_evaluated']} block sets evaluated "
-          f"({cost['generations']} generated now, {cost['seconds']:.0f}s)")
+          f"({cost['generations'] - resumed} generated now, {cost['generations']} in all, {cost['seconds']:.0f}s)")
     print(f"presence unedited {s.baseline:.3f}")
     print(f"{'K':>2}  {'presence':>8} {'drop':>6} {'relative':>8}  blocks")
     for k, (blocks, p, rel) in enumerate(zip(s.sets, s.presence, s.relative_curve), 1):

@@ -26,7 +26,7 @@ from ..options import RunOptions, _jsonable, generators, model_record
 from ..text import find_occurrences, substitute, tidy
 from .blocks import category_prompts, choose_blocks, neighbour_prompts  # noqa: F401  (re-exported)
 from .data import encode_images, image_size, load_image_folder
-from ..devices import peak_memory, reset_peak_memory, to_device
+from ..devices import reset_peak_memory, to_device
 from .files import BLOCKS_FILE, RESULT_FILE
 from .lora import save_lora
 from ..processes import current as current_processes
@@ -151,7 +151,7 @@ def _finish(kind, pipe, trainer, out, wall, details) -> EditResult:
         steps=trainer.step,
         losses=tuple(trainer.losses),
         wall_seconds=wall,
-        peak_memory_bytes=peak_memory(transformer.device),
+        peak_memory_bytes=trainer.peak_memory(),
         details=details,
         out_dir=str(out) if out is not None else None,
     )

@@ -38,6 +38,7 @@ from .. import _state
 from ..errors import DitlocError, Interrupted
 from .. import processes
 from . import precision
+from ..devices import peak_memory as accelerator_peak
 from ..noise import NoiseRule
 from .lora import LoraSpec, add_lora, lora_state_dict, lora_targets
 
@@ -204,6 +205,8 @@ class LocalizedTrainer:
         self.generator = torch.Generator("cpu").manual_seed(config.seed)
         self.noise = NoiseRule.from_scheduler(pipe.scheduler)
         self.step = 0
+        self.seconds = 0.0  # training time up to `step`, over every run (run_training keeps it)
+        self.earlier_peak: int | None = None  # the peak memory of the runs before a resume (None: none, or a CPU)
         self.losses: list[float] = []  # on the host, up to the last flush_losses()
         self._pending: list[torch.Tensor] = []  # per-step losses still on the device
         if config.gradient_checkpointing:
@@ -319,7 +322,7 @@ class LocalizedTrainer:
         tensors.update(opt_tensors)
         tensors["rng.generator"] = self.generator.get_state()
         meta = {"step": self.step, "losses": self.losses, "identity": identity, "optimizer": opt_meta,
-                "processes": self.processes.world}
+                "processes": self.processes.world, "seconds": self.seconds, "peak_memory_bytes": self.peak_memory()}
         _state.save_state(out / CKPT, tensors, meta)
 
     def load_checkpoint(self, out: Path, identity: dict) -> bool:
@@ -346,7 +349,14 @@ class LocalizedTrainer:
         self.optimizer.load_state_dict(_state.unflatten_optimizer(tensors, meta["optimizer"], self.optimizer))
         self.generator.set_state(tensors["rng.generator"])
         self.step, self.losses = int(meta["step"]), list(meta["losses"])
+        self.seconds, self.earlier_peak = float(meta.get("seconds", 0.0)), meta.get("peak_memory_bytes")
         return True
+
+    def peak_memory(self) -> int | None:
+        """Peak accelerator bytes of the training, the runs before a resume included (None on a CPU)."""
+        now = accelerator_peak(self.pipe.transformer.device)
+        known = [p for p in (self.earlier_peak, now) if p is not None]
+        return max(known) if known else None
 
 
 @contextlib.contextmanager
@@ -368,13 +378,18 @@ def _substituted(module: torch.nn.Module, values: dict):
 def run_training(trainer: LocalizedTrainer, loss_fn, out: Path | None, identity: dict, progress=None) -> float:
     """The loop: resume from ``out/checkpoint`` if present, train to ``config.steps``,
     checkpoint every ``checkpoint_every`` steps and on interruption (the main process
-    writes, and alone reports `progress`). Returns wall seconds."""
+    writes, and alone reports `progress`). Returns the wall seconds of the training, a resumed
+    run's together with those of the runs before it (kept in the checkpoint)."""
     cfg, procs = trainer.config, trainer.processes
     progress = progress if procs.is_main else None
     if out is not None and trainer.load_checkpoint(out, identity) and progress:
         progress(f"resumed at step {trainer.step}/{cfg.steps}")
     trainer.broadcast_parameters()
-    start = time.perf_counter()
+    start, earlier = time.perf_counter(), trainer.seconds
+
+    def clock() -> None:
+        trainer.seconds = earlier + time.perf_counter() - start
+
     try:
         every = max(1, cfg.steps // 20)  # losses reach the host (and are checked) this often, not every step
         while trainer.step < cfg.steps:
@@ -394,12 +409,15 @@ def run_training(trainer: LocalizedTrainer, loss_fn, out: Path | None, identity:
                 if progress and (trainer.step % every == 0 or trainer.step == cfg.steps):
                     progress(f"step {trainer.step}/{cfg.steps} loss {losses[-1]:.4f}")
             if checkpoint:
+                clock()
                 trainer.save_checkpoint(out, identity)  # the main process; the others wait for it
                 procs.wait()
     except KeyboardInterrupt:
         if out is not None:
+            clock()
             trainer.save_checkpoint(out, identity)
             raise Interrupted(f"interrupted at step {trainer.step}; rerun the same command to resume") from None
         raise
     trainer.flush_losses()
-    return time.perf_counter() - start
+    clock()
+    return trainer.seconds

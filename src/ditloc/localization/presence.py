@@ -144,7 +144,7 @@ class PresenceRunner:
             self.gradient_objective = PredictedPresence(self.adapter, self.evaluator, self.eval_text)
         self.gradient_steps = None  # the steps attribution is measured at (None: every step)
         self.gradient_gate = 0.0  # the gates of the blocks outside a set where its attribution is taken
-        self.generations = 0  # images generated, in units of one generation of all samples
+        self.generations = 0  # images generated, in units of one generation of all samples (resumed ones included)
         self.gradient_generations = 0  # of which generated with conditional attribution
         self.seconds = 0.0
 
@@ -162,10 +162,14 @@ class PresenceRunner:
         return frozenset(blocks) in self._raw
 
     def remember(self, blocks, values, gradient=None) -> None:
-        """A set's raw per-image values (and its conditional attribution), from a store (resume)."""
+        """A set's raw per-image values (and its conditional attribution), from a store (resume).
+        Counted among the generations as the run that generated it counted it, so a resumed
+        search records the cost of an uninterrupted one."""
         self._raw[frozenset(blocks)] = np.asarray(values, dtype=np.float64)
+        self.generations += 1
         if gradient is not None:
             self._gradient[frozenset(blocks)] = np.asarray(gradient, dtype=np.float64)
+            self.gradient_generations += 1
 
     def raw(self, sets, on_set=None, gradient=False) -> np.ndarray:
         """[len(sets), samples] raw values; `on_set(blocks, values, gradient)` after each new set.

@@ -131,12 +131,14 @@ class SearchConfig:
 
 class _Checkpoint:
     """The search's on-disk record: a header line (what is searched) and one line per
-    evaluated set with its raw per-image values."""
+    evaluated set with its raw per-image values and the seconds the search ran since the
+    line before (a resumed search's time is its runs' time together)."""
 
     def __init__(self, path, identity: dict):
         self.path = Path(path)
         self.identity = identity
         self.store = ResultStore(self.path)
+        self.seconds = 0.0  # the loaded lines' seconds
 
     def load(self) -> list[tuple[list[str], list[float], list[float] | None]]:
         records = ResultStore.read(self.path)
@@ -151,13 +153,20 @@ class _Checkpoint:
                            if self.identity.get(k) != head.get("identity", {}).get(k))
             raise DitlocError(f"{self.path} holds a search with other settings ({', '.join(diffs[:4])}); "
                               "use another checkpoint path or the same settings")
+        self.seconds = sum(float(r.get("seconds", 0.0)) for r in records[1:])
         return [(r["set"], r["values"], r.get("gradient")) for r in records[1:]]
 
-    def append(self, blocks, values, gradient=None) -> None:
-        record = {"set": list(blocks), "values": [float(v) for v in values]}
+    def append(self, blocks, values, gradient=None, seconds: float = 0.0) -> None:
+        record = {"set": list(blocks), "values": [float(v) for v in values], "seconds": round(seconds, 3)}
         if gradient is not None:  # [blocks, samples]
             record["gradient"] = [[float(v) for v in row] for row in gradient]
         self.store.append(record)
+
+
+def checkpoint_generations(path) -> int:
+    """The generations a search checkpoint holds (one per stored set; 0: none there): a run that
+    resumes from it generates the cost it records less these."""
+    return max(0, len(ResultStore.read(path)) - 1)
 
 
 def _ordered(s, order: list[str]) -> tuple[str, ...]:
@@ -222,6 +231,7 @@ def search(pipe, prompts, concept: str, *, config: SearchConfig | None = None, e
                                 "objective": "presence" if runner.gradient_objective is not None else "prediction"}
     lock = None
     store = None
+    earlier_seconds = 0.0  # the time of the runs before this one (a resumed search)
     procs = runner.processes  # under accelerate launch: the main process alone holds the lock and writes
     if checkpoint is not None:
         path = Path(checkpoint)
@@ -232,25 +242,29 @@ def search(pipe, prompts, concept: str, *, config: SearchConfig | None = None, e
                 lock = OutputLock(path.parent, name=path.name + ".lock")
                 lock.__enter__()
                 store = _Checkpoint(path, identity)
-                return "ok", store.load()
+                return "ok", (store.load(), store.seconds)
             except DitlocError as e:  # said by every process, not left waiting on the main one
                 if lock is not None:
                     lock.__exit__(None, None, None)
                 lock = store = None
                 return "error", str(e)
 
-        status, records = procs.share(load)
+        status, loaded = procs.share(load)
         if status == "error":
-            raise DitlocError(records)
+            raise DitlocError(loaded)
+        records, earlier_seconds = loaded
         for blocks, values, gradient in records:
             runner.remember(blocks, values, gradient)
     try:
         total = _planned(len(candidates), config, objective)
         done = [0]
+        stamp = [start]  # when the last set was stored
 
         def on_set(blocks, values, gradient=None):
             if store is not None:
-                store.append(_ordered(blocks, names), values, gradient)
+                now = time.perf_counter()
+                store.append(_ordered(blocks, names), values, gradient, seconds=now - stamp[0])
+                stamp[0] = now
             done[0] += 1
             if progress is not None and procs.is_main:  # a set measured again for its attribution adds one
                 progress(done[0], max(total, done[0]))
@@ -288,7 +302,8 @@ def search(pipe, prompts, concept: str, *, config: SearchConfig | None = None, e
         cost={"generations": runner.generations, "gradient_generations": runner.gradient_generations,
               "sets_evaluated": len(evaluated),
               "search_steps": runner.resolved.record()["num_inference_steps"],
-              "seconds": round(time.perf_counter() - start, 3), "candidate_seconds": round(candidate_seconds, 3)},
+              "seconds": round(earlier_seconds + time.perf_counter() - start, 3),
+              "candidate_seconds": round(candidate_seconds, 3)},
     )
     n = len(runner.samples)
     drops = torch.full((len(names), 1, n), math.nan)  # a block left NaN was not measured (never 0: no effect)
