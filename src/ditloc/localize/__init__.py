@@ -17,7 +17,7 @@ from .presence import (
     default_evaluator,
     presence,
 )
-from .result import AUTO_K_DROP, Localization, SetSearch, minimal_k_of
+from .result import AUTO_K_DROP, Localization, SetSearch, score_mass_k
 from .scores import block_scores
 from .search import SearchConfig, search
 
@@ -33,7 +33,7 @@ __all__ = [
     "block_scores",
     "default_evaluator",
     "localize",
-    "minimal_k_of",
     "presence",
+    "score_mass_k",
     "search",
 ]
