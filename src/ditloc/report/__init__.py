@@ -52,7 +52,9 @@ class Report:
 def _method_name(data: BenchRun) -> str:
     """The localization method of the heat map and grids (a bench run's first)."""
     method = data.methods[0]
-    return f"attention contribution, {data.settings.get('contribution_terms', 'attn_value_out')}" if method == "contribution" else method
+    if method != "contribution":
+        return method
+    return f"attention contribution, {data.settings.get('contribution_terms', 'attn_value_out')}"
 
 
 def _grid_samples(data: BenchRun, category: str, concept: str, n: int) -> list[tuple[int, int]]:
