@@ -176,6 +176,9 @@ def test_k_auto_and_k_n_on_intervene_and_unlearn(model_dir, searched, tmp_path, 
     (["personalize", "toy", "--images", "x", "--token", "sks", "--class-word", "dog", "--k", "gap"],
      "--k takes a number of blocks or auto, got 'gap'"),
     (["demo", "--k", "sometimes"], "--k takes a number of blocks or auto"),
+    (["localize", "toy", "--concept", "zibbit", "--prompt", "a zibbit", "--k", "13"],
+     "--k must be between 1 and 12 (the number of blocks), got 13"),
+    (["unlearn", "toy", "--concept", "zibbit", "--anchor", "a triangle", "--k", "13"], "--k must be between 1 and 12"),
 ])
 def test_bad_k(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.setattr(cli.models, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model before refusing"))

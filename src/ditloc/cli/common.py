@@ -266,6 +266,15 @@ def check_run_settings(args) -> None:
                 fail(f"--{name.replace('_', '-')} is empty")
 
 
+def check_k(args) -> None:
+    """--k N against the blocks MODEL's config declares (read without loading it; unknown: checked once it
+    loads)."""
+    k = getattr(args, "k", None)
+    n_blocks = models.count_blocks(args.model) if isinstance(k, int) else None
+    if n_blocks is not None and k > n_blocks:
+        fail(f"--k must be between 1 and {n_blocks} (the number of blocks), got {k}")
+
+
 def check_blocks_named(blocks: str, hint: str = "") -> None:
     """--blocks names at least one block (`hint`: the other values the command takes)."""
     if not [b for b in blocks.split(",") if b.strip()]:

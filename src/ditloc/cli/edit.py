@@ -17,6 +17,7 @@ from .common import (
     add_pipeline_args,
     check_blocks_named,
     check_concept,
+    check_k,
     check_out_and_counts,
     check_run_settings,
     fail,
@@ -250,6 +251,7 @@ def _check_blocks_and_settings(args) -> None:
 
         Localization.load(args.blocks)  # a missing or broken file: one line, before the model loads
     check_run_settings(args)
+    check_k(args)
     check_blocks_named(args.blocks, " (or auto, all)")
     _check_search_flags(args)
 

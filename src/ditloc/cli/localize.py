@@ -15,6 +15,7 @@ from .common import (
     add_common,
     check_blocks_named,
     check_concept,
+    check_k,
     check_out_and_counts,
     check_run_settings,
     fail,
@@ -101,6 +102,7 @@ def check_localize(args) -> None:
     """Before the model loads (sets ``args.prompts``, and ``args.concept_prompts`` with --concepts-file)."""
     check_out_and_counts(args)
     check_run_settings(args)
+    check_k(args)
     args.prompts = read_prompts(args)
     args.concept_prompts = None
     if args.concepts_file is None:
@@ -139,6 +141,7 @@ def check_intervene(args) -> None:
     """Before the model loads (sets ``args.prompts``)."""
     check_out_and_counts(args)
     check_run_settings(args)
+    check_k(args)
     if args.blocks is not None:
         check_blocks_named(args.blocks)
     args.prompts = read_prompts(args)
