@@ -147,6 +147,18 @@ def test_bad_seeds(tmp_path, capsys, monkeypatch, seeds, message):
         assert message in one_error_line(code, err)
 
 
+@pytest.mark.parametrize("argv, flag", [
+    (["localize", "toy", "--concept", "zibbit", "--prompt", "a zibbit", "--seeds", "0", "--seeds", "1"], "--seeds"),
+    (["unlearn", "toy", "--concept", "zibbit", "--anchor", "a triangle", "--k", "2", "--k", "auto"], "--k"),
+    (["bench", "toy", "--evaluator", "toy", "--localize-seeds", "0", "--localize-seeds", "1"], "--localize-seeds"),
+])
+def test_a_vocabulary_flag_given_twice_is_refused(tmp_path, capsys, monkeypatch, argv, flag):
+    """argparse would keep the last silently; a comma list says every seed at once."""
+    monkeypatch.setattr(cli.models, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model before refusing"))
+    code, _, err = run(argv + ["--out", str(tmp_path / "o")], capsys)
+    assert f"{flag} given twice; give it once" in one_error_line(code, err)
+
+
 # --- --k N|auto --------------------------------------------------------------------------------------------------
 
 def test_k_auto_and_k_n_on_intervene_and_unlearn(model_dir, searched, tmp_path, capsys):

@@ -12,6 +12,7 @@ from .common import (
     CONTRIBUTION_TERMS,
     DTYPES,
     SEED,
+    Once,
     adapter_options,
     add_adapter_option,
     add_model_source,
@@ -39,9 +40,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--evaluation-prompts", type=int, default=None, metavar="N",
                    help="only the first N evaluation prompts")
     p.add_argument("--k", default="1,2,4,8", metavar="K,K,...", help="numbers of blocks to withhold (default 1,2,4,8)")
-    p.add_argument("--seeds", type=seed_list, default=(0, 1, 2), metavar="S,S,...",
+    p.add_argument("--seeds", type=seed_list, action=Once, default=(0, 1, 2), metavar="S,S,...",
                    help="evaluation seeds (default 0,1,2)")
-    p.add_argument("--localize-seeds", type=seed_list, default=(0,), metavar="S,S,...",
+    p.add_argument("--localize-seeds", type=seed_list, action=Once, default=(0,), metavar="S,S,...",
                    help="seeds of the localization trajectories (default 0)")
     p.add_argument("--evaluator", choices=("toy", "clip", "style", "vlm"), required=True)
     p.add_argument("--evaluator-model", default=None, metavar="PATH", help="CLIP / VLM directory or cached hub id")

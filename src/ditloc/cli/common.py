@@ -58,6 +58,19 @@ def retire(p: argparse.ArgumentParser, flag: str, successor: str) -> None:
     p.add_argument(flag, action=_Retired, successor=successor)
 
 
+class Once(argparse.Action):
+    """A flag that may be given once: a second one (which argparse would silently keep instead of the
+    first) is refused in one line. Lists are comma lists (--seeds 0,1,2)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = namespace.__dict__.setdefault("_given_once", set())
+        if self.dest in seen:
+            fail(f"{option_string} given twice; give it once" + (" (a comma list: --seeds 0,1,2)"
+                                                                 if "seeds" in self.dest else ""))
+        seen.add(self.dest)
+        setattr(namespace, self.dest, values)
+
+
 #: what replaced each flag retired on every command that had it
 SEED = "--seeds S[,S...] (a comma list, e.g. --seeds 0 or --seeds 0,1,2)"
 
@@ -114,7 +127,7 @@ def add_common(p: argparse.ArgumentParser, *, concept_required: bool = True) -> 
     p.add_argument("--concept", required=concept_required, help="the concept's words as they appear in the prompt")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's; on FLUX base models without a guidance embedding, true_cfg_scale)")
-    p.add_argument("--seeds", type=seed_list, default=(0,), metavar="S,S,...",
+    p.add_argument("--seeds", type=seed_list, action=Once, default=(0,), metavar="S,S,...",
                    help="generator seeds, comma-separated: every prompt is run at each (default 0)")
     retire(p, "--seed", SEED)
     p.add_argument("--max-sequence-length", type=int, default=None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import _progress
 from . import models
-from .common import check_out_and_counts, fail, k_value
+from .common import Once, check_out_and_counts, fail, k_value
 
 
 def add_parsers(sub) -> None:
@@ -14,7 +14,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--model", choices=tuple(TOY_MODELS), default="toy",
                    help="toy (PixArt-alpha, default) or toy-flux (FLUX: joint attention)")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    p.add_argument("--k", type=k_value(), default="auto", metavar="N|auto",
+    p.add_argument("--k", type=k_value(), action=Once, default="auto", metavar="N|auto",
                    help="blocks to withhold: N, or auto (default: the smallest K that halves each concept's "
                         "presence on its search curve, its largest set where none does)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 20; 4 with --fast)")

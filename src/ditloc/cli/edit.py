@@ -12,6 +12,7 @@ from .common import (
     DTYPES,
     LOCALIZE_METHODS,
     SEED,
+    Once,
     add_adapter_option,
     add_model_source,
     add_pipeline_args,
@@ -114,7 +115,8 @@ def _add_edit_args(p, *, method: dict, rules: tuple[str, ...], k_help: str) -> N
     p.add_argument("--blocks", default="auto",
                    help="auto (localize, then --k blocks), a localization.json from `ditloc localize` (search "
                         "once, edit many times), all, or block.3,block.7")
-    p.add_argument("--k", type=k_value(rules), default="auto", metavar="N|" + "|".join(rules), help=k_help)
+    p.add_argument("--k", type=k_value(rules), action=Once, default="auto", metavar="N|" + "|".join(rules),
+                   help=k_help)
     p.add_argument("--localize-method", choices=LOCALIZE_METHODS,
                    default="search",
                    help="how --blocks auto localizes (default search: block sets by their effect on the "
@@ -146,7 +148,7 @@ def _add_edit_args(p, *, method: dict, rules: tuple[str, ...], k_help: str) -> N
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's; FLUX base models: true_cfg_scale)")
     add_adapter_option(p)
     add_pipeline_args(p)
-    p.add_argument("--seeds", type=seed_list, default=(0, 1), metavar="S,S,...",
+    p.add_argument("--seeds", type=seed_list, action=Once, default=(0, 1), metavar="S,S,...",
                    help="seeds of the localization --blocks auto runs (default 0,1); the first also seeds the edit "
                         "(LoRA initialization, noise and timestep draws, anchor and class images)")
     p.add_argument("--device", default=None)

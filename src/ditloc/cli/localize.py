@@ -10,6 +10,7 @@ from . import models
 from .common import (
     CONTRIBUTION_TERMS,
     LOCALIZE_METHODS,
+    Once,
     _words,
     adapter_options,
     add_common,
@@ -47,7 +48,7 @@ def add_parsers(sub) -> None:
                    help="contribution only: which terms of the attention output are measured (default "
                         "attn_value_out: the attention weights times the values and the output projection)")
     p.add_argument("--out-bias", action="store_true", help="contribution only: add W_o's bias (authors' code)")
-    p.add_argument("--k", type=k_value(), default=None, metavar="N|auto",
+    p.add_argument("--k", type=k_value(), action=Once, default=None, metavar="N|auto",
                    help="also choose K and record it: N blocks, or auto (the smallest K that halves the concept's "
                         "presence on the search's curve; block scores: that holds half the positive score mass)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -88,7 +89,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--clean-prompt", default=None, help="default: the prompt with the concept removed")
     p.add_argument("--blocks", default=None, help="comma-separated block names, e.g. block.3,block.7")
-    p.add_argument("--k", type=k_value(), default=None, metavar="N|auto",
+    p.add_argument("--k", type=k_value(), action=Once, default=None, metavar="N|auto",
                    help="with --localization: its K blocks (N, or auto: the smallest K that halves the concept's "
                         "presence on the search's curve; block scores: that holds half the positive score mass)")
     p.add_argument("--localization", default=None, help="a localization.json from `ditloc localize`")
