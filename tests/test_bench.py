@@ -195,15 +195,15 @@ def test_random_blocks_draw_as_a_choice_of_names():
 
 
 def test_several_methods_in_one_run(files, reference, tmp_path):
-    """--method contribution,patch: each method's top-K and bottom-K, one random-K per K, one baseline;
+    """--localize-methods contribution,patch: each method's top-K and bottom-K, one random-K per K, one baseline;
     the contribution rows are those of a contribution-only run; the report draws every method."""
     from ditloc.bench import read_run
     from ditloc.report import build_report
-    from ditloc.report.data import minimal_k, presence_curves
+    from ditloc.report.data import k_for_drop, presence_curves
 
     model, probes = files
     out = tmp_path / "run"
-    code, _, err = run_cli(bench_argv(model, probes, out) + ["--method", "contribution,patch"])
+    code, _, err = run_cli(bench_argv(model, probes, out) + ["--localize-methods", "contribution,patch"])
     assert code == 0, err
     rows = rows_of(out)
     units = {r["unit"] for r in rows}
@@ -228,22 +228,22 @@ def test_several_methods_in_one_run(files, reference, tmp_path):
     assert data.n_generation_units == len(units)
     methods = {(p.control, p.method) for p in presence_curves(data)}
     assert {("top", "patch"), ("bottom", "patch"), ("top", "contribution"), ("random", "")} <= methods
-    assert {m.method for m in minimal_k(data)} == {"contribution", "patch"}
+    assert {m.method for m in k_for_drop(data)} == {"contribution", "patch"}
     report = build_report(out)
     assert report.html.is_file()
     # a second run with other methods is refused before any work
-    code, _, err = run_cli(bench_argv(model, probes, out) + ["--method", "patch"])
+    code, _, err = run_cli(bench_argv(model, probes, out) + ["--localize-methods", "patch"])
     assert code == 2 and "other settings" in err and len(err.strip().splitlines()) == 1
 
 
 def test_search_method_withholds_its_sets(files, tmp_path):
-    """--method search: one search per concept up to the largest K, scored by the bench's evaluator; its
+    """--localize-methods search: one search per concept up to the largest K, scored by the bench's evaluator; its
     top-K rows withhold S_K, random-K as for every method, no bottom-K; a rerun reuses every unit."""
     from ditloc.bench import read_run
     from ditloc.report import build_report
 
     model, probes = files
-    argv = bench_argv(model, probes, tmp_path / "run") + ["--method", "search"]
+    argv = bench_argv(model, probes, tmp_path / "run") + ["--localize-methods", "search"]
     out = tmp_path / "run"
     code, stdout, err = run_cli(argv)
     assert code == 0, err
@@ -283,7 +283,7 @@ def test_search_method_withholds_its_sets(files, tmp_path):
 
 def test_unknown_method_refused(files, tmp_path):
     model, probes = files
-    code, _, err = run_cli(bench_argv(model, probes, tmp_path / "run") + ["--method", "contribution,gradient"])
+    code, _, err = run_cli(bench_argv(model, probes, tmp_path / "run") + ["--localize-methods", "contribution,gradient"])
     assert code == 2 and "methods must be" in err and len(err.strip().splitlines()) == 1
 
 
@@ -336,3 +336,26 @@ def test_run_written_before_pipeline_args_resumes(files, reference, tmp_path):
     assert "0 unit(s) run" in out and f"{N_UNITS} reused" in out
     code, _, err = run_cli(bench_argv(model, probes, run) + ["--height", "32"])  # other settings: refused
     assert code == 2 and "pipeline_kwargs" in err
+
+
+def test_run_written_before_the_renames_resumes_and_reports(files, reference, tmp_path):
+    """bench.json of a run from before --contribution-terms and --localize-seeds ("variant", "localize_seed"):
+    the same command resumes it, the report reads it, and other values are still refused."""
+    from ditloc.report import build_report
+
+    model, probes = files
+    run = tmp_path / "old"
+    shutil.copytree(reference, run)
+    record = json.loads((run / "bench.json").read_text())
+    settings = record["settings"]
+    settings["variant"] = settings.pop("contribution_terms")
+    settings["localize_seed"] = settings.pop("localize_seeds")[0]
+    (run / "bench.json").write_text(json.dumps(record))
+    code, out, err = run_cli(bench_argv(model, probes, run))
+    assert code == 0, err
+    assert "0 unit(s) run" in out and f"{N_UNITS} reused" in out
+    assert "attention contribution, attn_value_out" in build_report(run).html.read_text()
+    code, _, err = run_cli(bench_argv(model, probes, run) + ["--localize-seeds", "0,1"])
+    assert code == 2 and "localize_seeds" in err
+    code, _, err = run_cli(bench_argv(model, probes, run) + ["--contribution-terms", "attn"])
+    assert code == 2 and "contribution_terms" in err

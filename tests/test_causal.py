@@ -11,7 +11,7 @@ import torch
 
 import ditloc
 from ditloc.engine import CausalProbe, Session, instrument
-from ditloc.localization import Localization
+from ditloc.localization import Localization, score_mass_k
 from ditloc.options import RunOptions
 from ditloc.testing import (
     tiny_flux_pipeline, tiny_flux_schnell_pipeline, tiny_pixart_pipeline, tiny_pixart_sigma_pipeline, tiny_sana_pipeline,
@@ -155,7 +155,7 @@ def test_causal_localization_round_trips_and_derives_clean_prompts(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     loc = ditloc.localize(pipe, PROMPTS, CONCEPT, method="attribution", **run)
     assert loc.settings["clean_prompts"] == CLEAN  # derived, kept grammatical
-    assert loc.per_head_step.shape[-1] == 0 and "variant" not in loc.settings
+    assert loc.per_head_step.shape[-1] == 0 and "contribution_terms" not in loc.settings
     back = Localization.load(loc.save(tmp_path / "loc.json"))
     assert back.method == "attribution" and back.ranking == loc.ranking
     torch.testing.assert_close(back.per_sample_step, loc.per_sample_step)
@@ -188,10 +188,12 @@ def _loc(scores):
     ([0.5, -2.0, 0.5, 0.0], 0.5, 1),  # negative scores hold no mass
     ([-1.0, -1.0], 0.5, 1),  # nothing positive: the top block
 ])
-def test_minimal_k(scores, fraction, k):
-    assert _loc(scores).minimal_k(fraction) == k
+def test_score_mass_k(scores, fraction, k):
+    assert score_mass_k(_loc(scores).scores, fraction) == k
+    if fraction == 0.5:  # without a search, --k auto is this rule at half the mass
+        assert _loc(scores).k_auto() == k
 
 
-def test_minimal_k_refuses_bad_fraction():
+def test_score_mass_k_refuses_bad_fraction():
     with pytest.raises(ditloc.DitlocError, match="fraction"):
-        _loc([1.0]).minimal_k(0)
+        score_mass_k([1.0], 0)

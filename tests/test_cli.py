@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from ditloc.cli import main
+from ditloc.localization import score_mass_k
 from ditloc.testing import tiny_pixart_pipeline
 
 
@@ -36,7 +37,7 @@ def test_localize_writes_json_and_table(model_dir, tmp_path, capsys):
     prompts.write_text("# a comment\nvan gogh at night\n\n")
     out = tmp_path / "loc"
     code, stdout, err = run(["localize", model_dir, "--concept", "Van Gogh", "--prompt", "a photo of van gogh",
-                             "--prompts-file", str(prompts), "--top-k", "2", "--method", "contribution",
+                             "--prompts-file", str(prompts), "--k", "2", "--localize-method", "contribution",
                              "--out", str(out), *COMMON], capsys)
     assert code == 0, err
     d = json.loads((out / "localization.json").read_text())
@@ -44,7 +45,7 @@ def test_localize_writes_json_and_table(model_dir, tmp_path, capsys):
     assert len(d["scores"]) == 4 and len(d["per_step"]) == 4 and len(d["per_step"][0]) == 2
     assert sorted(d["ranking"]) == d["blocks"]
     assert d["settings"]["prompts"] == ["a photo of van gogh", "van gogh at night"]
-    assert d["settings"]["top_k"] == 2 and d["settings"]["num_inference_steps"] == 2
+    assert d["settings"]["k"] == 2 and d["settings"]["k_rule"] == "given" and d["settings"]["num_inference_steps"] == 2
     lines = [line for line in stdout.splitlines() if line.strip().startswith(("1 ", "2 ", "3 "))]
     assert [line.split()[1] for line in lines] == d["ranking"][:2]
     assert "localize: 2/2 prompts" in err
@@ -52,8 +53,9 @@ def test_localize_writes_json_and_table(model_dir, tmp_path, capsys):
 
 def test_localize_search_prints_the_curve_and_resumes(model_dir, tmp_path, capsys):
     out = tmp_path / "search"
-    argv = ["localize", model_dir, "--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "search",
-            "--objective", "self", "--max-k", "2", "--auto-k", "--out", str(out), *COMMON]
+    argv = ["localize", model_dir, "--concept", "van gogh", "--prompt", "a photo of van gogh",
+            "--localize-method", "search", "--objective", "self", "--max-k", "2", "--k", "auto", "--out", str(out),
+            *COMMON]
     code, stdout, err = run(argv, capsys)
     assert code == 0, err
     d = json.loads((out / "localization.json").read_text())
@@ -64,33 +66,35 @@ def test_localize_search_prints_the_curve_and_resumes(model_dir, tmp_path, capsy
     assert "search: " in err and "block sets" in err
     # no halving set found by the forward search: the line says what else to try
     assert ("none up to 2 halves presence" in stdout and "--direction both" in stdout) == (d["search"]["auto_k"] is None)
+    k = d["search"]["auto_k"] or 2  # --k auto: the curve's first halving K, else the largest set
+    assert d["settings"]["k"] == k and d["settings"]["k_rule"] == "auto"
     sets = len((out / "search.jsonl").read_text().splitlines())
     code, stdout, err = run(argv, capsys)  # the same command again: every set comes from the checkpoint
     assert code == 0 and "(0 generated now" in stdout
     assert len((out / "search.jsonl").read_text().splitlines()) == sets
-    iv = tmp_path / "iv"  # intervene --auto-k reads K from the search's curve
+    iv = tmp_path / "iv"  # intervene --k auto reads K from the search's curve, by the same rule
     code, _, err = run(["intervene", model_dir, "--concept", "van gogh", "--prompt", "a photo of van gogh",
-                        "--auto-k", "--localization", str(out / "localization.json"), "--out", str(iv), *COMMON],
+                        "--k", "auto", "--localization", str(out / "localization.json"), "--out", str(iv), *COMMON],
                        capsys)
     assert code == 0, err
-    k = d["search"]["auto_k"] or 2
-    assert json.loads((iv / "intervention.json").read_text())["blocks"] == sorted(d["search"]["sets"][k - 1])
+    rec = json.loads((iv / "intervention.json").read_text())
+    assert rec["blocks"] == sorted(d["search"]["sets"][k - 1]) and rec["k"] == k and rec["k_rule"] == "auto"
 
 
 def test_intervene_from_localization(model_dir, tmp_path, capsys):
     out = tmp_path / "loc"
     assert run(["localize", model_dir, "--concept", "van gogh", "--prompt", "a photo of van gogh",
-                "--method", "contribution", "--out", str(out), *COMMON], capsys)[0] == 0
+                "--localize-method", "contribution", "--out", str(out), *COMMON], capsys)[0] == 0
     iv = tmp_path / "iv"
     code, stdout, err = run(["intervene", model_dir, "--concept", "van gogh", "--prompt", "a photo of van gogh",
-                             "--top-k", "2", "--localization", str(out / "localization.json"),
+                             "--k", "2", "--localization", str(out / "localization.json"),
                              "--out", str(iv), *COMMON], capsys)
     assert code == 0, err
     assert Image.open(iv / "original.png").size == (32, 32)
     assert Image.open(iv / "intervened.png").size == (32, 32)
     rec = json.loads((iv / "intervention.json").read_text())
     top2 = json.loads((out / "localization.json").read_text())["ranking"][:2]
-    assert rec["blocks"] == top2  # best first, as ranked
+    assert rec["blocks"] == top2 and rec["k"] == 2 and rec["k_rule"] == "given"  # best first, as ranked
     assert rec["clean_prompt"] == "a photo" and rec["mode"] == "withhold"  # no dangling "of"
 
 
@@ -106,53 +110,58 @@ def test_intervene_explicit_blocks_inject(model_dir, tmp_path, capsys):
 def test_localize_causal_method_with_auto_k_feeds_intervene(model_dir, tmp_path, capsys):
     out = tmp_path / "loc"
     code, stdout, err = run(["localize", model_dir, "--concept", "van gogh", "--prompt", "a photo of van gogh",
-                             "--prompt", "van gogh at night", "--method", "patch",
+                             "--prompt", "van gogh at night", "--localize-method", "patch",
                              "--clean-prompt", "a photo of a dog", "--clean-prompt", "a dog at night",
-                             "--auto-k", "--out", str(out), *COMMON], capsys)
+                             "--k", "auto", "--out", str(out), *COMMON], capsys)
     assert code == 0, err
     d = json.loads((out / "localization.json").read_text())
     assert d["settings"]["method"] == "patch"
     assert d["settings"]["clean_prompts"] == ["a photo of a dog", "a dog at night"]
-    assert d["settings"]["auto_k"] is True and 1 <= d["settings"]["top_k"] <= 4
-    assert f"automatic K = {d['settings']['top_k']}" in stdout and "method patch" in stdout
+    # block scores: --k auto is the smallest top K holding half the positive score mass
+    assert d["settings"]["k_rule"] == "auto" and d["settings"]["k"] == score_mass_k(d["scores"])
+    assert f"automatic K = {d['settings']['k']}" in stdout and "method patch" in stdout
     iv = tmp_path / "iv"
     code, _, err = run(["intervene", model_dir, "--concept", "van gogh", "--prompt", "a photo of van gogh",
-                        "--auto-k", "--localization", str(out / "localization.json"), "--out", str(iv), *COMMON],
+                        "--k", "auto", "--localization", str(out / "localization.json"), "--out", str(iv), *COMMON],
                        capsys)
     assert code == 0, err
-    assert json.loads((iv / "intervention.json").read_text())["blocks"] == d["ranking"][: d["settings"]["top_k"]]
+    assert json.loads((iv / "intervention.json").read_text())["blocks"] == d["ranking"][: d["settings"]["k"]]
 
 
 BAD = [
     (["--concept", "snoopy", "--prompt", "a photo of van gogh"], "not in prompt"),
-    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "gradient"], "invalid choice"),
-    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--top-k", "2", "--auto-k"], "not both"),
-    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "contribution", "--clean-prompt",
-      "a photo"], "patch, attribution or search"),
-    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "patch", "--clean-prompt", "a",
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--localize-method", "gradient"], "invalid choice"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--localize-method", "contribution",
+      "--clean-prompt", "a photo"], "patch, attribution or search"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--localize-method", "patch", "--clean-prompt", "a",
       "--clean-prompt", "b"], "one per prompt"),
-    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "patch", "--block-batch", "0"],
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--localize-method", "patch", "--block-batch", "0"],
      "--block-batch"),
     (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--max-sequence-length", "4"], "cut off"),
-    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--top-k", "0"], "--top-k must be at least 1"),
-    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--top-k", "9"], "between 1 and 4"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--k", "0"], "--k must be at least 1"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--k", "most"],
+     "--k takes a number of blocks or auto"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--k", "9", "--localize-method", "contribution"],
+     "between 1 and 4"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--k", "9", "--max-k", "2"], "between 1 and 4"),
     (["--concept", "van gogh"], "no prompts"),
-    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "search", "--max-k", "0"],
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--localize-method", "search", "--max-k", "0"],
      "--max-k must be at least 1"),
-    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "search", "--max-k", "5"],
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--localize-method", "search", "--max-k", "5"],
      "max_k must be between 1 and 4"),
-    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "search", "--max-k", "3",
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--localize-method", "search", "--max-k", "3",
       "--candidates", "2"], "must be at least max_k"),
-    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "search", "--objective", "judge"],
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--localize-method", "search", "--objective", "judge"],
      "unknown objective 'judge'"),
-    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "search", "--objective", "evaluator"],
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--localize-method", "search", "--objective", "evaluator"],
      "needs --evaluator"),
-    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "patch", "--max-k", "3"],
-     "setting of --method search"),
-    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--rank", "sideways"], "unknown search ranking"),
-    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--rank", "gradient", "--evaluator", "vlm"],
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--localize-method", "patch", "--max-k", "3"],
+     "setting of --localize-method search"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--search-rank", "sideways"],
+     "unknown search ranking"),
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--search-rank", "gradient", "--evaluator", "vlm"],
      "not differentiable"),
-    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--method", "search", "--evaluator", "toy"],
+    (["--concept", "van gogh", "--prompt", "a photo of van gogh", "--localize-method", "search", "--evaluator", "toy"],
      "'van gogh' is not a toy concept"),
     (["--concept", "van gogh", "--prompts-file", "/nonexistent/prompts.txt"], "cannot read prompts file"),
 ]
@@ -170,11 +179,12 @@ def test_localize_bad_input(model_dir, tmp_path, capsys, args, message):
 BAD_INTERVENE = [
     (["--blocks", "block.7"], "unknown block 'block.7'"),
     (["--blocks", ","], "--blocks is empty"),
-    (["--top-k", "2"], "--top-k needs --localization"),
+    (["--k", "2"], "--k 2 needs --localization"),
     ([], "either --blocks"),
-    (["--top-k", "2", "--localization", "/nonexistent.json"], "does not exist"),
-    (["--auto-k"], "--auto-k needs --localization"),
-    (["--auto-k", "--top-k", "2", "--localization", "/nonexistent.json"], "not both"),
+    (["--blocks", "block.1", "--k", "2"], "either --blocks"),
+    (["--k", "2", "--localization", "/nonexistent.json"], "does not exist"),
+    (["--k", "auto"], "--k auto needs --localization"),
+    (["--k", "0"], "--k must be at least 1"),
 ]
 
 
@@ -212,7 +222,7 @@ def test_entry_point_subprocess(model_dir, tmp_path):
 
 
 def test_localize_searches_by_default_and_says_its_objective(model_dir, tmp_path, capsys):
-    """No --method: the set-level search; on a model without an evaluator the self objective,
+    """No --localize-method: the set-level search; on a model without an evaluator the self objective,
     said in one line before the run."""
     out = tmp_path / "loc"
     code, stdout, err = run(["localize", model_dir, "--concept", "van gogh", "--prompt", "a photo of van gogh",
@@ -245,7 +255,8 @@ def test_localize_concepts_file_searches_each_concept_on_its_prompts(model_dir, 
     ("dog\ndog\n", [], "listed twice"),
     ("# nothing\n", [], "lists no concept"),
     ("dog\n", ["--concept", "dog"], "not both"),
-    ("dog\n", ["--method", "patch"], "use it with --method search"),
+    ("dog\n", ["--localize-method", "patch"], "use it with --localize-method search"),
+    ("dog\n", ["--k", "2"], "apply to one concept"),
 ])
 def test_localize_concepts_file_bad_input(model_dir, tmp_path, capsys, text, extra, message):
     concepts = tmp_path / "concepts.txt"

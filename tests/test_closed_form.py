@@ -184,7 +184,7 @@ def test_config_checks():
         ClosedFormConfig(positions="some")
     with pytest.raises(DitlocError, match="preserve-mode must be one of"):
         ClosedFormConfig(preserve_mode="orthogonal")
-    with pytest.raises(DitlocError, match="need --method closed-form or --preserve-target teacher"):
+    with pytest.raises(DitlocError, match="need --edit-method closed-form or --preserve-target teacher"):
         unlearn(tiny_pixart_pipeline(), "dog", "cat", prompts=PROMPTS, preserve=PRESERVE)
     with pytest.raises(DitlocError, match="--preserve-target applies to trained unlearning"):
         unlearn(tiny_pixart_pipeline(), "dog", "cat", prompts=PROMPTS, config=ClosedFormConfig(),
@@ -209,7 +209,7 @@ def test_cli_closed_form(tmp_path, capsys, pixart_dir):
     pres = tmp_path / "keep.txt"
     pres.write_text("\n".join(PRESERVE) + "\n")
     code = _cli(["unlearn", str(pixart_dir), "--concept", "dog", "--anchor", "cat", "--prompt", PROMPTS[0],
-                 "--prompt", PROMPTS[1], "--method", "closed-form", "--blocks", "block.1", "--preserve-file", str(pres),
+                 "--prompt", PROMPTS[1], "--edit-method", "closed-form", "--blocks", "block.1", "--preserve-file", str(pres),
                  "--out", str(tmp_path / "ok")])
     out = capsys.readouterr().out
     assert code == 0 and "unlearn: closed-form edit of 2 projection(s) in block.1" in out, out
@@ -218,7 +218,7 @@ def test_cli_closed_form(tmp_path, capsys, pixart_dir):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     code = _cli(["unlearn", str(pixart_dir), "--concept", "dog", "--anchor", "cat", "--prompt", PROMPTS[0],
-                 "--method", "closed-form", "--preserve-file", str(empty), "--out", str(tmp_path / "e")])
+                 "--edit-method", "closed-form", "--preserve-file", str(empty), "--out", str(tmp_path / "e")])
     err = capsys.readouterr().err
     assert code == 2 and "preservation set is empty" in err and len(err.strip().splitlines()) == 1
     code = _cli(["unlearn", str(pixart_dir), "--concept", "dog", "--anchor", "cat", "--prompt", PROMPTS[0],
@@ -227,11 +227,11 @@ def test_cli_closed_form(tmp_path, capsys, pixart_dir):
     assert code == 2 and "or with --preserve-target teacher" in err
 
 
-def test_auto_k_keeps_the_smallest_top_k_that_closes_the_gap(tmp_path):
+def test_k_gap_keeps_the_smallest_top_k_that_closes_the_gap(tmp_path):
     pipe = tiny_pixart_pipeline()
     before = _weights(pipe)
-    res = unlearn(pipe, "dog", "cat", prompts=PROMPTS, preserve=PRESERVE, blocks="auto", k="auto",
-                  config=ClosedFormConfig(auto_k_fraction=0.8), out=tmp_path, num_inference_steps=2)
+    res = unlearn(pipe, "dog", "cat", prompts=PROMPTS, preserve=PRESERVE, blocks="auto", k="gap",
+                  config=ClosedFormConfig(gap_fraction=0.8), out=tmp_path, num_inference_steps=2)
     gaps = res.details["k_gaps"]  # block (in ranking order) -> gap with the top K up to it edited
     ranking = list(gaps)
     assert len(ranking) == 4 and sorted(ranking) == sorted(get_adapter(pipe).block_names())
@@ -249,10 +249,13 @@ def test_auto_k_keeps_the_smallest_top_k_that_closes_the_gap(tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--auto-k"], "--auto-k works with --method closed-form"),
-    (["--auto-k", "--method", "closed-form", "--blocks", "block.1"], "pass --blocks auto"),
-    (["--preserve", "a cat"], "used by --method closed-form, or with --preserve-target teacher"),
-    (["--method", "closed-form", "--auto-k-fraction", "2"], "--auto-k-fraction must be in (0, 1]"),
+    (["--k", "gap"], "--k gap works with --edit-method closed-form"),
+    (["--k", "gap", "--edit-method", "closed-form", "--blocks", "block.1"], "pass --blocks auto"),
+    (["--preserve", "a cat"], "used by --edit-method closed-form, or with --preserve-target teacher"),
+    (["--edit-method", "closed-form", "--k", "gap", "--gap-fraction", "2"], "--gap-fraction must be in (0, 1]"),
+    (["--edit-method", "closed-form", "--gap-fraction", "0.5"], "pass --k gap too"),
+    (["--edit-method", "closed-form", "--k", "gap", "--concept", "bird", "--anchor", "a fish"],
+     "--k gap measures one concept's edit"),
 ])
 def test_cli_closed_form_bad_input_before_load(tmp_path, capsys, monkeypatch, extra, message):
     from ditloc import cli
@@ -288,9 +291,9 @@ def test_blocks_from_a_saved_search_and_its_k(tmp_path):
     said = []
     res = unlearn(pipe, "dog", "cat", prompts=PROMPTS, preserve=PRESERVE, blocks=str(path),
                   config=ClosedFormConfig(), out=tmp_path / "edit", progress=said.append, num_inference_steps=2)
-    weak = loc.search.auto_k() is None  # the tiny random model: the set may not halve presence
+    weak = loc.search.k_for_drop() is None  # the tiny random model: the set may not halve presence
     # the smallest set that removes 90% of presence is edited; none (a spread concept): every editable block
-    erase_k = loc.search.auto_k(0.9)
+    erase_k = loc.search.k_for_drop(0.9)
     assert list(res.blocks) == (get_adapter(pipe).block_names() if erase_k is None else loc.top(erase_k))
     assert not any(m.startswith("localizing") for m in said)  # no second localization
     assert any(m.startswith("warning:") for m in said) == weak
@@ -376,7 +379,7 @@ def test_cli_missing_localization_refused_before_load(tmp_path, capsys, monkeypa
     from ditloc import cli
 
     monkeypatch.setattr(cli.models, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model before refusing"))
-    code = _cli(["unlearn", "toy", "--concept", "dog", "--anchor", "cat", "--method", "closed-form",
+    code = _cli(["unlearn", "toy", "--concept", "dog", "--anchor", "cat", "--edit-method", "closed-form",
                  "--blocks", str(tmp_path / "nope.json"), "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
     assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1, err
@@ -429,4 +432,4 @@ def test_pooled_edit_refused_where_there_is_no_pooled_vector(tmp_path, capsys):
     code = _cli(["unlearn", "toy", "--concept", "dog", "--anchor", "cat", "--prompt", PROMPTS[0],
                  "--pooled-edit", "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err
-    assert code == 2 and "--pooled-edit works with --method closed-form" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "--pooled-edit works with --edit-method closed-form" in err and len(err.strip().splitlines()) == 1

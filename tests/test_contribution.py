@@ -13,7 +13,7 @@ from conftest import RUN
 localize_contribution = functools.partial(ditloc.localize, method="contribution")
 
 
-def naive(q, k, v, pos, mask, w, b, variant):
+def naive(q, k, v, pos, mask, w, b, terms):
     """Materialize softmax(q kᵀ/√d + mask) and apply the contribution formula literally, per sample."""
     n, H, N, d = q.shape
     tot, heads = [], []
@@ -23,12 +23,12 @@ def naive(q, k, v, pos, mask, w, b, variant):
             logits = logits + mask[s].double()
         A = logits.softmax(-1)  # [H, N, L] -- the full map
         A_S = A[:, :, pos[s]]  # [H, N, S]
-        if variant == "attn":
+        if terms == "attn":
             per_head = A_S.norm(dim=-1)  # [H, N]
             total = A_S.permute(1, 0, 2).reshape(N, -1).norm(dim=-1)
         else:
             y = A_S @ v[s].double()[:, pos[s]]  # [H, N, d]
-            if variant == "attn_value":
+            if terms == "attn_value":
                 per_head = y.norm(dim=-1)
                 total = y.permute(1, 0, 2).reshape(N, -1).norm(dim=-1)
             else:
@@ -43,11 +43,11 @@ def naive(q, k, v, pos, mask, w, b, variant):
     return torch.stack(tot), torch.stack(heads)
 
 
-@pytest.mark.parametrize("variant", ["attn", "attn_value", "attn_value_out"])
+@pytest.mark.parametrize("terms", ["attn", "attn_value", "attn_value_out"])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("chunk_elements", [1 << 22, 97])  # one chunk; many ragged chunks
 @pytest.mark.parametrize("key_limit", [None, 11])  # keys 11..14 are padding in every row
-def test_kernel_matches_naive(variant, with_bias, chunk_elements, key_limit):
+def test_kernel_matches_naive(terms, with_bias, chunk_elements, key_limit):
     g = torch.Generator().manual_seed(0)
     n, H, N, L, d, D = 3, 4, 37, 15, 8, 24
     q = torch.randn(n, H, N, d, generator=g)
@@ -66,9 +66,9 @@ def test_kernel_matches_naive(variant, with_bias, chunk_elements, key_limit):
         valid[s, : len(p)] = True
     got_t, got_h = concept_contribution(
         q, k, v, pos, valid, mask=mask, out_weight=w, out_bias=b if with_bias else None,
-        variant=variant, chunk_elements=chunk_elements, key_limit=key_limit,
+        terms=terms, chunk_elements=chunk_elements, key_limit=key_limit,
     )
-    want_t, want_h = naive(q, k, v, pos_lists, mask, w, b if with_bias else None, variant)
+    want_t, want_h = naive(q, k, v, pos_lists, mask, w, b if with_bias else None, terms)
     torch.testing.assert_close(got_t.double(), want_t, rtol=1e-5, atol=0)
     torch.testing.assert_close(got_h.double(), want_h, rtol=1e-5, atol=0)
 
@@ -88,7 +88,7 @@ def _capture_attn2_inputs(pipe):
     return adapter, calls, handles
 
 
-def _naive_from_inputs(adapter, calls, positions, n, qk_before, variant, out_bias):
+def _naive_from_inputs(adapter, calls, positions, n, qk_before, terms, out_bias):
     """C(b, t, p) recomputed from the captured module inputs with full maps."""
     n_blocks = len(adapter.block_names())
     out = {}
@@ -109,25 +109,26 @@ def _naive_from_inputs(adapter, calls, positions, n, qk_before, variant, out_bia
         bias = None if mask is None else mask[:, None]  # [B, 1, 1, L]
         proj = attn.to_out[0]
         t, h = naive(q[rows], k[rows], v[rows], positions, None if bias is None else bias[rows],
-                     proj.weight, proj.bias if out_bias else None, variant)
+                     proj.weight, proj.bias if out_bias else None, terms)
         out[(i, step)] = (t, h)
     return out
 
 
-@pytest.mark.parametrize("variant", ["attn", "attn_value", "attn_value_out"])
+@pytest.mark.parametrize("terms", ["attn", "attn_value", "attn_value_out"])
 @pytest.mark.parametrize("out_bias", [False, True])
-def test_localize_matches_naive_maps(any_pipe, variant, out_bias):
+def test_localize_matches_naive_maps(any_pipe, terms, out_bias):
     pipe = any_pipe
     prompts = ["a photo of van gogh", "van gogh painting of a dog in the city at night", "the van gogh, the van gogh"]
     adapter, calls, handles = _capture_attn2_inputs(pipe)
     try:
-        loc = localize_contribution(pipe, prompts, "Van Gogh", variant=variant, out_bias=out_bias, guidance_scale=4.5, **RUN)
+        loc = localize_contribution(pipe, prompts, "Van Gogh", contribution_terms=terms, out_bias=out_bias,
+                                    guidance_scale=4.5, **RUN)
     finally:
         for h in handles:
             h.remove()
     positions = [list(s.positions) for s in loc.spans]
     assert [len(p) for p in positions] == [2, 2, 4]
-    want = _naive_from_inputs(adapter, calls, positions, len(prompts), adapter.qk_norm_before_split, variant, out_bias)
+    want = _naive_from_inputs(adapter, calls, positions, len(prompts), adapter.qk_norm_before_split, terms, out_bias)
     n_blocks, n_steps = len(loc.blocks), RUN["num_inference_steps"]
     assert loc.per_sample_step.shape == (n_blocks, n_steps, len(prompts))
     for (b, t), (tot, heads) in want.items():
@@ -180,8 +181,8 @@ def test_kernel_concept_beyond_key_limit():
     torch.testing.assert_close(got_h.double(), want_h, rtol=1e-5, atol=1e-9)
 
 
-@pytest.mark.parametrize("variant", ["attn", "attn_value", "attn_value_out"])
-def test_kernel_with_precomputed_normalizer(variant):
+@pytest.mark.parametrize("terms", ["attn", "attn_value", "attn_value_out"])
+def test_kernel_with_precomputed_normalizer(terms):
     """With the softmax normalizer from the attention kernel (sdpa_with_lse), only the concept keys are touched."""
     from ditloc.engine import sdpa_with_lse
 
@@ -195,7 +196,7 @@ def test_kernel_with_precomputed_normalizer(variant):
         out, lse = sdpa_with_lse(q, k, v)
     assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
     assert lse is not None and lse.shape == (n, H, N)  # CPU: the flash kernel's own normalizer
-    got_t, got_h = concept_contribution(q, k, v, pos, valid, out_weight=w, variant=variant, lse=lse)
-    want_t, want_h = naive(q, k, v, [[1, 4], [7]], None, w, None, variant)
+    got_t, got_h = concept_contribution(q, k, v, pos, valid, out_weight=w, terms=terms, lse=lse)
+    want_t, want_h = naive(q, k, v, [[1, 4], [7]], None, w, None, terms)
     torch.testing.assert_close(got_t.double(), want_t, rtol=1e-5, atol=0)
     torch.testing.assert_close(got_h.double(), want_h, rtol=1e-5, atol=0)

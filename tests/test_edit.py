@@ -533,7 +533,7 @@ def test_personalize_bad_prompts_refused_before_work(kwargs, message, monkeypatc
 def test_lora_modules_config_refusals():
     with pytest.raises(DitlocError, match="--lora-modules is empty"):
         TrainConfig(lora_modules=" , ")
-    with pytest.raises(DitlocError, match="applies to --method lora"):
+    with pytest.raises(DitlocError, match="applies to --edit-method lora"):
         TrainConfig(method="full", lora_modules="attn2.to_k")
     assert TrainConfig(lora_modules="attn2.to_k,attn2.to_v").lora_modules == ("attn2.to_k", "attn2.to_v")
 
@@ -543,7 +543,7 @@ def test_lora_modules_config_refusals():
     ("no token", ["--captions"], "does not contain the token 'sks'"),
     ("class prompt token", ["--prior-preservation", "--class-prompt", "a sks cat"], "contains the token 'sks'"),
     ("class prompt alone", ["--class-prompt", "a cat"], "--class-prompt is used by --prior-preservation"),
-    ("modules with full", ["--method", "full", "--lora-modules", "attn2.to_k"], "applies to --method lora"),
+    ("modules with full", ["--edit-method", "full", "--lora-modules", "attn2.to_k"], "applies to --edit-method lora"),
     ("prior weight", ["--prior-weight", "-2"], "--prior-weight must be >= 0"),
 ])
 def test_cli_caption_and_module_errors(tmp_path, capsys, case, extra, message):

@@ -263,8 +263,8 @@ def _cli(argv) -> int:
     ([], "dog\n", "no anchor for 'dog'"),
     (["--concept", "dog", "--anchor", "cat", "--concept", "car", "--anchor", "house", "--blocks", "loc.json"], None,
      "a localization file holds one concept"),
-    (["--concept", "dog", "--anchor", "cat", "--method", "closed-form", "--preserve-target", "teacher"], None,
-     "--preserve-target applies to --method lora or full"),
+    (["--concept", "dog", "--anchor", "cat", "--edit-method", "closed-form", "--preserve-target", "teacher"], None,
+     "--preserve-target applies to --edit-method lora or full"),
     (["--concept", "dog", "--anchor", "cat", "--preserve", "a cat"], None, "or with --preserve-target teacher"),
 ], ids=["duplicate", "own anchor", "other's anchor", "in no prompt", "anchor count", "empty file", "two =",
         "no anchor", "loc file", "teacher closed-form", "preserve without teacher"])
@@ -299,7 +299,7 @@ def test_cli_erases_a_concepts_file_in_one_solve(tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     code = _cli(["unlearn", model, "--concepts-file", str(tmp_path / "c.txt"), "--anchor", "house",
-                 "--prompts-file", str(prompts), "--method", "closed-form", "--blocks", "block.1,block.2",
+                 "--prompts-file", str(prompts), "--edit-method", "closed-form", "--blocks", "block.1,block.2",
                  "--preserve-mode", "nullspace", "--out", str(tmp_path / "o"), "--steps", "2"])
     out = capsys.readouterr().out
     assert code == 0, out

@@ -305,7 +305,7 @@ def test_other_settings_refused(tiny_run, toy_pipe):
     store = (out / gt.STORE_FILE).read_bytes()
     with pytest.raises(DitlocError, match="other settings .*steps: 2 there, 3 here"):
         run_ground_truth(toy_pipe, out, GroundTruthSettings(**{**TINY, "steps": 3}))
-    code, _, err = run_cli(["ground-truth", "--out", str(out), "--concepts", "triangle", "--methods", "contribution"])
+    code, _, err = run_cli(["ground-truth", "--out", str(out), "--concepts", "triangle", "--localize-methods", "contribution"])
     assert code == 2 and len(err.strip().splitlines()) == 1 and "other settings" in err
     assert (out / gt.STORE_FILE).read_bytes() == store
 
@@ -342,12 +342,12 @@ def test_second_writer_refused(tiny_run, toy_pipe):
 @pytest.mark.parametrize("extra, message", [
     (["--concepts", "unicorn"], "no concept 'unicorn'"),
     (["--categories", "animal"], "unknown category 'animal'"),
-    (["--methods", "contribution,vibes"], "unknown method 'vibes'"),
-    (["--methods", ""], "methods must be distinct"),
-    (["--steps", "0", "--methods", "contribution"], "steps must be at least 1"),
-    (["--n-images", "-1", "--methods", "contribution"], "n-images must be at least 1"),
-    (["--screen", "0", "--methods", "contribution"], "screen must be between 1 and n-images - 1 (31)"),
-    (["--screen", "32", "--methods", "contribution"], "screen must be between 1 and n-images - 1 (31)"),
+    (["--localize-methods", "contribution,vibes"], "unknown method 'vibes'"),
+    (["--localize-methods", ""], "methods must be distinct"),
+    (["--steps", "0", "--localize-methods", "contribution"], "steps must be at least 1"),
+    (["--n-images", "-1", "--localize-methods", "contribution"], "n-images must be at least 1"),
+    (["--screen", "0", "--localize-methods", "contribution"], "screen must be between 1 and n-images - 1 (31)"),
+    (["--screen", "32", "--localize-methods", "contribution"], "screen must be between 1 and n-images - 1 (31)"),
 ])
 def test_cli_bad_input(tmp_path, monkeypatch, extra, message):
     import ditloc.cli.models

@@ -129,8 +129,8 @@ BAD = [
     # the MODEL of these does not exist: each must be refused before a model would load
     (["localize", NO_MODEL, "--concept", "red", "--prompt", "a red star", "--batch-size", "0", "--out", "o"],
      "--batch-size must be at least 1, got 0"),
-    (["localize", NO_MODEL, "--concept", "red", "--prompt", "a red star", "--top-k", "-2", "--out", "o"],
-     "--top-k must be at least 1, got -2"),
+    (["localize", NO_MODEL, "--concept", "red", "--prompt", "a red star", "--k", "-2", "--out", "o"],
+     "--k must be at least 1, got -2"),
     (["localize", NO_MODEL, "--concept", "red", "--prompt", "a red star", "--steps", "0", "--out", "o"],
      "--steps must be at least 1, got 0"),
     (["localize", NO_MODEL, "--concept", "blue", "--prompt", "a red star", "--out", "o"],

@@ -95,7 +95,7 @@ def test_measuring_does_not_change_the_trajectory(any_pipe):
     adapter = get_adapter(any_pipe)
     span = adapter.concept_span("a photo of van gogh", "van gogh", {})
     state = Session()
-    state.probe = Probe.for_spans([span], variant="attn_value_out", out_bias=False)
+    state.probe = Probe.for_spans([span], terms="attn_value_out", out_bias=False)
     with instrument(adapter, state):
         state.begin_call(1)
         got = any_pipe("a photo of van gogh", generator=torch.Generator().manual_seed(0), output_type="np", **RUN).images

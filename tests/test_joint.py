@@ -146,14 +146,14 @@ NAIVE_CASES = [(c, v, b) for c in ("flux", "sd3") for v in ("attn", "attn_value"
 NAIVE_CASES.append(("flux_cfg", "attn_value_out", False))  # true CFG: the cond call of each step is measured
 
 
-@pytest.mark.parametrize("case_name,variant,out_bias", NAIVE_CASES)
-def test_streaming_matches_naive_joint_maps(request, case_name, variant, out_bias, monkeypatch):
+@pytest.mark.parametrize("case_name,terms,out_bias", NAIVE_CASES)
+def test_streaming_matches_naive_joint_maps(request, case_name, terms, out_bias, monkeypatch):
     """Record every joint attention's q/k/v in a plain run (same trajectory), materialize the
     maps, and apply the contribution formula with image queries and the concept's text keys."""
     name, pipe = case_name, request.getfixturevalue(case_name)
     run = {**CASES[name][0], **CASES[name][1]}
     prompts = PROMPTS
-    loc = localize_contribution(pipe, prompts, "van gogh", variant=variant, out_bias=out_bias, **run)
+    loc = localize_contribution(pipe, prompts, "van gogh", contribution_terms=terms, out_bias=out_bias, **run)
     adapter = get_adapter(pipe)
     calls = sdpa_calls_of(monkeypatch, pipe.transformer, lambda: plain(pipe, prompts, run))
     calls = [c for c in calls if c[1].shape[2] > 64]  # joint attentions (SD3.5's attn2 is image-only)
@@ -174,7 +174,7 @@ def test_streaming_matches_naive_joint_maps(request, case_name, variant, out_bia
             positions = [[offset + p for p in s.positions] for s in loc.spans]
             weight, bias = adapter.out_projection(block)()
             t, h = naive(q[:, :, img], k, v, positions, None, weight.detach(),
-                         bias.detach() if out_bias else None, variant)
+                         bias.detach() if out_bias else None, terms)
             torch.testing.assert_close(loc.per_sample_step[b, step].double(), t, rtol=1e-5, atol=1e-12)
             torch.testing.assert_close(loc.per_head_step[b, step].double(), h, rtol=1e-5, atol=1e-12)
 
@@ -277,7 +277,7 @@ def test_cli_on_saved_joint_pipelines(family, tmp_path, capsys):
 
     d = json.loads((tmp_path / "loc" / "localization.json").read_text())
     assert d["settings"]["family"] == family and len(d["blocks"]) == (4 if family == "flux" else 3)
-    code = main(["intervene", model, "--concept", "van gogh", "--prompt", "a photo of van gogh", "--top-k", "1",
+    code = main(["intervene", model, "--concept", "van gogh", "--prompt", "a photo of van gogh", "--k", "1",
                  "--localization", str(tmp_path / "loc" / "localization.json"), "--out", str(tmp_path / "iv"), *size])
     assert code == 0 and (tmp_path / "iv" / "intervened.png").is_file()
     capsys.readouterr()

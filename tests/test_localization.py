@@ -41,7 +41,7 @@ def test_json_round_trip(loc, tmp_path):
     path = loc.save(tmp_path / "loc.json")
     d = json.loads(path.read_text())
     assert d["ranking"] == loc.ranking and d["blocks"] == list(loc.blocks)
-    assert d["settings"]["seeds"] == [0, 1] and d["settings"]["variant"] == "attn_value_out"
+    assert d["settings"]["seeds"] == [0, 1] and d["settings"]["contribution_terms"] == "attn_value_out"
     assert d["settings"]["guidance_scale"] == 4.5 and d["settings"]["max_sequence_length"] == 120
     assert d["spans"][0]["positions"] == [3, 4]
     back = Localization.load(path)

@@ -56,7 +56,7 @@ def test_localize_bar_counts_steps_over_prompt_batches(tmp_path, capsys, monkeyp
     tiny_pixart_pipeline().save_pretrained(path)
     capsys.readouterr()  # (saving draws its own bar)
     argv = ["localize", str(path), "--concept", "red", "--prompt", "a red car", "--prompt", "a red boat",
-            "--method", "contribution", "--batch-size", "1", "--steps", "2", "--out", str(tmp_path / "loc")]
+            "--localize-method", "contribution", "--batch-size", "1", "--steps", "2", "--out", str(tmp_path / "loc")]
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "localize: 2/2 prompts" in err and "%|" not in err  # not a terminal: plain lines, no bar

@@ -12,8 +12,9 @@ from PIL import Image
 
 from bench_helpers import reference_run, run_cli
 from ditloc.bench import BenchRow, BenchRun
+from ditloc.errors import DitlocError
 from ditloc.report import build_report
-from ditloc.report.data import Z95, minimal_k, presence_curves, selection_frequency
+from ditloc.report.data import Z95, k_for_drop, presence_curves, selection_frequency
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
@@ -43,7 +44,7 @@ def _row(category, concept, control, k, i, seed, score) -> BenchRow:
                     eval_text="t", score=score, image="x.png")
 
 
-def test_minimal_k_curves_and_selection_by_hand(tmp_path):
+def test_k_for_drop_curves_and_selection_by_hand(tmp_path):
     scores = {("baseline", 0): [1.0, 0.8], ("top", 1): [0.7, 0.7], ("top", 2): [0.3, 0.4], ("random", 1): [0.9, 0.9],
               ("random", 2): [0.8, 0.9], ("bottom", 1): [1.0, 0.9], ("bottom", 2): [0.9, 0.8]}
     rows = [_row("style", "monet", control, k, i, 0, s) for (control, k), v in scores.items() for i, s in enumerate(v)]
@@ -55,11 +56,13 @@ def test_minimal_k_curves_and_selection_by_hand(tmp_path):
                 ("style", "klimt"): ("block.2", "block.1", "block.0")}
     data = BenchRun(tmp_path, record, tuple(rows), blocks, rankings)
 
-    mk = {m.concept: m for m in minimal_k(data, threshold=0.5)}
+    mk = {m.concept: m for m in k_for_drop(data)}  # default: halved, the rule of --k auto
     assert mk["monet"].baseline == pytest.approx(0.9)
     assert mk["monet"].relative == pytest.approx({1: 0.7 / 0.9, 2: 0.35 / 0.9})
-    assert mk["monet"].minimal_k == 2 and mk["klimt"].minimal_k is None
-    assert {m.concept: m.minimal_k for m in minimal_k(data, threshold=0.8)} == {"monet": 1, "klimt": None}
+    assert mk["monet"].k == 2 and mk["klimt"].k is None  # drops 0.22 and 0.61 of the baseline; klimt none
+    assert {m.concept: m.k for m in k_for_drop(data, drop=0.2)} == {"monet": 1, "klimt": None}
+    with pytest.raises(DitlocError, match="--drop must be a fraction"):
+        k_for_drop(data, drop=1.5)
 
     points = {(p.control, p.k): p for p in presence_curves(data)}
     top2 = points["top", 2]  # monet 0.3, 0.4 and klimt 0.5, 0.5
@@ -75,7 +78,7 @@ def test_minimal_k_curves_and_selection_by_hand(tmp_path):
 
 def test_report_renders_in_headless_chromium(run, tmp_path):
     browser = _browser()
-    report = build_report(run, threshold=0.5)
+    report = build_report(run, drop=0.5)
     out = run / "report"
     assert report.html == out / "index.html"
     names = sorted(p.name for p in report.figures)
@@ -85,7 +88,7 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
         with Image.open(path) as im:
             assert im.format == "PNG" and im.width > 200 and im.height > 100
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["k"] == 2 and {m["concept"] for m in summary["minimal_k"]} == {"red", "beach"}
+    assert summary["k"] == 2 and summary["drop"] == 0.5 and {m["concept"] for m in summary["k_for_drop"]} == {"red", "beach"}
 
     page = report.html.read_text()
     assert page.count("<img ") == len(report.figures)
@@ -104,13 +107,13 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
     n = str(len(report.figures))
     assert (attrs.get("data-images-total"), attrs.get("data-images-loaded")) == (n, n), html_tag.group(0)
     assert attrs.get("data-report-status") == "ok", html_tag.group(0)
-    assert "Minimal K" in dom and "Presence vs K" in dom
+    assert "K for the drop" in dom and "Presence vs K" in dom
 
 
 def test_report_cli(run, tmp_path):
-    code, out, err = run_cli(["report", str(run), "--k", "1", "--threshold", "0.9"])
+    code, out, err = run_cli(["report", str(run), "--k", "1", "--drop", "0.1"])
     assert code == 0, err
-    assert "minimal K" in out and "red" in out and "beach" in out and "index.html" in out
+    assert "K for the drop" in out and ">= 0.1 x baseline" in out and "red" in out and "beach" in out and "index.html" in out
     code, _, err = run_cli(["report", str(tmp_path)])
     assert code == 2 and err.count("\n") == 1 and "is not an output directory of ditloc" in err
 

@@ -203,7 +203,7 @@ def _no_model(monkeypatch):
     (["--mixed-precision", "bf16"], "--mixed-precision bf16 needs bf16 support on cpu: simulated"),
     (["--mixed-precision", "fp16"], "--mixed-precision fp16 is not supported (it needs loss scaling)"),
     (["--mixed-precision", "bf16", "--dtype", "float16"], "drop --dtype float16"),
-    (["--mixed-precision", "bf16", "--method", "closed-form"], "not to --method closed-form"),
+    (["--mixed-precision", "bf16", "--edit-method", "closed-form"], "not to --edit-method closed-form"),
 ])
 def test_cli_mixed_precision_bad_input_one_line_before_the_model(tmp_path, monkeypatch, extra, message):
     _no_model(monkeypatch)
@@ -266,7 +266,7 @@ def test_two_processes_personalize_with_captions_and_teacher_prior(model, tmp_pa
 
 def search_argv(model, out) -> list[str]:
     return ["localize", str(model), "--concept", "dog", "--prompt", "a red dog", "--prompt", "a dog on the beach",
-            "--seed", "0", "--steps", "2", "--search-steps", "2", "--max-k", "2", "--objective", "self",
+            "--seeds", "0", "--steps", "2", "--search-steps", "2", "--max-k", "2", "--objective", "self",
             "--out", str(out)]
 
 

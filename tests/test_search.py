@@ -130,15 +130,17 @@ def test_search_result_round_trips_and_k_from_the_curve(tmp_path):
                        per_head_step=per.new_zeros(4, 1, 2, 0), spans=(), settings={"method": "search"}, search=search)
     assert loc.top(1) == ["block.1"] and loc.top(2) == ["block.1", "block.3"]
     assert loc.top(3)[:2] == ["block.1", "block.3"] and len(set(loc.top(3))) == 3  # beyond max_k: the ranking's next
-    assert loc.auto_k() == 2  # 0.3 <= half of 0.8; 0.6 is not
-    assert loc.auto_k(0.2) == 1 and search.auto_k(0.7) is None
+    assert loc.k_auto() == 2 and search.k_for_drop() == 2  # 0.3 <= half of 0.8; 0.6 is not
+    assert search.k_for_drop(0.2) == 1 and search.k_for_drop(0.7) is None
     back = Localization.load(loc.save(tmp_path / "loc.json"))
     assert back.search == search and back.top(2) == loc.top(2)
     assert json.loads((tmp_path / "loc.json").read_text())["search"]["curve"] == pytest.approx([0.2, 0.5])
-    plain = Localization(concept="c", blocks=loc.blocks, per_sample_step=per, per_head_step=loc.per_head_step,
-                         spans=())
-    with pytest.raises(DitlocError, match="auto_k needs a set-level search"):
-        plain.auto_k()
+    weak = SetSearch(objective="evaluator", baseline=0.8, sets=search.sets, presence=(0.7, 0.6))
+    assert weak.k_for_drop() is None  # no set halves presence: --k auto takes the largest set
+    assert Localization(concept="c", blocks=loc.blocks, per_sample_step=per, per_head_step=loc.per_head_step,
+                        spans=(), search=weak).k_auto() == 2
+    with pytest.raises(DitlocError, match="drop must be a fraction"):
+        search.k_for_drop(0)
 
 
 def _spy_measure(monkeypatch) -> list:

@@ -142,5 +142,5 @@ def test_localize_validates_before_running(pixart):
         localize_contribution(pixart, ["a photo of van gogh", "a dog"], "van gogh", num_inference_steps=2)
     with pytest.raises(DitlocError, match="no prompts"):
         localize_contribution(pixart, [], "van gogh")
-    with pytest.raises(DitlocError, match="unknown variant"):
-        localize_contribution(pixart, ["van gogh"], "van gogh", variant="bogus")
+    with pytest.raises(DitlocError, match="unknown contribution terms 'bogus'"):
+        localize_contribution(pixart, ["van gogh"], "van gogh", contribution_terms="bogus")

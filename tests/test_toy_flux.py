@@ -147,7 +147,7 @@ def test_missing_model_is_one_line(tmp_path, monkeypatch, capsys):
 def test_cli_localize_search_uses_the_toy_oracle_and_settings(toy_flux, tmp_path, capsys):
     out = tmp_path / "search"
     code, stdout, err = _cli(["localize", "toy-flux", "--concept", "zibbit", "--prompt", "a zibbit on the beach",
-                              "--method", "search", "--max-k", "1", "--steps", "2", "--out", str(out)], capsys)
+                              "--localize-method", "search", "--max-k", "1", "--steps", "2", "--out", str(out)], capsys)
     assert code == 0, err
     d = json.loads((out / "localization.json").read_text())
     assert d["blocks"] == ["double.0", "single.0"]
@@ -168,7 +168,7 @@ def test_cli_closed_form_unlearning_with_the_pooled_edit(toy_flux, tmp_path, cap
 
     out = tmp_path / "edit"
     args = ["unlearn", "toy-flux", "--concept", "zibbit", "--anchor", "triangle", "--prompt", "a zibbit on the beach",
-            "--method", "closed-form", "--pooled-edit", "--steps", "2", "--out"]
+            "--edit-method", "closed-form", "--pooled-edit", "--steps", "2", "--out"]
     code, stdout, err = _cli(args + [str(out), "--blocks", "double.0"], capsys)
     assert code == 0, err
     assert set(load_file(str(out / "blocks.safetensors"))) == {
@@ -327,7 +327,7 @@ def test_shipped_toy_flux_contributions_match_naive_joint_maps(shipped_flux, mon
     from ditloc.adapters import get_adapter
 
     pipe = shipped_flux
-    loc = localize_contribution(pipe, SHIPPED_PROMPTS, "red", variant="attn_value_out", **SHIPPED_RUN)
+    loc = localize_contribution(pipe, SHIPPED_PROMPTS, "red", contribution_terms="attn_value_out", **SHIPPED_RUN)
     adapter = get_adapter(pipe)
     calls = sdpa_calls_of(monkeypatch, pipe.transformer, lambda: _plain(pipe, SHIPPED_PROMPTS))
     names = adapter.block_names()

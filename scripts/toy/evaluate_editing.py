@@ -315,7 +315,9 @@ def main():
     ap.add_argument("--n", type=int, default=64, help="prompts per evaluation set")
     ap.add_argument("--n-quality", type=int, default=128)
     ap.add_argument("--k", type=int, default=3, help="K of localized LoRA when no closed-form localized row exists")
-    ap.add_argument("--closed-form-k", default="auto", help="K of closed-form localized: auto (its own rule) or a number")
+    ap.add_argument("--closed-form-k", default="gap",
+                    help="K of closed-form localized: gap (the edit's measured K, unlearn k='gap'), auto (the "
+                         "erasure rule, unlearn k='auto') or a number")
     ap.add_argument("--localize-method", default="attribution", choices=("contribution", "patch", "attribution"),
                     help="how the localized methods rank blocks")
     ap.add_argument("--train-steps", type=int, default=150)
@@ -404,7 +406,7 @@ def main():
             t0 = time.perf_counter()
             k = args.k
             if name.startswith("closed-form localized"):
-                k = "auto" if args.closed_form_k == "auto" else int(args.closed_form_k)
+                k = args.closed_form_k if args.closed_form_k in ("gap", "auto") else int(args.closed_form_k)
             if name in ("localized LoRA", "closed-form localized + pooled") and "closed-form localized" in rows:
                 blocks = ",".join(rows["closed-form localized"]["blocks"])  # the same blocks: only the method differs
                 k = len(rows["closed-form localized"]["blocks"]) if name.endswith("+ pooled") else k

@@ -160,7 +160,7 @@ def localizations(pipe, erased, train, args, folder: Path) -> tuple[dict, dict]:
         loc.save(path)
         (folder / f"{c}.seconds").write_text(json.dumps(seconds[c]))
         locs[c] = loc
-        print(f"  localized {c}: K={loc.choose_k()} {loc.top(loc.choose_k())} in {seconds[c]:.0f}s", flush=True)
+        print(f"  localized {c}: K={loc.k_auto()} {loc.top(loc.k_auto())} in {seconds[c]:.0f}s", flush=True)
     return locs, seconds
 
 

@@ -5,7 +5,7 @@ oracle label is unchanged from the unedited model (same prompts, same seeds) on 
 locality sets (other characters, the anchor shape, other shapes; for a style, the other
 styles and the anchor style; for the hazard, ordinary scenes).
 
-    ditloc unlearn toy --concept zibbit --anchor triangle --method closed-form --blocks auto --out runs/u
+    ditloc unlearn toy --concept zibbit --anchor triangle --edit-method closed-form --blocks auto --out runs/u
     python scripts/toy/evaluate_unlearned.py runs/u --concept zibbit --n 64
 """
 

@@ -94,7 +94,7 @@ def main() -> None:
         forward = locs.get((c.category, c.concept, "search"))
         result = {"category": c.category, "concept": c.concept, "direction": args.direction,
                      "sets": [list(x) for x in s.sets], "search_presence": list(s.presence),
-                     "search_baseline": s.baseline, "auto_k": s.auto_k(), "sets_evaluated": evaluated,
+                     "search_baseline": s.baseline, "auto_k": s.k_for_drop(), "sets_evaluated": evaluated,
                      "this_call": {**s.cost, "seconds": round(seconds, 1), "threads": args.threads}, "scores": scores,
                      "forward_sets": forward["sets"] if forward else None,
                      "forward_auto_k": forward["auto_k"] if forward else None}

@@ -154,7 +154,7 @@ def run_demo(out_dir="runs/demo", config: DemoConfig | None = None, *, pipe=None
                            options=options, progress=tick)
             loc.save(out / category / "localization.json")
             heat[category] = loc.scores.tolist()  # the search's first ranking: each block's attribution at the baseline
-            k = cfg.k if cfg.k is not None else loc.choose_k()
+            k = cfg.k if cfg.k is not None else loc.k_auto()
             top, blocks = loc.top(k), list(loc.blocks)
             random_sets = [random_blocks(blocks, k, rng) for _ in range(cfg.n_random)]
             bar.set_description(f"demo [{n}/6] {category}: verify")
@@ -168,7 +168,7 @@ def run_demo(out_dir="runs/demo", config: DemoConfig | None = None, *, pipe=None
                 "oracle_label": label,
                 "k": k,
                 "k_from_curve": cfg.k is None,
-                "auto_k": loc.search.auto_k(),
+                "auto_k": loc.search.k_for_drop(AUTO_K_DROP),
                 "top_k_blocks": top,
                 "curve": loc.search.relative_curve,
                 "search_sets": [list(x) for x in loc.search.sets],

@@ -379,7 +379,7 @@ class CrossAttentionProcessor:
             mask=None if mask is None else mask[rows],
             out_weight=proj.weight,
             out_bias=proj.bias if probe.out_bias else None,
-            variant=probe.variant,
+            terms=probe.terms,
             key_limit=ctx.key_limit,
             lse=None if lse is None else lse[rows],
             max_position=probe.max_position,

@@ -248,7 +248,7 @@ class JointProcessor:
                     probe.valid,
                     out_weight=weight,
                     out_bias=bias if probe.out_bias else None,
-                    variant=probe.variant,
+                    terms=probe.terms,
                     lse=None if lse is None else lse[rows][:, :, img],
                     max_position=probe.max_position + txt.start,
                 )

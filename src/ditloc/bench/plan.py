@@ -54,8 +54,9 @@ class BenchSettings:
 
     `categories` empty means every category of the probe set; the limits
     (`concepts_per_category`, `localization_prompts`, `evaluation_prompts`) take
-    the first N in the probe set's order; None means all. `localize_seed` is the
-    one seed of the localization trajectories; `seeds` are the evaluation seeds.
+    the first N in the probe set's order; None means all. `localize_seeds` are the
+    seeds of the localization trajectories; `seeds` are the evaluation seeds.
+    `contribution_terms`: what the contribution method measures (`ditloc.engine.CONTRIBUTION_TERMS`).
     """
 
     model: str
@@ -72,8 +73,8 @@ class BenchSettings:
     steps: int = 20
     guidance_scale: float | None = None
     max_sequence_length: int | None = None
-    localize_seed: int = 0
-    variant: str = "attn_value_out"
+    localize_seeds: tuple[int, ...] = (0,)
+    contribution_terms: str = "attn_value_out"
     batch_size: int = 8
     dtype: str | None = None
     adapter_options: dict = dataclasses.field(default_factory=dict)  # model-family settings (--adapter-option)
@@ -82,7 +83,7 @@ class BenchSettings:
     pipeline_kwargs: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        from ..engine import VARIANTS
+        from ..engine import CONTRIBUTION_TERMS
         from ..evaluate import EVALUATORS
         from ..localization import METHODS
 
@@ -96,10 +97,12 @@ class BenchSettings:
         if not ks or any(k < 1 for k in ks) or len(set(ks)) != len(ks):
             raise DitlocError(f"K values must be distinct positive integers, e.g. 1,2,4,8; got {list(self.ks)}")
         object.__setattr__(self, "ks", tuple(sorted(ks)))
-        seeds = tuple(int(s) for s in self.seeds)
-        if not seeds or len(set(seeds)) != len(seeds):
-            raise DitlocError(f"seeds must be distinct integers, e.g. 0,1,2; got {list(self.seeds)}")
-        object.__setattr__(self, "seeds", seeds)
+        for name in ("seeds", "localize_seeds"):
+            seeds = tuple(int(s) for s in getattr(self, name))
+            if not seeds or len(set(seeds)) != len(seeds):
+                raise DitlocError(f"{name.replace('_', '-')} must be distinct integers, e.g. 0,1,2; "
+                                  f"got {list(getattr(self, name))}")
+            object.__setattr__(self, name, seeds)
         object.__setattr__(self, "categories", tuple(self.categories))
         if self.evaluator not in EVALUATORS:
             raise DitlocError(f"unknown evaluator {self.evaluator!r}; use one of {', '.join(EVALUATORS)}")
@@ -110,8 +113,9 @@ class BenchSettings:
                               "is set, so its default hub model cannot be downloaded)")
         if self.evaluator == "style" and not self.references:
             raise DitlocError("the style evaluator needs --references DIR (one folder of images per concept)")
-        if self.variant not in VARIANTS:
-            raise DitlocError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        if self.contribution_terms not in CONTRIBUTION_TERMS:
+            raise DitlocError(f"unknown contribution terms {self.contribution_terms!r}; choose one of "
+                              f"{', '.join(CONTRIBUTION_TERMS)}")
         for name in ("concepts_per_category", "localization_prompts", "evaluation_prompts"):
             value = getattr(self, name)
             if value is not None and int(value) < 1:

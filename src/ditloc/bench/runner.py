@@ -170,9 +170,9 @@ def _localize_unit(pipe, plan: BenchPlan, unit: Unit, out: Path, evaluator=None)
                "eval_text": c.eval_text if scorer is not None else None,
                "checkpoint": out / (path.removesuffix(".json") + ".jsonl")}  # e.g. red.search.jsonl
     else:
-        how = {"variant": s.variant}
+        how = {"contribution_terms": s.contribution_terms}
     loc = localize(pipe, list(c.localization_prompts), c.concept, method=method, clean_prompts=clean,
-                   seed=s.localize_seed, batch_size=s.batch_size, options=s.run_options, **how)
+                   seed=list(s.localize_seeds), batch_size=s.batch_size, options=s.run_options, **how)
     loc.save(out / path)
     record = {"unit": unit.id, "kind": "localize", "category": c.category, "concept": c.concept,
               "localization": path, "ranking": loc.ranking, "scores": nan_to_none(loc.scores.tolist())}

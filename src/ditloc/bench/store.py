@@ -63,6 +63,21 @@ class BenchRow:
         return cls(**{**d, "blocks": tuple(d["blocks"])})
 
 
+def current_settings(settings: dict) -> dict:
+    """A bench.json's settings in today's names: what runs written before a rename or a new
+    setting ran with (their numbers stay comparable, so a rerun resumes them)."""
+    settings = dict(settings)
+    settings.setdefault("methods", [DEFAULT_METHOD])  # written before localization methods were compared
+    if "text_stream" in settings and "adapter_options" not in settings:  # written before --adapter-option
+        stream = settings.pop("text_stream")
+        settings["adapter_options"] = {"text_stream": stream} if stream else {}
+    if "variant" in settings and "contribution_terms" not in settings:  # written before --contribution-terms
+        settings["contribution_terms"] = settings.pop("variant")
+    if "localize_seed" in settings and "localize_seeds" not in settings:  # written before --localize-seeds
+        settings["localize_seeds"] = [settings.pop("localize_seed")]
+    return settings
+
+
 def check_run_dir(out, plan: BenchPlan) -> bool:
     """Refuse a run directory that holds a benchmark with other settings.
     True when it already holds this one (a rerun resumes it)."""
@@ -74,11 +89,8 @@ def check_run_dir(out, plan: BenchPlan) -> bool:
     except (OSError, json.JSONDecodeError) as e:
         raise DitlocError(f"cannot read {path}: {e}; use a new --out directory") from None
     new = plan.record()
-    settings = old.get("settings", {})
-    settings.setdefault("methods", [DEFAULT_METHOD])  # written before --method
-    if "text_stream" in settings and "adapter_options" not in settings:  # written before --adapter-option
-        stream = settings.pop("text_stream")
-        settings["adapter_options"] = {"text_stream": stream} if stream else {}
+    settings = current_settings(old.get("settings", {}))
+    old["settings"] = settings
     for key, value in BenchSettings.defaults().items():  # settings added since the run was written
         settings.setdefault(key, value)
     if old.get("format") != FORMAT:
@@ -157,7 +169,7 @@ class BenchRun:
 
     @property
     def methods(self) -> list[str]:
-        """The localization methods compared (runs made before --method: contribution)."""
+        """The localization methods compared (runs made before several were compared: contribution)."""
         return list(self.settings.get("methods") or [DEFAULT_METHOD])
 
     @property
@@ -237,8 +249,10 @@ def read_run(run) -> BenchRun:
     if not path.is_file():
         raise DitlocError(f"{run} is not a `ditloc bench` run directory (no {SETTINGS_FILE})")
     record = _read_json(path, "restore it, or rerun `ditloc bench` into a new directory")
-    if not isinstance(record, dict) or not isinstance(record.get("concepts"), dict) or "settings" not in record:
+    if not isinstance(record, dict) or not isinstance(record.get("concepts"), dict) \
+            or not isinstance(record.get("settings"), dict):
         raise DitlocError(f"{path} is not a ditloc bench settings file; rerun `ditloc bench` to rewrite it")
+    record = {**record, "settings": current_settings(record["settings"])}
     rows = tuple(_read_rows(run))
     if not rows:
         raise DitlocError(f"{run} has no results yet; run `ditloc bench` into it first")

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     except DitlocError as e:
         fail(str(e))
     except KeyboardInterrupt:
-        resumable = args.command in RESUMABLE or (args.command == "localize" and args.method == "search")
+        resumable = args.command in RESUMABLE or (args.command == "localize" and args.localize_method == "search")
         hint = "rerun the same command to resume" if resumable else "nothing more was written"
         print(f"ditloc: interrupted; {hint}", file=sys.stderr)
         return 130

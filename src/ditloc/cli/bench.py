@@ -9,21 +9,28 @@ from pathlib import Path
 from .. import _progress
 from . import models
 from .common import (
+    CONTRIBUTION_TERMS,
     DTYPES,
+    SEED,
+    Once,
     adapter_options,
     add_adapter_option,
+    add_model_source,
     add_pipeline_args,
     check_out_and_counts,
     check_run_settings,
     fail,
     main_process_lock,
     pipeline_kwargs,
+    retire,
+    seed_list,
 )
 
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("bench", help="causal benchmark over a probe set: presence vs K, top-K against random/bottom-K")
     p.add_argument("model", metavar="MODEL", help="diffusers pipeline directory, hub id, 'toy' or 'toy-flux'")
+    add_model_source(p)
     p.add_argument("--probes", default="lock", help="lock, toy or a probe file (default lock)")
     p.add_argument("--categories", default=None, metavar="A,B",
                    help="comma-separated categories (default: all of the probe set)")
@@ -34,8 +41,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--evaluation-prompts", type=int, default=None, metavar="N",
                    help="only the first N evaluation prompts")
     p.add_argument("--k", default="1,2,4,8", metavar="K,K,...", help="numbers of blocks to withhold (default 1,2,4,8)")
-    p.add_argument("--seeds", default="0,1,2", metavar="S,S,...", help="evaluation seeds (default 0,1,2)")
-    p.add_argument("--localize-seed", type=int, default=0, help="seed of the localization trajectories (default 0)")
+    p.add_argument("--seeds", type=seed_list, action=Once, default=(0, 1, 2), metavar="S,S,...",
+                   help="evaluation seeds (default 0,1,2)")
+    p.add_argument("--localize-seeds", type=seed_list, action=Once, default=(0,), metavar="S,S,...",
+                   help="seeds of the localization trajectories (default 0)")
     p.add_argument("--evaluator", choices=("toy", "clip", "style", "vlm"), required=True)
     p.add_argument("--evaluator-model", default=None, metavar="PATH", help="CLIP / VLM directory or cached hub id")
     p.add_argument("--references", default=None, metavar="DIR",
@@ -43,12 +52,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's; on FLUX base models without a guidance embedding, true_cfg_scale)")
     p.add_argument("--max-sequence-length", type=int, default=None)
-    p.add_argument("--method", default="contribution", metavar="M,M,...",
+    p.add_argument("--localize-methods", default="contribution", metavar="M,M,...",
                    help="localization method(s) whose top-K and bottom-K are withheld, compared in one run: "
                         "contribution, patch, attribution, search (default contribution). search: the set-level "
                         "search up to the largest --k, scored by --evaluator; its top-K is the searched set S_K "
                         "and it has no bottom-K (it ranks block sets, not blocks)")
-    p.add_argument("--variant", choices=("attn", "attn_value", "attn_value_out"), default="attn_value_out")
+    p.add_argument("--contribution-terms", choices=CONTRIBUTION_TERMS, default="attn_value_out",
+                   help="contribution: which terms of the attention output are measured (default attn_value_out)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None, help="default: where the pipeline loads; each process's own "
                                                   "accelerator under accelerate launch / torchrun")
@@ -56,15 +66,19 @@ def add_parsers(sub) -> None:
     add_adapter_option(p)
     add_pipeline_args(p)
     p.add_argument("--out", required=True, help="run directory (rerun the same command to resume)")
+    retire(p, "--method", "--localize-methods M,M,... (a comma list)")
+    retire(p, "--seed", SEED)
+    retire(p, "--localize-seed", "--localize-seeds S[,S...]")
     p.set_defaults(check=check_run, func=cmd_bench, lock=bench_lock)
 
     p = sub.add_parser("ground-truth", help="toy world: withhold each concept from every block, pair and greedy "
                                             "set (K <= 4) and judge each localization method against that")
     p.add_argument("--out", required=True, help="run directory (rerun the same command to resume)")
     p.add_argument("--model", default="toy", help="toy (default), toy-flux or a directory of a toy-world pipeline")
+    add_model_source(p)
     p.add_argument("--categories", default=None, metavar="A,B", help="toy categories (default: all six)")
     p.add_argument("--concepts", default=None, metavar="A,B", help="only these concepts (default: all of the categories)")
-    p.add_argument("--methods", default="contribution,patch,attribution,search,search-self", metavar="M,M",
+    p.add_argument("--localize-methods", default="contribution,patch,attribution,search,search-self", metavar="M,M",
                    help="localization methods to judge (default contribution,patch,attribution,search,search-self: "
                         "search = set-level search with the toy oracle, search-self = the model as its own judge)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
@@ -76,6 +90,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the pipeline loads)")
     p.add_argument("--report-only", action="store_true",
                    help="only recompute summary.json and summary.md from the directory (no model)")
+    retire(p, "--methods", "--localize-methods M,M,...")
     p.set_defaults(check=check_run, func=cmd_ground_truth, lock=main_process_lock)
 
     p = sub.add_parser("report", help="HTML report and figures of a `ditloc localize`, `bench` or `ground-truth` "
@@ -84,9 +99,11 @@ def add_parsers(sub) -> None:
                                               "with --concepts-file), `ditloc bench` or `ditloc ground-truth`")
     p.add_argument("--k", type=int, default=None,
                    help="bench: K of the block-selection heat map (default: the largest)")
-    p.add_argument("--threshold", type=float, default=0.5,
-                   help="bench: minimal K, top-K presence below this fraction of the baseline (default 0.5)")
+    p.add_argument("--drop", type=float, default=0.5,
+                   help="bench: the K table's rule: the smallest K whose top-K withholding lowers presence by at least "
+                        "this fraction of the baseline (default 0.5: halves it, as --k auto)")
     p.add_argument("--grid-samples", type=int, default=4, help="bench: images per concept in the grids (default 4)")
+    retire(p, "--threshold", "--drop D (the presence drop: --threshold T is --drop 1-T)")
     p.set_defaults(check=check_report, func=cmd_report)
 
 
@@ -124,14 +141,15 @@ def cmd_bench(args) -> None:
     )
 
     settings = BenchSettings(
-        model=args.model, probes=args.probes, ks=_int_list(args.k, "--k"), seeds=_int_list(args.seeds, "--seeds"),
+        model=args.model, probes=args.probes, ks=_int_list(args.k, "--k"), seeds=args.seeds,
         evaluator=args.evaluator, evaluator_model=args.evaluator_model, references=args.references,
         categories=tuple(c.strip() for c in (args.categories or "").split(",") if c.strip()),
         concepts_per_category=args.concepts_per_category, localization_prompts=args.localization_prompts,
         evaluation_prompts=args.evaluation_prompts, steps=args.steps, guidance_scale=args.guidance,
-        max_sequence_length=args.max_sequence_length, localize_seed=args.localize_seed, variant=args.variant,
+        max_sequence_length=args.max_sequence_length, localize_seeds=args.localize_seeds,
+        contribution_terms=args.contribution_terms,
         batch_size=args.batch_size, dtype=args.dtype, adapter_options=adapter_options(args),
-        methods=tuple(m.strip() for m in args.method.split(",") if m.strip()),
+        methods=tuple(m.strip() for m in args.localize_methods.split(",") if m.strip()),
         pipeline_kwargs=pipeline_kwargs(args),
     )
     plan = plan_bench(settings)
@@ -144,7 +162,7 @@ def cmd_bench(args) -> None:
         fail(f"unknown device {args.device!r}; use e.g. cpu, cuda, cuda:1, mps")
     workers, process_device = accelerate_workers(cpu=cpu)
     device = args.device if workers.world_size == 1 or cpu else str(process_device)
-    pipe = models.load_pipeline(args.model, device=device, dtype=args.dtype)
+    pipe = models.load_pipeline(args.model, device=device, dtype=args.dtype, **models.source_kwargs(args))
     result = run_bench(pipe, plan, args.out, workers=workers, device=pipe._execution_device, progress=_progress.write)
     if workers.rank == 0:
         print(f"bench: {result.units_run} unit(s) run, {result.units_reused} reused (process 0) in "
@@ -178,11 +196,11 @@ def cmd_ground_truth(args) -> None:
     else:
         settings = GroundTruthSettings(
             model=args.model, categories=_names(args.categories), concepts=_names(args.concepts),
-            methods=_names(args.methods), steps=args.steps, n_images=args.n_images, batch_size=args.batch_size,
+            methods=_names(args.localize_methods), steps=args.steps, n_images=args.n_images, batch_size=args.batch_size,
             screen=args.screen)
         plan_ground_truth(settings)  # names and methods, before the model loads
         check_ground_truth_dir(args.out, settings)
-        pipe = models.load_pipeline(args.model, device=args.device)
+        pipe = models.load_pipeline(args.model, device=args.device, **models.source_kwargs(args))
         result = run_ground_truth(pipe, args.out, settings, progress=lambda m: print(m, file=sys.stderr, flush=True))
         summary = result.summary
         print(f"ground-truth: {result.conditions_run} condition(s) run, {result.conditions_reused} reused, "
@@ -223,8 +241,8 @@ def cmd_report(args) -> None:
                   f"(n={v['regret_2']['n']})")
         print(f"wrote {gt.html} and {len(gt.figures)} figures in {gt.html.parent}")
         return
-    report = build_report(args.run, k=args.k, threshold=args.threshold, grid_samples=args.grid_samples)
-    print(f"minimal K (top-K presence < {args.threshold:g} x baseline):")
-    for m in report.minimal_k:
-        print(f"  {m.category:<12} {m.concept:<28} {m.minimal_k if m.minimal_k is not None else 'none'}")
+    report = build_report(args.run, k=args.k, drop=args.drop, grid_samples=args.grid_samples)
+    print(f"K for the drop (top-K withholding lowers presence by >= {args.drop:g} x baseline):")
+    for m in report.k_for_drop:
+        print(f"  {m.category:<12} {m.concept:<28} {m.k if m.k is not None else 'none'}")
     print(f"wrote {report.html} and {len(report.figures)} figures in {report.html.parent}")

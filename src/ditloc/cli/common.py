@@ -1,5 +1,5 @@
-"""What every command shares: the one-line error, the parser, the shared options and the checks that
-need no model."""
+"""What every command shares: the one-line error, the parser, the shared options (and the flags they
+replaced, refused naming their successor) and the checks that need no model."""
 
 from __future__ import annotations
 
@@ -11,14 +11,18 @@ from typing import NoReturn
 from . import models
 
 DTYPES = ("float32", "float16", "bfloat16")
+#: the localization methods (`ditloc.localize.METHODS`)
+LOCALIZE_METHODS = ("search", "contribution", "patch", "attribution")
+#: what the contribution method measures (`ditloc.engine.CONTRIBUTION_TERMS`)
+CONTRIBUTION_TERMS = ("attn", "attn_value", "attn_value_out")
 #: flags that take a count (at least 1), by argparse destination
 COUNTS = {"steps": "--steps", "max_sequence_length": "--max-sequence-length", "batch_size": "--batch-size",
-          "top_k": "--top-k", "num_class_images": "--num-class-images", "images_per_prompt": "--images-per-prompt",
+          "num_class_images": "--num-class-images", "images_per_prompt": "--images-per-prompt",
           "max_k": "--max-k", "beam": "--beam", "candidates": "--candidates", "search_steps": "--search-steps",
           "save_images": "--save-images"}
 #: pipeline arguments ditloc sets itself, and the flag that sets each
 OWN_PIPELINE_ARGS = {"prompt": "--prompt", "num_inference_steps": "--steps", "guidance_scale": "--guidance",
-                     "max_sequence_length": "--max-sequence-length", "generator": "--seed",
+                     "max_sequence_length": "--max-sequence-length", "generator": "--seeds",
                      "output_type": None, "callback_on_step_end": None}
 
 
@@ -34,21 +38,113 @@ class Parser(argparse.ArgumentParser):
         fail(f"{message} (see `{self.prog} --help`)")
 
 
+# --- flags that were renamed: refused while parsing (before any model loads), naming the new one ---------------
+
+class _Retired(argparse.Action):
+    """A flag that no longer exists: given (with or without a value), it fails in one line naming
+    its successor. Hidden from --help; declared so that argparse does not read it as an
+    abbreviation of a longer flag (``--seed`` of ``--seeds``)."""
+
+    def __init__(self, option_strings, dest, successor: str, **kwargs):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, nargs="?", default=argparse.SUPPRESS,
+                         help=argparse.SUPPRESS)
+        self.successor = successor
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        fail(f"{option_string} is retired; use {self.successor}")
+
+
+def retire(p: argparse.ArgumentParser, flag: str, successor: str) -> None:
+    """Refuse `flag` on `p`, naming `successor` (the new flag, with the value that keeps the old meaning)."""
+    p.add_argument(flag, action=_Retired, successor=successor)
+
+
+class Once(argparse.Action):
+    """A flag that may be given once: a second one (which argparse would silently keep instead of the
+    first) is refused in one line. Lists are comma lists (--seeds 0,1,2)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = namespace.__dict__.setdefault("_given_once", set())
+        if self.dest in seen:
+            fail(f"{option_string} given twice; give it once" + (" (a comma list: --seeds 0,1,2)"
+                                                                 if "seeds" in self.dest else ""))
+        seen.add(self.dest)
+        setattr(namespace, self.dest, values)
+
+
+#: what replaced each flag retired on every command that had it
+SEED = "--seeds S[,S...] (a comma list, e.g. --seeds 0 or --seeds 0,1,2)"
+
+
+# --- values ------------------------------------------------------------------------------------------------------
+
+def seed_list(text: str) -> tuple[int, ...]:
+    """--seeds: distinct integers, comma-separated."""
+    try:
+        seeds = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        fail(f"--seeds takes comma-separated integers, e.g. 0,1,2; got {text!r}")
+    if not seeds:
+        fail("--seeds is empty; give at least one seed, e.g. --seeds 0")
+    if len(set(seeds)) != len(seeds):
+        fail(f"--seeds lists a seed twice ({text!r}); give distinct seeds")
+    return seeds
+
+
+def k_value(rules: tuple[str, ...] = ("auto",)):
+    """--k: a number of blocks (at least 1) or the name of a rule (`rules`) that chooses it."""
+    def parse(text: str):
+        word = text.strip()
+        if word in rules:
+            return word
+        try:
+            k = int(word)
+        except ValueError:
+            fail(f"--k takes a number of blocks or {' or '.join(rules)}, got {text!r}")
+        if k < 1:
+            fail(f"--k must be at least 1, got {k}")
+        return k
+
+    return parse
+
+
+def weights_variant(text: str) -> str:
+    """--variant: diffusers' weights variant (e.g. fp16). The contribution's terms, which this flag
+    used to name, are refused naming --contribution-terms."""
+    if text in CONTRIBUTION_TERMS:
+        fail(f"--variant {text} is retired; use --contribution-terms {text} (--variant is now the model's "
+             "weights variant, e.g. fp16)")
+    if not text.strip():
+        fail("--variant is empty; name the weights variant, e.g. --variant fp16")
+    return text.strip()
+
+
 # --- options ---------------------------------------------------------------------------------------------------
 
 def add_common(p: argparse.ArgumentParser, *, concept_required: bool = True) -> None:
     """MODEL, --concept, the sampling settings and --out of `localize` and `intervene`."""
     p.add_argument("model", metavar="MODEL", help="diffusers pipeline directory, hub id, 'toy' or 'toy-flux'")
+    add_model_source(p)
     p.add_argument("--concept", required=concept_required, help="the concept's words as they appear in the prompt")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's; on FLUX base models without a guidance embedding, true_cfg_scale)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=seed_list, action=Once, default=(0,), metavar="S,S,...",
+                   help="generator seeds, comma-separated: every prompt is run at each (default 0)")
+    retire(p, "--seed", SEED)
     p.add_argument("--max-sequence-length", type=int, default=None)
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1, mps (default: where the pipeline loads)")
     p.add_argument("--dtype", choices=DTYPES, default=None)
     add_adapter_option(p)
     add_pipeline_args(p)
     p.add_argument("--out", required=True, help="output directory")
+
+
+def add_model_source(p: argparse.ArgumentParser) -> None:
+    """diffusers' --variant and --revision of MODEL (passed to `from_pretrained`)."""
+    p.add_argument("--variant", type=weights_variant, default=None,
+                   help="weights variant of MODEL's files, e.g. fp16 (diffusers' `variant`: *.fp16.safetensors)")
+    p.add_argument("--revision", default=None,
+                   help="hub revision of MODEL: a branch, tag or commit (diffusers' `revision`; default main)")
 
 
 def add_adapter_option(p: argparse.ArgumentParser) -> None:
@@ -168,15 +264,29 @@ def check_run_settings(args) -> None:
             if key in ("height", "width") and getattr(args, key) is not None:
                 fail(f"--pipeline-arg {key} and --{key} both given; pass --{key} only")
         pipeline_kwargs(args)  # --height / --width
+    if hasattr(args, "revision"):
+        if args.revision is not None and not args.revision.strip():
+            fail("--revision is empty; name a branch, tag or commit, e.g. --revision main")
+        models.check_source(args.model, args.variant, args.revision)  # a DitlocError: one line, exit 2
     if getattr(args, "adapter_option", None):
         from ..adapters import check_adapter_options
 
-        check_adapter_options(adapter_options(args), models.transformer_class(args.model))
+        family = models.transformer_class(args.model, getattr(args, "revision", None))
+        check_adapter_options(adapter_options(args), family)
     for name in ("concept", "token", "class_word", "anchor"):
         value = getattr(args, name, None)
         for v in value if isinstance(value, list) else [value]:  # repeatable (unlearn's --concept/--anchor)
             if v is not None and not v.strip():
                 fail(f"--{name.replace('_', '-')} is empty")
+
+
+def check_k(args) -> None:
+    """--k N against the blocks MODEL's config declares (read without loading it; unknown: checked once it
+    loads)."""
+    k = getattr(args, "k", None)
+    n_blocks = models.count_blocks(args.model) if isinstance(k, int) else None
+    if n_blocks is not None and k > n_blocks:
+        fail(f"--k must be between 1 and {n_blocks} (the number of blocks), got {k}")
 
 
 def check_blocks_named(blocks: str, hint: str = "") -> None:

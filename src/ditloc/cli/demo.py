@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import _progress
 from . import models
-from .common import check_out_and_counts, fail
+from .common import Once, check_out_and_counts, fail, k_value
 
 
 def add_parsers(sub) -> None:
@@ -14,8 +14,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--model", choices=tuple(TOY_MODELS), default="toy",
                    help="toy (PixArt-alpha, default) or toy-flux (FLUX: joint attention)")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    p.add_argument("--k", type=int, default=None,
-                   help="blocks to withhold (default: K from each concept's search curve)")
+    p.add_argument("--k", type=k_value(), action=Once, default="auto", metavar="N|auto",
+                   help="blocks to withhold: N, or auto (default: the smallest K that halves each concept's "
+                        "presence on its search curve, its largest set where none does)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 20; 4 with --fast)")
     p.add_argument("--fast", action="store_true", help="a smaller run (as in CI)")
     p.set_defaults(check=check_out_and_counts, func=cmd_demo)
@@ -28,9 +29,10 @@ def cmd_demo(args) -> None:
 
     cfg = DemoConfig.fast(args.model) if args.fast else DemoConfig.for_model(args.model)
     n_blocks = models.count_blocks(args.model)  # None while the model is missing: loading it says what to do
-    if args.k is not None and n_blocks is not None and not 1 <= args.k <= n_blocks:
-        fail(f"--k must be between 1 and {n_blocks} (the {args.model} model's blocks), got {args.k}")
-    cfg = dataclasses.replace(cfg, model=args.model, k=args.k,
+    k = None if args.k == "auto" else args.k
+    if k is not None and n_blocks is not None and not 1 <= k <= n_blocks:
+        fail(f"--k must be between 1 and {n_blocks} (the {args.model} model's blocks), got {k}")
+    cfg = dataclasses.replace(cfg, model=args.model, k=k,
                               steps=args.steps if args.steps is not None else cfg.steps)
     result = run_demo(args.out, cfg, progress=_progress.write)
     print("presence of each concept (oracle, held-out images), before and after withholding it from the searched "

@@ -10,22 +10,29 @@ from .. import _progress
 from . import models
 from .common import (
     DTYPES,
+    LOCALIZE_METHODS,
+    SEED,
+    Once,
     add_adapter_option,
+    add_model_source,
     add_pipeline_args,
     check_blocks_named,
     check_concept,
+    check_k,
     check_out_and_counts,
     check_run_settings,
     fail,
     main_process_lock,
+    k_value,
     read_prompts,
+    retire,
     run_options,
+    seed_list,
 )
 
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("personalize", help="teach a new subject (DreamBooth-style LoRA) in the localized blocks only")
-    p.add_argument("model", metavar="MODEL", help="diffusers pipeline directory, hub id, 'toy' or 'toy-flux'")
     p.add_argument("--images", required=True, help="folder of RGB training images at the model's resolution")
     p.add_argument("--token", required=True, help="rare word to bind the subject to (e.g. sks)")
     p.add_argument("--class-word", required=True, help="the subject's class (e.g. dog)")
@@ -46,12 +53,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--category", default=None,
                    help="with --blocks auto: localize the class word on this probe category's prompts")
     p.add_argument("--probes", default="lock", help="probe set for --category: lock, toy or a file")
-    _add_edit_args(p, method={"choices": ("lora", "full"), "default": "lora"})
+    _add_edit_args(p, method={"choices": ("lora", "full"), "default": "lora"}, rules=("auto",),
+                   k_help="blocks to edit with --blocks auto or a localization: N, or auto (default: the smallest K "
+                          "that halves the concept's presence on the search's curve; block scores: that holds half "
+                          "the positive score mass)")
     p.set_defaults(check=check_personalize, func=cmd_personalize, lock=main_process_lock)
 
     p = sub.add_parser("unlearn", help="make the model forget concepts (concept ablation) in their localized blocks "
                                        "only")
-    p.add_argument("model", metavar="MODEL", help="diffusers pipeline directory, hub id, 'toy' or 'toy-flux'")
     p.add_argument("--concept", action="append", default=None,
                    help="the words to forget, as they appear in the prompts (repeatable: one edit erases all)")
     p.add_argument("--anchor", action="append", default=None,
@@ -84,27 +93,32 @@ def add_parsers(sub) -> None:
     p.add_argument("--pooled-edit", action="store_true",
                    help="closed-form, FLUX/SD3: also solve the pooled text vector's projection, which reaches every "
                         "block past its text tokens (one shared map: this part is not localized)")
-    p.add_argument("--auto-k", action="store_true",
-                   help="closed-form with --blocks auto: solve every block, keep the smallest top K whose edit "
-                        "closes --auto-k-fraction of the largest achievable gap reduction between the prompts' "
-                        "and the anchors' predictions")
-    p.add_argument("--auto-k-fraction", type=float, default=0.9,
-                   help="with --auto-k: share of the best gap reduction the chosen K must reach (default 0.9)")
+    p.add_argument("--gap-fraction", type=float, default=None,
+                   help="with --k gap: share of the best gap reduction the chosen K must reach (default 0.9)")
     _add_edit_args(p, method={"choices": ("lora", "full", "closed-form"), "default": "lora",
                               "help": "lora / full: train; closed-form: solve the blocks' text key/value "
-                                      "projections (no training, seconds)"})
+                                      "projections (no training, seconds)"}, rules=("auto", "gap"),
+                   k_help="blocks to edit with --blocks auto or a localization: N; auto (default: the smallest "
+                          "searched set that removes 90%% of the concept's presence, every editable block where "
+                          "none does); or gap (--edit-method closed-form, one concept: solve every editable block, "
+                          "keep the smallest top K whose edit closes --gap-fraction of the best reduction of the gap "
+                          "between the prompts' and the anchors' predictions)")
+    retire(p, "--auto-k", "--k gap (the closed-form edit's measured K; --k auto is the erasure rule)")
+    retire(p, "--auto-k-fraction", "--gap-fraction F (with --k gap)")
     p.set_defaults(check=check_unlearn, func=cmd_unlearn, lock=main_process_lock)
 
 
-def _add_edit_args(p, *, method: dict) -> None:
-    """The block choice, method (`method`: its add_argument settings), training and sampling flags both share."""
+def _add_edit_args(p, *, method: dict, rules: tuple[str, ...], k_help: str) -> None:
+    """The block choice (`rules`: the names --k takes besides N), edit method (`method`: its add_argument
+    settings), training and sampling flags both share."""
+    p.add_argument("model", metavar="MODEL", help="diffusers pipeline directory, hub id, 'toy' or 'toy-flux'")
+    add_model_source(p)
     p.add_argument("--blocks", default="auto",
                    help="auto (localize, then --k blocks), a localization.json from `ditloc localize` (search "
                         "once, edit many times), all, or block.3,block.7")
-    p.add_argument("--k", type=int, default=None,
-                   help="blocks to edit with --blocks auto or a localization (default: its own K: a search's "
-                        "automatic K from its curve)")
-    p.add_argument("--localize-method", choices=("search", "contribution", "patch", "attribution"),
+    p.add_argument("--k", type=k_value(rules), action=Once, default="auto", metavar="N|" + "|".join(rules),
+                   help=k_help)
+    p.add_argument("--localize-method", choices=LOCALIZE_METHODS,
                    default="search",
                    help="how --blocks auto localizes (default search: block sets by their effect on the "
                         "concept's presence, the best method on the toy ground truth; see docs/recipes.md)")
@@ -117,8 +131,8 @@ def _add_edit_args(p, *, method: dict) -> None:
     g.add_argument("--evaluator-model", default=None, help="the CLIP / VLM checkpoint (a local path or cached id)")
     g.add_argument("--eval-text", default=None,
                    help="what the evaluator looks for (default: the concept, or the class word; one concept only)")
-    p.add_argument("--method", **method)
-    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--edit-method", **method)
+    p.add_argument("--lora-rank", type=int, default=4, help="rank of the LoRA adapters (default 4)")
     p.add_argument("--lora-modules", default=None,
                    help="LoRA targets inside each chosen block, comma-separated (e.g. attn2.to_k,attn2.to_v: "
                         "the text keys/values only); default: every attention projection and the MLP")
@@ -135,10 +149,15 @@ def _add_edit_args(p, *, method: dict) -> None:
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's; FLUX base models: true_cfg_scale)")
     add_adapter_option(p)
     add_pipeline_args(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=seed_list, action=Once, default=(0, 1), metavar="S,S,...",
+                   help="seeds of the localization --blocks auto runs (default 0,1); the first also seeds the edit "
+                        "(LoRA initialization, noise and timestep draws, anchor and class images)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=DTYPES, default=None)
     p.add_argument("--out", required=True, help="output directory (checkpoints here; rerun to resume)")
+    retire(p, "--seed", SEED)
+    retire(p, "--method", "--edit-method " + "|".join(method["choices"]))
+    retire(p, "--rank", "--lora-rank R")
 
 
 # --- checks before the model loads -------------------------------------------------------------------------------
@@ -169,26 +188,30 @@ def check_unlearn(args) -> None:
             check_concept(args.prompts, args.pairs[0][0], exact=True)
     from ..edit.concepts import plan_erasures
 
-    if args.auto_k and args.method != "closed-form":
-        fail("--auto-k works with --method closed-form: it measures each K's edit")
-    if args.pooled_edit and args.method != "closed-form":
-        fail("--pooled-edit works with --method closed-form; lora and full train the chosen blocks only")
-    if args.auto_k and args.blocks != "auto":
-        fail("--auto-k ranks the blocks by a localization; pass --blocks auto")
+    gap = args.k == "gap"
+    if gap and args.edit_method != "closed-form":
+        fail("--k gap works with --edit-method closed-form: it measures each K's edit (or use --k auto)")
+    if args.gap_fraction is not None and not gap:
+        fail("--gap-fraction is the share of the best gap reduction --k gap asks for; pass --k gap too")
+    if args.pooled_edit and args.edit_method != "closed-form":
+        fail("--pooled-edit works with --edit-method closed-form; lora and full train the chosen blocks only")
+    if gap and args.blocks != "auto":
+        fail("--k gap ranks the blocks by a localization; pass --blocks auto")
     if args.eval_text is not None and len(args.pairs) > 1:
         fail("--eval-text names what the evaluator looks for in one concept; with several concepts leave it out "
              "(each concept is scored by its own text)")
-    if args.auto_k and len(args.pairs) > 1:
-        fail("--auto-k measures one concept's edit; leave it out to take each concept's K from its localization")
+    if gap and len(args.pairs) > 1:
+        fail("--k gap measures one concept's edit; with several concepts use --k auto (each concept's K from its "
+             "localization)")
     if args.blocks.endswith(".json") and len(args.pairs) > 1:
         fail("a localization file holds one concept; with several concepts pass --blocks auto (each is "
              "localized and saved in --out) or block names")
     preserving = args.preserve is not None or args.preserve_file is not None
-    if args.method == "closed-form" and args.preserve_target is not None:
-        fail("--preserve-target applies to --method lora or full; the closed form keeps the preserved prompts by "
-             "its solve")
-    if preserving and args.method != "closed-form" and args.preserve_target is None:
-        fail("--preserve/--preserve-file are used by --method closed-form, or with --preserve-target teacher")
+    if args.edit_method == "closed-form" and args.preserve_target is not None:
+        fail("--preserve-target applies to --edit-method lora or full; the closed form keeps the preserved prompts "
+             "by its solve")
+    if preserving and args.edit_method != "closed-form" and args.preserve_target is None:
+        fail("--preserve/--preserve-file are used by --edit-method closed-form, or with --preserve-target teacher")
     if not args.preserve_weight >= 0:
         fail(f"--preserve-weight must be >= 0 (got {args.preserve_weight})")
     plan_erasures(args.pairs, getattr(args, "prompts", None))  # duplicates, anchors, concepts in no prompt
@@ -226,13 +249,12 @@ def _concept_pairs(args) -> list[tuple[str, str]]:
 def _check_blocks_and_settings(args) -> None:
     """--out and the counts, --k, a --blocks localization file, the run settings and --blocks itself."""
     check_out_and_counts(args)
-    if args.k is not None and args.k < 1:
-        fail(f"--k must be at least 1, got {args.k}")
     if args.blocks.endswith(".json"):
         from ..localization import Localization
 
         Localization.load(args.blocks)  # a missing or broken file: one line, before the model loads
     check_run_settings(args)
+    check_k(args)
     check_blocks_named(args.blocks, " (or auto, all)")
     _check_search_flags(args)
 
@@ -272,15 +294,16 @@ def _check_training(args) -> None:
     if args.lora_modules is not None:
         from ..edit import TrainConfig
 
-        TrainConfig(method=args.method, lora_modules=args.lora_modules)  # its checks: one line, exit 2
+        TrainConfig(method=args.edit_method, lora_modules=args.lora_modules)  # its checks: one line, exit 2
     from ..edit import precision
     from ..processes import launched
 
-    if args.method == "closed-form":
+    if args.edit_method == "closed-form":
         if launched():
-            fail("--method closed-form runs in one process (seconds); run it without accelerate launch")
+            fail("--edit-method closed-form runs in one process (seconds); run it without accelerate launch")
         if args.mixed_precision not in (None, "no"):
-            fail("--mixed-precision applies to training (--method lora or full), not to --method closed-form")
+            fail("--mixed-precision applies to training (--edit-method lora or full), not to --edit-method "
+                 "closed-form")
         args.mixed_precision = "no"
         return
     for engine in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):  # set by accelerate launch --use_fsdp etc.
@@ -321,7 +344,7 @@ def cmd_personalize(args) -> None:
     loc_prompts = category_prompts(args.category, args.class_word, args.probes) if args.category else None
     concepts = [args.class_word.strip()]
     evaluator = _search_evaluator(args, concepts)
-    pipe = models.load_pipeline(args.model, device=device, dtype=dtype)
+    pipe = models.load_pipeline(args.model, device=device, dtype=dtype, **models.source_kwargs(args))
     if main_process:
         _say_objective(args, pipe, concepts, evaluator)
     res = personalize(pipe, args.images, args.token, args.class_word, instance_prompt=args.instance_prompt,
@@ -344,7 +367,7 @@ def cmd_unlearn(args) -> None:
     preserve = _preserve_prompts(args)
     concepts = [c for c, _ in args.pairs]
     evaluator = _search_evaluator(args, concepts)
-    pipe = models.load_pipeline(args.model, device=device, dtype=dtype)
+    pipe = models.load_pipeline(args.model, device=device, dtype=dtype, **models.source_kwargs(args))
     if main_process:
         _say_objective(args, pipe, concepts, evaluator)
     res = unlearn(pipe, concepts=args.pairs, prompts=prompts, images_per_prompt=args.images_per_prompt,
@@ -360,15 +383,17 @@ def _edit_setup(args) -> tuple[dict, str | None, str | None, bool]:
     from ..edit import ClosedFormConfig, TrainConfig
     from ..processes import current
 
-    if args.method == "closed-form":
+    seed = args.seeds[0]  # the edit's; every seed localizes (--blocks auto)
+    if args.edit_method == "closed-form":
+        gap = {"gap_fraction": args.gap_fraction} if args.gap_fraction is not None else {}
         config = ClosedFormConfig(preserve_weight=args.preserve_weight, ridge=args.ridge, positions=args.positions,
-                                  seed=args.seed, auto_k_fraction=args.auto_k_fraction,
+                                  seed=seed, **gap,
                                   preserve_mode=args.preserve_mode, export_lora=not args.no_lora_export,
                                   pooled=args.pooled_edit)
     else:
         config = TrainConfig(
-            method=args.method, rank=args.rank, steps=args.train_steps, lr=args.lr, batch_size=args.batch_size,
-            seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
+            method=args.edit_method, rank=args.lora_rank, steps=args.train_steps, lr=args.lr,
+            batch_size=args.batch_size, seed=seed, gradient_checkpointing=args.gradient_checkpointing,
             checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
             lora_modules=args.lora_modules,
         )
@@ -376,8 +401,7 @@ def _edit_setup(args) -> tuple[dict, str | None, str | None, bool]:
     device = _train_device(args)
     # mixed precision: the base weights in bfloat16 unless --dtype says otherwise
     dtype = args.dtype or ("bfloat16" if args.mixed_precision == "bf16" else None)
-    k = "auto" if getattr(args, "auto_k", False) else args.k
-    common = {"blocks": args.blocks, "k": k, "config": config, "out": args.out, "options": run_options(args),
+    common = {"blocks": args.blocks, "k": args.k, "localize_seeds": tuple(args.seeds), "config": config, "out": args.out, "options": run_options(args),
               "progress": _progress.write if main_process else None, "localize_method": args.localize_method,
               "objective": args.objective, "eval_text": args.eval_text}
     return common, device, dtype, main_process
@@ -468,5 +492,5 @@ def _print_result(args, pipe, res) -> None:
         return
     print(f"{res.kind}: trained {res.trainable_parameters:,} of {res.total_parameters:,} parameters in "
           f"{', '.join(res.blocks)}; {res.steps} steps, {res.wall_seconds:.1f}s{mem}; final loss {res.losses[-1]:.4f}")
-    how = "pipe.load_lora_weights(OUT) or " if hasattr(pipe, "load_lora_weights") and args.method == "lora" else ""
+    how = "pipe.load_lora_weights(OUT) or " if hasattr(pipe, "load_lora_weights") and args.edit_method == "lora" else ""
     print(f"wrote {args.out} (load with {how}ditloc.edit.load_edit(pipe, OUT))")

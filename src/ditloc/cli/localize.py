@@ -8,16 +8,22 @@ from pathlib import Path
 from .. import _progress
 from . import models
 from .common import (
+    CONTRIBUTION_TERMS,
+    LOCALIZE_METHODS,
+    Once,
     _words,
     adapter_options,
     add_common,
     check_blocks_named,
     check_concept,
+    check_k,
     check_out_and_counts,
     check_run_settings,
     fail,
     main_process_lock,
+    k_value,
     read_prompts,
+    retire,
     run_options,
 )
 
@@ -30,7 +36,7 @@ def add_parsers(sub) -> None:
                         "the prompts that contain it, into OUT/<concept>/ (one model load for all)")
     p.add_argument("--prompt", action="append", help="a prompt containing the concept (repeatable)")
     p.add_argument("--prompts-file", help="text file, one prompt per line")
-    p.add_argument("--method", choices=("search", "contribution", "patch", "attribution"), default="search",
+    p.add_argument("--localize-method", choices=LOCALIZE_METHODS, default="search",
                    help="search (default): block *sets* by their effect on the concept's presence (greedy; each "
                         "step ranks every block by conditional attribution and generates the best --verify; "
                         "resumable); contribution: where the concept is read (cheapest); patch: the effect of "
@@ -39,16 +45,17 @@ def add_parsers(sub) -> None:
     p.add_argument("--clean-prompt", action="append", default=None,
                    help="patch/attribution: the clean prompt of each --prompt, in order (repeatable; default: the "
                         "prompt with the concept removed)")
-    p.add_argument("--variant", choices=("attn", "attn_value", "attn_value_out"), default="attn_value_out",
-                   help="contribution only: which part of the attention output is measured")
+    p.add_argument("--contribution-terms", choices=CONTRIBUTION_TERMS, default="attn_value_out",
+                   help="contribution only: which terms of the attention output are measured (default "
+                        "attn_value_out: the attention weights times the values and the output projection)")
     p.add_argument("--out-bias", action="store_true", help="contribution only: add W_o's bias (authors' code)")
-    p.add_argument("--top-k", type=int, default=None, help="also report the top K blocks")
-    p.add_argument("--auto-k", action="store_true",
-                   help="choose K from the scores (the smallest K holding half the positive score mass)")
+    p.add_argument("--k", type=k_value(), action=Once, default=None, metavar="N|auto",
+                   help="also choose K and record it: N blocks, or auto (the smallest K that halves the concept's "
+                        "presence on the search's curve; block scores: that holds half the positive score mass)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--block-batch", type=int, default=None,
                    help="patch: blocks withheld per extra forward; search: block sets per pipeline call")
-    g = p.add_argument_group("set-level search (--method search)")
+    g = p.add_argument_group("set-level search (--localize-method search)")
     g.add_argument("--objective", default=None,
                    help="evaluator (soft presence by --evaluator; the default on the toy models, whose oracle is "
                         "built in) or self (the model judges itself; the default elsewhere)")
@@ -64,15 +71,21 @@ def add_parsers(sub) -> None:
     g.add_argument("--candidate-method", default="contribution", help="contribution (default), patch or attribution")
     g.add_argument("--search-steps", type=int, default=None,
                    help="sampling steps of the search's generations (default 6)")
-    g.add_argument("--rank", default=None,
-                   help="gradient (default: conditional attribution ranks every block, --verify best generated) "
-                        "or generation (every candidate set generated: the exact greedy, blocks x max-k sets)")
-    g.add_argument("--verify", type=int, default=None, help="sets generated per step with --rank gradient (default 2)")
+    g.add_argument("--search-rank", default=None,
+                   help="how each step ranks the blocks: gradient (default: conditional attribution ranks every "
+                        "block, --verify best generated) or generation (every candidate set generated: the exact "
+                        "greedy, blocks x max-k sets)")
+    g.add_argument("--verify", type=int, default=None,
+                   help="sets generated per step with --search-rank gradient (default 2)")
     g.add_argument("--gradient-steps", type=int, default=None,
                    help="denoising steps the attribution is measured at (default 2)")
     g.add_argument("--save-images", type=int, default=None, metavar="N",
                    help="after the search, generate (at --steps) the first N prompts' original image and each "
                         "searched set withheld, into OUT/images/ for `ditloc report OUT` (default: none)")
+    retire(p, "--method", "--localize-method M (search, contribution, patch or attribution)")
+    retire(p, "--rank", "--search-rank gradient|generation")
+    retire(p, "--top-k", "--k N")
+    retire(p, "--auto-k", "--k auto")
     p.set_defaults(check=check_localize, func=cmd_localize, lock=main_process_lock)
 
     p = sub.add_parser("intervene", help="generate with the concept withheld from / injected into blocks")
@@ -80,8 +93,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--clean-prompt", default=None, help="default: the prompt with the concept removed")
     p.add_argument("--blocks", default=None, help="comma-separated block names, e.g. block.3,block.7")
-    p.add_argument("--top-k", type=int, default=None, help="with --localization: use its top K blocks")
-    p.add_argument("--auto-k", action="store_true", help="with --localization: its top K, K chosen from its scores")
+    p.add_argument("--k", type=k_value(), action=Once, default=None, metavar="N|auto",
+                   help="with --localization: its K blocks (N, or auto: the smallest K that halves the concept's "
+                        "presence on the search's curve; block scores: that holds half the positive score mass)")
     p.add_argument("--localization", default=None, help="a localization.json from `ditloc localize`")
     p.add_argument("--mode", choices=("withhold", "inject"), default="withhold")
     p.add_argument("--withhold-heads", default=None, metavar="H,H,...",
@@ -90,6 +104,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--withhold-steps", default=None, metavar="T,T,...",
                    help="only at these denoising steps, 0-based, each below --steps (default: every step; with "
                         "--mode inject, the steps the concept is injected at)")
+    retire(p, "--top-k", "--k N")
+    retire(p, "--auto-k", "--k auto")
     p.set_defaults(check=check_intervene, func=cmd_intervene)
 
 
@@ -97,6 +113,7 @@ def check_localize(args) -> None:
     """Before the model loads (sets ``args.prompts``, and ``args.concept_prompts`` with --concepts-file)."""
     check_out_and_counts(args)
     check_run_settings(args)
+    check_k(args)
     args.prompts = read_prompts(args)
     args.concept_prompts = None
     if args.concepts_file is None:
@@ -106,11 +123,11 @@ def check_localize(args) -> None:
         return
     if args.concept is not None:
         fail("give --concept or --concepts-file, not both")
-    if args.method != "search":
-        fail("--concepts-file searches each concept; use it with --method search (the default)")
-    if args.clean_prompt is not None or args.top_k is not None:
-        fail("--clean-prompt and --top-k apply to one concept; with --concepts-file each concept's K comes from "
-             "its curve (--auto-k)")
+    if args.localize_method != "search":
+        fail("--concepts-file searches each concept; use it with --localize-method search (the default)")
+    if args.clean_prompt is not None or isinstance(args.k, int):
+        fail("--clean-prompt and --k N apply to one concept; with --concepts-file each concept's K comes from "
+             "its curve (--k auto)")
     args.concept_prompts = {c: [p for p in args.prompts if _words(c) <= _words(p)] for c in _read_concepts(args)}
     for concept, prompts in args.concept_prompts.items():
         if not prompts:
@@ -135,6 +152,7 @@ def check_intervene(args) -> None:
     """Before the model loads (sets ``args.prompts``)."""
     check_out_and_counts(args)
     check_run_settings(args)
+    check_k(args)
     if args.blocks is not None:
         check_blocks_named(args.blocks)
     args.prompts = read_prompts(args)
@@ -163,11 +181,9 @@ def cmd_localize(args) -> None:
 
     prompts = args.prompts
     config = _search_config(args)
-    if args.top_k is not None and args.auto_k:
-        fail("choose --top-k or --auto-k, not both")
     if args.clean_prompt is not None:
-        if args.method == "contribution":
-            fail("--clean-prompt is used by --method patch, attribution or search only")
+        if args.localize_method == "contribution":
+            fail("--clean-prompt is used by --localize-method patch, attribution or search only")
         if len(args.clean_prompt) != len(prompts):
             fail(f"got {len(args.clean_prompt)} --clean-prompt for {len(prompts)} prompts; give one per prompt")
     if args.block_batch is not None and args.block_batch < 1:
@@ -181,14 +197,11 @@ def cmd_localize(args) -> None:
 
         # under accelerate launch, each process generates its share of the search's sets on its own device
         device = str(current(args.device).device) if launched() else args.device
-        pipe = models.load_pipeline(args.model, device=device, dtype=args.dtype)
+        pipe = models.load_pipeline(args.model, device=device, dtype=args.dtype, **models.source_kwargs(args))
         config = _fit_max_k(args, config, len(_adapter_for(pipe, args).block_names()))
         return _localize_search(args, pipe, config, evaluator)
-    pipe = models.load_pipeline(args.model, device=args.device, dtype=args.dtype)
-    if args.top_k is not None:
-        n_blocks = len(_adapter_for(pipe, args).block_names())
-        if not 1 <= args.top_k <= n_blocks:
-            fail(f"--top-k must be between 1 and {n_blocks} (the number of blocks), got {args.top_k}")
+    pipe = models.load_pipeline(args.model, device=args.device, dtype=args.dtype, **models.source_kwargs(args))
+    _check_k(args, len(_adapter_for(pipe, args).block_names()))
     with _progress.bar(desc="localize", unit="step") as steps, \
             _progress.count_steps(pipe, steps, calls=math.ceil(len(prompts) / args.batch_size)):
 
@@ -198,21 +211,19 @@ def cmd_localize(args) -> None:
             else:
                 _progress.write(f"localize: {done}/{total} prompts")
 
-        loc = localize(pipe, prompts, args.concept, method=args.method, clean_prompts=args.clean_prompt,
-                       seed=args.seed, variant=args.variant, out_bias=args.out_bias, batch_size=args.batch_size,
-                       block_batch=args.block_batch, options=run_options(args), progress=progress)
-    top_k = loc.minimal_k() if args.auto_k else args.top_k
-    if top_k is not None:
-        loc.settings["top_k"] = top_k
-        loc.settings["auto_k"] = bool(args.auto_k)
+        loc = localize(pipe, prompts, args.concept, method=args.localize_method, clean_prompts=args.clean_prompt,
+                       seed=list(args.seeds), contribution_terms=args.contribution_terms, out_bias=args.out_bias,
+                       batch_size=args.batch_size, block_batch=args.block_batch, options=run_options(args),
+                       progress=progress)
+    k = _record_k(args, loc)
     out = Path(args.out)
     path = loc.save(out / "localization.json")
     scores = dict(zip(loc.blocks, loc.scores.tolist()))
-    shown = loc.ranking if top_k is None else loc.top(top_k)
-    how = f"variant {args.variant}" if args.method == "contribution" else "clean prompts " + (
-        "given" if args.clean_prompt else "derived")
-    print(f"concept {args.concept!r}: {len(prompts)} prompt(s), {args.steps} steps, method {args.method}, {how}"
-          + (f", automatic K = {top_k}" if args.auto_k else ""))
+    shown = loc.ranking if k is None else loc.top(k)
+    how = f"contribution terms {args.contribution_terms}" if args.localize_method == "contribution" else \
+        "clean prompts " + ("given" if args.clean_prompt else "derived")
+    print(f"concept {args.concept!r}: {len(prompts)} prompt(s) x {len(args.seeds)} seed(s), {args.steps} steps, "
+          f"method {args.localize_method}, {how}" + (f", automatic K = {k}" if args.k == "auto" else ""))
     print(f"{'rank':>4}  {'block':<12} {'score':>10}")
     for r, b in enumerate(shown, 1):
         print(f"{r:>4}  {b:<12} {scores[b]:>10.4f}")
@@ -225,31 +236,50 @@ def _adapter_for(pipe, args):
     return get_adapter(pipe, **adapter_options(args))
 
 
-#: the --method search settings and their defaults
+def _check_k(args, n_blocks: int) -> None:
+    """--k N within the model's blocks (known once it loads)."""
+    if isinstance(args.k, int) and not 1 <= args.k <= n_blocks:
+        fail(f"--k must be between 1 and {n_blocks} (the number of blocks), got {args.k}")
+
+
+def _record_k(args, loc) -> int | None:
+    """The K --k chooses (auto: `Localization.k_auto`), recorded in the localization's settings."""
+    if args.k is None:
+        return None
+    k = loc.k_auto() if args.k == "auto" else args.k
+    loc.settings["k"] = k
+    loc.settings["k_rule"] = "auto" if args.k == "auto" else "given"
+    return k
+
+
+#: the --localize-method search settings and their defaults
 _SEARCH_FLAGS = {"objective": None, "evaluator": None, "evaluator_model": None, "eval_text": None, "max_k": None,
                  "beam": 1, "direction": "forward", "candidates": None, "candidate_method": "contribution",
-                 "search_steps": None, "rank": None, "verify": None, "gradient_steps": None, "save_images": None}
+                 "search_steps": None, "search_rank": None, "verify": None, "gradient_steps": None, "save_images": None}
+#: the search flags whose SearchConfig field has another name
+_SEARCH_FIELDS = {"search_rank": "rank"}
 
 
 def _search_config(args):
-    """The --method search settings as a SearchConfig, checked before the model loads."""
+    """The --localize-method search settings as a SearchConfig, checked before the model loads."""
     from ..localization import SearchConfig
 
-    if args.method != "search":
+    if args.localize_method != "search":
         given = [k for k, default in _SEARCH_FLAGS.items() if getattr(args, k) != default]
         if given:
-            fail(f"--{given[0].replace('_', '-')} is a setting of --method search")
+            fail(f"--{given[0].replace('_', '-')} is a setting of --localize-method search")
         return None
-    given = {k: getattr(args, k) for k in ("search_steps", "rank", "verify", "gradient_steps")
+    given = {_SEARCH_FIELDS.get(k, k): getattr(args, k) for k in ("search_steps", "search_rank", "verify",
+                                                                  "gradient_steps")
              if getattr(args, k) is not None}
     blocks = models.count_blocks(args.model)
     max_k = args.max_k if args.max_k is not None else min(4, blocks or 4)
     config = SearchConfig(objective=args.objective, max_k=max_k, beam=args.beam, direction=args.direction,
                           candidates=args.candidates, candidate_method=args.candidate_method, **given)
     config.check(blocks)
-    if args.rank == "gradient" and args.evaluator == "vlm":
-        fail("--rank gradient differentiates the evaluator's presence and the vlm evaluator's answer is not "
-             "differentiable; use --rank generation, or --evaluator clip")
+    if args.search_rank == "gradient" and args.evaluator == "vlm":
+        fail("--search-rank gradient differentiates the evaluator's presence and the vlm evaluator's answer is not "
+             "differentiable; use --search-rank generation, or --evaluator clip")
     if args.objective == "self" and (args.evaluator or args.eval_text):
         fail("--evaluator/--eval-text score the evaluator objective; --objective self needs none")
     if args.evaluator is not None and args.evaluator not in ("toy", "clip", "vlm"):
@@ -311,7 +341,7 @@ def _localize_many(args, config) -> None:
         jobs.append((one, _search_evaluator(one)))
     _say_objective(args, jobs[0][1])
     device = str(current(args.device).device) if launched() else args.device
-    pipe = models.load_pipeline(args.model, device=device, dtype=args.dtype)
+    pipe = models.load_pipeline(args.model, device=device, dtype=args.dtype, **models.source_kwargs(args))
     config = _fit_max_k(args, config, len(_adapter_for(pipe, args).block_names()))
     for i, (one, evaluator) in enumerate(jobs, 1):
         print(f"[{i}/{len(jobs)}] {one.concept!r}: {len(one.prompts)} prompt(s) -> {one.out}")
@@ -319,16 +349,14 @@ def _localize_many(args, config) -> None:
 
 
 def _localize_search(args, pipe, config, evaluator) -> None:
-    """`ditloc localize --method search`: the curve, K from it, resumable from <out>/search.jsonl."""
-    from ..localization import localize
+    """`ditloc localize --localize-method search`: the curve, K from it, resumable from <out>/search.jsonl."""
+    from ..localization import AUTO_K_DROP, localize
     from ..localization.search import checkpoint_generations
 
     out = Path(args.out)
     checkpoint = out / "search.jsonl"
     resumed = checkpoint_generations(checkpoint)  # (the lock is held: nobody else adds to it)
-    n_blocks = len(_adapter_for(pipe, args).block_names())
-    if args.top_k is not None and not 1 <= args.top_k <= n_blocks:
-        fail(f"--top-k must be between 1 and {n_blocks} (the number of blocks), got {args.top_k}")
+    _check_k(args, len(_adapter_for(pipe, args).block_names()))
     with _progress.bar(desc="search", unit="set") as bar:
         def progress(done: int, total: int) -> None:  # after each evaluated block set
             bar.total = total
@@ -338,7 +366,7 @@ def _localize_search(args, pipe, config, evaluator) -> None:
                 _progress.write(f"search: {done}/{total} block sets")
 
         loc = localize(pipe, args.prompts, args.concept, method="search", search=config, evaluator=evaluator,
-                       eval_text=args.eval_text, clean_prompts=args.clean_prompt, seed=args.seed,
+                       eval_text=args.eval_text, clean_prompts=args.clean_prompt, seed=list(args.seeds),
                        batch_size=args.batch_size, block_batch=args.block_batch, options=run_options(args),
                        checkpoint=checkpoint, progress=progress)
     from ..processes import current
@@ -346,11 +374,8 @@ def _localize_search(args, pipe, config, evaluator) -> None:
     if not current().is_main:  # the main process writes and prints
         return
     s = loc.search
-    auto = s.auto_k(config.threshold)
-    top_k = auto if args.auto_k else args.top_k
-    if top_k is not None:
-        loc.settings["top_k"] = top_k
-        loc.settings["auto_k"] = bool(args.auto_k)
+    auto = s.k_for_drop(AUTO_K_DROP)
+    _record_k(args, loc)
     path = loc.save(out / "localization.json")
     cost = s.cost
     print(f"concept {args.concept!r}: {len(args.prompts)} prompt(s) x {len(loc.settings['seeds'])} seed(s), objective "
@@ -368,8 +393,6 @@ def _localize_search(args, pipe, config, evaluator) -> None:
               f"wider{hint})")
     else:
         print(f"automatic K = {auto} (the smallest K whose set halves presence)")
-    if args.auto_k and auto is None:
-        loc.settings["top_k"] = s.max_k
     print(f"wrote {path}")
     if args.save_images is not None:
         from ..report.search_images import save_search_images
@@ -386,34 +409,35 @@ def cmd_intervene(args) -> None:
     from ..localization import Localization
     from ..scope import Scope
 
-    if args.auto_k and args.top_k is not None:
-        fail("choose --top-k or --auto-k, not both")
-    by_rank = args.top_k is not None or args.auto_k
-    if (args.blocks is None) == (not by_rank):
-        fail("give either --blocks NAMES or --top-k K (or --auto-k) with --localization FILE")
-    if by_rank and not args.localization:
-        fail(f"{'--auto-k' if args.auto_k else '--top-k'} needs --localization FILE (from `ditloc localize`)")
+    if (args.blocks is None) == (args.k is None):
+        fail("give either --blocks NAMES or --k N|auto with --localization FILE")
+    if args.k is not None and not args.localization:
+        fail(f"--k {args.k} needs --localization FILE (from `ditloc localize`)")
     loc = Localization.load(args.localization) if args.localization else None
-    pipe = models.load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    pipe = models.load_pipeline(args.model, device=args.device, dtype=args.dtype, **models.source_kwargs(args))
     adapter = _adapter_for(pipe, args)
     if loc is not None and list(loc.blocks) != adapter.block_names():
         raise DitlocError(f"{args.localization} was measured on a model with other blocks; localize this model first")
-    if args.auto_k:
-        args.top_k = loc.choose_k()
-    blocks = adapter.resolve_blocks(args.blocks) if args.blocks is not None else loc.top(args.top_k)
+    k = loc.k_auto() if args.k == "auto" else args.k
+    blocks = adapter.resolve_blocks(args.blocks) if args.blocks is not None else loc.top(k)
     if args.blocks is not None and not blocks:
         fail("--blocks is empty; name at least one block, e.g. --blocks block.3")
     Scope.resolve(adapter, args.mode, blocks, heads=args.heads, steps=args.withheld_steps)  # heads in range
     clean = args.clean_prompt or derive_clean_prompt(args.prompt, args.concept)
-    common = {"seed": args.seed, "options": run_options(args)}
-    original = generate(pipe, args.prompt, **common)[0]
+    seeds = list(args.seeds)
+    common = {"seed": seeds, "options": run_options(args)}
+    original = generate(pipe, args.prompt, **common)  # one image per seed
     key = "withhold" if args.mode == "withhold" else "inject"
     intervened = generate(pipe, args.prompt, concept=args.concept, clean_prompts=[clean], heads=args.heads,
-                          steps=args.withheld_steps, **{key: blocks}, **common)[0]
+                          steps=args.withheld_steps, **{key: blocks}, **common)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    original.save(out / "original.png")
-    intervened.save(out / "intervened.png")
+    # one seed: original.png and intervened.png; several: one pair per seed, named by it
+    names = [("original.png", "intervened.png")] if len(seeds) == 1 else \
+        [(f"original_seed{s}.png", f"intervened_seed{s}.png") for s in seeds]
+    for (a, b), x, y in zip(names, original, intervened):
+        x.save(out / a)
+        y.save(out / b)
     record = {
         "prompt": args.prompt,
         "concept": args.concept,
@@ -423,11 +447,15 @@ def cmd_intervene(args) -> None:
         "heads": args.heads,
         "steps": args.withheld_steps,
         "localization": args.localization,
-        "top_k": args.top_k,
+        "k": k,
+        "k_rule": None if args.k is None else "auto" if args.k == "auto" else "given",
         "model": args.model,
+        "variant": args.variant,
+        "revision": args.revision,
         "num_inference_steps": args.steps,
         "guidance_scale": args.guidance,
-        "seed": args.seed,
+        "seeds": seeds,
+        "images": [{"seed": s, "original": a, "intervened": b} for s, (a, b) in zip(seeds, names)],
         "max_sequence_length": args.max_sequence_length,
         "adapter_options": adapter_options(args),
         "device": args.device,
@@ -436,5 +464,7 @@ def cmd_intervene(args) -> None:
     write_json(out / "intervention.json", record)
     where = "".join([f" (heads {','.join(map(str, args.heads))})" if args.heads is not None else "",
                      f" at steps {','.join(map(str, args.withheld_steps))}" if args.withheld_steps is not None else ""])
-    print(f"{args.mode} {args.concept!r} in {', '.join(blocks)}{where}; clean prompt {clean!r}")
-    print(f"wrote {out / 'original.png'}, {out / 'intervened.png'}, {out / 'intervention.json'}")
+    print(f"{args.mode} {args.concept!r} in {', '.join(blocks)}{where}; clean prompt {clean!r}; {len(seeds)} seed(s)")
+    files = [f for pair in names for f in pair]
+    shown = ", ".join(str(out / f) for f in files) if len(files) <= 4 else f"{len(files)} images in {out}"
+    print(f"wrote {shown}, {out / 'intervention.json'}")

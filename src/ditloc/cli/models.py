@@ -15,9 +15,11 @@ def is_toy(model: str) -> bool:
     return model in TOY_MODELS
 
 
-def load_pipeline(model: str, *, device: str | None = None, dtype: str | None = None):
+def load_pipeline(model: str, *, device: str | None = None, dtype: str | None = None, variant: str | None = None,
+                  revision: str | None = None):
     """A diffusers pipeline from a toy model's name, a local directory or a hub id (offline works from the
-    cache)."""
+    cache). `variant` (e.g. "fp16": the weight files ``*.fp16.safetensors``) and `revision` (a hub branch,
+    tag or commit) are diffusers' own `from_pretrained` arguments (`check_source` refuses them for a toy)."""
     import torch
 
     from ..errors import DitlocError
@@ -36,7 +38,8 @@ def load_pipeline(model: str, *, device: str | None = None, dtype: str | None = 
             raise DitlocError(f"model directory {model!r} does not exist; give a diffusers pipeline directory, a hub id, "
                               "'toy' or 'toy-flux'")
         try:
-            kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+            given = {"torch_dtype": torch_dtype, "variant": variant, "revision": revision}
+            kwargs = {k: v for k, v in given.items() if v is not None}
             pipe = DiffusionPipeline.from_pretrained(str(path) if looks_local else model, **kwargs)
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -51,7 +54,26 @@ def load_pipeline(model: str, *, device: str | None = None, dtype: str | None = 
     return pipe
 
 
-def transformer_class(model: str) -> str | None:
+def check_source(model: str, variant: str | None, revision: str | None) -> None:
+    """--variant / --revision against MODEL, before it loads: a toy model has one set of files, and a
+    local directory no revisions."""
+    from ..errors import DitlocError
+
+    given = [flag for flag, value in (("--variant", variant), ("--revision", revision)) if value is not None]
+    if given and is_toy(model):
+        raise DitlocError(f"{given[0]} selects the files of a diffusers checkpoint; the toy model {model!r} has "
+                          "one set of files: leave it out")
+    if revision is not None and _is_local(model):
+        raise DitlocError(f"--revision selects a hub revision; {model!r} is a local directory (check out the "
+                          "revision there, or pass the hub id)")
+
+
+def source_kwargs(args) -> dict:
+    """--variant and --revision of a command's args, as `load_pipeline` keywords (those given)."""
+    return {k: getattr(args, k) for k in ("variant", "revision") if getattr(args, k, None) is not None}
+
+
+def transformer_class(model: str, revision: str | None = None) -> str | None:
     """The transformer class MODEL declares in its model_index.json, read without loading the model
     (a hub id: from the local cache only, never the network); None where it cannot be read."""
     import json
@@ -67,7 +89,7 @@ def transformer_class(model: str) -> str | None:
 
             with warnings.catch_warnings():  # huggingface_hub's deprecation notes would break the one error line
                 warnings.simplefilter("ignore")
-                index = DiffusionPipeline.load_config(model, local_files_only=True)
+                index = DiffusionPipeline.load_config(model, local_files_only=True, revision=revision)
     except (OSError, ValueError):  # no such directory or file, not cached, not JSON: known after loading
         return None
     entry = index.get("transformer") if isinstance(index, dict) else None  # ["diffusers", "<class name>"]

@@ -4,6 +4,7 @@ and the prompts block choice and preservation draw on (probe-set categories)."""
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 
 from ..errors import DitlocError
@@ -41,8 +42,8 @@ def choose_blocks(pipe, blocks, k, localize_prompts, concept, *, seeds=(0, 1), p
                   eval_text: str | None = None, **localize_kw):
     """Block names to edit: explicit names / "all"; a saved localization (a `Localization`
     or its JSON path: search once, edit many times); or "auto" = a localization of
-    `concept` on `localize_prompts` by `method`. From a localization, `k` blocks (None:
-    its own K: a search's automatic K from its curve, else `minimal_k`). `eligible`: the
+    `concept` on `localize_prompts` by `method` at `seeds`. From a localization, `k` blocks
+    ("auto" or None: :meth:`~ditloc.localize.Localization.k_auto`). `eligible`: the
     blocks an edit can change (the search runs over those only; a ranking keeps its first
     k of them). `objective`, `evaluator`, `eval_text`: how the search scores the concept's
     presence (:func:`search_objective`; method "search" only). When the chosen blocks do not
@@ -54,6 +55,10 @@ def choose_blocks(pipe, blocks, k, localize_prompts, concept, *, seeds=(0, 1), p
     if method != "search" and (objective is not None or evaluator is not None or eval_text is not None):
         raise DitlocError(f"objective, evaluator and eval_text are settings of the search, not of method {method!r}; "
                           "localize with method 'search'")
+    if k == "auto":
+        k = None
+    elif k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral)):
+        raise DitlocError(f"k must be a number of blocks or 'auto', got {k!r}")
     adapter = _adapter(pipe)
     names = adapter.block_names()
     saved = isinstance(blocks, Localization) or (isinstance(blocks, (str, Path)) and str(blocks).endswith(".json"))
@@ -94,7 +99,7 @@ def choose_blocks(pipe, blocks, k, localize_prompts, concept, *, seeds=(0, 1), p
         if outside:
             raise DitlocError(f"the localization's sets hold {outside[0]}, which this edit cannot change; "
                               f"search over the editable blocks ({', '.join(pool)})")
-    k = int(k) if k is not None else loc.choose_k()
+    k = int(k) if k is not None else loc.k_auto()
     # best first (a search's blocks in the order they entered its sets): automatic-K edits take prefixes
     chosen = loc.top(k) if loc.search is not None or eligible is None else [b for b in loc.ranking if b in pool][:k]
     _warn_weak(pipe, loc, chosen, localize_prompts, concept, seeds, progress, localize_kw.get("options"),
@@ -122,7 +127,7 @@ def _warn_weak(pipe, loc, chosen, prompts, concept, seeds, progress, options, *,
         return
     if relative >= AUTO_K_DROP:
         return
-    better = s.auto_k() if s is not None else None
+    better = s.k_for_drop(AUTO_K_DROP) if s is not None else None
     advice = (f"K = {better} would (--k {better})" if better is not None else
               f"no K up to {s.max_k} does" if s is not None else "localize with method 'search' to find a set that does")
     progress(f"warning: withholding {', '.join(chosen)} lowers {concept!r}'s presence by {relative:.0%} of its "

@@ -64,14 +64,15 @@ class ClosedFormConfig:
     """How to solve. ``preserve_weight`` is lambda, ``ridge`` mu (relative, see the module doc);
     ``timesteps``: noise levels per anchor image at which joint blocks' text states are
     recorded (families whose text states do not depend on the image use one forward);
-    ``batch_size``: prompts per forward."""
+    ``batch_size``: prompts per forward; ``gap_fraction``: the share of the best reduction of the
+    prediction gap that ``k="gap"`` (``--k gap``) asks of the chosen K."""
 
     preserve_weight: float = 1.0
     ridge: float = 1e-3
     positions: str = "all"
     timesteps: int = 8  # (anchor image, noise level) draws for joint families
     batch_size: int = 16
-    auto_k_fraction: float = 0.9
+    gap_fraction: float = 0.9
     seed: int = 0
     method: str = "closed-form"
     #: "weighted": the least squares above; "nullspace": the edit is confined to the directions
@@ -98,8 +99,8 @@ class ClosedFormConfig:
             raise DitlocError(f"nullspace_tol must be in (0, 1) (got {self.nullspace_tol})")
         if not 0 < self.export_tol < 1:
             raise DitlocError(f"export_tol must be in (0, 1) (got {self.export_tol})")
-        if not 0 < self.auto_k_fraction <= 1:
-            raise DitlocError(f"--auto-k-fraction must be in (0, 1] (got {self.auto_k_fraction})")
+        if not 0 < self.gap_fraction <= 1:
+            raise DitlocError(f"--gap-fraction must be in (0, 1] (got {self.gap_fraction})")
         for name in ("timesteps", "batch_size"):
             if getattr(self, name) < 1:
                 raise DitlocError(f"{name} must be >= 1 (got {getattr(self, name)})")
@@ -314,7 +315,7 @@ def solve_moments(moments: dict[str, _Moments], config: ClosedFormConfig) -> dic
 @torch.no_grad()
 def closed_form_unlearn(pipe, adapter, erasures, preserve, kw, config: ClosedFormConfig, *,
                         x0: torch.Tensor | None, out: Path | None, progress=None, details: dict | None = None,
-                        model: str | None = None, auto_k: float | None = None,
+                        model: str | None = None, gap_fraction: float | None = None,
                         probe_x0: torch.Tensor | None = None) -> EditResult:
     """Rewrite the text projections of every erasure's blocks in place (see the module
     doc): each block is solved once, jointly for every concept whose blocks include it,
@@ -324,18 +325,17 @@ def closed_form_unlearn(pipe, adapter, erasures, preserve, kw, config: ClosedFor
     ``ditloc_edit.json``. `x0`: latents [N, C, h, w] the text states are recorded on (the
     anchor images for joint families; any latents otherwise).
 
-    `auto_k` (a fraction, e.g. 0.9; one erasure only): its `blocks` are a ranking, best
+    `gap_fraction` (``k="gap"``; e.g. 0.9; one erasure only): its `blocks` are a ranking, best
     first; every block is solved, and the edit keeps the smallest top K that achieves
-    `auto_k` of the largest reduction any K achieves in the gap between the model's
+    `gap_fraction` of the largest reduction any K achieves in the gap between the model's
     prediction for the prompts and the unedited model's for the anchors (mean squared,
     relative to the unedited gap, on noisy versions of `probe_x0`, the frozen model's anchor
     images; :func:`prediction_gaps`). Every K's gap is in ``details["k_gaps"]``."""
     t0 = time.perf_counter()
     transformer = pipe.transformer
     erasures = list(erasures)
-    if auto_k is not None and len(erasures) != 1:
-        raise DitlocError("automatic K (--auto-k) measures one concept's edit; erase several concepts with --k or "
-                          "their localizations' own K")
+    if gap_fraction is not None and len(erasures) != 1:
+        raise DitlocError("--k gap measures one concept's edit; erase several concepts with --k N or --k auto")
     named = dict(transformer.named_modules())
     pooled_path = adapter.pooled_projection() if config.pooled else None  # refused before any work
     reset_peak_memory(transformer.device)
@@ -362,15 +362,15 @@ def closed_form_unlearn(pipe, adapter, erasures, preserve, kw, config: ClosedFor
         changed[f"{pooled_path}.weight"] = w.detach().cpu().clone()
     solve_seconds = time.perf_counter() - t_solve
     extra = {}
-    if auto_k is not None:
+    if gap_fraction is not None:
         e = erasures[0]
         gaps = prediction_gaps(pipe, adapter, list(e.blocks), solved, list(e.prompts), list(e.anchor_prompts),
                                text_fn=lambda p: adapter.encode_text(p, kw), x0=probe_x0, seed=config.seed)
         best = max(1.0 - gap for gap in gaps)
-        k = next(i + 1 for i, gap in enumerate(gaps) if 1.0 - gap >= auto_k * best)
-        extra = {"auto_k": auto_k, "k_gaps": {b: g for b, g in zip(e.blocks, gaps)}}
+        k = next(i + 1 for i, gap in enumerate(gaps) if 1.0 - gap >= gap_fraction * best)
+        extra = {"gap_fraction": gap_fraction, "k_gaps": {b: g for b, g in zip(e.blocks, gaps)}}
         if progress:
-            progress(f"automatic K = {k}: prediction gap to the anchor "
+            progress(f"K by the prediction gap = {k}: gap to the anchor "
                      + ", ".join(f"K={i + 1} {g:.3f}" for i, g in enumerate(gaps)))
         erasures = [e.with_blocks(e.blocks[:k])]
         solved = {b: solved[b] for b in erasures[0].blocks}

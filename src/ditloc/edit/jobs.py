@@ -49,7 +49,7 @@ def run_options(options: RunOptions | None, run: dict) -> RunOptions:
 
 
 def _plan(pipe, blocks, k, localize_prompts, concept, config, out, *, options: RunOptions, progress,
-          require_concept=False, eligible=None, localize_method="search", search=None):
+          require_concept=False, eligible=None, localize_method="search", search=None, seeds=(0, 1)):
     """What both jobs do before training: pipeline call arguments (native size
     unless given), the output folder, and the blocks (localized with those same
     arguments for ``auto``; `search`: the search's objective, evaluator and eval_text).
@@ -65,8 +65,8 @@ def _plan(pipe, blocks, k, localize_prompts, concept, config, out, *, options: R
     procs = current_processes()
     checkpoint = out / "search.jsonl" if out is not None and localize_method == "search" else None
     chosen, loc = procs.share(lambda: choose_blocks(  # the main process localizes; every process gets its blocks
-        pipe, blocks, k, list(localize_prompts), concept, progress=progress, options=options, eligible=eligible,
-        method=localize_method, checkpoint=checkpoint, **(search or {})))
+        pipe, blocks, k, list(localize_prompts), concept, seeds=seeds, progress=progress, options=options,
+        eligible=eligible, method=localize_method, checkpoint=checkpoint, **(search or {})))
     if loc is not None and out is not None and procs.is_main:
         loc.save(out / "localization.json")
     if progress:
@@ -203,7 +203,7 @@ def _text_editable(adapter) -> list[str]:
         ok.append(b)
     if not ok:
         raise DitlocError(f"no block of this {adapter.family} model has text-only key/value projections; "
-                          "use --method lora or full")
+                          "use --edit-method lora or full")
     return ok
 
 
@@ -255,11 +255,12 @@ def personalize(
     class_word: str,
     *,
     blocks="auto",
-    k: int | None = None,
+    k: int | str = "auto",
     config: TrainConfig = TrainConfig(),
     instance_prompt: str = "a {token} {class_word}",
     localize_prompts=None,
     localize_method: str = "search",
+    localize_seeds=(0, 1),
     objective: str | None = None,
     evaluator=None,
     eval_text: str | None = None,
@@ -282,7 +283,8 @@ def personalize(
     ``height``/``width`` then also fix the training resolution.
     `localize_prompts` (with ``blocks="auto"``): prompts containing the class
     word to localize it on (default: the class prompt), with `localize_method`
-    (``search``, the default, or ``contribution``, ``patch`` or ``attribution``); see :func:`category_prompts` for a probe-set category's. `objective`
+    (``search``, the default, or ``contribution``, ``patch`` or ``attribution``) at `localize_seeds`; `k`: a number of blocks or "auto"
+    (:meth:`~ditloc.localization.Localization.k_auto`); see :func:`category_prompts` for a probe-set category's. `objective`
     ("evaluator" or "self"), `evaluator` and `eval_text` (default: the class word): how the
     search scores the class word's presence (default: the model's own evaluator where it can,
     else the model judges itself; :func:`~ditloc.edit.blocks.search_objective`).
@@ -326,7 +328,7 @@ def personalize(
     adapter, kw, out, chosen, loc = _plan(
         pipe, blocks, k, localize_prompts or [class_prompt], class_word.strip(), config, out,
         options=options, progress=progress, localize_method=localize_method,
-        search=_search_settings(objective, evaluator, eval_text))
+        search=_search_settings(objective, evaluator, eval_text), seeds=localize_seeds)
 
     instance = encode_images(pipe, pixels).to(_data_dtype(pipe, config))  # [N, C, h, w]
     # text row of each instance image, of each class image (rows of `text`: prompts, then class prompts)

@@ -85,7 +85,7 @@ def add_lora(transformer: torch.nn.Module, spec: LoraSpec, adapter_name: str = A
     from peft import inject_adapter_in_model
 
     if spec.rank < 1:
-        raise DitlocError(f"--rank must be >= 1 (got {spec.rank})")
+        raise DitlocError(f"--lora-rank must be >= 1 (got {spec.rank})")
     modules = dict(transformer.named_modules())
     absent = [t for t in spec.targets if t not in modules]
     if absent:

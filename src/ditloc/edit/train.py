@@ -79,11 +79,11 @@ class TrainConfig:
                 raise DitlocError("--lora-modules is empty; pass module names relative to a block, e.g. "
                                   "attn2.to_k,attn2.to_v")
             if self.method != "lora":
-                raise DitlocError(f"--lora-modules applies to --method lora (got --method {self.method})")
+                raise DitlocError(f"--lora-modules applies to --edit-method lora (got --edit-method {self.method})")
         if self.method not in METHODS:
-            raise DitlocError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+            raise DitlocError(f"unknown edit method {self.method!r}; choose one of {', '.join(METHODS)}")
         precision.check_mode(self.mixed_precision)
-        flags = {"steps": "--train-steps", "batch_size": "--batch-size", "rank": "--rank",
+        flags = {"steps": "--train-steps", "batch_size": "--batch-size", "rank": "--lora-rank",
                  "checkpoint_every": "--checkpoint-every"}
         for name, flag in flags.items():
             if getattr(self, name) < 1:

@@ -51,6 +51,19 @@ PRESERVE_TARGETS = (None, "teacher")
 #: no such set up to max_k: every editable block
 ERASE_DROP = 0.9
 LOCALIZE_PROMPTS = 8  # `--blocks auto` searches on at most this many of a concept's prompts (spread over them)
+#: the values of `k` besides a number of blocks: "auto" (`erase_k`, the default) and "gap" (the closed-form
+#: edit's measured K, `ClosedFormConfig.gap_fraction`)
+K_RULES = ("auto", "gap")
+
+
+def erase_k(loc) -> int | None:
+    """The K an erasure takes from a localization (``k="auto"``, ``--k auto``, the default): the
+    smallest searched set that removes ERASE_DROP of the concept's presence; None where no set up
+    to the search's max_k does (the concept is spread: every editable block is edited). A
+    block-score localization measures no presence: its `Localization.k_auto`."""
+    if loc.search is None:
+        return loc.k_auto()
+    return loc.search.k_for_drop(ERASE_DROP)
 
 
 def anchor_prompt(prompt: str, concept: str, anchor: str) -> str:
@@ -82,11 +95,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "concept"
 
 
-def _choose(pipe, erasures, blocks, k, out, *, options, progress, eligible, localize_method, search=None):
+def _choose(pipe, erasures, blocks, k, out, *, options, progress, eligible, localize_method, search=None,
+            seeds=(0, 1)):
     """Each erasure with its blocks, and its localization (None for explicit blocks).
     `blocks`: "auto", "all", names, a saved localization (one concept), or a dict
-    {concept: any of those}. "auto" (or a saved search) without `k`: the smallest searched set
-    that removes ERASE_DROP of the concept's presence, or, when none does, every editable block. A search runs on at most LOCALIZE_PROMPTS of the concept's prompts,
+    {concept: any of those}. "auto" (or a saved search) without `k`: :func:`erase_k` (every
+    editable block where it finds no set). A search runs on at most LOCALIZE_PROMPTS of the concept's prompts,
     scored as `search` says (`choose_blocks`' objective, evaluator, eval_text).
     Several concepts: each localization is checkpointed and saved under ``out/localizations/``; a
     rerun reuses them."""
@@ -107,12 +121,12 @@ def _choose(pipe, erasures, blocks, k, out, *, options, progress, eligible, loca
         if progress and len(erasures) > 1 and spec == "auto":
             progress(f"[{e.concept}] choosing blocks")
         names, loc = procs.share(lambda e=e, spec=spec, checkpoint=checkpoint: choose_blocks(
-            pipe, spec, k, _spread(list(e.prompts), LOCALIZE_PROMPTS), e.concept, progress=progress,
+            pipe, spec, k, _spread(list(e.prompts), LOCALIZE_PROMPTS), e.concept, seeds=seeds, progress=progress,
             options=options, eligible=eligible, method=localize_method, checkpoint=checkpoint, **(search or {})))
         if k is None and loc is not None and loc.search is not None:
-            erase_k = loc.search.auto_k(ERASE_DROP)
-            if erase_k is not None:
-                names = loc.top(erase_k)
+            erase = erase_k(loc)
+            if erase is not None:
+                names = loc.top(erase)
             else:  # spread: an edit of a searched set would leave it (toy: striped stays at 0.98 after 4 blocks)
                 names = list(eligible) if eligible is not None else pipe_blocks(pipe)
                 if progress:
@@ -136,7 +150,7 @@ def _concept_records(erasures, locs) -> list[dict]:
     out = []
     for e, loc in zip(erasures, locs):
         rec = {"concept": e.concept, "anchor": e.anchor, "blocks": list(e.blocks), "prompts": len(e.prompts)}
-        if loc is not None and loc.search is not None and loc.search.auto_k(ERASE_DROP) is None:
+        if loc is not None and loc.search is not None and erase_k(loc) is None:
             rec["spread"] = True  # no searched set removed ERASE_DROP of its presence: every editable block
             rec["searched_drop"] = float(max(loc.search.relative_curve))
         elif loc is not None and loc.search is not None and 0 < len(e.blocks) <= loc.search.max_k \
@@ -159,13 +173,14 @@ def unlearn(
     prompts=None,
     anchor_prompts=None,
     blocks="auto",
-    k: int | str | None = None,
+    k: int | str = "auto",
     config: TrainConfig | ClosedFormConfig = TrainConfig(),
     images_per_prompt: int = 4,
     preserve=None,
     preserve_target: str | None = None,
     preserve_weight: float = 1.0,
     localize_method: str = "search",
+    localize_seeds=(0, 1),
     objective: str | None = None,
     evaluator=None,
     eval_text: str | None = None,
@@ -182,8 +197,9 @@ def unlearn(
     prompts of every concept: each is assigned to the concepts it contains, and a concept in
     none of them is refused; default two per concept. `anchor_prompts` (one per prompt)
     replaces the word substitution, e.g. to drop a whole phrase ("with a hazard sign").
-    `blocks`: "auto" (each concept localized by `localize_method`, K its own unless `k`),
-    "all", names, a saved localization (one concept) or ``{concept: any of those}``.
+    `blocks`: "auto" (each concept localized by `localize_method` at `localize_seeds`), "all", names, a saved
+    localization (one concept) or ``{concept: any of those}``. `k` (with "auto" or a
+    localization): a number of blocks, "auto" (:func:`erase_k`) or "gap" (closed form, below).
     `objective` ("evaluator" or "self"), `evaluator` and `eval_text` (one concept only;
     default: the concept): how a search scores each concept's presence (default: the model's
     own evaluator where it can, else the model judges itself;
@@ -192,9 +208,9 @@ def unlearn(
     With a :class:`~ditloc.edit.closed_form.ClosedFormConfig` there is no training: the text
     key/value projections of the chosen blocks are solved in closed form,
     each block once for all its concepts, keeping the text states of `preserve` (default:
-    the anchor prompts and the erased concepts' probe-set neighbours). ``k="auto"`` (one
+    the anchor prompts and the erased concepts' probe-set neighbours). ``k="gap"`` (one
     concept, closed form, ``blocks="auto"``): every editable block is solved and the
-    smallest top K whose edit reaches ``config.auto_k_fraction`` of the best reduction of the
+    smallest top K whose edit reaches ``config.gap_fraction`` of the best reduction of the
     gap to the anchors' prediction is kept. ``config.pooled`` (FLUX, SD3) also solves the
     pooled text vector's projection, shared by every block (not localized).
 
@@ -212,18 +228,18 @@ def unlearn(
         raise DitlocError("pass either one concept or `concepts`, not both")
     closed_form = isinstance(config, ClosedFormConfig)
     if closed_form and current_processes().world > 1:
-        raise DitlocError("--method closed-form runs in one process (seconds); run it without accelerate launch")
+        raise DitlocError("--edit-method closed-form runs in one process (seconds); run it without accelerate launch")
     if closed_form and config.pooled:
         _adapter(pipe).pooled_projection()  # a family without a pooled text vector: one line, before any work
     if preserve_target not in PRESERVE_TARGETS:
         raise DitlocError(f"--preserve-target must be teacher or left out (got {preserve_target!r})")
     if preserve_target is not None and closed_form:
-        raise DitlocError("--preserve-target applies to trained unlearning (--method lora or full); the closed "
+        raise DitlocError("--preserve-target applies to trained unlearning (--edit-method lora or full); the closed "
                           "form keeps the preserved prompts by its solve")
     if not preserve_weight >= 0:
         raise DitlocError(f"--preserve-weight must be >= 0 (got {preserve_weight})")
     if preserve is not None and not closed_form and preserve_target is None:
-        raise DitlocError("preservation prompts need --method closed-form or --preserve-target teacher")
+        raise DitlocError("preservation prompts need --edit-method closed-form or --preserve-target teacher")
     erasures = plan_erasures(concepts, prompts, anchor_prompts)
     if eval_text is not None and len(erasures) > 1:
         raise DitlocError("eval_text names what the evaluator looks for in one concept; with several concepts "
@@ -235,17 +251,22 @@ def unlearn(
     if preserve is not None and not preserve:
         raise DitlocError(EMPTY_PRESERVE)
     eligible = _text_editable if closed_form else None
-    auto_k = None
-    if k == "auto":
+    gap_fraction = None
+    if isinstance(k, str) and k not in K_RULES:
+        raise DitlocError(f"k must be a number of blocks, auto or gap; got {k!r}")
+    if k == "gap":
         if not closed_form:
-            raise DitlocError("automatic K (--auto-k) works with --method closed-form: it measures each K's edit")
+            raise DitlocError("--k gap measures each K's closed-form edit; pass --edit-method closed-form "
+                              "(or --k auto)")
         if blocks != "auto":
-            raise DitlocError("automatic K (--auto-k) ranks the blocks by a localization; pass --blocks auto")
+            raise DitlocError("--k gap ranks the blocks by a localization; pass --blocks auto")
         if len(erasures) > 1:
-            raise DitlocError("automatic K (--auto-k) measures one concept's edit; leave it out to take each "
-                              "concept's K from its localization")
-        auto_k = config.auto_k_fraction
+            raise DitlocError("--k gap measures one concept's edit; with several concepts use --k auto (each "
+                              "concept's K from its localization)")
+        gap_fraction = config.gap_fraction
         k = len(_text_editable(_adapter(pipe)))  # solve every editable block, keep the smallest K that works
+    elif k == "auto":
+        k = None  # erase_k, per concept
 
     options = run_options(options, run)
     options = RunOptions.of(options, pipeline_kwargs=_native_size(pipe, options.pipeline_kwargs))
@@ -258,7 +279,7 @@ def unlearn(
         eligible = eligible(adapter)
     erasures, locs = _choose(pipe, erasures, blocks, k, out if out is None else Path(out), options=options,
                              progress=progress, eligible=eligible, localize_method=localize_method,
-                             search=_search_settings(objective, evaluator, eval_text))
+                             search=_search_settings(objective, evaluator, eval_text), seeds=localize_seeds)
     out = Path(out) if out is not None else None
     if closed_form:
         for e in erasures:
@@ -278,12 +299,13 @@ def unlearn(
                "preserve": preserve, "concepts": records,
                "localization": locs[0].to_dict() if len(erasures) == 1 and locs[0] is not None else None}
     if closed_form:
-        return _closed_form(pipe, adapter, kw, erasures, preserve, config, out, progress, details, auto_k, model)
+        return _closed_form(pipe, adapter, kw, erasures, preserve, config, out, progress, details, gap_fraction,
+                            model)
     return _train(pipe, adapter, kw, erasures, preserve, preserve_target, preserve_weight, config, out, progress,
                   details, images_per_prompt)
 
 
-def _closed_form(pipe, adapter, kw, erasures, preserve, config, out, progress, details, auto_k, model):
+def _closed_form(pipe, adapter, kw, erasures, preserve, config, out, progress, details, gap_fraction, model):
     anchors = [a for e in erasures for a in e.anchor_prompts]
     if adapter.text_states_depend_on_image:
         n_images = min(len(anchors), config.timesteps)
@@ -294,7 +316,7 @@ def _closed_form(pipe, adapter, kw, erasures, preserve, config, out, progress, d
     else:
         x0 = _blank_latents(pipe, kw)
     probe = None
-    if auto_k is not None:
+    if gap_fraction is not None:
         if adapter.text_states_depend_on_image:
             probe = x0
         else:
@@ -303,7 +325,7 @@ def _closed_form(pipe, adapter, kw, erasures, preserve, config, out, progress, d
             probe = _cached_latents(out, "probe_latents", pipe, anchors[:16], 1, config.seed,
                                     kw).to(pipe.transformer.dtype)
     return closed_form_unlearn(pipe, adapter, erasures, preserve, kw, config, x0=x0, out=out, progress=progress,
-                               details=details, auto_k=auto_k, probe_x0=probe, model=model)
+                               details=details, gap_fraction=gap_fraction, probe_x0=probe, model=model)
 
 
 def _spread(items: list, n: int) -> list:

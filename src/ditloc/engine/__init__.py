@@ -5,7 +5,7 @@ processors and the per-forward context.
 """
 
 from .causal import CAUSAL_METHODS, METHODS, CausalProbe
-from .contribution import CHUNK_ELEMENTS, VARIANTS, chunk_elements_for, concept_contribution
+from .contribution import CHUNK_ELEMENTS, CONTRIBUTION_TERMS, chunk_elements_for, concept_contribution
 from .instrument import instrument
 from .kernels import sdpa_with_lse
 from .state import CrossSwap, ForwardContext, JointSwap, Probe, Session, StepSwaps, StopForward, Swap
@@ -15,7 +15,7 @@ __all__ = [
     "METHODS",
     "CausalProbe",
     "CHUNK_ELEMENTS",
-    "VARIANTS",
+    "CONTRIBUTION_TERMS",
     "CrossSwap",
     "ForwardContext",
     "JointSwap",

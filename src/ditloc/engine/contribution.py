@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import torch
 
-VARIANTS = ("attn", "attn_value", "attn_value_out")
+#: which terms of the attention output the contribution measures: the attention weights alone, times the
+#: values, or times the values and the output projection
+CONTRIBUTION_TERMS = ("attn", "attn_value", "attn_value_out")
 
 #: upper bound on the elements of one transient chunk tensor in the measurement
 CHUNK_ELEMENTS = 1 << 22
@@ -55,7 +57,7 @@ def concept_contribution(
     mask: torch.Tensor | None = None,
     out_weight: torch.Tensor | None = None,
     out_bias: torch.Tensor | None = None,
-    variant: str = "attn_value_out",
+    terms: str = "attn_value_out",
     scale: float | None = None,
     key_limit: int | None = None,
     lse: torch.Tensor | None = None,
@@ -84,8 +86,8 @@ def concept_contribution(
     concept's values once (u_j = W_h v_j, [n, H, S, D]) instead of to every query's
     output, so o_i = Σ_hj A_ij u_j costs N·H·S·D rather than N·(H·d)·D.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if terms not in CONTRIBUTION_TERMS:
+        raise ValueError(f"terms must be one of {CONTRIBUTION_TERMS}, got {terms!r}")
     n, H, N, d = query.shape
     L = key.shape[2] if key_limit is None else max(1, min(int(key_limit), key.shape[2]))
     S = positions.shape[1]
@@ -111,7 +113,7 @@ def concept_contribution(
                 -1, pos[:, None, None, :].expand(n, H, mask.shape[-2], S)
             )  # [n, H, 1|N, S]
         mask = mask[..., :L]  # [n, H|1, 1|N, L_eff]
-    if variant == "attn_value_out":
+    if terms == "attn_value_out":
         w_heads = out_weight.to(f32).view(out_weight.shape[0], H, d)  # [D, H, d]
         u = torch.einsum("nhsd,Dhd->nhsD", v_s, w_heads)  # [n, H, S, D]: W_h v_j
         gram = u @ u.transpose(-1, -2)  # [n, H, S, S]: ‖Σ_j a_j u_j‖² = aᵀ G a
@@ -147,10 +149,10 @@ def concept_contribution(
             norm = logits.logsumexp(-1, keepdim=True)  # [n, H, c, 1]: the row's softmax normalizer
             del logits
         a = (logit_s - norm).exp() * keep  # [n, H, c, S]: A_iS
-        if variant == "attn":
+        if terms == "attn":
             head_sq = (a * a).sum(-1)  # [n, H, c]
             tot = head_sq.sum(1).sqrt()  # [n, c]
-        elif variant == "attn_value":
+        elif terms == "attn_value":
             y = a @ v_s  # [n, H, c, d]
             head_sq = (y * y).sum(-1)  # [n, H, c]
             tot = head_sq.sum(1).sqrt()  # [n, c]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import DitlocError
-from .contribution import VARIANTS
+from .contribution import CONTRIBUTION_TERMS
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,10 @@ class Probe:
     takes :meth:`stacked` tensors.
     """
 
-    def __init__(self, variant: str, out_bias: bool, positions: torch.Tensor, valid: torch.Tensor):
-        if variant not in VARIANTS:
-            raise DitlocError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-        self.variant = variant
+    def __init__(self, terms: str, out_bias: bool, positions: torch.Tensor, valid: torch.Tensor):
+        if terms not in CONTRIBUTION_TERMS:
+            raise DitlocError(f"unknown contribution terms {terms!r}; choose one of {', '.join(CONTRIBUTION_TERMS)}")
+        self.terms = terms
         self.out_bias = out_bias
         self.positions = positions  # [n, S]
         self.valid = valid  # [n, S]
@@ -59,7 +59,7 @@ class Probe:
         self.records: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def for_spans(cls, spans, variant: str, out_bias: bool) -> "Probe":
+    def for_spans(cls, spans, terms: str, out_bias: bool) -> "Probe":
         """A probe for one image per concept span (`ConceptSpan.positions`)."""
         width = max(len(s.positions) for s in spans)
         pos = torch.zeros(len(spans), width, dtype=torch.long)
@@ -67,7 +67,7 @@ class Probe:
         for i, s in enumerate(spans):
             pos[i, : len(s.positions)] = torch.tensor(s.positions)
             valid[i, : len(s.positions)] = True
-        return cls(variant, out_bias, pos, valid)
+        return cls(terms, out_bias, pos, valid)
 
     def to(self, device) -> "Probe":
         """Positions and validity moved to `device` once per call, not once per block."""

@@ -18,7 +18,7 @@ from .presence import (
     SetPresence,
     default_evaluator,
 )
-from .result import AUTO_K_DROP, Localization, SetSearch, minimal_k_of, nan_to_none, none_to_nan, ranking_of
+from .result import AUTO_K_DROP, Localization, SetSearch, nan_to_none, none_to_nan, ranking_of, score_mass_k
 from .scores import block_scores
 from .search import SearchConfig
 
@@ -34,8 +34,8 @@ __all__ = [
     "block_scores",
     "default_evaluator",
     "localize",
-    "minimal_k_of",
     "nan_to_none",
     "none_to_nan",
     "ranking_of",
+    "score_mass_k",
 ]

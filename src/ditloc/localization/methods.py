@@ -22,7 +22,7 @@ def localize(
     method: str = "search",
     clean_prompts=None,
     seed=0,
-    variant: str = "attn_value_out",
+    contribution_terms: str = "attn_value_out",
     out_bias: bool = False,
     batch_size: int | None = 8,
     block_batch: int | None = None,
@@ -50,13 +50,13 @@ def localize(
     if method not in METHODS:
         raise DitlocError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "search":
-        if variant != "attn_value_out" or out_bias:
-            raise DitlocError("variant and out_bias are options of method 'contribution', not 'search'")
+        if contribution_terms != "attn_value_out" or out_bias:
+            raise DitlocError("contribution_terms and out_bias are options of method 'contribution', not 'search'")
         return set_search(pipe, prompts, concept, config=search, evaluator=evaluator, eval_text=eval_text,
                           clean_prompts=clean_prompts, seed=seed, block_batch=block_batch, batch_size=batch_size,
                           options=options, checkpoint=checkpoint, progress=progress, only=only, **run)
     if search is not None or evaluator is not None or checkpoint is not None or only is not None:
         raise DitlocError(f"search, evaluator, checkpoint and only are options of method 'search', not {method!r}")
     return block_scores(pipe, prompts, concept, method=method, clean_prompts=clean_prompts, seed=seed,
-                        variant=variant, out_bias=out_bias, batch_size=batch_size, block_batch=block_batch,
+                        contribution_terms=contribution_terms, out_bias=out_bias, batch_size=batch_size, block_batch=block_batch,
                         options=options, progress=progress, **run)

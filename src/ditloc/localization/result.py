@@ -20,8 +20,10 @@ from .._version import __version__
 from ..errors import DitlocError
 from ..tokens import ConceptSpan
 
-#: `Localization.auto_k`: the smallest K whose set brings presence to at most (1 - AUTO_K_DROP) x the
-#: baseline, i.e. the ground truth's own definition of the oracle's minimal K (presence below half)
+#: automatic K (`Localization.k_auto`): the smallest K whose blocks, withheld, lower the concept's presence
+#: by at least this fraction of its baseline (the ground truth's own definition of the oracle's minimal K:
+#: presence at most half); without a measured curve, the smallest top K holding this fraction of the
+#: positive score mass (`score_mass_k`)
 AUTO_K_DROP = 0.5
 
 
@@ -58,12 +60,13 @@ class SetSearch:
     def max_k(self) -> int:
         return len(self.sets)
 
-    def auto_k(self, threshold: float = AUTO_K_DROP) -> int | None:
-        """The smallest K whose relative drop reaches `threshold` (None: no K up to max_k)."""
-        if not 0 < threshold <= 1:
-            raise DitlocError(f"the auto-K threshold must be in (0, 1], got {threshold}")
+    def k_for_drop(self, drop: float = AUTO_K_DROP) -> int | None:
+        """The smallest K whose set lowers presence by at least `drop` x the baseline (a relative
+        drop: 0.5 halves it, 0.9 removes 90%); None: no K up to max_k does."""
+        if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 < drop <= 1:
+            raise DitlocError(f"the drop must be a fraction of the baseline in (0, 1], got {drop!r}")
         for k, r in enumerate(self.relative_curve, start=1):
-            if r >= threshold - 1e-12:
+            if r >= drop - 1e-12:
                 return k
         return None
 
@@ -75,7 +78,7 @@ class SetSearch:
             "presence": list(self.presence),
             "curve": self.curve,
             "relative_curve": self.relative_curve,
-            "auto_k": self.auto_k(),
+            "auto_k": self.k_for_drop(AUTO_K_DROP),  # None: no K up to max_k halves presence
             "evaluated": [[list(s), p] for s, p in self.evaluated],
             "cost": self.cost,
         }
@@ -111,11 +114,12 @@ def ranking_of(blocks, scores) -> list[str]:
     return [blocks[i] for i in order]
 
 
-def minimal_k_of(scores, fraction: float = 0.5) -> int:
-    """`Localization.minimal_k` of block scores [blocks] (a tensor or a sequence; a NaN, a
-    block not measured, holds no score mass)."""
-    if not 0 < fraction <= 1:
-        raise DitlocError(f"fraction must be in (0, 1], got {fraction}")
+def score_mass_k(scores, fraction: float = AUTO_K_DROP) -> int:
+    """The smallest K whose top-K blocks hold `fraction` of the positive mass of block scores
+    [blocks] (a tensor or a sequence); blocks with negative scores (withholding them strengthens
+    the concept) and blocks not measured (NaN or None) hold none. 1 when no score is positive."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise DitlocError(f"fraction must be in (0, 1], got {fraction!r}")
     if not torch.is_tensor(scores):
         scores = none_to_nan(list(scores))
     scores = torch.nan_to_num(torch.as_tensor(scores, dtype=torch.float64), nan=0.0)  # unmeasured: no mass
@@ -197,13 +201,6 @@ class Localization:
     def method(self) -> str:
         return self.settings.get("method", "contribution")
 
-    def minimal_k(self, fraction: float = 0.5) -> int:
-        """Automatic K from the scores alone (no oracle, no evaluator): the smallest K
-        whose top-K blocks hold `fraction` of the positive score mass. Blocks with
-        negative scores (withholding them strengthens the concept) or none (not
-        measured) hold none."""
-        return minimal_k_of(self.scores, fraction)
-
     def top(self, k: int) -> list[str]:
         """The k blocks to act on: for a set-level search the searched k-set (beyond its
         max_k, the largest set then the ranking's next blocks), else the k highest-scoring.
@@ -218,21 +215,15 @@ class Localization:
             return chosen + [b for b in self.ranking if b not in chosen][: k - len(chosen)]
         return self.ranking[:k]
 
-    def auto_k(self, threshold: float = AUTO_K_DROP) -> int | None:
-        """K from the search's curve: the smallest K whose set brings presence to at most
-        (1 - threshold) x the baseline; None when no K up to max_k does. Without a search
-        (block-score methods) there is no curve: :meth:`minimal_k` is their rule."""
-        if self.search is None:
-            raise DitlocError(f"auto_k needs a set-level search (method 'search'); this localization is "
-                              f"{self.method!r}: use minimal_k(), or localize with method='search'")
-        return self.search.auto_k(threshold)
-
-    def choose_k(self, threshold: float = AUTO_K_DROP) -> int:
-        """K for acting on this localization: a search's `auto_k` (its max_k where no K
-        reaches the threshold), else `minimal_k(0.5)` of the block scores."""
+    def k_auto(self) -> int:
+        """The K that ``--k auto`` acts on: the smallest K whose blocks, withheld, halve the
+        concept's presence. A set-level search measured that: its curve's first K whose
+        relative drop reaches AUTO_K_DROP (`SetSearch.k_for_drop`), or its largest set where
+        none does. Block scores measure no presence: the smallest top K holding half the
+        positive score mass (`score_mass_k`)."""
         if self.search is not None:
-            return self.search.auto_k(threshold) or self.search.max_k
-        return self.minimal_k()
+            return self.search.k_for_drop(AUTO_K_DROP) or self.search.max_k
+        return score_mass_k(self.scores, AUTO_K_DROP)
 
     def to_dict(self) -> dict:
         return {
@@ -268,7 +259,7 @@ class Localization:
                 per_sample_step=per_sample_step,
                 per_head_step=per_head_step,
                 spans=tuple(ConceptSpan.from_dict(s) for s in d["spans"]),
-                settings=settings,
+                settings=_current_settings(settings),
                 search=None if d.get("search") is None else SetSearch.from_dict(d["search"]),
             )
         except (KeyError, TypeError, ValueError, IndexError) as e:
@@ -289,3 +280,9 @@ class Localization:
         return cls.from_dict(d)
 
 
+def _current_settings(settings: dict) -> dict:
+    """A saved localization's settings in today's names (files written before the rename read the same)."""
+    settings = dict(settings)
+    if "variant" in settings and "contribution_terms" not in settings:
+        settings["contribution_terms"] = settings.pop("variant")
+    return settings

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import CAUSAL_METHODS, VARIANTS, CausalProbe, Probe, Session, instrument
+from ..engine import CAUSAL_METHODS, CONTRIBUTION_TERMS, CausalProbe, Probe, Session, instrument
 from ..engine import METHODS as BLOCK_METHODS
 from ..errors import DitlocError
 from ..options import RunOptions, as_prompt_list, as_seed_list, chunks, model_record
@@ -29,7 +29,7 @@ def block_scores(
     method: str = "contribution",
     clean_prompts=None,
     seed=0,
-    variant: str = "attn_value_out",
+    contribution_terms: str = "attn_value_out",
     out_bias: bool = False,
     batch_size: int | None = 8,
     block_batch: int | None = None,
@@ -46,7 +46,7 @@ def block_scores(
     is called; keyword arguments override its fields (``num_inference_steps``,
     ``guidance_scale``, ...) or are passed to the pipeline.
 
-    `method`: ``contribution`` (default; `variant`, `out_bias` choose its form),
+    `method`: ``contribution`` (default; `contribution_terms`, `out_bias` choose its form),
     ``patch`` or ``attribution``. The causal methods compare with `clean_prompts`
     (one per prompt; default: the prompt with the concept removed). Cost per
     denoising step, in conditional-row forwards: contribution none extra; patch
@@ -55,8 +55,9 @@ def block_scores(
     """
     if method not in BLOCK_METHODS:
         raise DitlocError(f"unknown block method {method!r}; choose one of {', '.join(BLOCK_METHODS)}")
-    if variant not in VARIANTS:
-        raise DitlocError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if contribution_terms not in CONTRIBUTION_TERMS:
+        raise DitlocError(f"unknown contribution terms {contribution_terms!r}; choose one of "
+                          f"{', '.join(CONTRIBUTION_TERMS)}")
     if block_batch is not None and (not isinstance(block_batch, int) or block_batch < 1):
         raise DitlocError(f"block_batch must be a positive integer, got {block_batch!r}")
     opts = RunOptions.of(options, **run)
@@ -88,7 +89,8 @@ def block_scores(
                 total = measure.stacked(n_blocks, session.forwards)  # [blocks, steps, n]
                 per_head = total.new_zeros(*total.shape, 0)
             else:
-                probe = Probe.for_spans([spans[i] for i, _ in chunk], variant, out_bias).to(pipe._execution_device)
+                probe = Probe.for_spans([spans[i] for i, _ in chunk], contribution_terms, out_bias)
+                probe = probe.to(pipe._execution_device)
                 session.begin_call(len(chunk), probe=probe)
                 pipe(**call)
                 total, per_head = probe.stacked(n_blocks, session.forwards)  # [blocks, steps, n], [.., H]
@@ -114,7 +116,7 @@ def block_scores(
     if causal:
         settings["clean_prompts"] = clean
     else:
-        settings["variant"] = variant
+        settings["contribution_terms"] = contribution_terms
         settings["out_bias"] = bool(out_bias)
     return Localization(
         concept=concept,

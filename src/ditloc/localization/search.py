@@ -25,7 +25,7 @@ from .._io import OutputLock, ResultStore
 from ..errors import DitlocError
 from ..options import RunOptions
 from .presence import OBJECTIVES, PresenceRunner, default_evaluator
-from .result import AUTO_K_DROP, Localization, SetSearch
+from .result import Localization, SetSearch
 from .scores import block_scores
 
 DIRECTIONS = ("forward", "backward", "both")
@@ -63,7 +63,6 @@ class SearchConfig:
       drops, the other blocks' NaN (not measured); under "gradient" the attribution at the
       baseline scores every block;
     - `search_steps`: sampling steps of the search's generations (None: the run's own);
-    - `threshold`: `auto_k`'s relative drop;
     - `stop_drop`: stop growing the set once S_K removes this fraction of the baseline
       presence (forward search only; None: every K up to `max_k`). The curve then ends at
       that K: enough for a K chosen by a drop of at most `stop_drop`, at a fraction of the cost.
@@ -80,7 +79,6 @@ class SearchConfig:
     candidates: int | None = None
     candidate_method: str = "contribution"
     search_steps: int | None = 6
-    threshold: float = AUTO_K_DROP
     stop_drop: float | None = None
 
     def check(self, n_blocks: int | None = None) -> None:
@@ -114,8 +112,6 @@ class SearchConfig:
                               f"choose one of {', '.join(CANDIDATE_METHODS)}")
         if self.search_steps is not None:
             positive("search_steps", self.search_steps)
-        if not 0 < self.threshold <= 1:
-            raise DitlocError(f"the auto-K threshold must be in (0, 1], got {self.threshold}")
         if self.stop_drop is not None:
             if isinstance(self.stop_drop, bool) or not isinstance(self.stop_drop, (int, float)) \
                     or not 0 < self.stop_drop <= 1:

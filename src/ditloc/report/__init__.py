@@ -9,7 +9,7 @@ Figures: a heat map of how often each block is in a concept's top-K, per
 category (categories x blocks); presence-vs-K curves per category (top-K,
 random-K, bottom-K, 95% confidence intervals by the normal approximation); image
 grids per concept (baseline, then top-K withheld for each K). A table gives
-each concept's minimal K. Definitions: `ditloc.report.data`.
+each concept's K for a presence drop (default: halved). Definitions: `ditloc.report.data`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from ..bench import BASELINE, BenchRun, read_run, slugify
 from ..bench import SETTINGS_FILE as BENCH_FILE
 from ..bench.ground_truth import SETTINGS_FILE as GROUND_TRUTH_FILE
 from ..errors import DitlocError
-from .data import CurvePoint, MinimalK, minimal_k, presence_curves, selection_frequency
+from ..localization import AUTO_K_DROP
+from .data import ConceptK, CurvePoint, k_for_drop, presence_curves, selection_frequency
 from .figures import curves_figure, grid_figure, heatmap_figure, save_figure, top_k_of
 from .html import Figure, render_page, table
 from .localization import LOCALIZATION_FILE, LocalizationReport, build_localization_report, is_localization_dir
@@ -60,26 +61,28 @@ class Report:
     html: Path
     figures: tuple[Path, ...]
     k: int  # of the heat map
-    threshold: float
+    drop: float  # of the K-for-a-drop table
     curves: tuple[CurvePoint, ...]
     selection: dict  # category -> [blocks] fraction
-    minimal_k: tuple[MinimalK, ...]
+    k_for_drop: tuple[ConceptK, ...]
 
     def to_dict(self) -> dict:
         return {
             "k": self.k,
-            "threshold": self.threshold,
+            "drop": self.drop,
             "ci": CI_METHOD,
             "curves": [p.to_dict() for p in self.curves],
             "selection": self.selection,
-            "minimal_k": [m.to_dict() for m in self.minimal_k],
+            "k_for_drop": [m.to_dict() for m in self.k_for_drop],
         }
 
 
 def _method_name(data: BenchRun) -> str:
     """The localization method of the heat map and grids (a bench run's first)."""
     method = data.methods[0]
-    return f"attention contribution, {data.settings['variant']}" if method == "contribution" else method
+    if method != "contribution":
+        return method
+    return f"attention contribution, {data.settings.get('contribution_terms', 'attn_value_out')}"
 
 
 def _grid_samples(data: BenchRun, category: str, concept: str, n: int) -> list[tuple[int, int]]:
@@ -124,12 +127,12 @@ def _grids(data: BenchRun, out: Path, n: int) -> list[Figure]:
     return figures
 
 
-def build_report(run, *, k: int | None = None, threshold: float = 0.5, grid_samples: int = 4) -> Report:
+def build_report(run, *, k: int | None = None, drop: float = AUTO_K_DROP, grid_samples: int = 4) -> Report:
     """Write RUN/report/ (index.html, PNG figures, summary.json) for a bench run, finished or partial."""
     if grid_samples < 1:
         raise DitlocError(f"grid samples must be at least 1, got {grid_samples}")
-    if not threshold > 0:
-        raise DitlocError(f"the minimal-K threshold must be positive (a fraction of the baseline), got {threshold}")
+    if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 < drop <= 1:
+        raise DitlocError(f"--drop must be a fraction of the baseline in (0, 1], got {drop!r}")
     data = read_run(run)
     out = data.path / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -160,16 +163,16 @@ def build_report(run, *, k: int | None = None, threshold: float = 0.5, grid_samp
         curve_figures.append(Figure(path, f"{category}: presence vs K",
                                     f"mean presence; error bars: 95% CI, {CI_METHOD}"))
 
-    minimal = minimal_k(data, threshold)
+    minimal = k_for_drop(data, drop)
     several = len(data.methods) > 1
     header = (["category", "concept"] + (["method"] if several else []) + ["baseline"]
-              + [f"top-{k_} / baseline" for k_ in data.ks] + ["minimal K"])
+              + [f"top-{k_} / baseline" for k_ in data.ks] + [f"K (drop >= {drop:g})"])
     rows = []
     for m in minimal:
         cells = [(m.category, ""), (m.concept, "")] + ([(m.method, "")] if several else [])
         cells += [(f"{m.baseline:.4g}", "num")]
         cells += [(f"{m.relative[k_]:.3f}" if m.relative.get(k_) is not None else "–", "num") for k_ in data.ks]
-        cells.append((str(m.minimal_k) if m.minimal_k is not None else "none", "num" if m.minimal_k else "none"))
+        cells.append((str(m.k) if m.k is not None else "none", "num" if m.k else "none"))
         rows.append(cells)
     minimal_table = table(header, rows)
 
@@ -183,8 +186,8 @@ def build_report(run, *, k: int | None = None, threshold: float = 0.5, grid_samp
         ("Where the concepts are localized", "", [heat]),
         ("Presence vs K", "Withholding a concept from its top-K blocks should remove it at small K; random-K "
          "and bottom-K withholding should not. K = 0 is the unmodified generation.", curve_figures),
-        ("Minimal K", f"The smallest K whose top-K withholding brings the concept's mean presence below "
-         f"{threshold:g} x its baseline mean presence; 'none' if no K tested does.", [minimal_table]),
+        ("K for the drop", f"The smallest K whose top-K withholding lowers the concept's mean presence by at "
+         f"least {drop:g} x its baseline mean presence; 'none' if no K tested does.", [minimal_table]),
         ("Image grids", "Baseline and top-K withheld, same prompt and seed per row.", grids),
     ]
     page = render_page(title=f"ditloc bench report: {data.path.name}", meta=meta, sections=sections,
@@ -192,10 +195,10 @@ def build_report(run, *, k: int | None = None, threshold: float = 0.5, grid_samp
     html_path = out / "index.html"
     write_atomic(html_path, page)
     report = Report(html_path, tuple([heat.path] + [f.path for f in curve_figures] + [g.path for g in grids]),
-                    k, float(threshold), tuple(curves), selection, tuple(minimal))
+                    k, float(drop), tuple(curves), selection, tuple(minimal))
     write_json(out / "summary.json", report.to_dict())
     return report
 
 
 __all__ = ["CI_METHOD", "RUN_KINDS", "LocalizationReport", "Report", "build_localization_report", "build_report",
-           "minimal_k", "presence_curves", "run_kind", "selection_frequency", "unknown_run_message"]
+           "k_for_drop", "presence_curves", "run_kind", "selection_frequency", "unknown_run_message"]

@@ -7,8 +7,9 @@
   prompt x seed), with a 95% confidence interval by the normal approximation,
   mean ± 1.96·s/√n (s the sample standard deviation). K = 0 is the baseline,
   shared by all controls.
-- **Minimal K** per concept and method: the smallest K whose top-K withholding
-  brings the mean presence below `threshold` x the baseline's mean presence;
+- **K for a drop** per concept and method: the smallest K whose top-K withholding
+  lowers the mean presence by at least `drop` x the baseline's mean presence (the
+  rule of ``--k auto`` at the default drop of one half, `ditloc.localization.AUTO_K_DROP`);
   None ("none") if no K does, or if the baseline's mean is not positive.
 """
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from ..bench import BASELINE, CONTROLS, DEFAULT_METHOD, BenchRun
 from ..errors import DitlocError
+from ..localization import AUTO_K_DROP
 from ..stats import Z95, mean_ci  # noqa: F401  (Z95: part of this module's documented interval)
 
 
@@ -39,12 +41,14 @@ class CurvePoint:
 
 
 @dataclass(frozen=True)
-class MinimalK:
+class ConceptK:
+    """One concept's K for a drop (`k_for_drop`) under one localization method."""
+
     category: str
     concept: str
     baseline: float  # mean presence without intervention
     relative: dict  # K -> mean top-K presence / baseline (None without a positive baseline)
-    minimal_k: int | None
+    k: int | None  # the smallest K whose relative presence is at most 1 - drop; None: no K tested
     method: str = DEFAULT_METHOD
 
     def to_dict(self) -> dict:
@@ -86,8 +90,11 @@ def selection_frequency(data: BenchRun, k: int) -> dict[str, list[float]]:
     return out
 
 
-def minimal_k(data: BenchRun, threshold: float = 0.5) -> list[MinimalK]:
-    """Per concept, the smallest K whose top-K mean presence < threshold x baseline mean."""
+def k_for_drop(data: BenchRun, drop: float = AUTO_K_DROP) -> list[ConceptK]:
+    """Per concept and method, the smallest K whose top-K withholding lowers the mean presence by
+    at least `drop` x the baseline mean (top-K presence <= (1 - drop) x baseline)."""
+    if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 < drop <= 1:
+        raise DitlocError(f"--drop must be a fraction of the baseline in (0, 1], got {drop!r}")
     groups: dict[tuple, list[float]] = {}
     for r in data.rows:
         if r.control in (BASELINE, "top"):
@@ -106,7 +113,7 @@ def minimal_k(data: BenchRun, threshold: float = 0.5) -> list[MinimalK]:
                     if not values:
                         continue
                     relative[k] = float(np.mean(values)) / b if b > 0 else None
-                    if found is None and relative[k] is not None and relative[k] < threshold:
+                    if found is None and relative[k] is not None and 1 - relative[k] >= drop - 1e-12:
                         found = k
-                out.append(MinimalK(category, concept, b, relative, found, method))
+                out.append(ConceptK(category, concept, b, relative, found, method))
     return out

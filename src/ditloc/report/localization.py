@@ -75,8 +75,8 @@ def _quantity(loc: Localization) -> str:
 
 
 def _chosen(loc: Localization) -> tuple[int, list[str]]:
-    """The K the localization chose (its saved --top-k / --auto-k, else its own rule) and its blocks."""
-    k = loc.settings.get("top_k") or loc.choose_k()
+    """The K the localization chose (its saved --k, else `--k auto`'s rule) and its blocks."""
+    k = loc.settings.get("k") or loc.k_auto()
     k = max(1, min(int(k), len(loc.blocks)))
     return k, loc.top(k)
 
@@ -87,8 +87,8 @@ def _score_text(value: float) -> str:
 
 def _search_items(loc: Localization, out: Path, prefix: str, title: str) -> tuple[list, list[Path]]:
     s = loc.search
-    threshold = float(loc.settings.get("search", {}).get("threshold", AUTO_K_DROP))
-    auto = s.auto_k(threshold)
+    threshold = AUTO_K_DROP
+    auto = s.k_for_drop(threshold)
     path = save_figure(search_curve_figure(s, threshold=threshold, title=f"{title}: presence vs K"),
                        out / f"{prefix}curve.png")
     cost = s.cost

@@ -41,7 +41,7 @@ def search_curve_figure(search: SetSearch, *, threshold: float, title: str) -> F
     kept = {frozenset(s) for s in search.sets}  # evaluated sets are in model order, S_K in the order of entry
     others = [(len(s), p) for s, p in search.evaluated if 0 < len(s) <= search.max_k and frozenset(s) not in kept]
     line = (1 - threshold) * search.baseline
-    auto = search.auto_k(threshold)
+    auto = search.k_for_drop(threshold)
     lo, hi = presence_range(curve + [p for _, p in others] + [line])
     pad = 0.04 * (hi - lo)
     with _style():

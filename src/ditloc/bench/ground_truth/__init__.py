@@ -13,7 +13,8 @@ method and score its ranking against that search:
     pair rank    where the method's top-2 pair falls among all pairs by drop (1 = best)
     minimal K    oracle: the smallest K in 1..4 whose best set (best single, best pair, greedy 3,
                  greedy 4) brings presence below half the baseline, else None (">4");
-                 the method's own automatic K (`Localization.minimal_k(0.5)`), compared with it
+                 the method's own automatic K (`score_mass_k(scores, 0.5)`; a search's:
+                 `SetSearch.k_for_drop(0.5)`), compared with it
 
 A *condition* is the set of blocks withheld (the empty set: the baseline). Each
 (concept, condition) is generated once and appended, with every image's score,

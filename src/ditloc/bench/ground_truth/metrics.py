@@ -54,8 +54,10 @@ def ranking(blocks: Sequence[str], scores: Sequence[float]) -> list[str]:
 
 
 def auto_k(loc, fraction: float = AUTO_K_FRACTION) -> int:
-    """A localization's automatic K (`Localization.minimal_k`)."""
-    return int(loc.minimal_k(fraction))
+    """A block-score localization's automatic K (`ditloc.localization.score_mass_k` of its scores)."""
+    from ...localization import score_mass_k
+
+    return score_mass_k(loc.scores, fraction)
 
 
 def greedy_sets(presence: Mapping[frozenset, float], blocks: Sequence[str], max_k: int = MAX_K) -> list[frozenset]:

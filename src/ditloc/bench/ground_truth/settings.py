@@ -35,7 +35,7 @@ SEARCH_STEPS = 10
 MAX_K = 4  # the greedy search's largest set
 REGRET_KS = (1, 2, 4)
 HALF = 0.5  # the oracle's minimal K: presence below HALF x baseline
-AUTO_K_FRACTION = 0.5  # a method's automatic K: `minimal_k(AUTO_K_FRACTION)`
+AUTO_K_FRACTION = 0.5  # a method's automatic K: `score_mass_k(scores, AUTO_K_FRACTION)`
 STRONG_DROP = 0.3  # hit@1 is summarized over concepts whose best single block drops presence this much
 TIE = 1e-9  # drops this close count as equal
 #: screening (`GroundTruthSettings.screen`): a condition stopped at its screen is one whose full-count presence
@@ -118,7 +118,7 @@ class GroundTruthSettings:
         """The same generation settings as a bench's (its plan and RunOptions)."""
         return BenchSettings(model=self.model, probes="toy", ks=(1,), seeds=(0,), evaluator="toy",
                              categories=self.categories, steps=self.steps, guidance_scale=self.guidance_scale,
-                             max_sequence_length=self.max_sequence_length, localize_seed=self.localize_seed,
+                             max_sequence_length=self.max_sequence_length, localize_seeds=(self.localize_seed,),
                              batch_size=self.batch_size)
 
     @property

@@ -68,10 +68,10 @@ def _localization_record(c: ConceptPlan, method: str, loc) -> dict:
     record = {"category": c.category, "concept": c.concept, "method": method,
               "file": localization_file(c.category, c.slug, method), "blocks": list(loc.blocks),
               "scores": nan_to_none(loc.scores.tolist()), "ranking": list(loc.ranking), "auto_k": auto_k(loc),
-              "auto_k_rule": f"Localization.minimal_k({AUTO_K_FRACTION})"}
+              "auto_k_rule": f"score_mass_k(scores, {AUTO_K_FRACTION})"}
     if loc.search is not None:  # the set-level search: its sets, curve and cost; scores are single-block drops
         s = loc.search
-        record.update({"auto_k": s.auto_k(), "auto_k_rule": f"SetSearch.auto_k({AUTO_K_DROP})",
+        record.update({"auto_k": s.k_for_drop(AUTO_K_DROP), "auto_k_rule": f"SetSearch.k_for_drop({AUTO_K_DROP})",
                        "objective": s.objective, "sets": [list(x) for x in s.sets], "baseline": s.baseline,
                        "presence": list(s.presence), "curve": s.curve, "cost": s.cost,
                        "search_prompts": loc.settings["prompts"], "search_seeds": loc.settings["seeds"],

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..._io import write_atomic, write_json
 from ...errors import DitlocError
-from ...localization import minimal_k_of
+from ...localization import score_mass_k
 from ...stats import mean_ci
 from .joint import joint_summary, read_joint, streams
 from .metrics import method_metrics, oracle_result, paired_regrets, summarize_methods
@@ -80,7 +80,7 @@ def summarize_ground_truth(out, *, threshold: float = HALF) -> dict:
                                        threshold=threshold, sets=loc["sets"])
                 else:
                     m = method_metrics(method, presence, blocks, block_scores,
-                                       auto_k=minimal_k_of(loc["scores"], AUTO_K_FRACTION), oracle=oracle,
+                                       auto_k=score_mass_k(loc["scores"], AUTO_K_FRACTION), oracle=oracle,
                                        threshold=threshold)
             except DitlocError as e:
                 incomplete.append({"category": category, "concept": concept, "method": method, "missing": str(e)})
@@ -102,9 +102,9 @@ def summarize_ground_truth(out, *, threshold: float = HALF) -> dict:
             "pair_rank": "rank of the method's top-2 pair among all pairs by drop (1 = best)",
             "oracle_k": f"smallest K in 1..{MAX_K} whose best set brings presence below {threshold:g} x baseline; "
                         f"null: > {MAX_K}",
-            "auto_k": f"block scores: Localization.minimal_k({AUTO_K_FRACTION}); search: the smallest K whose S_K "
-                      "halves presence on the search's own prompts (SetSearch.auto_k(0.5)); matches are counted where oracle_k "
-                      "is known",
+            "auto_k": f"block scores: score_mass_k(scores, {AUTO_K_FRACTION}); search: the smallest K whose S_K "
+                      "halves presence on the search's own prompts (SetSearch.k_for_drop(0.5)); matches are counted "
+                      "where oracle_k is known",
             "ci": "95% CI by the normal approximation, mean ± 1.96 s/sqrt(n) over images",
             **({"pooled_share": "joint attention: presence with the set's text tokens withheld but the pooled "
                                 "vector full - presence with both withheld (the default), paired over the same "
