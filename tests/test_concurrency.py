@@ -159,10 +159,10 @@ def _argv(command, model, probes, out):
                 "--localization-prompts", "1", "--evaluation-prompts", "1", "--k", "1", "--seeds", "0",
                 "--evaluator", "toy", "--steps", "2", "--out", str(out)]
     if command == "localize":
-        return ["localize", str(model), "--concept", "red", "--prompt", "a red car", "--method", "search",
+        return ["localize", str(model), "--concept", "red", "--prompt", "a red car", "--localize-method", "search",
                 "--max-k", "1", "--steps", "2", "--out", str(out)]
     return ["unlearn", str(model), "--concept", "dog", "--anchor", "cat", "--prompt", "a dog on the beach",
-            "--method", "closed-form", "--blocks", "block.1", "--steps", "2", "--out", str(out)]
+            "--edit-method", "closed-form", "--blocks", "block.1", "--steps", "2", "--out", str(out)]
 
 
 def test_two_commands_started_together_on_one_out(files, tmp_path):
@@ -213,9 +213,9 @@ def test_a_failed_start_leaves_no_folder_and_a_killed_holder_blocks_nobody(files
 
     model, probes = files
     out = tmp_path / "out"
-    code, _, err = run_cli(["localize", str(model), "--concept", "red", "--prompt", "a red car", "--top-k", "1",
-                            "--auto-k", "--out", str(out)])  # refused inside the command, after the lock
-    assert code == 2 and "choose --top-k or --auto-k" in err
+    code, _, err = run_cli(["localize", str(model), "--concept", "red", "--prompt", "a red car", "--k", "99",
+                            "--out", str(out)])  # refused inside the command (the model's blocks), after the lock
+    assert code == 2 and "--k must be between 1 and" in err
     assert not out.exists()
     hold = ("import sys, time; from ditloc._io import OutputLock; held = OutputLock(sys.argv[1]).__enter__(); "
             "print('held', flush=True); time.sleep(600)")

@@ -348,7 +348,7 @@ def tiny_model(tmp_path_factory):
 
 LOCALIZE = ["--prompt", "a photo of van gogh", "--prompt", "van gogh painting of a dog", "--steps", "2"]
 #: the exhaustive greedy on 2 of the 4 blocks: the other two are not measured
-PRUNED = ["--objective", "self", "--max-k", "2", "--candidates", "2", "--rank", "generation"]
+PRUNED = ["--objective", "self", "--max-k", "2", "--candidates", "2", "--search-rank", "generation"]
 
 
 def _no_model_loads(monkeypatch):
@@ -394,7 +394,7 @@ def test_localize_report_of_a_pruned_search_with_images(tiny_model, tmp_path, mo
 
 def test_localize_report_of_block_scores_has_step_and_head_maps(tiny_model, tmp_path):
     out = tmp_path / "contribution"
-    code, _, err = run_cli(["localize", tiny_model, "--concept", "van gogh", *LOCALIZE, "--method", "contribution",
+    code, _, err = run_cli(["localize", tiny_model, "--concept", "van gogh", *LOCALIZE, "--localize-method", "contribution",
                             "--out", str(out)])
     assert code == 0, err
     code, stdout, err = run_cli(["report", str(out)])
@@ -432,9 +432,9 @@ def test_report_of_an_unknown_or_damaged_directory_is_one_line(tiny_model, tmp_p
     (tmp_path / "localization.json").write_text('{"concept": "x"')
     code, _, err = run_cli(["report", str(tmp_path)])
     assert code == 2 and err.count("\n") == 1 and "localization.json" in err and "rerun `ditloc localize`" in err
-    code, _, err = run_cli(["localize", tiny_model, "--concept", "van gogh", *LOCALIZE, "--method", "patch",
+    code, _, err = run_cli(["localize", tiny_model, "--concept", "van gogh", *LOCALIZE, "--localize-method", "patch",
                             "--save-images", "1", "--out", str(tmp_path / "o")])
-    assert code == 2 and err.count("\n") == 1 and "--save-images is a setting of --method search" in err
+    assert code == 2 and err.count("\n") == 1 and "--save-images is a setting of --localize-method search" in err
 
 
 def test_score_figures_draw_unmeasured_blocks_as_not_searched():

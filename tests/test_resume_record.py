@@ -96,16 +96,16 @@ def files(tmp_path_factory):
 def _argv(command, model, probes, images, out) -> list[str]:
     if command == "localize":
         return ["localize", str(model), "--concept", "red", "--prompt", "a red car", "--prompt", "a red boat",
-                "--method", "search", "--max-k", "2", "--steps", "2", "--out", str(out)]
+                "--localize-method", "search", "--max-k", "2", "--steps", "2", "--out", str(out)]
     if command == "personalize":
         return ["personalize", str(model), "--images", str(images), "--token", "sks", "--class-word", "cat",
                 "--k", "2", "--train-steps", "3", "--checkpoint-every", "1", "--steps", "2", "--out", str(out)]
     if command == "unlearn":
         return ["unlearn", str(model), "--concept", "dog", "--anchor", "cat", "--prompt", "a dog on the beach",
-                "--images-per-prompt", "1", "--method", "closed-form", "--k", "2", "--steps", "2", "--out", str(out)]
+                "--images-per-prompt", "1", "--edit-method", "closed-form", "--k", "2", "--steps", "2", "--out", str(out)]
     return ["bench", str(model), "--probes", str(probes), "--categories", "color", "--concepts-per-category", "1",
             "--localization-prompts", "1", "--evaluation-prompts", "1", "--k", "1,2", "--seeds", "0",
-            "--evaluator", "toy", "--method", "search", "--steps", "2", "--out", str(out)]
+            "--evaluator", "toy", "--localize-methods", "search", "--steps", "2", "--out", str(out)]
 
 
 @pytest.mark.parametrize("command, stop", [

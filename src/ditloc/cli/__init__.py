@@ -13,7 +13,7 @@ from .common import Parser, fail, writer_lock
 
 __all__ = ["build_parser", "main", "models"]
 
-#: commands a rerun resumes (they say so when interrupted; so does `localize --method search`)
+#: commands a rerun resumes (they say so when interrupted; so does `localize --localize-method search`)
 RESUMABLE = ("bench", "ground-truth", "personalize", "unlearn")
 #: the command groups, in the order `ditloc --help` lists their commands
 GROUPS = (localize, edit, bench, demo)

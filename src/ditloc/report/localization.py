@@ -107,7 +107,7 @@ def _search_items(loc: Localization, out: Path, prefix: str, title: str) -> tupl
 def _images_items(loc: Localization, directory: Path, out: Path, prefix: str, title: str) -> tuple[list, list[Path]]:
     head = "<h3>Images: the searched sets withheld</h3>"
     if loc.search is None:
-        return [head, "<p>Images are not available: only a search (--method search) saves its sets' images.</p>"], []
+        return [head, "<p>Images are not available: only a search (--localize-method search) saves its sets' images.</p>"], []
     saved = read_search_images(directory)
     if saved is None:
         return [head, "<p>Images are not available: this localization saved none (rerun `ditloc localize` with "
