@@ -6,8 +6,11 @@ the offloading hooks stay installed; edits that cannot reach the weights are ref
 
 Offloading to disk leaves an offloaded group's tensors empty between forwards; here they
 are filled with NaN (`poisoned_disk`), so any weight ditloc read outside the forward that
-loads it would show in the numbers. The onload device is DITLOC_TEST_DEVICE (conftest),
-so on an accelerator the weights really live on another device between forwards.
+loads it would show in the numbers. Its weights come back from files into other memory,
+where CPU kernels may round differently: that mode is compared at PyTorch's default
+tolerances for the dtype (a few units of float32 rounding), the others exactly. The onload
+device is DITLOC_TEST_DEVICE (conftest), so on an accelerator the weights really live on
+another device between forwards.
 """
 
 from __future__ import annotations
@@ -75,6 +78,15 @@ def _offloaded(family, mode, tmp_path):
     return pipe
 
 
+def _same(got, want, mode):
+    """Exactly equal; after a disk round trip, equal up to a few units of float32 rounding."""
+    got, want = torch.as_tensor(np.asarray(got)), torch.as_tensor(np.asarray(want))
+    if mode == "disk":
+        torch.testing.assert_close(got, want)
+    else:
+        assert torch.equal(got, want)
+
+
 def _hooks(pipe):
     """The transformer's offloading hooks (diffusers' by identity; accelerate's by type: the
     pipeline re-creates them after every call) and its attention processors (by identity)."""
@@ -111,34 +123,36 @@ def test_localize_and_withhold_match_unoffloaded(family, mode, tmp_path, poisone
     before = _hooks(pipe)
     names = ditloc.get_adapter(pipe).block_names()
     loc = ditloc.localize(pipe, PROMPTS, CONCEPT, method="contribution", seed=[0, 1], **run)
-    assert torch.equal(loc.per_sample_step, ref_loc.per_sample_step)
-    assert torch.equal(loc.per_head_step, ref_loc.per_head_step)
+    _same(loc.per_sample_step, ref_loc.per_sample_step, mode)
+    _same(loc.per_head_step, ref_loc.per_head_step, mode)
     withheld = ditloc.generate(pipe, PROMPTS, withhold=[names[0], names[-1]], concept=CONCEPT, seed=[0, 1],
                                output_type="latent", **run)
-    assert torch.equal(withheld, ref_withheld)
+    _same(withheld, ref_withheld, mode)
     assert _hooks(pipe) == before  # ditloc removed what it added, and only that
     assert loc.settings["model"]["device"] == str(pipe._execution_device)
 
 
-@pytest.mark.parametrize("family, mode", [("pixart", "model"), ("sana", "leaf"), ("flux", "block"),
+@pytest.mark.parametrize("family, mode", [("pixart", "model"), ("sana", "block"), ("flux", "leaf"),
                                           ("sd3", "disk")])
 def test_search_and_presence_match_unoffloaded(family, mode, tmp_path, poisoned_disk):
     """The gradient-ranked search (extra forwards and a backward after each measured
-    forward), a causal block method and presence under several block sets per call."""
+    forward, the model judging itself), a causal block method and presence under several
+    block sets per call."""
     run = CASES[family][1]
-    config = SearchConfig(max_k=2, objective="self", rank="gradient", verify=2, search_steps=None)
+    config = SearchConfig(max_k=2, objective="self", rank="gradient", verify=1, gradient_steps=1, search_steps=None)
     results = []
     for pipe in (_plain(family), _offloaded(family, mode, tmp_path)):
         names = ditloc.get_adapter(pipe).block_names()
         sets = [[names[0]], names[:2], "all"]
-        search = ditloc.localize(pipe, PROMPTS, CONCEPT, method="search", search=config, **run)
-        patch = ditloc.localize(pipe, PROMPTS, CONCEPT, method="patch", **run)
-        presence = ditloc.presence(pipe, PROMPTS, CONCEPT, sets=sets, objective="self", seed=[0, 1], **run)
+        search = ditloc.localize(pipe, PROMPTS[:1], CONCEPT, method="search", search=config, **run)
+        patch = ditloc.localize(pipe, PROMPTS[:1], CONCEPT, method="patch", **run)
+        presence = ditloc.presence(pipe, PROMPTS[:1], CONCEPT, sets=sets, objective="self", seed=[0, 1], **run)
         results.append((search, patch, presence))
     (s0, p0, r0), (s1, p1, r1) = results
-    assert s1.search.sets == s0.search.sets and s1.search.presence == s0.search.presence
-    assert torch.equal(p1.per_sample_step, p0.per_sample_step)
-    assert np.array_equal(r1.per_image, r0.per_image)
+    assert s1.search.sets == s0.search.sets
+    _same(s1.search.presence, s0.search.presence, mode)
+    _same(p1.per_sample_step, p0.per_sample_step, mode)
+    _same(r1.per_image, r0.per_image, mode)
 
 
 def _unlearn(pipe, family, tmp_path, **extra):
