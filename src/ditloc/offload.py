@@ -94,19 +94,15 @@ def check_readable(module: torch.nn.Module, job: str = "the contribution") -> No
 
 
 def stored(module: torch.nn.Module, name: str = "weight") -> torch.Tensor | None:
-    """``module.<name>`` (detached) as it is kept between the module's own forwards: with
-    group offloading that owns `module` itself (leaf level), the host copy the group is
-    loaded from; otherwise the parameter (loaded, when read inside an enclosing module's
-    forward). The caller moves it to the device it computes on."""
+    """``module.<name>`` as it is kept between the module's own forwards: with group
+    offloading that owns `module` itself (leaf level) and keeps a host copy (streams), that
+    copy; otherwise the parameter itself (loaded, when read inside an enclosing module's
+    forward; in host memory, when offloaded there). The caller moves it to the device it
+    computes on."""
     param = getattr(module, name)
-    if param is None:
-        return None
-    hook = _group_hook(module)
-    if hook is not None:
-        host = hook.group.cpu_param_dict.get(param)
-        if host is not None:
-            return host.detach()
-    return param.detach()
+    hook = _group_hook(module) if param is not None else None
+    host = hook.group.cpu_param_dict.get(param) if hook is not None else None
+    return host if host is not None else param
 
 
 def _groups(root: torch.nn.Module) -> dict[int, object]:
