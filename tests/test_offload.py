@@ -136,8 +136,8 @@ def test_localize_and_withhold_match_unoffloaded(family, mode, tmp_path, poisone
                                           ("sd3", "disk")])
 def test_search_and_presence_match_unoffloaded(family, mode, tmp_path, poisoned_disk):
     """The gradient-ranked search (extra forwards and a backward after each measured
-    forward, the model judging itself), a causal block method and presence under several
-    block sets per call."""
+    forward, the model judging itself), the causal block methods (attribution: a backward
+    pass through offloaded blocks) and presence under several block sets per call."""
     run = CASES[family][1]
     config = SearchConfig(max_k=2, objective="self", rank="gradient", verify=1, gradient_steps=1, search_steps=None)
     results = []
@@ -146,12 +146,14 @@ def test_search_and_presence_match_unoffloaded(family, mode, tmp_path, poisoned_
         sets = [[names[0]], names[:2], "all"]
         search = ditloc.localize(pipe, PROMPTS[:1], CONCEPT, method="search", search=config, **run)
         patch = ditloc.localize(pipe, PROMPTS[:1], CONCEPT, method="patch", **run)
+        attribution = ditloc.localize(pipe, PROMPTS[:1], CONCEPT, method="attribution", **run)
         presence = ditloc.presence(pipe, PROMPTS[:1], CONCEPT, sets=sets, objective="self", seed=[0, 1], **run)
-        results.append((search, patch, presence))
-    (s0, p0, r0), (s1, p1, r1) = results
+        results.append((search, patch, attribution, presence))
+    (s0, p0, a0, r0), (s1, p1, a1, r1) = results
     assert s1.search.sets == s0.search.sets
     _same(s1.search.presence, s0.search.presence, mode)
     _same(p1.per_sample_step, p0.per_sample_step, mode)
+    _same(a1.per_sample_step, a0.per_sample_step, mode)
     _same(r1.per_image, r0.per_image, mode)
 
 

@@ -20,7 +20,7 @@ the jobs that would need them, before any work.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -44,9 +44,6 @@ class Offloading:
     level: str | None = None
     disk: bool = False
     streams: bool = False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _group_hook(module: torch.nn.Module):
@@ -125,7 +122,6 @@ class Writer:
 
     def __init__(self, root: torch.nn.Module):
         check_writable(root)
-        self.root = root
         self.named = dict(root.named_modules())
         self.groups = _groups(root)
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from ..errors import DitlocError
-from ..offload import check_writable
 from ..localize import Localization
+from ..offload import check_writable
 from ..options import RunOptions, model_record
 from ..text import find_occurrences, substitute
 from .blocks import choose_blocks, general_prompts, neighbour_prompts
