@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ..engine import CrossSwap, ForwardContext, Session, concept_contribution, sdpa_with_lse
 from ..errors import DitlocError
+from ..offload import stored
 from ..tokens import ConceptSpan, find_occurrences, token_positions
 from .base import Adapter
 
@@ -213,7 +214,8 @@ class CrossAttentionAdapter(Adapter):
             )
         raw = embeds.clone()
         raw[rows] = clean
-        swap.states = self.project_text(raw, hidden_states)  # [B, L, D]
+        # projected where the first withheld block reads it, inside the forward (offloaded weights loaded)
+        swap.states, swap.project = None, lambda: self.project_text(raw, hidden_states)  # () -> [B, L, D]
         if mask is None:
             swap.mask = None
         else:
@@ -271,7 +273,7 @@ class CrossAttentionProcessor:
                 if swap.row_masks is not None:  # per-image block sets: the masked rows read the clean prompt
                     rows = _batch_mask(swap.row_masks[self.block], self.session.context.rows,
                                        encoder_hidden_states.shape[0]).view(-1, 1, 1)  # [B, 1, 1]
-                    encoder_hidden_states = torch.where(rows, swap.states, encoder_hidden_states)
+                    encoder_hidden_states = torch.where(rows, swap.text_states(), encoder_hidden_states)
                     if attention_mask is not None:
                         attention_mask = torch.where(rows, swap.mask, attention_mask)
                 elif swap.row_slices is not None:  # batched variants: only these rows read the clean prompt
@@ -281,7 +283,7 @@ class CrossAttentionProcessor:
                     if attention_mask is not None:
                         attention_mask = _replace_rows(attention_mask, rows, clean_mask)
                 else:
-                    encoder_hidden_states, attention_mask = swap.states, swap.mask
+                    encoder_hidden_states, attention_mask = swap.text_states(), swap.mask
                 heads = swap.heads_of(self.block)
         if heads is not None:  # only these heads read the clean text, the others the prompt's
             return self._attend(attn, hidden_states, *prompt_text, temb,
@@ -369,7 +371,7 @@ class CrossAttentionProcessor:
     def _record(self, attn, query, key, value, mask, lse) -> None:
         probe, ctx = self.session.probe, self.session.context
         rows = ctx.rows
-        proj = attn.to_out[0]
+        proj = attn.to_out[0]  # read where offloading keeps it: under leaf-level offloading it has not run yet
         total, per_head = concept_contribution(
             query[rows],
             key[rows],
@@ -377,8 +379,8 @@ class CrossAttentionProcessor:
             probe.positions,
             probe.valid,
             mask=None if mask is None else mask[rows],
-            out_weight=proj.weight,
-            out_bias=proj.bias if probe.out_bias else None,
+            out_weight=stored(proj, "weight"),
+            out_bias=stored(proj, "bias") if probe.out_bias else None,
             terms=probe.terms,
             key_limit=ctx.key_limit,
             lse=None if lse is None else lse[rows],

@@ -18,6 +18,7 @@ import torch
 
 from ..engine import sdpa_with_lse
 from ..errors import DitlocError
+from ..offload import stored
 from .joint_attention import JointAttentionAdapter, JointProcessor
 
 
@@ -55,7 +56,7 @@ class FluxAdapter(JointAttentionAdapter):
         if block.startswith("single."):
             b = self.transformer.single_transformer_blocks[int(block.split(".")[1])]
             dim = b.proj_out.in_features - b.mlp_hidden_dim
-            return lambda: (b.proj_out.weight[:, :dim], b.proj_out.bias)
+            return lambda: (stored(b.proj_out, "weight")[:, :dim], stored(b.proj_out, "bias"))
         return super().out_projection(block)
 
     def text_projections(self, block: str) -> list[str]:

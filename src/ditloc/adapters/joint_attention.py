@@ -16,6 +16,7 @@ import torch
 
 from ..engine import ForwardContext, JointSwap, Session, StopForward, concept_contribution
 from ..errors import DitlocError
+from ..offload import stored
 from ..tokens import ConceptCutOff, ConceptSpan, find_occurrences, token_positions
 from .base import Adapter
 
@@ -57,9 +58,10 @@ class JointAttentionAdapter(Adapter):
         raise DitlocError(f"unknown block {block!r}")
 
     def out_projection(self, block: str):
-        """() -> (weight, bias) of the projection applied to the image tokens' attention output."""
+        """() -> (weight, bias) of the projection applied to the image tokens' attention output,
+        as offloading keeps them (:func:`ditloc.offload.stored`: read before that projection runs)."""
         attn = self.text_attention(block)
-        return lambda: (attn.to_out[0].weight, attn.to_out[0].bias)
+        return lambda: (stored(attn.to_out[0], "weight"), stored(attn.to_out[0], "bias"))
 
     def cond_rows(self, batch: int, n_images: int) -> slice:
         if batch == 2 * n_images:  # batched CFG: [uncond, cond]

@@ -51,6 +51,7 @@ import torch
 from .._io import write_json
 from ..errors import DitlocError
 from ..devices import peak_memory, reset_peak_memory
+from ..offload import Writer
 from .moments import _Moments
 from ..noise import NoiseRule
 from .train import EditResult
@@ -336,9 +337,10 @@ def closed_form_unlearn(pipe, adapter, erasures, preserve, kw, config: ClosedFor
     erasures = list(erasures)
     if gap_fraction is not None and len(erasures) != 1:
         raise DitlocError("--k gap measures one concept's edit; erase several concepts with --k N or --k auto")
-    named = dict(transformer.named_modules())
+    weights = Writer(transformer)  # refuses weights offloading keeps out of memory, before any work
     pooled_path = adapter.pooled_projection() if config.pooled else None  # refused before any work
-    reset_peak_memory(transformer.device)
+    device = pipe._execution_device  # where the solve runs; offloaded weights may live elsewhere
+    reset_peak_memory(device)
     moments, rows = record_moments(pipe, adapter, erasures, preserve, kw, config, x0=x0, progress=progress)
     t_solve = time.perf_counter()
     factors = solve_moments(moments, config)
@@ -347,25 +349,27 @@ def closed_form_unlearn(pipe, adapter, erasures, preserve, kw, config: ClosedFor
     for block, M in factors.items():
         solved[block] = {}
         for path in adapter.text_projections(block):
-            w = named[path].weight
+            w = weights.read(path)  # [out, dim], wherever offloading keeps it
             fit[path] = _fit(moments[block], M, w)
-            solved[block][path] = (w.to(M.dtype) @ M).to(w.dtype)
+            solved[block][path] = (w.to(M.device, M.dtype) @ M).to(w.dtype)  # on the solve's device
     original, changed = {}, {}
     if pooled_path is not None:  # in place before K is chosen: each K's edit is measured with it
         pm = pooled_moments(adapter, erasures, preserve, kw)
         M = solve_moments({"pooled": pm}, config)["pooled"]
-        w = named[pooled_path].weight
+        w = weights.read(pooled_path)
         fit[pooled_path] = _fit(pm, M, w)
         rows["pooled"] = pm.nc
-        original[f"{pooled_path}.weight"] = w.detach().cpu().clone()
-        w.copy_((w.to(M.dtype) @ M).to(w.dtype))
-        changed[f"{pooled_path}.weight"] = w.detach().cpu().clone()
+        original[f"{pooled_path}.weight"] = w.cpu().clone()
+        new = (w.to(M.device, M.dtype) @ M).to(w.dtype)
+        weights.write(pooled_path, "weight", new)
+        changed[f"{pooled_path}.weight"] = new.cpu().contiguous()
     solve_seconds = time.perf_counter() - t_solve
     extra = {}
     if gap_fraction is not None:
         e = erasures[0]
         gaps = prediction_gaps(pipe, adapter, list(e.blocks), solved, list(e.prompts), list(e.anchor_prompts),
-                               text_fn=lambda p: adapter.encode_text(p, kw), x0=probe_x0, seed=config.seed)
+                               text_fn=lambda p: adapter.encode_text(p, kw), x0=probe_x0, seed=config.seed,
+                               weights=weights)
         best = max(1.0 - gap for gap in gaps)
         k = next(i + 1 for i, gap in enumerate(gaps) if 1.0 - gap >= gap_fraction * best)
         extra = {"gap_fraction": gap_fraction, "k_gaps": {b: g for b, g in zip(e.blocks, gaps)}}
@@ -378,8 +382,8 @@ def closed_form_unlearn(pipe, adapter, erasures, preserve, kw, config: ClosedFor
     blocks = list(dict.fromkeys(b for e in erasures for b in e.blocks))  # each concept's blocks, best first
     for block in blocks:
         for path, new in solved[block].items():
-            original[f"{path}.weight"] = named[path].weight.detach().cpu().clone()
-            named[path].weight.copy_(new)
+            original[f"{path}.weight"] = weights.read(path).cpu().clone()
+            weights.write(path, "weight", new)
             changed[f"{path}.weight"] = new.detach().cpu().contiguous()
     wall = time.perf_counter() - t0
     concepts = [{**e.to_dict(), "prompts": len(e.prompts)} for e in erasures]
@@ -396,7 +400,7 @@ def closed_form_unlearn(pipe, adapter, erasures, preserve, kw, config: ClosedFor
         steps=0,
         losses=(),
         wall_seconds=wall,
-        peak_memory_bytes=peak_memory(transformer.device),
+        peak_memory_bytes=peak_memory(device),
         details={**(details or {}), "concepts": [*(details or {}).get("concepts", concepts)],
                  "rows": rows, "fit": fit, "solve_seconds": solve_seconds, **extra},
         out_dir=str(out) if out is not None else None,
@@ -424,14 +428,15 @@ def closed_form_unlearn(pipe, adapter, erasures, preserve, kw, config: ClosedFor
 
 @torch.no_grad()
 def prediction_gaps(pipe, adapter, ranking, solved, prompts, anchors, *, text_fn, x0, seed=0, draws=4,
-                    max_prompts=16) -> list[float]:
+                    max_prompts=16, weights: Writer | None = None) -> list[float]:
     """For K = 1 .. len(ranking): the mean squared distance between the model's
     prediction for the prompts with the top-K blocks edited (`solved`) and the unedited
     model's prediction for the anchor prompts, relative to the unedited distance.
     Measured on `draws` noisy versions (the scheduler's own noising, seeded) of each of
-    `x0`'s latents, up to `max_prompts` prompt pairs; the weights are restored after."""
-    named = dict(pipe.transformer.named_modules())
-    original = {p: named[p].weight.detach().clone() for b in ranking for p in solved[b]}
+    `x0`'s latents, up to `max_prompts` prompt pairs; the weights are restored after (written
+    through `weights`, see :class:`ditloc.offload.Writer`)."""
+    weights = weights or Writer(pipe.transformer)
+    original = {p: weights.read(p).clone() for b in ranking for p in solved[b]}
     n = min(len(prompts), max_prompts)
     text = {k: v.detach() for k, v in text_fn(list(prompts[:n]) + list(anchors[:n])).items()}
     concept_text = {k: v[:n] for k, v in text.items()}
@@ -451,11 +456,11 @@ def prediction_gaps(pipe, adapter, ranking, solved, prompts, anchors, *, text_fn
     try:
         for k in range(1, len(ranking) + 1):
             for path, new in solved[ranking[k - 1]].items():
-                named[path].weight.copy_(new)
+                weights.write(path, "weight", new)
             gaps.append(distance(predict(concept_text)) / base.clamp_min(1e-30))
     finally:
         for path, w in original.items():
-            named[path].weight.copy_(w)
+            weights.write(path, "weight", w)
     return torch.stack(gaps).tolist()
 
 
@@ -464,7 +469,7 @@ def _fit(m: _Moments, M: torch.Tensor, w: torch.Tensor) -> dict:
     the concept rows' mean squared distance to their anchors' outputs, relative to
     before (``|W' c - W a|^2 / |W c - W a|^2``), and the preserved rows' mean squared
     change relative to their mean squared output (``|W' d - W d|^2 / |W d|^2``)."""
-    w = w.to(M.dtype)
+    w = w.to(M.device, M.dtype)
     C, A, AA = m.C / m.nc, m.A / m.nc, m.AA / m.nc
 
     def energy(S):  # mean |W x|^2 for second moment S of x

@@ -215,7 +215,7 @@ def _blank_latents(pipe, kw) -> torch.Tensor:
         h, w = image_size(pipe)
     f = pipe.vae_scale_factor
     c = pipe.vae.config.latent_channels
-    return torch.zeros(1, c, int(h) // f, int(w) // f, device=pipe.transformer.device, dtype=pipe.transformer.dtype)
+    return torch.zeros(1, c, int(h) // f, int(w) // f, device=pipe._execution_device, dtype=pipe.transformer.dtype)
 
 
 def _prepare_out(out) -> Path | None:

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import DitlocError
 from ..localization import Localization, nan_to_none
+from ..offload import check_writable
 from ..options import RunOptions, model_record
 from ..text import find_occurrences, substitute
 from .blocks import choose_blocks, general_prompts, neighbour_prompts
@@ -231,6 +232,8 @@ def unlearn(
         raise DitlocError("--edit-method closed-form runs in one process (seconds); run it without accelerate launch")
     if closed_form and config.pooled:
         _adapter(pipe).pooled_projection()  # a family without a pooled text vector: one line, before any work
+    if closed_form:
+        check_writable(pipe.transformer)  # weights offloading keeps out of memory: one line, before any work
     if preserve_target not in PRESERVE_TARGETS:
         raise DitlocError(f"--preserve-target must be teacher or left out (got {preserve_target!r})")
     if preserve_target is not None and closed_form:

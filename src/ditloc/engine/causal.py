@@ -33,6 +33,21 @@ CAUSAL_METHODS = ("patch", "attribution")
 PATCH_ROWS = 64
 
 
+@contextmanager
+def forward_weights():
+    """Backward passes read the weights their forward read. Offloading hooks (diffusers' group
+    offloading, accelerate's model offload) give a parameter other storage after its module
+    ran (``param.data = ...``); autograd keeps a parameter an op saves itself (a norm's
+    weight) by reference, so its backward would read the offloaded copy (on another device,
+    or empty on disk). Saved parameters are kept as aliases of the storage the forward read."""
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        return t.detach() if isinstance(t, torch.nn.Parameter) else t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
+
+
 class CausalProbe:
     """What one causal localization measures during a pipeline call.
 
@@ -146,8 +161,8 @@ class CausalProbe:
         if fixed:
             alpha = alpha + self.alpha.to(alpha.device, torch.float32).view(-1, 1)
         alpha.requires_grad_(not fixed)
-        with torch.set_grad_enabled(not fixed), self._nested(swap, ForwardContext(step=step, rows=slice(0, n),
-                                                                                   n_text=n_text)):
+        with torch.set_grad_enabled(not fixed), forward_weights(), self._nested(swap, ForwardContext(
+                step=step, rows=slice(0, n), n_text=n_text)):
             gates = alpha if self.base is None else alpha + self.base.to(alpha.device, torch.float32)  # [blocks, n]
             swap.alpha = {name: gates[i] for i, name in enumerate(names)}  # views recorded by autograd
             out = adapter.transformer(*c_args, **c_kwargs)
@@ -179,7 +194,8 @@ class CausalProbe:
         timestep = kwargs.get("timestep")
         if torch.is_tensor(timestep) and timestep.ndim > 0 and timestep.shape[0] == hidden.shape[0]:
             timestep = timestep[rows]
-        with torch.enable_grad(), self._nested(swap, ForwardContext(step=step, rows=slice(0, n), n_text=n_text)):
+        with torch.enable_grad(), forward_weights(), self._nested(swap, ForwardContext(step=step, rows=slice(0, n),
+                                                                                       n_text=n_text)):
             gates = alpha if self.base is None else alpha + self.base.to(alpha.device, torch.float32)  # [blocks, n]
             swap.alpha = {name: gates[i] for i, name in enumerate(names)}
             out = adapter.transformer(*c_args, **c_kwargs)

@@ -68,7 +68,8 @@ def concept_contribution(
 
     query [n, H, N, d]; key, value [n, H, L, d]; positions/valid [n, S] (concept
     key indices per sample, padded); mask: additive bias broadcastable to
-    [n, H, N, L] or None; out_weight [D, H*d], out_bias [D] (attn_value_out only).
+    [n, H, N, L] or None; out_weight [D, H*d], out_bias [D] (attn_value_out only; on any device,
+    e.g. where offloading keeps them: they are moved to `query`'s).
     `key_limit`: keys at and after it are masked in every row (text padding), so
     they add exactly 0 to the softmax normalizer and are skipped. `lse` [n, H, N]:
     each row's softmax normalizer when the attention kernel already computed it;
@@ -114,11 +115,11 @@ def concept_contribution(
             )  # [n, H, 1|N, S]
         mask = mask[..., :L]  # [n, H|1, 1|N, L_eff]
     if terms == "attn_value_out":
-        w_heads = out_weight.to(f32).view(out_weight.shape[0], H, d)  # [D, H, d]
+        w_heads = out_weight.to(device=query.device, dtype=f32).view(out_weight.shape[0], H, d)  # [D, H, d]
         u = torch.einsum("nhsd,Dhd->nhsD", v_s, w_heads)  # [n, H, S, D]: W_h v_j
         gram = u @ u.transpose(-1, -2)  # [n, H, S, S]: ‖Σ_j a_j u_j‖² = aᵀ G a
         u_cat = u.reshape(n, H * S, -1)  # [n, H*S, D]
-        b = out_bias.to(f32) if out_bias is not None else None
+        b = out_bias.to(device=query.device, dtype=f32) if out_bias is not None else None
 
     total = query.new_zeros(n, dtype=f32)
     per_head = query.new_zeros(n, H, dtype=f32)

@@ -18,6 +18,7 @@ Processors never call back into the adapter.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -146,16 +147,26 @@ class CrossSwap(Swap):
     """Cross-attention withholding: `blocks` read the clean prompts' text conditioning.
 
     `clean`: {"embeds", "mask"}. The adapter fills the per-forward fields before each
-    forward (`states`, `mask` for every row of the batch); with `row_slices` the
-    blocks read `text_kv` (states and additive mask captured in a clean pass) instead.
+    forward (`mask` for every row of the batch, and `project`, which gives `states`); with
+    `row_slices` the blocks read `text_kv` (states and additive mask captured in a clean
+    pass) instead. The states are projected at the first block that reads them
+    (:meth:`text_states`), inside the transformer's forward: offloading hooks have loaded
+    the projection's weights by then, not yet when the forward pre-hook runs.
     """
 
     states: torch.Tensor | None = None  # per forward: [B, L, D] as the blocks receive it
     mask: torch.Tensor | None = None  # per forward: additive bias [B, 1, L]
+    project: Callable[[], torch.Tensor] | None = None  # per forward: () -> states, run once
+
+    def text_states(self) -> torch.Tensor:
+        """The substitute text states [B, L, D] of the current forward (projected on first use)."""
+        if self.project is not None:
+            self.states, self.project = self.project(), None
+        return self.states
 
     def release(self) -> None:
         super().release()
-        self.states = self.mask = None
+        self.states = self.mask = self.project = None
 
 
 class StopForward(Exception):

@@ -79,6 +79,7 @@ class SelfJudge:
             x_t, t, target = self.rule.noised(x0, u.repeat(k), noise)
             text = {name: torch.cat([_rows(full[name], idx, per), _rows(clean[name], idx, per)])
                     for name in full if torch.is_tensor(full[name])}
+            x_t = x_t.to(self.adapter.transformer.dtype)  # SANA's pipeline keeps latents in float32, casts per forward
             pred = self.adapter.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]), text).double()
             pred_full, pred_clean = pred[: k * per].flatten(1), pred[k * per :].flatten(1)  # [k*per, E]
             target = target.double().flatten(1)

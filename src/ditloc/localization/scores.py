@@ -16,6 +16,7 @@ import torch
 from ..engine import CAUSAL_METHODS, CONTRIBUTION_TERMS, CausalProbe, Probe, Session, instrument
 from ..engine import METHODS as BLOCK_METHODS
 from ..errors import DitlocError
+from ..offload import check_readable
 from ..options import RunOptions, as_prompt_list, as_seed_list, chunks, model_record
 from .result import Localization
 
@@ -65,6 +66,8 @@ def block_scores(
     resolved = opts.resolve(pipe)
     adapter, kw = resolved.adapter, resolved.call_kwargs
     spans = [adapter.concept_span(p, concept, kw) for p in prompts]  # validates before any compute
+    if method == "contribution" and contribution_terms == "attn_value_out":
+        check_readable(pipe.transformer)  # the output projections, read outside their forward
     causal = method in CAUSAL_METHODS
     clean: list[str] | None = None
     if causal:
