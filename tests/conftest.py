@@ -1,4 +1,5 @@
 import functools
+import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,6 +17,19 @@ dlogging.set_verbosity_error()
 from diffusers import DiffusionPipeline  # noqa: E402
 
 from ditloc.testing import tiny_pixart_pipeline, tiny_sana_pipeline  # noqa: E402
+
+#: float32 machine epsilon (2^-23): the spacing of float32 numbers in [1, 2)
+EPS32 = float(torch.finfo(torch.float32).eps)
+
+
+def f32_rtol(*lengths, k=8):
+    """Relative tolerance for a float32 computation checked against a float64 reference of the same
+    formula: a reduction over n float32 terms carries a relative rounding error of about sqrt(n) * eps32
+    (the errors of its n additions add as a random walk; n * eps32 is the worst case), the errors of a
+    chain of reductions of these lengths add, and k covers the elementwise operations between them (exp,
+    division, square root: eps32 / 2 each) and the amplification of an exponent's error by |logit| <= ~4."""
+    return k * EPS32 * sum(math.sqrt(n) for n in lengths)
+
 
 # Small sampling settings shared by the tests: 32x32 images, 3 steps.
 RUN = dict(num_inference_steps=3, height=32, width=32, use_resolution_binning=False)

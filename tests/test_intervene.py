@@ -1,5 +1,6 @@
 """Exact invariants of intervention, for any weights."""
 
+import copy
 import numpy as np
 import pytest
 import torch
@@ -56,9 +57,15 @@ def test_partial_withhold_changes_the_image_and_is_complementary(pixart):
 
 
 def test_batching_does_not_change_single_image_trajectories(pixart):
-    batched = gen(pixart, withhold=["block.1"], concept="van gogh", seed=[3, 4])
-    single = gen(pixart, prompts=PROMPTS[1:], withhold=["block.1"], concept="van gogh", seed=4)
-    np.testing.assert_allclose(batched[3], single[0], atol=1e-5)
+    # float64: the batch size changes only the rounding of the forwards (~1e-16 relative each, grown over
+    # 3 steps of 4 blocks: far below 1e-10); in float32 it moves latents by ~1e-6, by CPU vendor
+    pipe = copy.deepcopy(pixart).to(torch.float64)
+    kw = dict(withhold=["block.1"], concept="van gogh", output_type="latent", **RUN)
+    batched = ditloc.generate(pipe, PROMPTS, seed=[3, 4], **kw)
+    single = ditloc.generate(pipe, PROMPTS[1:], seed=4, **kw)
+    assert batched.dtype == torch.float64
+    torch.testing.assert_close(batched[3], single[0], rtol=1e-10, atol=1e-10 * float(single.abs().max()))
+    assert (batched[3] - batched[2]).abs().max() > 1e-3  # the seeds differ: the test can fail
 
 
 def test_explicit_clean_prompt_and_guidance_off(pixart):
