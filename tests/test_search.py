@@ -78,7 +78,8 @@ def test_presence_equals_explicit_withholding(family, monkeypatch):
                                   output_type="latent", **run)
         expected = project(runner.adapter.unpack_latents(latents))
         np.testing.assert_allclose(batched[row], expected, rtol=F64_RTOL, atol=F64_RTOL * np.abs(expected).max())
-    assert np.ptp(batched.mean(1)) > 1e-3 * np.abs(batched).max()  # the sets change the images
+    # the sets change the images, by far more than the comparisons' tolerance
+    assert np.ptp(batched.mean(1)) > 1e-5 * np.abs(batched).max()
     # a different grouping of the sets into pipeline calls gives the same numbers
     again = PresenceRunner(pipe, PROMPTS, CONCEPT, objective="self", seed=[0, 1], block_batch=1, **run)
     np.testing.assert_allclose(again.raw([frozenset()] + sets), batched, rtol=F64_RTOL,
