@@ -1,5 +1,6 @@
 """The Localization result: ranking, top-k, JSON round trip, determinism."""
 
+import copy
 import functools
 import json
 
@@ -9,7 +10,7 @@ import torch
 import ditloc
 from ditloc import DitlocError, Localization
 
-from conftest import RUN
+from conftest import RUN, f32_rtol
 
 localize_contribution = functools.partial(ditloc.localize, method="contribution")
 
@@ -61,15 +62,30 @@ def test_bad_files(tmp_path):
         Localization.load(tmp_path / "other.json")
 
 
-def test_deterministic(pixart, loc):
-    again = localize_contribution(pixart, ["a photo of van gogh", "van gogh at night"], "van gogh", seed=[0, 1],
-                            batch_size=3, **RUN)
-    torch.testing.assert_close(again.per_sample_step, loc.per_sample_step, rtol=1e-5, atol=1e-7)
-    assert again.ranking == loc.ranking
+def _across_batches(pipe):
+    """(the pipeline in float64, the relative tolerance between two batch layouts). In float64 the trajectories
+    agree to float64 rounding; what remains is the contribution kernel, float32 whatever the pipeline's dtype,
+    whose chunking of the queries follows the batch: two float32 computations of one value, each within
+    `f32_rtol` of it, over the reductions of one attention (head dim, keys and queries at most 300, the
+    concept's 2 keys, the projection's inputs and outputs)."""
+    attn = ditloc.get_adapter(pipe).text_attention(ditloc.get_adapter(pipe).block_names()[0])
+    D, Hd = attn.to_out[0].weight.shape
+    return copy.deepcopy(pipe).to(torch.float64), 2 * f32_rtol(Hd // attn.heads, 300, 2, Hd, D, 300)
+
+
+def test_deterministic(pixart):
+    pipe, tol = _across_batches(pixart)
+    prompts = ["a photo of van gogh", "van gogh at night"]
+    first = localize_contribution(pipe, prompts, "van gogh", seed=[0, 1], **RUN)
+    again = localize_contribution(pipe, prompts, "van gogh", seed=[0, 1], batch_size=3, **RUN)
+    torch.testing.assert_close(again.per_sample_step, first.per_sample_step, rtol=tol, atol=0)
+    assert again.ranking == first.ranking
 
 
 def test_single_prompt_trajectory_is_the_plain_one(pixart):
     """Batched localization measures each prompt on its own `pipe(prompt, generator=seed)` trajectory."""
-    both = localize_contribution(pixart, ["a photo of van gogh", "van gogh at night"], "van gogh", seed=7, **RUN)
-    one = localize_contribution(pixart, ["van gogh at night"], "van gogh", seed=7, **RUN)
-    torch.testing.assert_close(both.per_sample_step[:, :, 1], one.per_sample_step[:, :, 0], rtol=1e-4, atol=1e-6)
+    pipe, tol = _across_batches(pixart)
+    both = localize_contribution(pipe, ["a photo of van gogh", "van gogh at night"], "van gogh", seed=7, **RUN)
+    one = localize_contribution(pipe, ["van gogh at night"], "van gogh", seed=7, **RUN)
+    torch.testing.assert_close(both.per_sample_step[:, :, 1], one.per_sample_step[:, :, 0], rtol=tol, atol=0)
+    assert (both.per_sample_step[:, :, 1] - both.per_sample_step[:, :, 0]).abs().max() > 1e2 * tol  # can fail
