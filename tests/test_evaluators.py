@@ -20,6 +20,15 @@ from ditloc.evaluate import (
 from ditloc.testing import clip_like_tokenizer, word_tokenizer
 from ditloc.toy import world
 
+from conftest import EPS32
+
+#: Scores compared across batch sizes, input forms or paths come from the tiny models in float64: their
+#: forwards then agree to float64 rounding on any CPU, and what remains is the evaluators' float32 readout.
+#: A CLIP score is a float32 cosine of float32 unit embeddings (D = 16 components, each rounded within
+#: eps32 / 2, then a 16-term sum): within 4 * eps32 * sqrt(16) of the float64 cosine, twice that between two.
+F64 = torch.float64
+COS_TOL = 2 * 4 * EPS32 * 16**0.5
+
 TEXTS = ["a painting of a dog by van gogh", "a photo of the eiffel tower at night", "a red car"]
 
 
@@ -56,13 +65,14 @@ def clip_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clip(clip_dir):
-    return ClipScore(str(clip_dir))
+    return ClipScore(str(clip_dir), dtype=F64)
 
 
 def _by_hand(clip, images, text):
     """Cosine similarity straight from the model's feature functions."""
     model, tok = clip.encoder.model, clip.encoder.tokenizer
     pixels = clip.encoder.image_processor(images=to_pil_images(images), return_tensors="pt")["pixel_values"]
+    pixels = pixels.to(model.dtype)
     enc = tok([text], return_tensors="pt")
     with torch.no_grad():
         img, txt = model.get_image_features(pixel_values=pixels), model.get_text_features(**enc)
@@ -74,32 +84,32 @@ def _by_hand(clip, images, text):
 def test_clip_score_is_cosine_similarity(clip):
     images = _images(3)
     for text in TEXTS:
-        np.testing.assert_allclose(clip.score(images, text), _by_hand(clip, images, text), atol=1e-5)
+        np.testing.assert_allclose(clip.score(images, text), _by_hand(clip, images, text), atol=COS_TOL / 2)
     s = clip.score(images, TEXTS[0])
     assert s.shape == (3,) and s.dtype == np.float64 and np.all(np.abs(s) <= 1 + 1e-6)
 
 
 def test_clip_score_scaled(clip_dir, clip):
     images = _images(4, seed=3)
-    scaled = ClipScore(str(clip_dir), scale=100.0).score(images, TEXTS[1])
-    np.testing.assert_allclose(scaled, 100 * np.maximum(clip.score(images, TEXTS[1]), 0), atol=1e-4)
+    scaled = ClipScore(str(clip_dir), scale=100.0, dtype=F64).score(images, TEXTS[1])
+    np.testing.assert_allclose(scaled, 100 * np.maximum(clip.score(images, TEXTS[1]), 0), atol=100 * COS_TOL)
 
 
 def test_clip_batching_and_input_forms_agree(clip_dir):
     images = _images(5, seed=1)
     texts = [TEXTS[i % 3] for i in range(5)]  # one text per image
-    batched = ClipScore(str(clip_dir), batch_size=4).score(images, texts)
-    single = ClipScore(str(clip_dir), batch_size=1)
+    batched = ClipScore(str(clip_dir), batch_size=4, dtype=F64).score(images, texts)
+    single = ClipScore(str(clip_dir), batch_size=1, dtype=F64)
     one_by_one = np.array([single.score(images[i], texts[i])[0] for i in range(5)])
-    np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
+    np.testing.assert_allclose(batched, one_by_one, atol=COS_TOL)
     # the same pixels as PIL images, float [0, 1] NHWC, and a float [N, 3, H, W] tensor
-    fresh = ClipScore(str(clip_dir), batch_size=4)
+    fresh = ClipScore(str(clip_dir), batch_size=4, dtype=F64)
     pil = [Image.fromarray(x) for x in images]
     as_float = images.astype(np.float32) / 255
     as_tensor = torch.from_numpy(as_float).permute(0, 3, 1, 2)
     for form in (pil, as_float, as_tensor):
         fresh.clear_cache()
-        np.testing.assert_allclose(fresh.score(form, texts), batched, atol=1e-5)
+        np.testing.assert_allclose(fresh.score(form, texts), batched, atol=COS_TOL)
 
 
 def test_cache_avoids_recomputation(clip_dir, monkeypatch):
@@ -138,13 +148,13 @@ def test_style_similarity(clip_dir, clip):
     with pytest.raises(DitlocError, match="reference"):
         StyleSimilarity(str(clip_dir), references=[])
     refs, images = _images(3, seed=10), _images(4, seed=11)
-    style = StyleSimilarity(str(clip_dir), references=refs, batch_size=3)
+    style = StyleSimilarity(str(clip_dir), references=refs, batch_size=3, dtype=F64)
     emb = lambda x: clip.encoder.embed_images(to_pil_images(x))  # noqa: E731  [N, D]
-    np.testing.assert_allclose(style.score(images), (emb(images) @ emb(refs).T).mean(-1).numpy(), atol=1e-5)
-    one_ref = StyleSimilarity(str(clip_dir), references=refs[:1])
-    np.testing.assert_allclose(one_ref.score(refs[:1]), [1.0], atol=1e-5)  # an image is its own style
-    by_concept = StyleSimilarity(str(clip_dir), references={"monet": refs[:1], "hokusai": refs[1:]})
-    np.testing.assert_allclose(by_concept.score(refs[:1], "monet"), [1.0], atol=1e-5)
+    np.testing.assert_allclose(style.score(images), (emb(images) @ emb(refs).T).mean(-1).numpy(), atol=COS_TOL)
+    one_ref = StyleSimilarity(str(clip_dir), references=refs[:1], dtype=F64)
+    np.testing.assert_allclose(one_ref.score(refs[:1]), [1.0], atol=COS_TOL)  # an image is its own style
+    by_concept = StyleSimilarity(str(clip_dir), references={"monet": refs[:1], "hokusai": refs[1:]}, dtype=F64)
+    np.testing.assert_allclose(by_concept.score(refs[:1], "monet"), [1.0], atol=COS_TOL)
     with pytest.raises(DitlocError, match="no reference images for 'klimt'"):
         by_concept.score(images, "klimt")
 
@@ -204,7 +214,7 @@ def test_yes_probability_math():
 
 
 def test_vlm_judge_reads_yes_vs_no_logits(vlm_dir):
-    judge = VLMJudge(str(vlm_dir), batch_size=3)
+    judge = VLMJudge(str(vlm_dir), batch_size=3, dtype=F64)
     tok = judge.processor.tokenizer
     assert judge.yes_ids == [tok.convert_tokens_to_ids("yes")] and judge.no_ids == [tok.convert_tokens_to_ids("no")]
     assert judge.prompt("a dog") == "<image> Does this image show a dog? Answer yes or no. answer :"
@@ -214,10 +224,14 @@ def test_vlm_judge_reads_yes_vs_no_logits(vlm_dir):
     # by hand, one image at a time (no padding): softmax over the yes/no logits of the next token
     for i in range(3):
         inputs = judge.processor(images=[Image.fromarray(images[i])], text=[judge.prompt(texts[i])], return_tensors="pt")
+        inputs = {k: v.to(F64) if v.is_floating_point() else v for k, v in inputs.items()}
         with torch.no_grad():
             logits = judge.model(**inputs).logits[0, -1]  # [V]
-        pair = torch.stack([logits[judge.yes_ids[0]], logits[judge.no_ids[0]]]).softmax(0)
-        assert p[i] == pytest.approx(float(pair[0]), abs=1e-5)  # batched (left-padded) = single
+        pair = torch.stack([logits[judge.yes_ids[0]], logits[judge.no_ids[0]]])
+        # batched (left-padded) = single: float64 forwards, then the judge's float32 logits (eps32 / 2 relative
+        # each) move p = sigmoid(yes - no) by at most (|yes| + |no|) * eps32 / 8, and its float32 softmax by eps32
+        tol = EPS32 * (1 + float(pair.abs().sum()) / 8)
+        assert p[i] == pytest.approx(float(pair.softmax(0)[0]), abs=2 * tol)
     # invariants of the readout, whatever the weights: equal yes/no rows -> 1/2; swapped rows -> 1 - p
     head = judge.model.get_output_embeddings().weight
     y, n = judge.yes_ids[0], judge.no_ids[0]

@@ -10,7 +10,7 @@ from typing import NoReturn
 
 from . import models
 
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float32", "float16", "bfloat16", "float64")
 #: the localization methods (`ditloc.localize.METHODS`)
 LOCALIZE_METHODS = ("search", "contribution", "patch", "attribution")
 #: what the contribution method measures (`ditloc.engine.CONTRIBUTION_TERMS`)
