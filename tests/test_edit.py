@@ -170,27 +170,29 @@ def _saved_with_lora(make, blocks) -> int:
 
 
 def _forward(pipe, adapter):
-    """One transformer call with fixed random inputs (any family)."""
+    """One transformer call with fixed random inputs (any family), in the transformer's dtype."""
+    dtype = pipe.transformer.dtype
     if adapter.family in ("pixart", "sana"):
         _, x, t, text = _inputs(pipe)
-        return adapter.denoise(x, t, text)
+        return adapter.denoise(x.to(dtype), t.to(dtype), text)
     g = torch.Generator().manual_seed(0)
     cfg = pipe.transformer.config
     n_img, n_txt = 16, 8
+    randn = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
     if adapter.family == "sd3":
         return pipe.transformer(
-            hidden_states=torch.randn(1, cfg.in_channels, 8, 8, generator=g),
-            encoder_hidden_states=torch.randn(1, n_txt, cfg.joint_attention_dim, generator=g),
-            pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
-            timestep=torch.tensor([500.0]), return_dict=False,
+            hidden_states=randn(1, cfg.in_channels, 8, 8),
+            encoder_hidden_states=randn(1, n_txt, cfg.joint_attention_dim),
+            pooled_projections=randn(1, cfg.pooled_projection_dim),
+            timestep=torch.tensor([500.0], dtype=dtype), return_dict=False,
         )[0]
     return pipe.transformer(
-        hidden_states=torch.randn(1, n_img, cfg.in_channels, generator=g),
-        encoder_hidden_states=torch.randn(1, n_txt, cfg.joint_attention_dim, generator=g),
-        pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
-        timestep=torch.tensor([0.5]),
-        img_ids=torch.zeros(n_img, 3), txt_ids=torch.zeros(n_txt, 3),
-        guidance=torch.tensor([3.5]) if cfg.guidance_embeds else None,
+        hidden_states=randn(1, n_img, cfg.in_channels),
+        encoder_hidden_states=randn(1, n_txt, cfg.joint_attention_dim),
+        pooled_projections=randn(1, cfg.pooled_projection_dim),
+        timestep=torch.tensor([0.5], dtype=dtype),
+        img_ids=torch.zeros(n_img, 3, dtype=dtype), txt_ids=torch.zeros(n_txt, 3, dtype=dtype),
+        guidance=torch.tensor([3.5], dtype=dtype) if cfg.guidance_embeds else None,
         return_dict=False,
     )[0]
 
