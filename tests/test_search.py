@@ -263,7 +263,7 @@ def test_top_never_picks_an_unmeasured_block_before_a_measured_one():
     plain = Localization(concept="c", blocks=blocks, per_sample_step=per, per_head_step=per.new_zeros(5, 1, 2, 0),
                          spans=())
     assert plain.ranking == ["block.1", "block.4", "block.3", "block.0", "block.2"]
-    assert plain.top(3) == ["block.1", "block.4", "block.3"] and plain.minimal_k() == 1
+    assert plain.top(3) == ["block.1", "block.4", "block.3"] and plain.k_auto() == 1
     search = SetSearch(objective="evaluator", baseline=1.0, sets=(("block.1",),), presence=(0.5,))
     searched = Localization(concept="c", blocks=blocks, per_sample_step=per, per_head_step=plain.per_head_step,
                             spans=(), settings={"method": "search"}, search=search)
