@@ -8,9 +8,9 @@ import sys
 import pytest
 from PIL import Image
 
-from ditloc.cli import main
 from ditloc.localization import score_mass_k
 from ditloc.testing import tiny_pixart_pipeline
+from cli_helpers import run_main as run
 
 
 @pytest.fixture(scope="module")
@@ -18,15 +18,6 @@ def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "pixart"
     tiny_pixart_pipeline().save_pretrained(path)
     return str(path)
-
-
-def run(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 COMMON = ["--steps", "2"]

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import ditloc.toy
-from ditloc.cli import main
 from ditloc.errors import DitlocError
 from ditloc.options import RunOptions
+from cli_helpers import run_main as _cli
 
 localize_contribution = functools.partial(ditloc.localize, method="contribution")
 
@@ -78,15 +78,6 @@ def toy_flux(flux_dir, monkeypatch):
     monkeypatch.delenv(ditloc.toy.FLUX_DIR_ENV, raising=False)
     monkeypatch.setattr(ditloc.toy, "FLUX_MODEL_DIR", flux_dir)
     return flux_dir
-
-
-def _cli(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_load_pipeline_by_name(toy_flux):

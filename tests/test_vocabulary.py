@@ -13,6 +13,7 @@ from ditloc.cli import main
 from ditloc.edit import erase_k
 from ditloc.localization import Localization, SetSearch
 from ditloc.testing import tiny_pixart_pipeline
+from cli_helpers import run_main as run
 
 BLOCKS = ("block.0", "block.1", "block.2", "block.3")  # the tiny PixArt's
 #: a search whose sets lower presence by 0.3, 0.6 and 0.95 of the baseline: --k auto acts on K = 2 (the first
@@ -36,15 +37,6 @@ def searched(tmp_path):
     loc = Localization(concept="dog", blocks=BLOCKS, per_sample_step=per, per_head_step=per.new_zeros(4, 1, 1, 0),
                        spans=(), settings={"method": "search"}, search=SEARCH)
     return loc.save(tmp_path / "loc.json")
-
-
-def run(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_error_line(code, err) -> str:

@@ -9,7 +9,6 @@ import torch
 
 import ditloc
 from ditloc import DitlocError
-from ditloc.cli import main
 from ditloc.evaluate.base import Evaluator
 from ditloc.testing import (
     tiny_flux_pipeline,
@@ -19,6 +18,7 @@ from ditloc.testing import (
 )
 
 from conftest import DEVICE
+from cli_helpers import run_main as run_cli
 
 PROMPTS = ["a photo of van gogh in the city", "van gogh painting of a dog"]
 CONCEPT = "van gogh"
@@ -273,15 +273,6 @@ def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "pixart"
     tiny_pixart_pipeline().save_pretrained(path)
     return str(path)
-
-
-def run_cli(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 INTERVENE = ["intervene", "--concept", "van gogh", "--prompt", "a photo of van gogh", "--blocks", "block.1",
