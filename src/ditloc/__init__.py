@@ -9,6 +9,7 @@ from .text import derive_clean_prompt  # noqa: E402
 from .tokens import ConceptSpan  # noqa: E402
 from . import toy  # noqa: E402, F401  (ditloc.toy.load_pipeline() after a plain `import ditloc`)
 from . import edit  # noqa: E402, F401  (ditloc.edit.unlearn(...) after a plain `import ditloc`)
+from .attack import attack  # noqa: E402  (ditloc.attack(pipe, concept, ...); the package: ditloc.attack.*)
 
 __all__ = [
     "BadOption",
@@ -25,4 +26,5 @@ __all__ = [
     "supported_families",
     "UnsupportedModel",
     "__version__",
+    "attack",
 ]
