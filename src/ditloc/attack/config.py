@@ -17,7 +17,7 @@ MODES = ("prefix", "replace")
 DEFAULT_STEPS = {"tokens": 200, "inversion": 200, "conditioning": 100}
 #: Adam's learning rate per kind, relative to the scale of what it moves (the embedding table's RMS for
 #: tokens and inversion, the text states' RMS for conditioning)
-DEFAULT_LR = {"tokens": 0.1, "inversion": 0.05, "conditioning": 0.05}
+DEFAULT_LR = {"tokens": 1.0, "inversion": 0.2, "conditioning": 0.05}
 #: learned tokens per kind, unless given (UnlearnDiffAtk's prefix: 5 tokens; textual inversion: one)
 DEFAULT_TOKENS = {"tokens": 5, "inversion": 1}
 

@@ -37,8 +37,8 @@ REPLAY_FILE = "replay.json"
 
 def attack(pipe, concept: str, *, edit=None, kind: str = "conditioning", steps: int | None = None,
            n_images: int | None = None, train_images: int = 16, batch_size: int = 4, lr: float | None = None,
-           tokens: int | None = None, mode: str | None = None, images=None, prompts=None, seeds=0,
-           evaluator=None, eval_text: str | None = None, threshold: float = 0.5, checkpoint_every: int = 25,
+           tokens: int | None = None, mode: str | None = None, images=None, captions=None, prompts=None,
+           seeds=0, evaluator=None, eval_text: str | None = None, threshold: float = 0.5, checkpoint_every: int = 25,
            generation_batch: int = 16, out=None, options: RunOptions | None = None, progress=None,
            note: dict | None = None, **run) -> AttackResult:
     """Attack the erasure of `concept` (white box) and score it with the evaluator.
@@ -50,7 +50,11 @@ def attack(pipe, concept: str, *, edit=None, kind: str = "conditioning", steps: 
     token embedding, textual inversion) or ``conditioning`` (the text states at the concept's
     positions: an upper bound); see :mod:`ditloc.attack.params`. The optimized kinds fit the
     attacked model's own denoising loss on `train_images` images of the concept: `images` (a
-    folder or an [N, 3, h, w] tensor in [-1, 1]) or drawn by the unedited model.
+    folder or an [N, 3, h, w] tensor in [-1, 1]) or drawn by the unedited model. Each image is
+    fitted with its own prompt: the one it was drawn from, or its caption (`captions`: one per
+    image, each with the concept, or True to read a folder's ``<image>.txt`` files); images
+    without captions are fitted with random training prompts (on the toy model their places then
+    contradict the images', and the attacks fit far worse).
 
     Budget: `steps` optimizer steps of `batch_size` rows at Adam rate `lr` (relative to the scale
     of what is learned), `tokens` learned tokens, `mode` (tokens: ``prefix`` or ``replace``);
@@ -74,10 +78,13 @@ def attack(pipe, concept: str, *, edit=None, kind: str = "conditioning", steps: 
     if edit is not None:
         info = edit if isinstance(edit, edits.EditInfo) else edits.read_edit(edit)
         edits.check_erased(info, concept)
+    captions = _captions(images, captions, config)
     job = _Job(pipe, concept.strip(), config, info, held, evaluator=evaluator, eval_text=eval_text,
-               user_prompts=prompts, images=images, options=options, run=run, out=out,
+               user_prompts=list(prompts or []) + list(captions or []), images=images, options=options, run=run,
+               out=out,
                generation_batch=generation_batch, progress=progress)
     job.note = dict(note or {})
+    job.captions = captions
     if job.out is None:
         return job.run()
     with OutputLock(job.out):
@@ -158,6 +165,7 @@ class _Job:
         self.out = _prepare_out(out)
         self._method = None
         self.note: dict = {}
+        self.captions: list[str] | None = None
 
     # ---- the parts -------------------------------------------------------------------------
     def models(self) -> list[str]:
@@ -273,8 +281,13 @@ class _Job:
         if self.images is None:
             self.say(f"drawing {self.config.train_images} image(s) of {self.concept!r} with the "
                      f"{'unedited' if self.info is not None else 'given'} model")
-        return concept_latents(self.pipe, self.adapter, self.kw, self.images, list(self.carriers.train),
-                               self.config.train_images, self.config.seed, self.out)
+        train = list(self.carriers.train)
+        latents, pairs, record = concept_latents(self.pipe, self.adapter, self.kw, self.images, train,
+                                                 self.config.train_images, self.config.seed, self.out)
+        if self.captions is not None:  # each image with its own caption
+            pairs = torch.tensor([train.index(c) for c in self.captions])
+            record["captions"] = list(self.captions)
+        return latents, pairs, record
 
     def adversarial(self, model: str, latents, pairs):
         """(method, values, artifact record, optimization record) for `model`: optimized now, or read
@@ -359,6 +372,31 @@ class _Job:
                 scores += self.evaluator.score(images, self.eval_text).tolist()
         return Cell(model, condition, tuple(prompts), tuple(int(s) for s in seeds), tuple(scores),
                     self.config.threshold, time.perf_counter() - start)
+
+
+def _captions(images, captions, config: AttackConfig) -> list[str] | None:
+    """One prompt per given image (see `attack`), checked before any work."""
+    if captions is None or captions is False:
+        return None
+    if images is None or not config.optimized:
+        raise DitlocError("captions describe the images of the concept (--images) an optimized attack fits; "
+                          "pass the images too")
+    if captions is True:
+        if not isinstance(images, (str, Path)):
+            raise DitlocError("captions=True reads a folder's <image>.txt files; with a tensor of images pass a list")
+        from ..edit.data import read_captions
+
+        captions = read_captions(images)
+    captions = [" ".join(str(c).split()) for c in captions]
+    if isinstance(images, (str, Path)):
+        from ..edit.data import image_files
+
+        n = len(image_files(images))
+    else:
+        n = int(images.shape[0])
+    if len(captions) != n:
+        raise DitlocError(f"{len(captions)} captions for {n} images; give one caption per image")
+    return captions
 
 
 def _file(stem: Path | None) -> str | None:

@@ -121,8 +121,9 @@ def injected(adapter, placeholder: Placeholder, vectors: dict):
     `k` placeholder positions of every row that holds them (see the module doc). Removed on exit."""
     k = placeholder.k
 
-    def replacer(name):
+    def replacer(name, layer):
         token = placeholder.ids[name]
+        scaled = _scaling(layer)
 
         def hook(module, args, output):
             match = args[0] == token  # [B, L]
@@ -134,7 +135,7 @@ def injected(adapter, placeholder: Placeholder, vectors: dict):
                 return output
             rows, cols = match.nonzero(as_tuple=True)  # row-major: each row's k positions in order
             out = output.clone()
-            vec = vectors[name].to(device=out.device, dtype=out.dtype)  # [k, d]
+            vec = scaled(vectors[name].to(device=out.device, dtype=module.weight.dtype)).to(out.dtype)  # [k, d]
             out[rows, cols] = vec.repeat(rows.numel() // k, 1)  # [rows * k, d]
             return out
         return hook
@@ -144,11 +145,25 @@ def injected(adapter, placeholder: Placeholder, vectors: dict):
         for name, _, _, layers in adapter.text_encoders():
             if name not in vectors:
                 raise DitlocError(f"the attack has no vectors for text encoder {name!r}")
-            handles += [layer.register_forward_hook(replacer(name)) for layer in layers]
+            handles += [layer.register_forward_hook(replacer(name, layer)) for layer in layers]
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+def _scaling(layer: torch.nn.Embedding):
+    """What the layer does to a table row: nothing (``nn.Embedding``), or a scale (transformers' scaled
+    word embeddings, e.g. Gemma's, multiply by ``embed_scale``): the vectors live in the table's space."""
+    if type(layer).forward is torch.nn.Embedding.forward:
+        return lambda v: v
+    scale = getattr(layer, "embed_scale", None)
+    if scale is None:
+        from ..errors import UnsupportedModel
+
+        raise UnsupportedModel(f"{type(layer).__name__} changes the token vectors it looks up in a way the attack "
+                               "cannot reproduce; its learned tokens cannot be fed")
+    return lambda v: v * torch.as_tensor(scale).to(device=v.device, dtype=v.dtype)
 
 
 def embedding_table(encoder) -> torch.Tensor:

@@ -33,6 +33,9 @@ def add_parsers(sub) -> None:
                         "tokens), inversion (a learned token embedding) or conditioning (the concept's text states)")
     p.add_argument("--images", default=None,
                    help="folder of images of the concept at the model's size (default: drawn by the unedited model)")
+    p.add_argument("--captions", action="store_true",
+                   help="fit each image of --images with its caption, the .txt file of the same name (each with the "
+                        "concept); default: random training prompts")
     p.add_argument("--prompts-file", default=None, help="text file, one prompt with the concept per line (# comments)")
     g = p.add_argument_group("budget")
     g.add_argument("--budget-steps", type=int, default=None,
@@ -42,8 +45,8 @@ def add_parsers(sub) -> None:
                    help="images of the concept the optimized attacks fit (default 16; with --images: the folder's)")
     g.add_argument("--batch-size", type=int, default=4, help="noisy images per optimizer step (default 4)")
     g.add_argument("--lr", type=float, default=None,
-                   help="Adam's rate, relative to the scale of what is learned (default: tokens 0.1, inversion "
-                        "0.05, conditioning 0.05)")
+                   help="Adam's rate, relative to the scale of what is learned (default: tokens 1.0, inversion "
+                        "0.2, conditioning 0.05)")
     g.add_argument("--tokens", type=int, default=None, help="learned tokens (default: tokens 5, inversion 1)")
     g.add_argument("--mode", choices=MODES, default=None,
                    help="tokens: before the prompt (prefix, default) or in the concept's place (replace)")
@@ -60,7 +63,8 @@ def add_parsers(sub) -> None:
     add_pipeline_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1, mps (default: where the pipeline loads)")
-    p.add_argument("--dtype", choices=DTYPES, default=None)
+    p.add_argument("--dtype", choices=DTYPES + ("float64",), default=None,
+                   help="the pipeline's dtype (float64: replays and resumes repeat every pixel on any CPU)")
     p.add_argument("--out", default=None, help="output directory (checkpoints here; rerun to resume)")
     p.add_argument("--replay", default=None, metavar="OUT",
                    help="regenerate and re-score the finished attack in OUT (its model, edit and artifacts)")
@@ -98,16 +102,26 @@ def check_attack(args) -> None:
     args.prompt_list = _read_prompts(args.prompts_file) if args.prompts_file else None
     if args.images is not None:
         check_image_folder(args.images, _native_size(args))
-    args.evaluator_obj = _evaluator(args)
-    if args.evaluator_obj is not None:
-        from ..registry import known_models
+    if args.captions:
+        if args.images is None:
+            fail("--captions are the captions of --images; pass the folder too")
+        from ..edit.data import read_captions
+        from ..text import find_occurrences
 
-        known = known_models().get(args.model)
-        probes = known.probe_set if known is not None else "lock"
-        default = carriers(probes, args.concept, args.prompt_list).eval_text
-        args.evaluator_obj.check_text(args.eval_text if args.eval_text is not None else default or args.concept)
-    elif not models.is_toy(args.model):
+        for i, caption in enumerate(read_captions(args.images)):
+            if not find_occurrences(caption, args.concept):
+                fail(f"caption {i + 1} ({caption!r}) does not contain the concept {args.concept!r}")
+    from ..registry import known_models
+
+    known = known_models().get(args.model) or known_models().get(_marker(args.model) or "")
+    args.evaluator_obj = _evaluator(args)
+    if args.evaluator_obj is None and known is not None and known.evaluator is not None:
+        args.evaluator_obj = known.evaluator()  # the model's own (the toy oracle), checked here
+    if args.evaluator_obj is None:
         fail("no evaluator for this model: pass --evaluator clip|vlm with --evaluator-model PATH")
+    probes = known.probe_set if known is not None else "lock"
+    default = carriers(probes, args.concept, args.prompt_list).eval_text
+    args.evaluator_obj.check_text(args.eval_text if args.eval_text is not None else default or args.concept)
 
 
 def _check_replay(args) -> None:
@@ -167,6 +181,19 @@ def _evaluator(args):
     return get_evaluator(args.evaluator, **kwargs)
 
 
+def _marker(model: str) -> str | None:
+    """The known model a pipeline directory says it is (a copied or re-saved toy), read from its transformer's
+    config without loading it."""
+    from ..registry import MARKER
+
+    try:
+        config = json.loads((Path(models._toy_dir(model)).expanduser() / "transformer" / "config.json")
+                            .read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config.get(MARKER) if isinstance(config, dict) else None
+
+
 def _native_size(args) -> tuple[int, int] | None:
     """(height, width) MODEL generates, from its configs without loading it (None where they do not say)."""
     if args.height and args.width:
@@ -175,7 +202,7 @@ def _native_size(args) -> tuple[int, int] | None:
         return None
     from ..registry import known_models
 
-    known = known_models().get(args.model)
+    known = known_models().get(args.model) or known_models().get(_marker(args.model) or "")
     if known is not None and known.call_defaults.get("height") and known.call_defaults.get("width"):
         return int(known.call_defaults["height"]), int(known.call_defaults["width"])
     root = Path(models._toy_dir(args.model)).expanduser()
@@ -215,6 +242,7 @@ def cmd_attack(args) -> None:
     result = attack(pipe, args.concept, edit=getattr(args, "edit_info", None), kind=args.attack,
                     steps=args.budget_steps, n_images=args.n_images, train_images=args.train_images,
                     batch_size=args.batch_size, lr=args.lr, tokens=args.tokens, mode=args.mode, images=args.images,
+                    captions=True if args.captions else None,
                     prompts=args.prompt_list, seeds=args.seed, evaluator=args.evaluator_obj,
                     eval_text=args.eval_text, checkpoint_every=args.checkpoint_every, out=args.out,
                     options=run_options(args), progress=_progress.write, note=note)
