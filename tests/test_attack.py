@@ -284,6 +284,9 @@ BAD = [
     (lambda t: ["--attack", "prompts", "--budget-steps", "5"], "the prompts attack has none"),
     (lambda t: ["--attack", "inversion", "--mode", "prefix"], "--mode prefix is the tokens attack's"),
     (lambda t: ["--eval-text", "shape: hexagon"], "'hexagon' is not a toy shape"),
+    (lambda t: ["--captions"], "--captions are the captions of --images"),
+    (lambda t: ["--images", str(_images(t / "imgs", 32)), "--captions"], "a.png has no caption file a.txt"),
+    (lambda t: ["--prompts-file", str(t / "none.txt")], "cannot read prompts file"),
 ]
 
 
@@ -304,6 +307,18 @@ def test_replay_of_an_unfinished_attack_is_refused(tmp_path, capsys, monkeypatch
     assert code == 2 and len(err) == 1 and "holds no finished attack" in err[0]
     code = _cli(["attack", "--replay", str(tmp_path), "--concept", "zibbit"])
     assert code == 2 and "leave out --concept" in capsys.readouterr().err
+
+
+def test_captions_are_one_per_image_with_the_concept():
+    pipe = tiny_pixart_pipeline()
+    images = torch.zeros(2, 3, 32, 32)
+    common = {"kind": "inversion", "images": images, "evaluator": get_evaluator("toy"), "eval_text": "shape: star"}
+    with pytest.raises(DitlocError, match="1 captions for 2 images"):
+        attack(pipe, "dog", captions=["a dog"], **common)
+    with pytest.raises(DitlocError, match="does not contain the concept 'dog'"):
+        attack(pipe, "dog", captions=["a dog", "a cat"], **common)
+    with pytest.raises(DitlocError, match="pass the images too"):
+        attack(pipe, "dog", kind="tokens", captions=["a dog"])
 
 
 def test_config_refuses_budgets_that_spend_nothing():
