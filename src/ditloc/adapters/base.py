@@ -140,6 +140,28 @@ class Adapter(ABC):
     def encode_text(self, prompts: list[str], call_kwargs: dict) -> dict:
         """Conditional text conditioning exactly as the pipeline computes it, by name."""
 
+    #: (text encoder, its tokenizer) attribute names of the pipeline, every one `encode_text` runs
+    text_encoder_names: ClassVar[tuple[tuple[str, str], ...]] = (("text_encoder", "tokenizer"),)
+
+    def text_encoders(self) -> list[tuple[str, torch.nn.Module, Any, list[torch.nn.Embedding]]]:
+        """(name, text encoder, tokenizer, token embedding layers) of every text encoder the pipeline
+        loaded: the layers are the modules that turn its token ids into input vectors (a tied copy of
+        `get_input_embeddings()`, e.g. T5's ``encoder.embed_tokens``, is the one its forward calls)."""
+        out = []
+        for enc, tok in self.text_encoder_names:
+            module, tokenizer = getattr(self.pipe, enc, None), getattr(self.pipe, tok, None)
+            if module is None or tokenizer is None:
+                continue
+            table = module.get_input_embeddings().weight  # [V, d]
+            layers = [m for m in module.modules() if isinstance(m, torch.nn.Embedding) and m.weight is table]
+            out.append((enc, module, tokenizer, layers))
+        return out
+
+    def prompt_embeds_kwargs(self, text: dict) -> dict:
+        """`pipe(...)` arguments that hand it `text` (:meth:`encode_text` output, batch-matched) in
+        place of a prompt."""
+        raise UnsupportedModel(f"generation from text states is not implemented for {self.family}")
+
     def text_token_ids(self, prompt: str, call_kwargs: dict) -> list[int]:
         """The token id at every position of the text sequence the transformer
         receives for `prompt` (padding included; -1 where no token sits), to align

@@ -133,6 +133,9 @@ class CrossAttentionAdapter(Adapter):
     def text_inputs(self, text: dict) -> dict:
         return {"encoder_hidden_states": text["embeds"], "encoder_attention_mask": text["mask"]}
 
+    def prompt_embeds_kwargs(self, text: dict) -> dict:
+        return {"prompt_embeds": text["embeds"], "prompt_attention_mask": text["mask"]}
+
     # ---- training ---------------------------------------------------------------------
     def transformer_kwargs(self, latents: torch.Tensor) -> dict:
         """Extra forward arguments the family's pipeline passes (none by default)."""

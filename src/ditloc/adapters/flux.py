@@ -26,6 +26,7 @@ class FluxAdapter(JointAttentionAdapter):
     family = "flux"
     timestep_scale = 1000.0  # the pipeline passes t / 1000
     transformer_classes = ("FluxTransformer2DModel",)
+    text_encoder_names = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))  # CLIP (pooled), T5
 
     lora_suffixes = (
         # double-stream blocks

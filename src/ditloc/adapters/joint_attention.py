@@ -113,6 +113,9 @@ class JointAttentionAdapter(Adapter):
     def text_inputs(self, text: dict) -> dict:
         return {"encoder_hidden_states": text["embeds"], "pooled_projections": text["pooled"]}
 
+    def prompt_embeds_kwargs(self, text: dict) -> dict:
+        return {"prompt_embeds": text["embeds"], "pooled_prompt_embeds": text["pooled"]}
+
     # ---- instrumentation -------------------------------------------------------------
     def make_swap(self, blocks: frozenset[str], clean: dict, pooled_clean: bool) -> JointSwap:
         return JointSwap(blocks=blocks, clean=clean, pooled_clean=pooled_clean)

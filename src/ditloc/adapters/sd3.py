@@ -28,6 +28,8 @@ class SD3Adapter(JointAttentionAdapter):
     family = "sd3"
     transformer_classes = ("SD3Transformer2DModel",)
     options = {"text_stream": STREAMS}  # None: "both" with T5 loaded, else "clip"
+    text_encoder_names = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"),  # CLIP-L, CLIP-G
+                          ("text_encoder_3", "tokenizer_3"))  # T5 (optional)
 
     lora_suffixes = (
         "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",

@@ -1,6 +1,6 @@
 """`ditloc` command line: parses, calls the public API, prints. No logic of its own.
 
-One module per command group (`localize`, `edit`, `bench`, `demo`), each adding its parsers and giving each
+One module per command group (`localize`, `edit`, `attack`, `bench`, `demo`), each adding its parsers and giving each
 command a `check` (everything that needs no model, run before one loads) and a `func` (the command itself);
 `common` holds the shared options and checks, `models` resolves and loads MODEL (`models.load_pipeline`)."""
 
@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import sys
 
-from . import bench, demo, edit, localize, models
+from . import attack, bench, demo, edit, localize, models
 from .common import Parser, fail, writer_lock
 
 __all__ = ["build_parser", "main", "models"]
 
 #: commands a rerun resumes (they say so when interrupted; so does `localize --localize-method search`)
-RESUMABLE = ("bench", "ground-truth", "personalize", "unlearn")
+RESUMABLE = ("attack", "bench", "ground-truth", "personalize", "unlearn")
 #: the command groups, in the order `ditloc --help` lists their commands
-GROUPS = (localize, edit, bench, demo)
+GROUPS = (localize, edit, attack, bench, demo)
 
 
 def build_parser() -> Parser:
