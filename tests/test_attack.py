@@ -15,8 +15,8 @@ from PIL import Image
 import ditloc
 from ditloc import cli
 from ditloc.adapters import get_adapter
-from ditloc.attack import AttackConfig, attack, find_placeholder, injected, replay
-from ditloc.attack import params
+from ditloc.attacks import AttackConfig, attack, find_placeholder, injected, replay
+from ditloc.attacks import params
 from ditloc.errors import DitlocError
 from ditloc.evaluate import get_evaluator
 from ditloc.testing import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sana_pipeline, tiny_sd3_pipeline
@@ -180,7 +180,7 @@ def test_pipeline_leaves_as_it_came(tmp_path, erased):
 
 @pytest.mark.parametrize("family", ["pixart", "sana"])  # peft injected by ditloc; diffusers' own LoRA loader
 def test_lora_edit_is_taken_out_again(tmp_path, family):
-    from ditloc.attack.edits import applied, read_edit
+    from ditloc.attacks.edits import applied, read_edit
     from ditloc.edit import TrainConfig, unlearn
 
     run = {"num_inference_steps": 2, "height": 32, "width": 32, "use_resolution_binning": False}

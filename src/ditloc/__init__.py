@@ -11,7 +11,7 @@ from .contexts import Intervention, injected, withheld  # noqa: E402
 from .tokens import ConceptSpan  # noqa: E402
 from . import toy  # noqa: E402, F401  (ditloc.toy.load_pipeline() after a plain `import ditloc`)
 from . import edit  # noqa: E402, F401  (ditloc.edit.unlearn(...) after a plain `import ditloc`)
-from .attack import attack  # noqa: E402  (ditloc.attack(pipe, concept, ...); the package: ditloc.attack.*)
+from .attacks import attack  # noqa: E402  (ditloc.attack(pipe, concept, ...); the package: ditloc.attacks)
 
 __all__ = [
     "BadOption",

@@ -24,7 +24,7 @@ from .common import (
 
 
 def add_parsers(sub) -> None:
-    from ..attack import KINDS, MODES
+    from ..attacks import KINDS, MODES
 
     p = sub.add_parser("attack", help="attack an erasure (prompts, tokens, textual inversion, text states) and "
                                       "score the concept's return")
@@ -70,7 +70,7 @@ def add_parsers(sub) -> None:
                         "several: the held-out generations' seeds")
     retire(p, "--seed", SEED)
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1, mps (default: where the pipeline loads)")
-    p.add_argument("--dtype", choices=DTYPES + ("float64",), default=None,
+    p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="the pipeline's dtype (float64: replays and resumes repeat every pixel on any CPU)")
     p.add_argument("--out", default=None, help="output directory (checkpoints here; rerun to resume)")
     p.add_argument("--replay", default=None, metavar="OUT",
@@ -93,7 +93,7 @@ def check_attack(args) -> None:
             fail(f"pass {flag} (or --replay OUT to repeat a finished attack)")
     check_out_and_counts(args)
     check_run_settings(args)
-    from ..attack import AttackConfig, carriers, check_erased, check_image_folder, read_edit
+    from ..attacks import AttackConfig, carriers, check_erased, check_image_folder, read_edit
 
     try:
         AttackConfig(kind=args.attack, steps=args.budget_steps, n_images=args.n_images,
@@ -234,7 +234,7 @@ def _native_size(args) -> tuple[int, int] | None:
 # --- the command -------------------------------------------------------------------------------------------------
 
 def cmd_attack(args) -> None:
-    from ..attack import attack, replay
+    from ..attacks import attack, replay
 
     pipe = models.load_pipeline(args.model, device=args.device, dtype=args.dtype)
     if args.replay is not None:

@@ -48,7 +48,7 @@ def attack(pipe, concept: str, *, edit=None, kind: str = "conditioning", steps: 
     is). `kind`: ``prompts`` (the concept in every probe-set template of its category and in
     `prompts`), ``tokens`` (k discrete tokens, UnlearnDiffAtk-style), ``inversion`` (a new
     token embedding, textual inversion) or ``conditioning`` (the text states at the concept's
-    positions: an upper bound); see :mod:`ditloc.attack.params`. The optimized kinds fit the
+    positions: an upper bound); see :mod:`ditloc.attacks.params`. The optimized kinds fit the
     attacked model's own denoising loss on `train_images` images of the concept: `images` (a
     folder or an [N, 3, h, w] tensor in [-1, 1]) or drawn by the unedited model. Each image is
     fitted with its own prompt: the one it was drawn from, or its caption (`captions`: one per

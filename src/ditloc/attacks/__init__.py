@@ -13,7 +13,7 @@ the concept's presence in held-out generations (the evaluator's judgement, with 
 Kinds (weakest first): ``prompts`` (the concept in every probe-set template of its category,
 and the user's prompts), ``tokens`` (UnlearnDiffAtk-style discrete tokens), ``inversion``
 (textual inversion, the CCE attack) and ``conditioning`` (the text states at the concept's
-positions: an upper bound). See :mod:`ditloc.attack.params`.
+positions: an upper bound). See :mod:`ditloc.attacks.params`.
 """
 
 from .config import DEFAULT_LR, DEFAULT_STEPS, DEFAULT_TOKENS, KINDS, MODES, OPTIMIZED, AttackConfig
