@@ -2,8 +2,8 @@
 
     python benchmarks/attack_toy.py --out benchmarks/results/attack_toy [--n-images 64] [--threads 2]
 
-Runs ``ditloc unlearn toy --concept zibbit --anchor triangle --method closed-form --blocks auto``, then
-``ditloc attack toy --edit EDIT --concept zibbit --attack KIND --n-images N --seed 0`` for every attack
+Runs ``ditloc unlearn toy --concept zibbit --anchor triangle --edit-method closed-form --blocks auto``, then
+``ditloc attack toy --edit EDIT --concept zibbit --attack KIND --n-images N --seeds 0`` for every attack
 kind, each command timed by the wall clock, and writes ``OUT/README.md`` with the table. A rerun skips
 the commands that finished (their times are kept in ``OUT/timings.json``) and resumes the others.
 """
@@ -33,11 +33,11 @@ def cpu_name() -> str:
 def commands(out: Path, n: int, seed: int) -> list[tuple[str, list[str], Path]]:
     """(name, ditloc argv, the file that says it finished)."""
     edit = out / "edit"
-    todo = [("unlearn", ["unlearn", "toy", "--concept", "zibbit", "--anchor", "triangle", "--method", "closed-form",
-                         "--blocks", "auto", "--seed", str(seed), "--out", str(edit)], edit / "ditloc_edit.json")]
+    todo = [("unlearn", ["unlearn", "toy", "--concept", "zibbit", "--anchor", "triangle", "--edit-method", "closed-form",
+                         "--blocks", "auto", "--seeds", str(seed), "--out", str(edit)], edit / "ditloc_edit.json")]
     for kind in KINDS:
         todo.append((kind, ["attack", "toy", "--edit", str(edit), "--concept", "zibbit", "--attack", kind,
-                            "--n-images", str(n), "--seed", str(seed), "--out", str(out / kind)],
+                            "--n-images", str(n), "--seeds", str(seed), "--out", str(out / kind)],
                      out / kind / "attack.json"))
     return todo
 
