@@ -34,7 +34,7 @@ def commands(out: Path, n: int, seed: int) -> list[tuple[str, list[str], Path]]:
     """(name, ditloc argv, the file that says it finished)."""
     edit = out / "edit"
     todo = [("unlearn", ["unlearn", "toy", "--concept", "zibbit", "--anchor", "triangle", "--edit-method", "closed-form",
-                         "--blocks", "auto", "--seeds", str(seed), "--out", str(edit)], edit / "ditloc_edit.json")]
+                         "--blocks", "auto", "--seeds", f"{seed},{seed + 1}", "--out", str(edit)], edit / "ditloc_edit.json")]
     for kind in KINDS:
         todo.append((kind, ["attack", "toy", "--edit", str(edit), "--concept", "zibbit", "--attack", kind,
                             "--n-images", str(n), "--seeds", str(seed), "--out", str(out / kind)],
