@@ -134,7 +134,7 @@ def test_measuring_does_not_change_the_trajectory(case):
     resolved = RunOptions.of(None, **run).resolve(pipe)
     session = Session()
     session.probe = Probe.for_spans([adapter.concept_span(p, CONCEPT, resolved.call_kwargs) for p in PROMPTS],
-                                    variant="attn_value_out", out_bias=False)
+                                    terms="attn_value_out", out_bias=False)
     before = dict(pipe.transformer.attn_processors)
     with instrument(adapter, session):
         session.begin_call(len(PROMPTS))

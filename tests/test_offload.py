@@ -189,13 +189,13 @@ def test_closed_form_edit_matches_unoffloaded(family, mode, tmp_path):
 
 
 def test_automatic_k_restores_and_writes_through_offloading(tmp_path):
-    """`k="auto"` writes each K's edit, measures it and restores the weights before keeping the best K."""
+    """`k="gap"` writes each K's edit, measures it and restores the weights before keeping the best K."""
     family = "pixart"
     ref, pipe = _plain(family), _offloaded(family, "leaf", tmp_path)
     results = []
     for p, out in ((ref, "ref"), (pipe, "off")):
         results.append(unlearn(p, "dog", "cat", prompts=["a red dog on the beach", "a photo of a dog"],
-                               blocks="auto", k="auto", config=ClosedFormConfig(export_lora=False),
+                               blocks="auto", k="gap", config=ClosedFormConfig(export_lora=False),
                                localize_method="contribution", out=tmp_path / out, **CASES[family][1]))
     assert results[1].blocks == results[0].blocks
     assert results[1].details["k_gaps"] == results[0].details["k_gaps"]
