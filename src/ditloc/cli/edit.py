@@ -95,6 +95,13 @@ def add_parsers(sub) -> None:
                         "block past its text tokens (one shared map: this part is not localized)")
     p.add_argument("--gap-fraction", type=float, default=None,
                    help="with --k gap: share of the best gap reduction the chosen K must reach (default 0.9)")
+    p.add_argument("--robust", action="store_true",
+                   help="train the erasure against an attacker (adversarial LoRA): every step an inner attack "
+                        "optimizes the concept's text states to bring it back and the blocks learn to draw the "
+                        "anchor anyway; holds under textual inversion and optimized conditioning, where a plain "
+                        "erasure only hides the concept's word (see docs/editing.md)")
+    p.add_argument("--attack-steps", type=int, default=None,
+                   help="with --robust: the inner attacker's steps per training step (default 3)")
     _add_edit_args(p, method={"choices": ("lora", "full", "closed-form"), "default": "lora",
                               "help": "lora / full: train; closed-form: solve the blocks' text key/value "
                                       "projections (no training, seconds)"}, rules=("auto", "gap"),
@@ -132,12 +139,15 @@ def _add_edit_args(p, *, method: dict, rules: tuple[str, ...], k_help: str) -> N
     g.add_argument("--eval-text", default=None,
                    help="what the evaluator looks for (default: the concept, or the class word; one concept only)")
     p.add_argument("--edit-method", **method)
-    p.add_argument("--lora-rank", type=int, default=4, help="rank of the LoRA adapters (default 4)")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="rank of the LoRA adapters (default 4; 8 with unlearn --robust)")
     p.add_argument("--lora-modules", default=None,
                    help="LoRA targets inside each chosen block, comma-separated (e.g. attn2.to_k,attn2.to_v: "
                         "the text keys/values only); default: every attention projection and the MLP")
-    p.add_argument("--train-steps", type=int, default=200, help="optimizer steps (default 200)")
-    p.add_argument("--lr", type=float, default=None, help="default 1e-4 (lora) / 1e-5 (full)")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="optimizer steps (default 200; 300 with unlearn --robust)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="default 1e-4 (lora) / 1e-5 (full); 1e-3 with unlearn --robust")
     p.add_argument("--batch-size", type=int, default=4,
                    help="rows per step (default 4); under accelerate launch, per process")
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
@@ -207,6 +217,18 @@ def check_unlearn(args) -> None:
         fail("a localization file holds one concept; with several concepts pass --blocks auto (each is "
              "localized and saved in --out) or block names")
     preserving = args.preserve is not None or args.preserve_file is not None
+    if args.robust and args.edit_method == "closed-form":
+        fail("--robust trains the erasure against an attacker; pass --edit-method lora (the default) or full, "
+             "not closed-form")
+    if args.attack_steps is not None and not args.robust:
+        fail("--attack-steps sets the inner attacker of --robust; pass --robust too")
+    if args.robust and args.preserve_target is not None:
+        fail("--robust keeps the preserved prompts at the frozen model's prediction already; leave --preserve-target "
+             "out")
+    if args.attack_steps is not None and args.attack_steps < 1:
+        fail(f"--attack-steps must be a positive integer (got {args.attack_steps})")
+    if args.robust:
+        args.preserve_target = "teacher"
     if args.edit_method == "closed-form" and args.preserve_target is not None:
         fail("--preserve-target applies to --edit-method lora or full; the closed form keeps the preserved prompts "
              "by its solve")
@@ -380,7 +402,7 @@ def cmd_unlearn(args) -> None:
 def _edit_setup(args) -> tuple[dict, str | None, str | None, bool]:
     """The keyword arguments personalize and unlearn share (the edit's config among them), where the model
     loads and in what dtype, and whether this process reports (under accelerate launch only process 0)."""
-    from ..edit import ClosedFormConfig, TrainConfig
+    from ..edit import ClosedFormConfig, RobustConfig, TrainConfig
     from ..processes import current
 
     seed = args.seeds[0]  # the edit's; every seed localizes (--blocks auto)
@@ -391,12 +413,18 @@ def _edit_setup(args) -> tuple[dict, str | None, str | None, bool]:
                                   preserve_mode=args.preserve_mode, export_lora=not args.no_lora_export,
                                   pooled=args.pooled_edit)
     else:
-        config = TrainConfig(
-            method=args.edit_method, rank=args.lora_rank, steps=args.train_steps, lr=args.lr,
-            batch_size=args.batch_size, seed=seed, gradient_checkpointing=args.gradient_checkpointing,
-            checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
-            lora_modules=args.lora_modules,
-        )
+        given = {k: v for k, v in (("rank", args.lora_rank), ("steps", args.train_steps), ("lr", args.lr))
+                 if v is not None}
+        settings = dict(
+            method=args.edit_method, batch_size=args.batch_size, seed=seed,
+            gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=args.checkpoint_every,
+            mixed_precision=args.mixed_precision, lora_modules=args.lora_modules, **given)
+        if getattr(args, "robust", False):
+            if args.attack_steps is not None:
+                settings["attack_steps"] = args.attack_steps
+            config = RobustConfig(**settings)
+        else:
+            config = TrainConfig(**settings)
     main_process = current(args.device).is_main
     device = _train_device(args)
     # mixed precision: the base weights in bfloat16 unless --dtype says otherwise

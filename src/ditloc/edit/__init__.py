@@ -22,11 +22,12 @@ from .lora import (
     save_lora,
     save_weight_delta,
 )
+from .robust import RobustConfig
 from .train import EditResult, LocalizedTrainer, NoiseRule, TrainConfig, no_grad_prefix
 from .unlearning import anchor_prompt, erase_k, unlearn
 
 __all__ = [
-    "ClosedFormConfig", "EditResult", "Erasure", "LocalizedTrainer", "LoraSpec", "NoiseRule", "TrainConfig",
+    "ClosedFormConfig", "EditResult", "Erasure", "LocalizedTrainer", "LoraSpec", "NoiseRule", "RobustConfig", "TrainConfig",
     "add_lora", "anchor_prompt", "closed_form_unlearn", "choose_blocks", "encode_images", "erase_k", "factorize", "image_size", "load_edit",
     "load_image_folder", "load_lora", "lora_state_dict", "lora_targets", "no_grad_prefix",
     "personalize", "plan_erasures", "read_concepts_file", "read_lora", "save_lora", "save_weight_delta", "unlearn",

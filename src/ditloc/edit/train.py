@@ -209,6 +209,9 @@ class LocalizedTrainer:
         self.earlier_peak: int | None = None  # the peak memory of the runs before a resume (None: none, or a CPU)
         self.losses: list[float] = []  # on the host, up to the last flush_losses()
         self._pending: list[torch.Tensor] = []  # per-step losses still on the device
+        #: more state a loss keeps from step to step (name -> tensor; e.g. an inner attacker's), saved
+        #: with the checkpoint and restored on resume: a pair of callables (get, set) or None
+        self.extra_state = None
         if config.gradient_checkpointing:
             if not getattr(transformer, "_supports_gradient_checkpointing", False):
                 raise DitlocError(f"{type(transformer).__name__} does not support gradient checkpointing")
@@ -321,6 +324,8 @@ class LocalizedTrainer:
         opt_tensors, opt_meta = _state.flatten_optimizer(self.optimizer.state_dict())
         tensors.update(opt_tensors)
         tensors["rng.generator"] = self.generator.get_state()
+        if self.extra_state is not None:
+            tensors.update({f"extra.{k}": v.detach() for k, v in self.extra_state[0]().items()})
         meta = {"step": self.step, "losses": self.losses, "identity": identity, "optimizer": opt_meta,
                 "processes": self.processes.world, "seconds": self.seconds, "peak_memory_bytes": self.peak_memory()}
         _state.save_state(out / CKPT, tensors, meta)
@@ -348,6 +353,8 @@ class LocalizedTrainer:
                 p.copy_(tensors[f"param.{n}"])
         self.optimizer.load_state_dict(_state.unflatten_optimizer(tensors, meta["optimizer"], self.optimizer))
         self.generator.set_state(tensors["rng.generator"])
+        if self.extra_state is not None:
+            self.extra_state[1]({k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")})
         self.step, self.losses = int(meta["step"]), list(meta["losses"])
         self.seconds, self.earlier_peak = float(meta.get("seconds", 0.0)), meta.get("peak_memory_bytes")
         return True

@@ -44,6 +44,7 @@ from .jobs import (
     run_options,
 )
 from ..processes import current as current_processes
+from .robust import RobustConfig, train_robust
 from .train import EditResult, LocalizedTrainer, TrainConfig, run_training
 
 PRESERVE_TARGETS = (None, "teacher")
@@ -215,6 +216,11 @@ def unlearn(
     gap to the anchors' prediction is kept. ``config.pooled`` (FLUX, SD3) also solves the
     pooled text vector's projection, shared by every block (not localized).
 
+    With a :class:`~ditloc.edit.robust.RobustConfig` the erasure is trained against an inner attacker
+    that optimizes the concept's text states to bring it back (adversarial unlearning,
+    :mod:`ditloc.edit.robust`), on the concept's probe-set templates where no `prompts` are given,
+    with the preserved prompts held to the frozen model's prediction.
+
     Training: ``preserve_target="teacher"`` adds, weighted by `preserve_weight`, the
     frozen model's prediction as the target on the preserved prompts (`preserve`, default
     as above), at noisy versions of the frozen model's own images of them.
@@ -228,6 +234,12 @@ def unlearn(
     elif concept is not None:
         raise DitlocError("pass either one concept or `concepts`, not both")
     closed_form = isinstance(config, ClosedFormConfig)
+    robust = isinstance(config, RobustConfig)
+    if robust and preserve_target not in (None, "teacher"):
+        raise DitlocError("a robust erasure keeps the preserved prompts at the frozen model's prediction; leave "
+                          "--preserve-target out")
+    if robust:
+        preserve_target = "teacher"
     if closed_form and current_processes().world > 1:
         raise DitlocError("--edit-method closed-form runs in one process (seconds); run it without accelerate launch")
     if closed_form and config.pooled:
@@ -304,6 +316,9 @@ def unlearn(
     if closed_form:
         return _closed_form(pipe, adapter, kw, erasures, preserve, config, out, progress, details, gap_fraction,
                             model)
+    if robust:
+        return train_robust(pipe, adapter, kw, erasures, preserve, preserve_weight, config, out, progress, details,
+                            expand=prompts is None)
     return _train(pipe, adapter, kw, erasures, preserve, preserve_target, preserve_weight, config, out, progress,
                   details, images_per_prompt)
 
