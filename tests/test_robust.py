@@ -141,3 +141,29 @@ def test_robust_bad_input_is_one_line_before_the_model_loads(argv, message, caps
                              str(tmp_path / "out"), *argv], capsys)
     assert code == 2, err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_robust_unlearning_and_an_attack_on_it(tmp_path, capsys):
+    import json
+
+    from ditloc import cli
+
+    model, out = tmp_path / "model", tmp_path / "edit"
+    tiny_pixart_pipeline().save_pretrained(model)
+    size = ["--steps", "2", "--height", "32", "--width", "32"]
+    code, _, err = run_main(["unlearn", str(model), "--concept", "dog", "--anchor", "cat", "--prompt", PROMPTS[0],
+                             "--prompt", PROMPTS[1], "--preserve", PRESERVE[0], "--robust", "--train-steps", "2",
+                             "--attack-steps", "1", "--images-per-prompt", "1", "--lora-rank", "2", "--blocks",
+                             "block.1", *size, "--out", str(out)], capsys)
+    assert code == 0, err
+    record = json.loads((out / "ditloc_edit.json").read_text())
+    config = record["config"]
+    assert (config["attack_steps"], config["images_per_prompt"], config["rank"], config["steps"]) == (1, 1, 2, 2)
+    assert config["learning_rate"] == 1e-3 and record["details"]["robust"]["prompts"] == PROMPTS[:2]
+    code, printed, err = run_main(["attack", str(model), "--edit", str(out), "--concept", "dog", "--attack",
+                                   "conditioning", "--budget-steps", "2", "--n-images", "2", "--train-images", "2",
+                                   "--batch-size", "2", "--evaluator", "toy", "--eval-text", "shape: star", *size,
+                                   "--max-sequence-length", "16",
+                                   "--out", str(tmp_path / "atk")], capsys)
+    assert code == 0, err
+    assert "| edited |" in printed and cli is not None

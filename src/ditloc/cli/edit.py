@@ -71,7 +71,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--prompt", action="append", help="a training prompt containing a concept (repeatable; each "
                                                      "is used for every concept it contains)")
     p.add_argument("--prompts-file", help="text file, one training prompt per line")
-    p.add_argument("--images-per-prompt", type=int, default=4, help="anchor images drawn per prompt")
+    p.add_argument("--images-per-prompt", type=int, default=None,
+                   help="anchor images drawn per prompt (default 4); with --robust, images of the concept (default 2)")
     p.add_argument("--preserve", action="append", default=None, metavar="PROMPT",
                    help="a prompt to keep as it is (repeatable); closed-form: its text states must not change; "
                         "with --preserve-target teacher: its prediction stays the frozen model's (default: the "
@@ -145,7 +146,7 @@ def _add_edit_args(p, *, method: dict, rules: tuple[str, ...], k_help: str) -> N
                    help="LoRA targets inside each chosen block, comma-separated (e.g. attn2.to_k,attn2.to_v: "
                         "the text keys/values only); default: every attention projection and the MLP")
     p.add_argument("--train-steps", type=int, default=None,
-                   help="optimizer steps (default 200; 300 with unlearn --robust)")
+                   help="optimizer steps (default 200; 150 with unlearn --robust)")
     p.add_argument("--lr", type=float, default=None,
                    help="default 1e-4 (lora) / 1e-5 (full); 1e-3 with unlearn --robust")
     p.add_argument("--batch-size", type=int, default=4,
@@ -384,7 +385,7 @@ def cmd_unlearn(args) -> None:
 
     common, device, dtype, main_process = _edit_setup(args)
     prompts = getattr(args, "prompts", None)
-    if args.images_per_prompt < 1:
+    if args.images_per_prompt is not None and args.images_per_prompt < 1:
         raise DitlocError(f"--images-per-prompt must be >= 1 (got {args.images_per_prompt})")
     preserve = _preserve_prompts(args)
     concepts = [c for c, _ in args.pairs]
@@ -392,7 +393,7 @@ def cmd_unlearn(args) -> None:
     pipe = models.load_pipeline(args.model, device=device, dtype=dtype, **models.source_kwargs(args))
     if main_process:
         _say_objective(args, pipe, concepts, evaluator)
-    res = unlearn(pipe, concepts=args.pairs, prompts=prompts, images_per_prompt=args.images_per_prompt,
+    res = unlearn(pipe, concepts=args.pairs, prompts=prompts, images_per_prompt=args.images_per_prompt or 4,
                   preserve=preserve, preserve_target=args.preserve_target, preserve_weight=args.preserve_weight,
                   evaluator=evaluator, **common)
     if main_process:
@@ -422,6 +423,8 @@ def _edit_setup(args) -> tuple[dict, str | None, str | None, bool]:
         if getattr(args, "robust", False):
             if args.attack_steps is not None:
                 settings["attack_steps"] = args.attack_steps
+            if args.images_per_prompt is not None:
+                settings["images_per_prompt"] = args.images_per_prompt
             config = RobustConfig(**settings)
         else:
             config = TrainConfig(**settings)

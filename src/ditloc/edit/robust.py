@@ -39,7 +39,7 @@ class RobustConfig(TrainConfig):
     model); ``plain_weight``: the weight of the plain prompt's term beside the attacked one.
     LoRA learns at 1e-3 unless ``lr`` says otherwise (full weights: 1e-5)."""
 
-    steps: int = 300
+    steps: int = 150
     rank: int = 8
     attack_steps: int = 3
     attack_lr: float = 0.1
