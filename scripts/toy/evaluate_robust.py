@@ -10,7 +10,7 @@
   time        the edit (`unlearn`, localization and drawing included) and its training or solve
 
 Methods: ``robust auto`` (`unlearn --robust --blocks auto`), ``robust pair`` (the same training in
-the top two blocks of that localization), ``closed-form auto`` (`unlearn --edit-method
+the top two blocks of that localization), ``robust all`` (every block), ``closed-form auto`` (`unlearn --edit-method
 closed-form --blocks auto`). The unedited model's attack cells do not depend on the edit: the
 first method computes them and the others copy them (same concept, attack, settings and seeds).
 Resumable: every finished part is kept under OUT and a rerun skips it.
@@ -40,7 +40,7 @@ from ditloc.toy.oracle import load_oracle
 
 #: concept -> anchor (None: the prompt without the concept's phrase, with the erase-many set's prompts)
 ANCHORS = {"zibbit": "triangle", "blip": "circle", "striped": "solid", "hazard": None}
-METHODS = ("robust auto", "robust pair", "closed-form auto")
+METHODS = ("robust auto", "robust pair", "robust all", "closed-form auto")
 KINDS = ("prompts", "tokens", "inversion", "conditioning")
 
 
@@ -60,7 +60,7 @@ def edit(concept: str, method: str, folder: Path, args) -> dict:
         config = RobustConfig(seed=args.seed, steps=args.train_steps)
     else:
         config = ClosedFormConfig(seed=args.seed)
-    blocks = "auto"
+    blocks = "all" if method == "robust all" else "auto"
     if method == "robust pair":
         loc = Localization.load(folder.parent / "robust_auto" / "edit" / "localization.json")
         blocks = loc.search.sets[1] if loc.search is not None else loc.top(2)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .. import _progress
 from . import models
+from .edit_setup import edit_setup, train_device
 from .common import (
     DTYPES,
     LOCALIZE_METHODS,
@@ -26,7 +26,6 @@ from .common import (
     k_value,
     read_prompts,
     retire,
-    run_options,
     seed_list,
 )
 
@@ -339,18 +338,7 @@ def _check_training(args) -> None:
     if args.mixed_precision == "bf16":
         if args.dtype == "float16":
             fail("--mixed-precision bf16 trains over bfloat16 (or float32) base weights; drop --dtype float16")
-        precision.check_device(args.mixed_precision, _train_device(args) or "cpu")
-
-
-def _train_device(args) -> str | None:
-    """Where training runs: --device (None: where the pipeline loads, the CPU); under accelerate
-    launch, each process's own accelerator, or the CPU (gloo) with --device cpu or on a machine without one."""
-    from ..processes import current, launched
-
-    if not launched():
-        return args.device
-    procs = current(args.device)
-    return str(procs.device)
+        precision.check_device(args.mixed_precision, train_device(args) or "cpu")
 
 
 # --- the commands ----------------------------------------------------------------------------------------------
@@ -359,7 +347,7 @@ def cmd_personalize(args) -> None:
     from ..edit import personalize
     from ..errors import DitlocError
 
-    common, device, dtype, main_process = _edit_setup(args)
+    common, device, dtype, main_process = edit_setup(args)
     if args.num_class_images < 1:
         raise DitlocError(f"--num-class-images must be >= 1 (got {args.num_class_images})")
     from ..edit.blocks import category_prompts
@@ -383,7 +371,7 @@ def cmd_unlearn(args) -> None:
     from ..edit import unlearn
     from ..errors import DitlocError
 
-    common, device, dtype, main_process = _edit_setup(args)
+    common, device, dtype, main_process = edit_setup(args)
     prompts = getattr(args, "prompts", None)
     if args.images_per_prompt is not None and args.images_per_prompt < 1:
         raise DitlocError(f"--images-per-prompt must be >= 1 (got {args.images_per_prompt})")
@@ -398,44 +386,6 @@ def cmd_unlearn(args) -> None:
                   evaluator=evaluator, **common)
     if main_process:
         _print_result(args, pipe, res)
-
-
-def _edit_setup(args) -> tuple[dict, str | None, str | None, bool]:
-    """The keyword arguments personalize and unlearn share (the edit's config among them), where the model
-    loads and in what dtype, and whether this process reports (under accelerate launch only process 0)."""
-    from ..edit import ClosedFormConfig, RobustConfig, TrainConfig
-    from ..processes import current
-
-    seed = args.seeds[0]  # the edit's; every seed localizes (--blocks auto)
-    if args.edit_method == "closed-form":
-        gap = {"gap_fraction": args.gap_fraction} if args.gap_fraction is not None else {}
-        config = ClosedFormConfig(preserve_weight=args.preserve_weight, ridge=args.ridge, positions=args.positions,
-                                  seed=seed, **gap,
-                                  preserve_mode=args.preserve_mode, export_lora=not args.no_lora_export,
-                                  pooled=args.pooled_edit)
-    else:
-        given = {k: v for k, v in (("rank", args.lora_rank), ("steps", args.train_steps), ("lr", args.lr))
-                 if v is not None}
-        settings = dict(
-            method=args.edit_method, batch_size=args.batch_size, seed=seed,
-            gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=args.checkpoint_every,
-            mixed_precision=args.mixed_precision, lora_modules=args.lora_modules, **given)
-        if getattr(args, "robust", False):
-            if args.attack_steps is not None:
-                settings["attack_steps"] = args.attack_steps
-            if args.images_per_prompt is not None:
-                settings["images_per_prompt"] = args.images_per_prompt
-            config = RobustConfig(**settings)
-        else:
-            config = TrainConfig(**settings)
-    main_process = current(args.device).is_main
-    device = _train_device(args)
-    # mixed precision: the base weights in bfloat16 unless --dtype says otherwise
-    dtype = args.dtype or ("bfloat16" if args.mixed_precision == "bf16" else None)
-    common = {"blocks": args.blocks, "k": args.k, "localize_seeds": tuple(args.seeds), "config": config, "out": args.out, "options": run_options(args),
-              "progress": _progress.write if main_process else None, "localize_method": args.localize_method,
-              "objective": args.objective, "eval_text": args.eval_text}
-    return common, device, dtype, main_process
 
 
 def _search_evaluator(args, concepts: list[str]):
