@@ -167,3 +167,12 @@ def test_cli_robust_unlearning_and_an_attack_on_it(tmp_path, capsys):
                                    "--out", str(tmp_path / "atk")], capsys)
     assert code == 0, err
     assert "| edited |" in printed and cli is not None
+
+
+def test_robust_auto_blocks_train_every_block_unless_a_k_is_given(tmp_path):
+    said = []
+    pipe = tiny_pixart_pipeline()
+    res = unlearn(pipe, "dog", "cat", prompts=PROMPTS, preserve=PRESERVE, config=_config(steps=1), progress=said.append,
+                  **RUN)
+    assert list(res.blocks) == get_adapter(pipe).block_names()
+    assert any(m.startswith("robust erasure: training every block") for m in said)

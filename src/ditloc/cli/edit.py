@@ -99,7 +99,8 @@ def add_parsers(sub) -> None:
                    help="train the erasure against an attacker (adversarial LoRA): every step an inner attack "
                         "optimizes the concept's text states to bring it back and the blocks learn to draw the "
                         "anchor anyway; holds under textual inversion and optimized conditioning, where a plain "
-                        "erasure only hides the concept's word (see docs/editing.md)")
+                        "erasure only hides the concept's word; with --blocks auto every block, unless --k N "
+                        "(see docs/editing.md)")
     p.add_argument("--attack-steps", type=int, default=None,
                    help="with --robust: the inner attacker's steps per training step (default 3)")
     _add_edit_args(p, method={"choices": ("lora", "full", "closed-form"), "default": "lora",
