@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import DitlocError
-from ..text import find_occurrences
 from .train import TrainConfig
 
 
@@ -67,21 +66,14 @@ class RobustConfig(TrainConfig):
 
 
 def training_prompts(pipe, concept: str, given) -> list[str]:
-    """The prompts a robust erasure of `concept` trains on: its probe-set category's localization
-    templates filled with it (the evaluation templates stay held out), else `given`."""
-    from ..probes import load_probe_set
-    from ..probes.core import fill
+    """The prompts a robust erasure of `concept` trains on: the training split `ditloc attack` fits
+    (its probe-set category's localization templates; the evaluation templates stay held out), else
+    `given` when no probe-set category holds the concept."""
+    from ..attacks.data import carriers
     from ..registry import probe_set_name
 
-    key = concept.strip().lower()
-    for category in load_probe_set(probe_set_name(pipe)).categories:
-        for c in category.concepts:
-            if c.name.lower() == key or c.text.lower() == key:
-                out = [fill(t, c.text) for t in category.localization_prompts]
-                out = [p for p in out if find_occurrences(p, concept)]
-                if out:
-                    return list(dict.fromkeys(out))
-    return list(given)
+    found = carriers(probe_set_name(pipe), concept)
+    return list(found.train) if found.category is not None else list(given)
 
 
 class Attacker:
@@ -233,14 +225,15 @@ def train_robust(pipe, adapter, kw, erasures, preserve, preserve_weight, config:
             return mse(pred.float(), noise_target.float())
 
         attacker.attack(attacked_loss, config.attack_steps)
-        ktarget = trainer.teacher(kx_t, kt, rows_of(to_device(kimg + 2 * n, keep.device)))
+        keep_text = rows_of(to_device(kimg + 2 * n, keep.device))
+        ktarget = trainer.teacher(kx_t, kt, keep_text)
         target = trainer.teacher(x_t, t, rows_of(which + n))  # the anchor's prediction on the concept's images
         adv = attacker.apply(which, attacker.state)
         plain = rows_of(which)
         both = {k: torch.cat([adv[k], plain[k]]) for k in adv}
         pred = adapter.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]), both)
         loss = mse(pred[:b].float(), target.float()) + config.plain_weight * mse(pred[b:].float(), target.float())
-        kpred = adapter.denoise(kx_t, kt, rows_of(to_device(kimg + 2 * n, keep.device)))
+        kpred = adapter.denoise(kx_t, kt, keep_text)
         return loss + preserve_weight * mse(kpred.float(), ktarget.float())
 
     wall = run_training(trainer, loss_fn, out, _identity("unlearn", pipe, chosen, config, data), progress)
